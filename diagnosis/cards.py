@@ -1,0 +1,128 @@
+"""Model cards: the one place per model for labels, input contract, thresholds, metrics and weights.
+
+Training writes cards; inference only reads them. No torch here, so any process can read a card.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+CARD_FILE = "card.json"
+WEIGHTS_FILE = "weights.safetensors"
+
+
+class CardError(Exception):
+    """A model folder is missing, inconsistent or fails its integrity check."""
+
+
+class InputSpec(BaseModel):
+    channels: Literal[1] = 1
+    size: int = Field(gt=15, le=1024)
+    mean: float = 0.5  # applied to pixel/255
+    std: float = 0.25
+    description: str = "8-bit grayscale, squashed to size×size, (pixel/255 - mean) / std"
+
+
+class WeightsSpec(BaseModel):
+    file: str = WEIGHTS_FILE
+    sha256: str
+    dtype: str = "float32"
+
+
+class ModelCard(BaseModel):
+    """Card schema (MONAI network_data_format + torchxrayvision labels/op-thresholds, combined)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    name: str
+    version: str
+    role: Literal["gate", "body_part", "abnormality"]
+    body_part: str | None = None  # abnormality models: which body part they analyse
+    architecture: Literal["densenet121"] = "densenet121"
+    labels: list[str]
+    activation: Literal["sigmoid", "softmax"]
+    input: InputSpec
+    # gate: threshold on the "xray" probability; body_part: minimum top-1 probability;
+    # abnormality: per-label operating points.
+    thresholds: dict[str, float] = Field(default_factory=dict)
+    threshold_method: str = "default 0.5"
+    positive_label: str | None = None  # gate: the label that means "is an X-ray"
+    min_confidence: float | None = None  # body_part: below this we ask for a clearer image
+    heatmap_layer: str = "relu (post-ReLU output of features.norm5)"
+    metrics: dict[str, Any] = Field(default_factory=dict)
+    data_sources: list[dict[str, Any]] = Field(default_factory=list)
+    training: dict[str, Any] = Field(default_factory=dict)
+    weights: WeightsSpec
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ModelCard:
+        if len(set(self.labels)) != len(self.labels) or not self.labels:
+            raise ValueError("labels must be unique and non-empty")
+        if self.role == "gate" and self.positive_label not in self.labels:
+            raise ValueError("a gate card needs positive_label among its labels")
+        if self.role == "abnormality" and not self.body_part:
+            raise ValueError("an abnormality card needs body_part")
+        if self.activation == "softmax" and len(self.labels) < 2:
+            raise ValueError("softmax needs at least two labels")
+        unknown = set(self.thresholds) - set(self.labels)
+        if unknown:
+            raise ValueError(f"thresholds for unknown labels: {sorted(unknown)}")
+        return self
+
+    def threshold(self, label: str) -> float:
+        return float(self.thresholds.get(label, 0.5))
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_card(folder: Path | str, verify: bool = True) -> ModelCard:
+    """Read and validate ``folder/card.json``; with ``verify`` also check the weights' sha256."""
+    folder = Path(folder)
+    card_path = folder / CARD_FILE
+    if not card_path.is_file():
+        raise CardError(f"no {CARD_FILE} in model folder {folder.name!r}")
+    try:
+        card = ModelCard.model_validate(json.loads(card_path.read_text(encoding="utf-8")))
+    except (ValueError, json.JSONDecodeError) as error:
+        raise CardError(f"invalid card in {folder.name!r}: {error}") from None
+    if verify:
+        weights = folder / card.weights.file
+        if not weights.is_file():
+            raise CardError(f"weights file {card.weights.file!r} missing in {folder.name!r}")
+        actual = sha256_of(weights)
+        if actual != card.weights.sha256:
+            raise CardError(
+                f"sha256 mismatch for {folder.name!r}: card says {card.weights.sha256[:12]}…, "
+                f"file is {actual[:12]}…; refusing to load"
+            )
+    return card
+
+
+def write_card(folder: Path | str, card: ModelCard) -> Path:
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / CARD_FILE
+    path.write_text(json.dumps(card.model_dump(mode="json"), indent=2, ensure_ascii=False) + "\n")
+    return path
+
+
+def discover(models_dir: Path | str) -> dict[str, tuple[Path, ModelCard]]:
+    """All model folders under ``models_dir`` (cards only, hashes not yet checked), by folder name."""
+    found: dict[str, tuple[Path, ModelCard]] = {}
+    root = Path(models_dir)
+    if not root.is_dir():
+        raise CardError(f"models folder {str(root)!r} does not exist")
+    for folder in sorted(p for p in root.iterdir() if (p / CARD_FILE).is_file()):
+        found[folder.name] = (folder, read_card(folder, verify=False))
+    return found

@@ -1,0 +1,95 @@
+"""`xray-diagnose IMAGE... [--json] [--out DIR] [--models DIR]` — the pipeline offline, no token, no Redis."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+DEFAULT_MODELS = Path(__file__).resolve().parent.parent / "models"
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="xray-diagnose",
+        description="Second opinion on X-ray images: X-ray or not, body part, chest findings, heatmap. "
+                    "A decision aid, not a diagnosis.")
+    parser.add_argument("images", nargs="+", type=Path, metavar="IMAGE")
+    parser.add_argument("--json", action="store_true", help="one JSON object per input line")
+    parser.add_argument("--out", type=Path, help="folder for heatmap overlays (PNG)")
+    parser.add_argument("--models", type=Path, default=Path(os.environ.get("MODELS_DIR", DEFAULT_MODELS)),
+                        help="folder of model folders (default: $MODELS_DIR or the repo's models/)")
+    parser.add_argument("--language", default="en", choices=["en", "ru", "kk"], help="language of the report")
+    parser.add_argument("--heatmap", default="cam", choices=["cam", "gradcam"],
+                        help="cam: from the forward pass (fast, equal to Grad-CAM here); gradcam: pytorch-grad-cam")
+    parser.add_argument("--device", default="cpu")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    from tqdm import tqdm
+
+    from .cards import CardError
+    from .messages import rejection_text, render_reply
+    from .pipeline import Analysis, Pipeline
+    from .report import DiagnosisResult
+
+    try:
+        pipeline = Pipeline.load(args.models, device=args.device, heatmap=args.heatmap)
+    except CardError as error:
+        print(f"xray-diagnose: cannot load models: {error}", file=sys.stderr)
+        return 2
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+    failures = 0
+    for path in tqdm(args.images, desc="images", unit="img", disable=len(args.images) < 3, file=sys.stderr):
+        try:
+            data = path.read_bytes()
+        except OSError:
+            data = None
+        if data is None:  # a missing file is reported like any other unreadable input
+            analysis = Analysis(DiagnosisResult(file=str(path), outcome="rejected", rejection="unreadable",
+                                                message=rejection_text("unreadable", "en")))
+        else:
+            analysis = pipeline.run(data, file=str(path), make_overlay=args.out is not None)
+        result = analysis.result
+        if result.outcome == "rejected":
+            failures += 1
+        if analysis.overlay_png and args.out:
+            target = args.out / f"{path.stem}_heatmap.png"
+            target.write_bytes(analysis.overlay_png)
+            result.overlay = str(target)
+        if args.language != "en":
+            result.message = render_reply(result, args.language)
+        _emit(args, result.model_dump(mode="json"), _readable(result))
+    return 1 if failures else 0
+
+
+def _emit(args: argparse.Namespace, record: dict, text: str) -> None:
+    if args.json:
+        print(json.dumps(record, ensure_ascii=False), flush=True)
+    else:
+        print(text + "\n", flush=True)
+
+
+def _readable(result) -> str:
+    head = f"== {result.file}"
+    facts = []
+    if result.xray_probability is not None:
+        facts.append(f"X-ray: {'yes' if result.is_xray else 'no'} ({result.xray_probability:.1%})")
+    if result.body_part_probability is not None:
+        facts.append(f"body part: {result.body_part or 'uncertain'} ({result.body_part_probability:.1%})")
+    if result.findings:
+        facts.append("findings: " + ", ".join(
+            f"{f.label} {f.probability:.1%}{' *' if f.positive else ''}" for f in result.findings))
+    if result.overlay:
+        facts.append(f"overlay: {result.overlay}")
+    facts.append("time: " + ", ".join(f"{k} {v:.0f} ms" for k, v in result.timings_ms.items()))
+    return "\n".join([head, *facts, "", result.message])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

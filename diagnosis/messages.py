@@ -1,0 +1,109 @@
+"""What a user is told about a result, in their language. Never a diagnosis; always a physician."""
+
+from __future__ import annotations
+
+from .i18n import N_, gettext_for
+from .report import DiagnosisResult
+
+# Plain-language name and one line of meaning per ChestX-ray14 label.
+FINDINGS = {
+    "Atelectasis": (N_("Atelectasis"), N_("part of a lung may be collapsed or not fully inflated")),
+    "Cardiomegaly": (N_("Cardiomegaly"), N_("the heart may look larger than usual")),
+    "Effusion": (N_("Pleural effusion"), N_("there may be fluid around a lung")),
+    "Infiltration": (N_("Infiltration"), N_("an area of the lung may be denser than usual (fluid, cells)")),
+    "Mass": (N_("Mass"), N_("a larger spot (over 3 cm) may be visible in the chest")),
+    "Nodule": (N_("Nodule"), N_("a small round spot may be visible in a lung")),
+    "Pneumonia": (N_("Pneumonia"), N_("signs that can go with a lung infection")),
+    "Pneumothorax": (N_("Pneumothorax"), N_("air may be outside the lung; urgent if you are short of breath")),
+    "Consolidation": (N_("Consolidation"), N_("part of the lung may be filled with fluid or tissue")),
+    "Edema": (N_("Pulmonary oedema"), N_("there may be extra fluid in the lungs")),
+    "Emphysema": (N_("Emphysema"), N_("signs of damaged, over-inflated air sacs")),
+    "Fibrosis": (N_("Fibrosis"), N_("signs of scarring in the lung tissue")),
+    "Pleural_Thickening": (N_("Pleural thickening"), N_("the lining around a lung may be thickened")),
+    "Hernia": (N_("Hiatal hernia"), N_("part of the stomach may reach up into the chest")),
+}
+BODY_PARTS = {
+    "ankle": N_("ankle"), "spine": N_("spine"), "chest": N_("chest"), "elbow": N_("elbow"),
+    "finger": N_("finger"), "foot": N_("foot"), "forearm": N_("forearm"), "hand": N_("hand"),
+    "hip": N_("hip"), "humerus": N_("upper arm"), "knee": N_("knee"), "shoulder": N_("shoulder"),
+    "dental": N_("dental (teeth)"), "wrist": N_("wrist"),
+}  # fmt: skip
+REJECTIONS = {
+    "empty": N_("The file is empty. Please send the image again."),
+    "too_large": N_("The file is larger than 20 MB. Please send a smaller image or a photo of the film."),
+    "unsupported": N_("I could not recognise this file as an image. Please send a JPEG, PNG, WebP, TIFF "
+                      "or DICOM file, or simply a photo."),
+    "corrupt": N_("The image file seems damaged or incomplete. Please send it again, or take a new photo."),
+    "too_small": N_("The image is too small to analyse. Please send a larger, sharper image."),
+    "too_many_pixels": N_("The image is too large in pixels to analyse safely. Please send a smaller version."),
+    "unreadable": N_("The file could not be read. Please check it and send it again."),
+    "no_pixels": N_("This DICOM file contains no image. Please send a DICOM file with the picture in it."),
+}
+PHYSICIAN = N_("This is an automated second opinion, not a diagnosis. Please show the image and this "
+               "result to a physician, who can examine you and decide what it means.")
+
+
+def finding_name(label: str, language: str) -> str:
+    _ = gettext_for(language)
+    return _(FINDINGS[label][0]) if label in FINDINGS else label.replace("_", " ")
+
+
+def body_part_name(part: str, language: str) -> str:
+    _ = gettext_for(language)
+    return _(BODY_PARTS[part]) if part in BODY_PARTS else part
+
+
+def rejection_text(code: str, language: str) -> str:
+    _ = gettext_for(language)
+    return _(REJECTIONS.get(code, REJECTIONS["corrupt"]))
+
+
+def apology(language: str) -> str:
+    _ = gettext_for(language)
+    return _("Sorry — something went wrong while analysing your image and I could not finish. "
+             "Please try again in a few minutes.") + "\n\n" + _(PHYSICIAN)
+
+
+def render_reply(result: DiagnosisResult, language: str = "en") -> str:
+    """The complete reply text for one result, ending with the prompt to see a physician."""
+    _ = gettext_for(language)
+    lines: list[str] = []
+    if result.outcome == "rejected":
+        lines.append(rejection_text(result.rejection or "corrupt", language))
+    elif result.outcome == "not_xray":
+        lines.append(_("This does not look like an X-ray image (X-ray likelihood {p}).").format(
+            p=_percent(result.xray_probability)))
+        lines.append(_("Please send a radiograph: a file from the clinic, or a straight, sharp photo of the "
+                       "whole film or screen."))
+    elif result.outcome == "body_part_uncertain":
+        lines.append(_("This looks like an X-ray, but I cannot tell which body part it shows."))
+        lines.append(_("Please send a clearer image: the whole film, photographed straight on, in even light, "
+                       "without glare or reflections."))
+    elif result.outcome == "body_part_not_analysed":
+        part = body_part_name(result.body_part or "", language)
+        lines.append(_("A {part} X-ray was recognised (likelihood {p}); only chest findings are analysed so far.")
+                     .format(part=part, p=_percent(result.body_part_probability)))
+    else:
+        lines.append(_("Chest X-ray analysed. Model estimates, not a diagnosis:"))
+        positives = result.positive_findings
+        if positives:
+            lines.append(_("Findings above the model's alert threshold:"))
+            for finding in positives:
+                meaning = _(FINDINGS[finding.label][1]) if finding.label in FINDINGS else ""
+                lines.append(f"• {finding_name(finding.label, language)} — {_percent(finding.probability)}: {meaning}")
+        else:
+            lines.append(_("No finding is above the model's alert thresholds. This does not rule out disease."))
+        others = [f for f in result.findings if not f.positive][:5]
+        if others:
+            listed = ", ".join(f"{finding_name(f.label, language)} {_percent(f.probability)}" for f in others)
+            lines.append(_("Highest other estimates: {list}.").format(list=listed))
+        if result.heatmap_labels:
+            names = ", ".join(finding_name(label, language) for label in result.heatmap_labels)
+            lines.append(_("The heatmap shows where the model looked for: {names}.").format(names=names))
+    lines.append("")
+    lines.append("⚕️ " + _(PHYSICIAN))
+    return "\n".join(lines)
+
+
+def _percent(value: float | None) -> str:
+    return "?" if value is None else f"{value:.0%}"

@@ -1,0 +1,82 @@
+"""DenseNet-121 as used by every module, and safe loading of its weights from a model folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torchvision.models import densenet121
+
+from .cards import CardError, ModelCard, read_card, sha256_of
+
+
+class DenseNetClassifier(nn.Module):
+    """torchvision DenseNet-121 with a 1-channel stem and an explicit, *non-in-place* final ReLU.
+
+    torchvision applies ``F.relu(inplace=True)`` after ``features.norm5``, so hooking ``features``
+    gives pre- or post-ReLU maps depending on the device (grad-cam issue #147). Here the post-ReLU
+    map is the output of ``self.relu``: a stable Grad-CAM target and the CAM feature map.
+    Parameter names match torchvision's (``features.*``, ``classifier.*``) so its weights load.
+    """
+
+    def __init__(self, num_outputs: int, in_channels: int = 1):
+        super().__init__()
+        backbone = densenet121(weights=None, num_classes=num_outputs)
+        if in_channels != 3:
+            backbone.features.conv0 = nn.Conv2d(in_channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
+        self.features = backbone.features
+        self.relu = nn.ReLU(inplace=False)
+        self.classifier = backbone.classifier
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.relu(self.features(x))
+
+    def head(self, feature_map: torch.Tensor) -> torch.Tensor:
+        pooled = F.adaptive_avg_pool2d(feature_map, 1).flatten(1)
+        return self.classifier(pooled)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.forward_features(x))
+
+
+def build_network(card: ModelCard) -> DenseNetClassifier:
+    return DenseNetClassifier(num_outputs=len(card.labels), in_channels=card.input.channels)
+
+
+def load_model(folder: Path | str, device: str | torch.device = "cpu") -> tuple[ModelCard, DenseNetClassifier]:
+    """Verify the card (sha256, label count vs. network outputs) and load safetensors weights."""
+    folder = Path(folder)
+    card = read_card(folder, verify=True)
+    state = load_file(str(folder / card.weights.file), device="cpu")
+    out_features = state.get("classifier.weight")
+    if out_features is None:
+        raise CardError(f"weights in {folder.name!r} have no classifier.weight")
+    if out_features.shape[0] != len(card.labels):
+        raise CardError(
+            f"label count mismatch in {folder.name!r}: card lists {len(card.labels)} labels, "
+            f"network has {out_features.shape[0]} outputs; refusing to load"
+        )
+    model = build_network(card)
+    state = {key: value.float() if value.is_floating_point() else value for key, value in state.items()}
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as error:
+        raise CardError(f"weights in {folder.name!r} do not fit a DenseNet-121: {error}") from None
+    model.eval().to(device)
+    return card, model
+
+
+def save_weights(model: nn.Module, folder: Path | str, dtype: torch.dtype = torch.float16) -> tuple[str, str]:
+    """Write ``weights.safetensors`` (fp16 by default) and return (sha256, dtype name)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {
+        key: (value.detach().to("cpu", dtype) if value.is_floating_point() else value.detach().cpu()).contiguous()
+        for key, value in model.state_dict().items()
+    }
+    path = folder / "weights.safetensors"
+    save_file(state, str(path))
+    return sha256_of(path), str(dtype).removeprefix("torch.")

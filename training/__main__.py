@@ -1,0 +1,116 @@
+"""`python -m training {train,export,evaluate,import-torchxrayvision}`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m training", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    def data_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--manifest", action="append", default=[], help="xray-pack style manifest.csv")
+        p.add_argument("--chestxray14", action="append", default=[], help="NIH ChestX-ray14 root folder")
+        p.add_argument("--mura", action="append", default=[], help="MURA root folder")
+        p.add_argument("--folders", action="append", default=[], help="folder-per-class tree")
+
+    t = commands.add_parser("train", help="train gate, body_part or chest")
+    t.add_argument("--task", required=True, choices=["gate", "body_part", "chest"])
+    t.add_argument("--out", required=True, type=Path, help="run folder (checkpoints; resumes if present)")
+    data_args(t)
+    t.add_argument("--size", type=int, default=128)
+    t.add_argument("--epochs", type=int)
+    t.add_argument("--batch-size", type=int, default=32)
+    t.add_argument("--optimizer", choices=["adam", "radam"])
+    t.add_argument("--lr", type=float)
+    t.add_argument("--weight-decay", type=float)
+    t.add_argument("--betas", type=float, nargs=2, default=(0.9, 0.999))
+    t.add_argument("--plateau-patience", type=int, default=3)
+    t.add_argument("--plateau-factor", type=float, default=0.1)
+    t.add_argument("--epoch-size", type=int, help="samples per epoch (default: all train rows)")
+    t.add_argument("--no-balance", action="store_true", help="sample uniformly instead of per group")
+    t.add_argument("--min-count", type=int, default=30, help="body_part: min train images per part")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--init-from", type=Path, help="model folder or run folder to take the backbone from")
+    t.add_argument("--imagenet-weights", type=Path, help="torchvision DenseNet-121 ImageNet weights (.safetensors)")
+    t.add_argument("--device", default="auto")
+    t.add_argument("--val-limit", type=int)
+    t.add_argument("--threads", type=int)
+
+    x = commands.add_parser("export", help="run folder → models/<name> (weights + card with test metrics)")
+    x.add_argument("--run", required=True, type=Path)
+    x.add_argument("--out", required=True, type=Path)
+    data_args(x)
+    x.add_argument("--device", default="auto")
+    x.add_argument("--dtype", choices=["float16", "float32"], default="float16")
+
+    e = commands.add_parser("evaluate", help="metrics of a model folder on a split")
+    e.add_argument("--model", required=True, type=Path)
+    data_args(e)
+    e.add_argument("--split", default="test", choices=["train", "val", "test", "all"])
+    e.add_argument("--json", type=Path, help="write the metrics here")
+    e.add_argument("--plots", type=Path, help="folder for ROC / confusion PNGs")
+    e.add_argument("--device", default="auto")
+
+    i = commands.add_parser("import-torchxrayvision", help="convert torchxrayvision DenseNet weights to a card")
+    i.add_argument("--weights", required=True, help="e.g. densenet121-res224-nih, or a local weights file")
+    i.add_argument("--out", required=True, type=Path)
+
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+
+    if args.command == "import-torchxrayvision":
+        from .xrv_import import import_torchxrayvision
+
+        card = import_torchxrayvision(args.weights, args.out)
+        print(f"wrote {args.out} ({len(card.labels)} labels)")
+        return 0
+
+    import torch
+
+    from .datasets import load_sources
+
+    records = load_sources(args.manifest, args.chestxray14, args.mura, args.folders)
+    data_name = ", ".join(args.manifest + args.chestxray14 + args.mura + args.folders)
+    if args.command == "train":
+        from .tasks import make_task
+        from .train import RECIPES, TrainConfig, train
+
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        recipe = RECIPES[args.task]
+        config = TrainConfig(
+            task=args.task, out=args.out, size=args.size, batch_size=args.batch_size,
+            epochs=args.epochs or recipe["epochs"], optimizer=args.optimizer or recipe["optimizer"],
+            lr=args.lr or recipe["lr"], weight_decay=args.weight_decay if args.weight_decay is not None
+            else recipe["weight_decay"], betas=tuple(args.betas), plateau_patience=args.plateau_patience,
+            plateau_factor=args.plateau_factor, epoch_size=args.epoch_size, balance=not args.no_balance,
+            seed=args.seed, init_from=args.init_from, imagenet_weights=args.imagenet_weights,
+            device=args.device, val_limit=args.val_limit,
+        )
+        train(config, make_task(args.task, records, args.min_count), records)
+        return 0
+    if args.command == "export":
+        from .export import export_run
+
+        card = export_run(args.run, args.out, records, data_name, args.device, getattr(torch, args.dtype))
+        print(json.dumps(card.metrics["test"], indent=1))
+        return 0
+    from .evaluate import evaluate_model
+
+    report = evaluate_model(args.model, records, args.split, args.device, plots=args.plots)
+    text = json.dumps(report, indent=1)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(text + "\n")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,89 @@
+"""Torch datasets over records: decode once through the intake, augment, then the shared preprocessing."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+from torchvision.transforms import v2
+
+from diagnosis.intake import ImageRejected, decode
+from diagnosis.preprocess import resize_gray, to_model_input
+
+from .datasets import Record
+from .tasks import Task
+
+
+def load_gray(record: Record, max_side: int | None) -> Image.Image:
+    """Decode a file through the same intake as the service; optionally shrink it for the cache."""
+    decoded = decode(record.path.read_bytes())
+    image = Image.fromarray(decoded.gray, mode="L")
+    if max_side is not None and max(image.size) > max_side:
+        scale = max_side / max(image.size)
+        image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))),
+                             Image.Resampling.BILINEAR, reducing_gap=2.0)
+    return image
+
+
+class Augment:
+    """Geometry, contrast, and *resolution* jitter applied to every class alike.
+
+    Random down-then-up sampling equalises effective resolution across sources (the pack's chest
+    images are 128 px, others far larger), so "blurry" cannot stand in for "chest".
+    """
+
+    def __init__(self, size: int, flip: bool = True, seed: int = 0):
+        self.size = size
+        self.rng = random.Random(seed)
+        self.geometry = v2.RandomAffine(degrees=10, translate=(0.06, 0.06), scale=(0.85, 1.15))
+        self.colour = v2.ColorJitter(brightness=0.3, contrast=0.35)
+        self.flip = v2.RandomHorizontalFlip() if flip else None
+
+    def __call__(self, image: Image.Image) -> Image.Image:
+        image = resize_gray(image, self.size)
+        if self.rng.random() < 0.5:
+            low = self.rng.randint(max(24, self.size // 4), self.size)
+            image = image.resize((low, low), Image.Resampling.BILINEAR).resize(
+                (self.size, self.size), Image.Resampling.BILINEAR)
+        image = self.geometry(image)
+        image = self.colour(image)
+        if self.flip is not None:
+            image = self.flip(image)
+        if self.rng.random() < 0.3:  # gamma: exposure differences between machines and phone shots
+            gamma = self.rng.uniform(0.7, 1.4)
+            lut = [min(255, round(255 * (i / 255) ** gamma)) for i in range(256)]
+            image = image.point(lut)
+        return image
+
+
+class RecordDataset(Dataset):
+    def __init__(self, records: list[Record], task: Task, size: int, mean: float, std: float,
+                 augment: Augment | None = None, cache: dict | None = None, cache_side: int | None = None):
+        """``cache_side=None`` keeps full resolution: evaluation then resizes exactly as the service."""
+        self.records, self.task, self.size, self.mean, self.std = records, task, size, mean, std
+        self.augment, self.cache_side = augment, cache_side
+        self.cache = cache if cache is not None else {}
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def image(self, index: int) -> Image.Image:
+        record = self.records[index]
+        image = self.cache.get(record.path)
+        if image is None:
+            try:
+                image = load_gray(record, max_side=self.cache_side)
+            except (ImageRejected, OSError):
+                image = Image.new("L", (self.size, self.size))  # keep batch shape; counted as noise
+            self.cache[record.path] = image
+        return image
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        image = self.image(index)
+        if self.augment is not None:
+            image = self.augment(image)
+        pixels = to_model_input(image, self.size, self.mean, self.std)
+        return torch.from_numpy(np.ascontiguousarray(pixels)), torch.as_tensor(self.task.target(self.records[index]))

@@ -1,0 +1,55 @@
+"""The three classification tasks of the paper and how a record becomes a target."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+
+import numpy as np
+
+from .datasets import CHEST_LABELS, GATE_LABELS, Record
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str  # gate / body_part / chest
+    labels: list[str]
+    activation: str  # softmax / sigmoid
+
+    def applies(self, record: Record) -> bool:
+        if self.name == "gate":
+            return True
+        if self.name == "body_part":
+            return record.is_xray and record.body_part in self.labels
+        return record.body_part == "chest" and record.chest_labels is not None
+
+    def target(self, record: Record) -> np.ndarray:
+        """Class index (softmax) as int64 scalar, or a float32 multi-hot vector (sigmoid)."""
+        if self.name == "gate":
+            return np.int64(GATE_LABELS.index("xray" if record.is_xray else "not_xray"))
+        if self.name == "body_part":
+            return np.int64(self.labels.index(record.body_part))
+        return np.asarray(record.chest_labels, dtype=np.float32)
+
+    def balance_group(self, record: Record) -> str:
+        """Records are sampled so each group weighs the same: hard negatives (fundus, MRI, phone
+        photos of films) would otherwise drown in thousands of chest images."""
+        if self.name == "gate":
+            return f"{record.kind}/{record.body_part or ''}/{int(record.phone_photo)}"
+        if self.name == "body_part":
+            return f"{record.body_part}/{int(record.phone_photo)}"
+        return "chest"
+
+
+def make_task(name: str, records: list[Record], min_count: int = 30) -> Task:
+    if name == "gate":
+        return Task("gate", list(GATE_LABELS), "softmax")
+    if name == "chest":
+        return Task("chest", list(CHEST_LABELS), "sigmoid")
+    if name == "body_part":
+        counts = Counter(r.body_part for r in records if r.is_xray and r.split == "train" and r.body_part)
+        parts = sorted(part for part, count in counts.items() if count >= min_count)
+        if len(parts) < 2:
+            raise SystemExit(f"body_part needs ≥ 2 body parts with ≥ {min_count} train images; have {dict(counts)}")
+        return Task("body_part", parts, "softmax")
+    raise SystemExit(f"unknown task {name!r}: use gate, body_part or chest")

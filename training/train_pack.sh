@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# The exact commands that produced the shipped models/ from the xray-pack, in order.
+# Usage: training/train_pack.sh [PACK_DIR] [RUNS_DIR]   (resumable: re-run to continue)
+set -euo pipefail
+PACK=${1:-../shared/data/xray-pack}
+RUNS=${2:-runs}
+PY=${PYTHON:-.venv/bin/python}
+M="$PACK/manifest.csv"
+
+$PY -m training train --task gate --manifest "$M" --out "$RUNS/gate" --epochs 8 --epoch-size 3000
+$PY -m training export --run "$RUNS/gate" --out models/gate --manifest "$M"
+
+$PY -m training train --task body_part --manifest "$M" --out "$RUNS/body_part" --epochs 8 --epoch-size 3000
+$PY -m training export --run "$RUNS/body_part" --out models/body_part --manifest "$M"
+
+# Chest starts from the body-part backbone (pretraining on every pack radiograph), paper chest recipe.
+$PY -m training train --task chest --manifest "$M" --out "$RUNS/chest" --epochs "${CHEST_EPOCHS:-20}" \
+    --init-from "$RUNS/body_part" --no-balance
+$PY -m training export --run "$RUNS/chest" --out models/chest --manifest "$M"
