@@ -33,5 +33,8 @@ def grad_cam(model: DenseNetClassifier, input_tensor: torch.Tensor, class_index:
     from pytorch_grad_cam import GradCAM
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-    with torch.enable_grad(), GradCAM(model=model, target_layers=[model.relu]) as cam:
-        return cam(input_tensor=input_tensor.float(), targets=[ClassifierOutputTarget(class_index)])[0]
+    # Grad-CAM needs autograd: leave inference mode, and clone so the input is a normal tensor.
+    with torch.inference_mode(False), torch.enable_grad():
+        input_tensor = input_tensor.float().clone()
+        with GradCAM(model=model, target_layers=[model.relu]) as cam:
+            return cam(input_tensor=input_tensor, targets=[ClassifierOutputTarget(class_index)])[0]

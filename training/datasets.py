@@ -89,10 +89,9 @@ def load_chestxray14(root: Path | str, val_fraction: float = 0.1) -> list[Record
             name = row["Image Index"]
             findings = set(row["Finding Labels"].split("|"))
             patient = row.get("Patient ID", name.split("_")[0])
+            split = "val" if _stable_fraction(patient) < val_fraction else "train"
             if name in test_names:
                 split = "test"
-            else:
-                split = "val" if _stable_fraction(patient) < val_fraction else "train"
             records.append(
                 Record(
                     path=locations.get(name, root / "images" / name),

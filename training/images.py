@@ -37,7 +37,7 @@ class Augment:
 
     def __init__(self, size: int, flip: bool = True, seed: int = 0):
         self.size = size
-        self.rng = random.Random(seed)
+        self.rng = random.Random(seed)  # nosec B311 - augmentation, not security
         self.geometry = v2.RandomAffine(degrees=10, translate=(0.06, 0.06), scale=(0.85, 1.15))
         self.colour = v2.ColorJitter(brightness=0.3, contrast=0.35)
         self.flip = v2.RandomHorizontalFlip() if flip else None

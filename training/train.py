@@ -104,7 +104,9 @@ def initialise(model: DenseNetClassifier, config: TrainConfig) -> str:
         return f"ImageNet (torchvision DenseNet-121) from {path.name}"
     if config.init_from is not None:
         source = Path(config.init_from)
-        file = source / "weights.safetensors" if (source / "weights.safetensors").is_file() else source / "best.safetensors"
+        file = source / "weights.safetensors"  # a model folder…
+        if not file.is_file():
+            file = source / "best.safetensors"  # …or a training run
         state = {k: v.float() for k, v in load_file(str(file)).items() if k.startswith("features.")}
         model.load_state_dict(state, strict=False)
         return f"backbone of {source.name} ({file.name})"
@@ -155,7 +157,7 @@ def train(config: TrainConfig, task: Task, records: list[Record]) -> Path:
     train_records = [r for r in records if r.split == "train" and task.applies(r)]
     val_records = [r for r in records if r.split == "val" and task.applies(r)]
     if config.val_limit and len(val_records) > config.val_limit:
-        val_records = random.Random(config.seed).sample(val_records, config.val_limit)
+        val_records = random.Random(config.seed).sample(val_records, config.val_limit)  # nosec B311
     if not train_records or not val_records:
         raise SystemExit(f"{task.name}: need train and val records, have {len(train_records)} / {len(val_records)}")
     log.info("%s: %d train, %d val records; labels %s", task.name, len(train_records), len(val_records), task.labels)

@@ -1,0 +1,97 @@
+import json
+
+import numpy as np
+import pytest
+from conftest import encode, gradient
+from model_factory import CHEST_LABELS, make_model, make_models_dir
+from PIL import Image
+
+from diagnosis.pipeline import Pipeline
+
+IMAGE = encode(Image.fromarray(gradient(300, 260)), "JPEG")
+
+
+@pytest.fixture(scope="module")
+def chest_pipeline(fake_models):
+    return Pipeline.load(fake_models)
+
+
+def test_chest_route_gives_findings_heatmap_and_timings(chest_pipeline):
+    analysis = chest_pipeline.run(IMAGE, file="a.jpg")
+    result = analysis.result
+    assert result.outcome == "analysed" and result.is_xray and result.body_part == "chest"
+    assert [f.label for f in result.findings] != [] and len(result.findings) == len(CHEST_LABELS)
+    probabilities = [f.probability for f in result.findings]
+    assert probabilities == sorted(probabilities, reverse=True)
+    assert {f.label for f in result.positive_findings} == {"Effusion", "Cardiomegaly"}
+    assert result.heatmap_labels == [f.label for f in result.positive_findings]
+    overlay = Image.open(__import__("io").BytesIO(analysis.overlay_png))
+    assert overlay.mode == "RGB" and overlay.width > 2 * 300  # two panels side by side
+    for stage in ("decode", "preprocess", "gate", "body_part", "chest", "heatmap", "overlay", "total"):
+        assert result.timings_ms[stage] >= 0
+    assert "physician" in result.message
+    json.dumps(result.model_dump(mode="json"))  # JSON-serialisable
+
+
+def test_no_positive_finding_draws_the_top_one(tmp_path):
+    pipeline = Pipeline.load(make_models_dir(tmp_path, positives=()))
+    result = pipeline.run(IMAGE).result
+    assert not result.positive_findings
+    assert result.heatmap_labels == [result.findings[0].label]
+    assert "does not rule out" in result.message
+
+
+def test_not_xray_exits_early_without_overlay(tmp_path):
+    analysis = Pipeline.load(make_models_dir(tmp_path, xray=False)).run(IMAGE)
+    assert analysis.result.outcome == "not_xray" and not analysis.result.is_xray
+    assert analysis.overlay_png is None and analysis.result.findings == []
+    assert "body_part" not in analysis.result.timings_ms  # later models skipped
+
+
+def test_body_part_without_model_says_so(tmp_path):
+    analysis = Pipeline.load(make_models_dir(tmp_path, body_part="hand")).run(IMAGE)
+    assert analysis.result.outcome == "body_part_not_analysed"
+    assert analysis.result.body_part == "hand"
+    assert "hand X-ray was recognised" in analysis.result.message
+    assert analysis.overlay_png is None
+
+
+def test_uncertain_body_part_asks_for_clearer_image(tmp_path):
+    analysis = Pipeline.load(make_models_dir(tmp_path, body_part_confidence=0.0)).run(IMAGE)
+    assert analysis.result.outcome == "body_part_uncertain"
+    assert "clearer image" in analysis.result.message
+
+
+def test_new_body_part_model_plugs_in_by_adding_a_folder(tmp_path):
+    models = make_models_dir(tmp_path, body_part="hand")
+    make_model(models / "hand_mura", role="abnormality", body_part="hand", labels=["abnormal"],
+               activation="sigmoid", biases=[2.0], thresholds={"abnormal": 0.5}, size=64)
+    result = Pipeline.load(models).run(IMAGE).result
+    assert result.outcome == "analysed" and result.body_part == "hand"
+    assert [f.label for f in result.findings] == ["abnormal"]
+
+
+def test_abnormality_model_can_be_chosen_per_body_part(tmp_path):
+    models = make_models_dir(tmp_path)
+    make_model(models / "chest_alt", role="abnormality", body_part="chest", labels=["Effusion"],
+               activation="sigmoid", biases=[-3.0], size=64)
+    result = Pipeline.load(models, abnormality_models={"chest": "chest_alt"}).run(IMAGE).result
+    assert [f.label for f in result.findings] == ["Effusion"]
+
+
+def test_bad_input_becomes_a_rejected_result(chest_pipeline):
+    result = chest_pipeline.run(b"\x00\x01garbage").result
+    assert result.outcome == "rejected" and result.rejection == "unsupported"
+    assert "physician" in result.message
+
+
+def test_gradcam_setting_uses_pytorch_grad_cam(fake_models):
+    pipeline = Pipeline.load(fake_models, heatmap="gradcam")
+    analysis = pipeline.run(IMAGE)
+    assert analysis.overlay_png and analysis.result.heatmap_labels
+
+
+def test_large_image_overlay_is_capped(chest_pipeline):
+    big = encode(Image.fromarray(np.tile(gradient(400, 300), (8, 8))), "JPEG")  # 3200×2400
+    overlay = Image.open(__import__("io").BytesIO(chest_pipeline.run(big).overlay_png))
+    assert max(overlay.size) < 2 * 3200
