@@ -1,0 +1,162 @@
+"""Training data loaders (pack + native layouts), a tiny real training run, resume, export, evaluate."""
+
+import csv
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from conftest import ROOT
+from PIL import Image
+
+from training.datasets import CHEST_LABELS, load_chestxray14, load_folder_tree, load_manifest, load_mura
+from training.tasks import make_task
+
+
+def write_image(path, seed, size=72, bright=False):
+    rng = np.random.default_rng(seed)
+    pixels = rng.integers(0, 120, (size, size), dtype=np.uint8) + (120 if bright else 0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels.astype(np.uint8)).save(path)
+
+
+def test_native_chestxray14_layout(tmp_path):
+    rows = [("00000001_000.png", "Effusion|Mass", "1"), ("00000001_001.png", "No Finding", "1"),
+            ("00000002_000.png", "Hernia", "2"), ("00000003_000.png", "Atelectasis", "3")]
+    with (tmp_path / "Data_Entry_2017.csv").open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["Image Index", "Finding Labels", "Follow-up #", "Patient ID"])
+        for name, labels, patient in rows:
+            writer.writerow([name, labels, 0, patient])
+            write_image(tmp_path / "images" / name, 0)
+    (tmp_path / "train_val_list.txt").write_text("00000001_000.png\n00000001_001.png\n00000002_000.png\n")
+    (tmp_path / "test_list.txt").write_text("00000003_000.png\n")
+    records = {r.path.name: r for r in load_chestxray14(tmp_path)}
+    assert records["00000003_000.png"].split == "test"
+    first = records["00000001_000.png"]
+    assert first.chest_labels[CHEST_LABELS.index("Effusion")] == 1
+    assert first.chest_labels[CHEST_LABELS.index("Mass")] == 1 and sum(first.chest_labels) == 2
+    assert sum(records["00000001_001.png"].chest_labels) == 0
+    assert records["00000001_000.png"].split == records["00000001_001.png"].split  # patient-wise
+    assert all(r.path.is_file() for r in records.values())
+
+
+def test_native_mura_layout(tmp_path):
+    root = tmp_path / "MURA-v1.1"
+    train = ["MURA-v1.1/train/XR_HAND/patient00001/study1_positive/image1.png",
+             "MURA-v1.1/train/XR_ELBOW/patient00002/study1_negative/image1.png"]
+    valid = ["MURA-v1.1/valid/XR_WRIST/patient11185/study1_positive/image1.png"]
+    for line in train + valid:
+        write_image(tmp_path / line, 1)
+    (root / "train_image_paths.csv").write_text("\n".join(train) + "\n")
+    (root / "valid_image_paths.csv").write_text("\n".join(valid) + "\n")
+    records = load_mura(tmp_path)
+    assert sorted(r.body_part for r in records) == ["elbow", "hand", "wrist"]
+    assert {r.split for r in records if r.body_part == "wrist"} == {"test"}
+    assert all(r.path.is_file() and r.is_xray for r in records)
+
+
+def test_folder_per_class_layouts(tmp_path):
+    for index in range(6):
+        write_image(tmp_path / "flat" / "ankle" / f"study{index}" / "a.png", index)
+        write_image(tmp_path / "flat" / "natural_photo" / f"n{index}.jpg", index)
+    for split in ("train", "val", "test"):
+        write_image(tmp_path / "split" / split / "spine" / "s.png", 3)
+    flat = load_folder_tree(tmp_path / "flat")
+    assert {r.body_part for r in flat if r.is_xray} == {"ankle"}
+    assert {r.kind for r in flat if not r.is_xray} == {"natural_photo"}
+    assert {r.split for r in load_folder_tree(tmp_path / "split")} == {"train", "val", "test"}
+
+
+def test_pack_manifest_and_body_part_task(pack):
+    records = load_manifest(pack / "manifest.csv")
+    assert all(r.path.is_file() for r in records[:50])
+    task = make_task("body_part", records, min_count=30)
+    assert "chest" in task.labels and "hand" in task.labels
+    assert "wrist" not in task.labels  # 7 train images: below the minimum count
+    chest = [r for r in records if r.body_part == "chest"]
+    assert len(chest[0].chest_labels) == 14
+
+
+@pytest.fixture(scope="module")
+def tiny_pack(tmp_path_factory):
+    """A manifest in the pack's format: bright 'radiographs' (hand, chest) and dark 'photos'."""
+    root = tmp_path_factory.mktemp("pack")
+    rows = []
+    for split, count in (("train", 12), ("val", 6), ("test", 6)):
+        for index in range(count):
+            part = ("chest", "hand")[index % 2]
+            name = f"images/{split}_{index}.png"
+            xray = index % 3 != 0
+            write_image(root / name, hash((split, index)) % 1000, bright=xray)
+            labels = [int((index + j) % 4 == 0) for j in range(14)] if xray and part == "chest" else [0] * 14
+            rows.append([name, "tiny", split, int(xray), part if xray else "", f"p{index}", 0,
+                         "radiograph" if xray else "natural_photo", *labels])
+    with (root / "manifest.csv").open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["path", "source", "split", "is_xray", "body_part", "patient_id", "phone_photo", "kind",
+                         *CHEST_LABELS])
+        writer.writerows(rows)
+    return root / "manifest.csv"
+
+
+def run_training(*args):
+    proc = subprocess.run([sys.executable, "-m", "training", *args], capture_output=True, text=True,
+                          cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def test_train_resume_export_evaluate_gate(tiny_pack, tmp_path):
+    run = tmp_path / "run"
+    common = ["train", "--task", "gate", "--manifest", str(tiny_pack), "--out", str(run), "--size", "32",
+              "--batch-size", "4", "--epoch-size", "8"]
+    run_training(*common, "--epochs", "1")
+    state = json.loads((run / "state.json").read_text())
+    assert state["epoch"] == 0 and len(state["history"]) == 1
+    run_training(*common, "--epochs", "2")  # resumes: one more epoch, not two
+    state = json.loads((run / "state.json").read_text())
+    assert [h["epoch"] for h in state["history"]] == [1, 2]
+
+    model = tmp_path / "models" / "gate"
+    run_training("export", "--run", str(run), "--out", str(model), "--manifest", str(tiny_pack))
+    card = json.loads((model / "card.json").read_text())
+    assert card["role"] == "gate" and card["positive_label"] == "xray"
+    assert "Youden" in card["threshold_method"] and card["metrics"]["test"]["n"] == 6
+    assert card["training"]["recipe"]["optimizer"] == "adam" and card["training"]["epochs_run"] == 2
+
+    out = tmp_path / "eval.json"
+    run_training("evaluate", "--model", str(model), "--manifest", str(tiny_pack), "--split", "test",
+                 "--json", str(out), "--plots", str(tmp_path / "plots"))
+    report = json.loads(out.read_text())
+    assert {"n", "accuracy", "per_class", "confusion"} <= report.keys()
+    assert report["n"] == 6 and 0 <= report["accuracy"] <= 1
+    assert (tmp_path / "plots" / "gate_confusion.png").is_file()
+
+
+def test_train_export_evaluate_chest_auc(tiny_pack, tmp_path):
+    run = tmp_path / "run"
+    run_training("train", "--task", "chest", "--manifest", str(tiny_pack), "--out", str(run), "--size", "32",
+                 "--batch-size", "2", "--epochs", "1", "--no-balance")
+    model = tmp_path / "models" / "chest"
+    run_training("export", "--run", str(run), "--out", str(model), "--manifest", str(tiny_pack))
+    out = tmp_path / "eval.json"
+    run_training("evaluate", "--model", str(model), "--manifest", str(tiny_pack), "--split", "all",
+                 "--json", str(out), "--plots", str(tmp_path / "plots"))
+    report = json.loads(out.read_text())
+    assert {"n", "auc", "mean_auc", "skipped_labels"} <= report.keys()
+    assert set(report["auc"]) | set(report["skipped_labels"]) == set(CHEST_LABELS)
+    assert report["mean_auc"] == pytest.approx(np.mean(list(report["auc"].values())))
+    card = json.loads((model / "card.json").read_text())
+    assert card["role"] == "abnormality" and card["body_part"] == "chest"
+    assert set(card["thresholds"]) == set(CHEST_LABELS)
+    assert (tmp_path / "plots" / "chest_roc.png").is_file()
+
+
+def test_missing_imagenet_weights_fail_clearly(tiny_pack, tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "training", "train", "--task", "gate", "--manifest",
+                           str(tiny_pack), "--out", str(tmp_path / "r"), "--imagenet-weights",
+                           str(tmp_path / "none.safetensors")], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode != 0
+    assert "Refusing to silently train from scratch" in proc.stderr
