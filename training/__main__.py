@@ -60,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     i = commands.add_parser("import-torchxrayvision", help="convert torchxrayvision DenseNet weights to a card")
     i.add_argument("--weights", required=True, help="e.g. densenet121-res224-nih, or a local weights file")
     i.add_argument("--out", required=True, type=Path)
+    i.add_argument("--cache-dir", help="torchxrayvision weights folder (default: its own cache)")
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
@@ -67,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "import-torchxrayvision":
         from .xrv_import import import_torchxrayvision
 
-        card = import_torchxrayvision(args.weights, args.out)
+        card = import_torchxrayvision(args.weights, args.out, args.cache_dir)
         print(f"wrote {args.out} ({len(card.labels)} labels)")
         return 0
 
