@@ -21,11 +21,12 @@ def normalise_map(cam: np.ndarray) -> np.ndarray:
     return (cam / (1e-7 + cam.max())).astype(np.float32)
 
 
-def class_activation_map(model: DenseNetClassifier, features: torch.Tensor, class_index: int) -> np.ndarray:
-    """ReLU(Σ_k W[c,k]·A_k) at feature-map resolution, normalised to [0, 1]. features: (1, K, h, w)."""
-    weights = model.classifier.weight[class_index].detach().float()
-    cam = torch.einsum("k,khw->hw", weights, features[0].detach().float()).clamp_min(0)
-    return normalise_map(cam.cpu().numpy())
+def class_activation_map(class_weights: np.ndarray, features: np.ndarray) -> np.ndarray:
+    """ReLU(Σ_k W[c,k]·A_k) at feature-map resolution, normalised to [0, 1].
+
+    class_weights: the classifier row W[c] (K,); features: one image's post-ReLU map (K, h, w)."""
+    cam = np.tensordot(class_weights.astype(np.float32), features.astype(np.float32), axes=(0, 0))
+    return normalise_map(np.maximum(cam, 0.0))
 
 
 def grad_cam(model: DenseNetClassifier, input_tensor: torch.Tensor, class_index: int) -> np.ndarray:

@@ -1,19 +1,23 @@
-"""The paper's four modules on one image: gate → body part → abnormality model → heatmap → overlay.
+"""The paper's four modules: gate → body part → abnormality model → heatmap → overlay.
 
 Early exits carry their reason (not an X-ray; a body part with no abnormality model yet; body part
 uncertain). Thresholds come from the cards. The abnormality stage is looked up by body part from
 the cards present, so a model for another body part plugs in by adding a folder.
+
+``run_batch`` takes several images stage by stage (one forward pass per model for the batch) so a
+worker can micro-batch; in a batch, a model stage's time is the time of the whole batch.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from .backends import make_runner
 from .cards import CardError, ModelCard, discover
 from .heatmap import class_activation_map, grad_cam
 from .intake import DecodedImage, ImageRejected, decode
@@ -31,26 +35,36 @@ class LoadedModel:
     folder: Path
     card: ModelCard
     network: DenseNetClassifier
-    device: torch.device
+    runner: object  # backends.TorchRunner / OnnxRunner: batch → (logits, features)
 
-    def tensor(self, decoded: DecodedImage, cache: dict) -> torch.Tensor:
-        """Resize once per input contract: models sharing a size share the tensor."""
+    @property
+    def input_key(self) -> tuple:
         spec = self.card.input
-        key = (spec.size, spec.mean, spec.std)
-        if key not in cache:
-            pixels = to_model_input(decoded.gray, spec.size, spec.mean, spec.std)
-            cache[key] = torch.from_numpy(pixels)[None].to(self.device)
-        return cache[key]
+        return spec.size, spec.mean, spec.std
 
-    def probabilities(self, logits: torch.Tensor) -> np.ndarray:
-        logits = logits.float()
-        probs = torch.softmax(logits, 1) if self.card.activation == "softmax" else torch.sigmoid(logits)
-        return probs[0].cpu().numpy()
+    def prepare(self, decoded: DecodedImage) -> np.ndarray:
+        spec = self.card.input
+        return to_model_input(decoded.gray, spec.size, spec.mean, spec.std)
+
+    def probabilities(self, logits: np.ndarray) -> np.ndarray:
+        logits = logits.astype(np.float64)
+        if self.card.activation == "softmax":
+            shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
+            return shifted / shifted.sum(axis=1, keepdims=True)
+        return 1.0 / (1.0 + np.exp(-logits))
 
 
 @dataclass
 class Analysis:
     result: DiagnosisResult
+    overlay_png: bytes | None = None
+
+
+@dataclass
+class _Item:
+    result: DiagnosisResult
+    decoded: DecodedImage | None = None
+    inputs: dict = field(default_factory=dict)  # one resized array per input contract
     overlay_png: bytes | None = None
 
 
@@ -60,16 +74,25 @@ class Pipeline:
         if heatmap not in ("cam", "gradcam"):
             raise ValueError("heatmap must be 'cam' or 'gradcam'")
         self.gate, self.body_part, self.abnormality, self.heatmap = gate, body_part, abnormality, heatmap
+        self.versions = {m.card.name: m.card.version for m in (gate, body_part, *abnormality.values())}
 
     @classmethod
     def load(cls, models_dir: Path | str = "models", device: str = "cpu", heatmap: str = "cam",
-             abnormality_models: dict[str, str] | None = None) -> Pipeline:
-        """Load every model folder under ``models_dir``.
+             abnormality_models: dict[str, str] | None = None, backend: str = "torch",
+             cache_dir: Path | None = None, threads: int | None = None) -> Pipeline:
+        """Load every model folder under ``models_dir`` once.
 
         ``abnormality_models`` maps a body part to a model folder (absolute, or a name under
         ``models_dir``), e.g. {"chest": "chest_xrv"} to switch the chest model.
+        ``backend``: "torch" (CPU or CUDA) or "onnx" (ONNX Runtime, CPU).
         """
         torch_device = torch.device(device)
+
+        def load_one(folder: Path) -> LoadedModel:
+            card, network = load_model(folder, torch_device)
+            runner = make_runner(backend, network, card, torch_device, cache_dir, threads)
+            return LoadedModel(folder, card, network, runner)
+
         folders = discover(models_dir)
         by_role: dict[str, list[Path]] = {"gate": [], "body_part": [], "abnormality": []}
         for folder, card in folders.values():
@@ -77,110 +100,123 @@ class Pipeline:
         for role in ("gate", "body_part"):
             if len(by_role[role]) != 1:
                 raise CardError(f"need exactly one {role} model in {models_dir}, found {len(by_role[role])}")
-        loaded = {folder: LoadedModel(folder, *load_model(folder, torch_device), torch_device)
-                  for folder in by_role["gate"] + by_role["body_part"]}
-        abnormality: dict[str, LoadedModel] = {}
         chosen = dict(abnormality_models or {})
-        for folder in by_role["abnormality"]:
-            card = folders[folder.name][1]
-            if card.body_part in chosen or card.body_part in abnormality:
-                continue  # an explicit choice or an earlier folder wins; duplicates are not loaded
-            abnormality[card.body_part] = LoadedModel(folder, *load_model(folder, torch_device), torch_device)
+        abnormality: dict[str, LoadedModel] = {}
         for part, name in chosen.items():
             folder = Path(name) if Path(name).is_absolute() else Path(models_dir) / name
-            model = LoadedModel(folder, *load_model(folder, torch_device), torch_device)
+            model = load_one(folder)
             if model.card.role != "abnormality" or model.card.body_part != part:
                 raise CardError(f"{folder.name!r} is not an abnormality model for {part!r}")
             abnormality[part] = model
-        return cls(loaded[by_role["gate"][0]], loaded[by_role["body_part"][0]], abnormality, heatmap)
-
-    @property
-    def versions(self) -> dict[str, str]:
-        models = [self.gate, self.body_part, *self.abnormality.values()]
-        return {m.card.name: m.card.version for m in models}
+        for folder in by_role["abnormality"]:
+            part = folders[folder.name][1].body_part
+            if part not in abnormality:  # an explicit choice or an earlier folder wins
+                abnormality[part] = load_one(folder)
+        return cls(load_one(by_role["gate"][0]), load_one(by_role["body_part"][0]), abnormality, heatmap)
 
     def run(self, data: bytes, file: str | None = None, make_overlay: bool = True) -> Analysis:
         """Analyse one image. Never raises for bad input: that becomes outcome "rejected"."""
-        timings: dict[str, float] = {}
-        started = clock = time.perf_counter()
+        return self.run_batch([data], [file], make_overlay)[0]
 
-        def lap(stage: str) -> None:
-            nonlocal clock
-            now = time.perf_counter()
-            timings[stage] = round((now - clock) * 1000, 2)
-            clock = now
+    def run_batch(self, datas: list[bytes], files: list[str | None] | None = None,
+                  make_overlay: bool = True) -> list[Analysis]:
+        started = time.perf_counter()
+        items = [_Item(DiagnosisResult(file=f, outcome="analysed", models=self.versions))
+                 for f in (files or [None] * len(datas))]
+        for item, data in zip(items, datas, strict=True):
+            clock = time.perf_counter()
+            try:
+                item.decoded = decode(data)
+                item.result.input_format = item.decoded.format
+            except ImageRejected as rejected:
+                item.result.outcome, item.result.rejection = "rejected", rejected.code
+            item.result.timings_ms["decode"] = _ms(clock)
 
-        try:
-            decoded = decode(data)
-        except ImageRejected as rejected:
-            lap("decode")
-            result = DiagnosisResult(file=file, outcome="rejected", rejection=rejected.code, timings_ms=timings,
-                                     models=self.versions)
-            return Analysis(self._finish(result, started))
-        lap("decode")
-        with torch.inference_mode():
-            analysis = self._analyse(decoded, file, make_overlay, lap)
-        analysis.result.timings_ms = timings
-        self._finish(analysis.result, started)
-        return analysis
+        active = [i for i in items if i.decoded is not None]
+        if active:
+            self._gate(active)
+            active = [i for i in active if i.result.is_xray]
+        if active:
+            self._body_part(active)
+        for part, model in self.abnormality.items():
+            chosen = [i for i in active if i.result.outcome == "analysed" and i.result.body_part == part]
+            if chosen:
+                self._abnormality(model, chosen, part, make_overlay)
+        for item in active:
+            if item.result.outcome == "analysed" and item.result.body_part not in self.abnormality:
+                item.result.outcome = "body_part_not_analysed"
+        for item in items:
+            item.result.timings_ms["total"] = _ms(started)
+            item.result.message = render_reply(item.result, "en")
+        return [Analysis(i.result, i.overlay_png) for i in items]
 
-    def _analyse(self, decoded: DecodedImage, file: str | None, make_overlay: bool, lap) -> Analysis:
-        inputs: dict = {}
-        result = DiagnosisResult(file=file, outcome="analysed", input_format=decoded.format, models=self.versions)
+    def _infer(self, model: LoadedModel, items: list[_Item], stage: str) -> tuple[np.ndarray, np.ndarray]:
+        clock = time.perf_counter()
+        batch = []
+        for item in items:  # resize once per input contract: models of the same size share it
+            if model.input_key not in item.inputs:
+                item.inputs[model.input_key] = model.prepare(item.decoded)
+            batch.append(item.inputs[model.input_key])
+        prepared = _ms(clock)
+        clock = time.perf_counter()
+        logits, features = model.runner(np.stack(batch))
+        elapsed = _ms(clock)
+        for item in items:
+            timings = item.result.timings_ms
+            timings["preprocess"] = round(timings.get("preprocess", 0.0) + prepared, 2)
+            timings[stage] = elapsed
+        return model.probabilities(logits), features
 
-        gate_input = self.gate.tensor(decoded, inputs)
-        lap("preprocess")
-        gate_card = self.gate.card
-        gate_probs = self.gate.probabilities(self.gate.network(gate_input))
-        result.xray_probability = float(gate_probs[gate_card.labels.index(gate_card.positive_label)])
-        result.is_xray = result.xray_probability >= gate_card.threshold(gate_card.positive_label)
-        lap("gate")
-        if not result.is_xray:
-            result.outcome = "not_xray"
-            return Analysis(result)
+    def _gate(self, items: list[_Item]) -> None:
+        card = self.gate.card
+        probs, _ = self._infer(self.gate, items, "gate")
+        index, threshold = card.labels.index(card.positive_label), card.threshold(card.positive_label)
+        for item, row in zip(items, probs, strict=True):
+            item.result.xray_probability = float(row[index])
+            item.result.is_xray = bool(row[index] >= threshold)
+            if not item.result.is_xray:
+                item.result.outcome = "not_xray"
 
-        part_probs = self.body_part.probabilities(self.body_part.network(self.body_part.tensor(decoded, inputs)))
-        top = int(part_probs.argmax())
-        result.body_part_probability = float(part_probs[top])
-        lap("body_part")
-        if result.body_part_probability < (self.body_part.card.min_confidence or 0.0):
-            result.outcome = "body_part_uncertain"
-            return Analysis(result)
-        result.body_part = self.body_part.card.labels[top]
-        model = self.abnormality.get(result.body_part)
-        if model is None:
-            result.outcome = "body_part_not_analysed"
-            return Analysis(result)
-
-        model_input = model.tensor(decoded, inputs)
-        features = model.network.forward_features(model_input)
-        probs = model.probabilities(model.network.head(features))
-        card = model.card
-        result.findings = sorted(
-            (Finding(label=label, probability=float(p), positive=bool(p >= card.threshold(label)),
-                     threshold=card.threshold(label)) for label, p in zip(card.labels, probs, strict=True)),
-            key=lambda f: f.probability, reverse=True)
-        lap(result.body_part)
-        if not make_overlay:
-            return Analysis(result)
-
-        drawn = result.positive_findings[:MAX_HEATMAP_PANELS] or result.findings[:1]
-        result.heatmap_labels = [f.label for f in drawn]
-        maps = []
-        for finding in drawn:
-            index = card.labels.index(finding.label)
-            if self.heatmap == "gradcam":
-                heat = grad_cam(model.network, model_input.clone(), index)
+    def _body_part(self, items: list[_Item]) -> None:
+        card = self.body_part.card
+        probs, _ = self._infer(self.body_part, items, "body_part")
+        for item, row in zip(items, probs, strict=True):
+            top = int(row.argmax())
+            item.result.body_part_probability = float(row[top])
+            if row[top] < (card.min_confidence or 0.0):
+                item.result.outcome = "body_part_uncertain"
             else:
-                heat = class_activation_map(model.network, features, index)
-            maps.append((f"{finding.label} {finding.probability:.0%}", heat))
-        lap("heatmap")
-        overlay = encode_png(render_overlay(decoded.gray, maps))
-        lap("overlay")
-        return Analysis(result, overlay)
+                item.result.body_part = card.labels[top]
 
-    @staticmethod
-    def _finish(result: DiagnosisResult, started: float) -> DiagnosisResult:
-        result.timings_ms["total"] = round((time.perf_counter() - started) * 1000, 2)
-        result.message = render_reply(result, "en")
-        return result
+    def _abnormality(self, model: LoadedModel, items: list[_Item], part: str, make_overlay: bool) -> None:
+        card = model.card
+        probs, features = self._infer(model, items, part)
+        for item, row, feature_map in zip(items, probs, features, strict=True):
+            result = item.result
+            result.findings = sorted(
+                (Finding(label=label, probability=float(p), positive=bool(p >= card.threshold(label)),
+                         threshold=card.threshold(label)) for label, p in zip(card.labels, row, strict=True)),
+                key=lambda f: f.probability, reverse=True)
+            if not make_overlay:
+                continue
+            clock = time.perf_counter()
+            drawn = result.positive_findings[:MAX_HEATMAP_PANELS] or result.findings[:1]
+            result.heatmap_labels = [f.label for f in drawn]
+            maps = [(f"{f.label} {f.probability:.0%}", self._heatmap(model, item, feature_map, f.label))
+                    for f in drawn]
+            result.timings_ms["heatmap"] = _ms(clock)
+            clock = time.perf_counter()
+            item.overlay_png = encode_png(render_overlay(item.decoded.gray, maps))
+            result.timings_ms["overlay"] = _ms(clock)
+
+    def _heatmap(self, model: LoadedModel, item: _Item, feature_map: np.ndarray, label: str) -> np.ndarray:
+        index = model.card.labels.index(label)
+        if self.heatmap == "gradcam":  # the reference path: pytorch-grad-cam with a backward pass
+            tensor = torch.from_numpy(item.inputs[model.input_key])[None]
+            return grad_cam(model.network, tensor.to(next(model.network.parameters()).device), index)
+        weights = model.network.classifier.weight[index].detach().float().cpu().numpy()
+        return class_activation_map(weights, feature_map)
+
+
+def _ms(since: float) -> float:
+    return round((time.perf_counter() - since) * 1000, 2)

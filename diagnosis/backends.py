@@ -1,0 +1,101 @@
+"""How a DenseNet runs: eager PyTorch (CPU or CUDA) or ONNX Runtime (CPU).
+
+Every runner takes a float32 batch (N, 1, S, S) and returns (logits, post-ReLU feature maps) as
+float32 numpy arrays: the features of the same forward pass give the heatmap (CAM) for free.
+ONNX files are exported from the verified safetensors weights and cached by their sha256, so a
+changed model never reuses a stale export.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .cards import ModelCard
+from .network import DenseNetClassifier
+
+log = logging.getLogger(__name__)
+BACKENDS = ("torch", "onnx")
+
+
+class TorchRunner:
+    def __init__(self, network: DenseNetClassifier, device: torch.device):
+        self.device = device
+        self.network = network.to(device).to(memory_format=torch.channels_last).eval()
+        if device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+
+    def __call__(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        x = torch.from_numpy(batch).to(self.device).contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+            features = self.network.forward_features(x)
+            logits = self.network.head(features)
+        return logits.float().cpu().numpy(), features.float().cpu().numpy()
+
+
+class _LogitsAndFeatures(torch.nn.Module):
+    def __init__(self, network: DenseNetClassifier):
+        super().__init__()
+        self.network = network
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features = self.network.forward_features(x)
+        return self.network.head(features), features
+
+
+def export_onnx(network: DenseNetClassifier, card: ModelCard, path: Path) -> Path:
+    """Export once; the legacy exporter (dynamo=False) is fast and needs no onnxscript."""
+    size = card.input.size
+    example = torch.zeros(1, card.input.channels, size, size)
+    buffer = io.BytesIO()
+    # A copy in eval mode: exporting a module in training mode would update BatchNorm statistics.
+    wrapper = _LogitsAndFeatures(copy.deepcopy(network).float().cpu()).eval()
+    wrapper = wrapper.to(memory_format=torch.contiguous_format)
+    with torch.no_grad():
+        torch.onnx.export(wrapper, (example,), buffer, input_names=["input"],
+                          output_names=["logits", "features"], opset_version=17, dynamo=False,
+                          dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}, "features": {0: "batch"}})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_suffix(f".{os.getpid()}.tmp")
+    temporary.write_bytes(buffer.getvalue())
+    temporary.replace(path)  # atomic: concurrent workers never read half a file
+    return path
+
+
+class OnnxRunner:
+    def __init__(self, network: DenseNetClassifier, card: ModelCard, cache_dir: Path, threads: int | None = None):
+        import onnxruntime as ort
+
+        path = Path(cache_dir) / f"{card.name}-{card.weights.sha256[:16]}-{card.input.size}.onnx"
+        if not path.is_file():
+            log.info("exporting %s to ONNX at %s", card.name, path)
+            export_onnx(network, card, path)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads or min(2, os.cpu_count() or 1)
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+    def __call__(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        logits, features = self.session.run(["logits", "features"], {"input": np.ascontiguousarray(batch)})
+        return logits, features
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("XRAY_CACHE_DIR", Path.home() / ".cache" / "xray-second-opinion"))
+
+
+def make_runner(backend: str, network: DenseNetClassifier, card: ModelCard, device: torch.device,
+                cache_dir: Path | None = None, threads: int | None = None):
+    if backend == "torch":
+        return TorchRunner(network, device)
+    if backend == "onnx":
+        if device.type != "cpu":
+            raise ValueError("the onnx backend runs on the CPU; use backend=torch for CUDA")
+        return OnnxRunner(network, card, cache_dir or default_cache_dir(), threads)
+    raise ValueError(f"unknown backend {backend!r}: choose one of {BACKENDS}")

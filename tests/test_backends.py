@@ -1,0 +1,52 @@
+"""The ONNX Runtime backend gives the torch backend's answers, and its export is cached by weights hash."""
+
+import numpy as np
+import pytest
+import torch
+from conftest import encode, gradient
+from PIL import Image
+
+from diagnosis.backends import OnnxRunner, TorchRunner
+from diagnosis.network import load_model
+from diagnosis.pipeline import Pipeline
+
+IMAGE = encode(Image.fromarray(gradient(300, 260)), "PNG")
+
+
+def test_onnx_pipeline_matches_torch_pipeline(fake_models, tmp_path):
+    torch_result = Pipeline.load(fake_models, backend="torch").run(IMAGE).result
+    onnx_pipeline = Pipeline.load(fake_models, backend="onnx", cache_dir=tmp_path)
+    onnx_result = onnx_pipeline.run(IMAGE).result
+    assert onnx_result.outcome == torch_result.outcome == "analysed"
+    for ours, reference in zip(onnx_result.findings, torch_result.findings, strict=True):
+        assert ours.label == reference.label
+        assert ours.probability == pytest.approx(reference.probability, abs=1e-4)
+    exported = sorted(p.name for p in tmp_path.glob("*.onnx"))
+    assert len(exported) == 3 and all(len(name.split("-")[1]) == 16 for name in exported)
+    before = {p: p.stat().st_mtime_ns for p in tmp_path.glob("*.onnx")}
+    Pipeline.load(fake_models, backend="onnx", cache_dir=tmp_path)  # second start reuses the export
+    assert before == {p: p.stat().st_mtime_ns for p in tmp_path.glob("*.onnx")}
+
+
+def test_export_leaves_the_live_network_untouched(fake_models, tmp_path):
+    card, network = load_model(fake_models / "chest")
+    batch = np.random.default_rng(0).normal(size=(2, 1, 64, 64)).astype(np.float32)
+    before = TorchRunner(network, torch.device("cpu"))(batch)
+    onnx = OnnxRunner(network, card, tmp_path)(batch)
+    after = TorchRunner(network, torch.device("cpu"))(batch)
+    for a, b, c in zip(before, onnx, after, strict=True):
+        assert np.abs(a - c).max() == 0
+        assert np.abs(a - b).max() < 1e-4
+
+
+def test_batch_equals_single_runs(fake_models):
+    pipeline = Pipeline.load(fake_models)
+    images = [IMAGE, b"not an image", encode(Image.fromarray(gradient(128, 128)), "JPEG")]
+    batched = pipeline.run_batch(images)
+    for data, analysis in zip(images, batched, strict=True):
+        single = pipeline.run(data)
+        assert analysis.result.outcome == single.result.outcome
+        assert [f.label for f in analysis.result.findings] == [f.label for f in single.result.findings]
+        for a, b in zip(analysis.result.findings, single.result.findings, strict=True):
+            assert a.probability == pytest.approx(b.probability, abs=1e-5)
+        assert (analysis.overlay_png is None) == (single.overlay_png is None)
