@@ -21,18 +21,21 @@ from .cards import ModelCard
 from .network import DenseNetClassifier
 
 log = logging.getLogger(__name__)
-BACKENDS = ("torch", "onnx")
+BACKENDS = ("torch", "onnx", "eager")
 
 
 class TorchRunner:
-    def __init__(self, network: DenseNetClassifier, device: torch.device):
+    """``channels_last=False`` is the naive baseline the benchmark compares against."""
+
+    def __init__(self, network: DenseNetClassifier, device: torch.device, channels_last: bool = True):
         self.device = device
-        self.network = network.to(device).to(memory_format=torch.channels_last).eval()
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.network = network.to(device).to(memory_format=self.memory_format).eval()
         if device.type == "cuda":
             torch.backends.cudnn.benchmark = True
 
     def __call__(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        x = torch.from_numpy(batch).to(self.device).contiguous(memory_format=torch.channels_last)
+        x = torch.from_numpy(batch).to(self.device).contiguous(memory_format=self.memory_format)
         with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
             features = self.network.forward_features(x)
             logits = self.network.head(features)
@@ -92,8 +95,8 @@ def default_cache_dir() -> Path:
 
 def make_runner(backend: str, network: DenseNetClassifier, card: ModelCard, device: torch.device,
                 cache_dir: Path | None = None, threads: int | None = None):
-    if backend == "torch":
-        return TorchRunner(network, device)
+    if backend in ("torch", "eager"):
+        return TorchRunner(network, device, channels_last=backend == "torch")
     if backend == "onnx":
         if device.type != "cpu":
             raise ValueError("the onnx backend runs on the CPU; use backend=torch for CUDA")
