@@ -8,7 +8,7 @@ from functools import cache
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-MAX_SIDE = 1600  # Telegram recompresses photos to ≤ 1280 px; larger overlays only cost time
+MAX_SIDE = 1280  # Telegram shows photos at ≤ 1280 px; larger overlays only cost time
 MIN_SIDE = 512  # small digital images (e.g. 128 px) are enlarged so a phone screen shows the map
 ALPHA = 0.45
 LEGEND_WIDTH = 18
@@ -29,17 +29,19 @@ def _font(size: int) -> ImageFont.ImageFont:
 def _panel(gray: Image.Image, heatmap: np.ndarray, title: str) -> Image.Image:
     width, height = gray.size
     heat = Image.fromarray((np.clip(heatmap, 0, 1) * 255).astype(np.uint8), mode="L")
-    heat = np.asarray(heat.resize((width, height), Image.Resampling.BICUBIC), dtype=np.uint8)
-    coloured = _colour_table()[heat].astype(np.float32)
-    base = np.asarray(gray.convert("RGB"), dtype=np.float32)
+    heat = heat.resize((width, height), Image.Resampling.BICUBIC)
+    # All per-pixel work in Pillow's C code: palette lookup for the colours, a LUT for the mask.
+    coloured = heat.copy()
+    coloured.putpalette(_colour_table().tobytes())  # "L" + palette → "P"
+    coloured = coloured.convert("RGB")
     # Weight the blend by the heat itself so cold regions keep the radiograph readable.
-    weight = ALPHA * (heat.astype(np.float32) / 255.0)[..., None]
-    blended = (base * (1 - weight) + coloured * weight).astype(np.uint8)
+    mask = heat.point([round(ALPHA * i) for i in range(256)])
+    blended = Image.composite(coloured, gray.convert("RGB"), mask)
 
     font_size = max(12, height // 28)
     bar = font_size + 8
     canvas = Image.new("RGB", (width + LEGEND_WIDTH + 6 * font_size // 2, height + bar), (0, 0, 0))
-    canvas.paste(Image.fromarray(blended), (0, bar))
+    canvas.paste(blended, (0, bar))
     draw = ImageDraw.Draw(canvas)
     draw.text((4, 4), title, fill=(255, 255, 255), font=_font(font_size))
     # Legend: a vertical colour bar, hot at the top, with its meaning.
