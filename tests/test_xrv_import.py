@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from diagnosis.backends import TorchRunner
 from diagnosis.intake import DecodedImage
 from diagnosis.network import load_model
 from diagnosis.pipeline import LoadedModel
@@ -54,8 +55,8 @@ def test_converted_model_matches_torchxrayvision(xrv_weights, tmp_path):
         gray = rng.integers(0, 256, (224, 224), dtype=np.uint8)
         with torch.no_grad():
             expected = reference(torch.from_numpy(xrv.datasets.normalize(gray, 255))[None, None].float())[0]
-        ours = LoadedModel(out, card, network, torch.device("cpu"))
-        with torch.inference_mode():
-            probs = ours.probabilities(network(ours.tensor(DecodedImage(gray, "PNG"), {})))
+        ours = LoadedModel(out, card, network, TorchRunner(network, torch.device("cpu")))
+        logits, _ = ours.runner(ours.prepare(DecodedImage(gray, "PNG"))[None])
+        probs = ours.probabilities(logits)[0]
         for label, value in zip(card.labels, probs, strict=True):
             assert value == pytest.approx(float(expected[targets.index(label)]), abs=1e-5)

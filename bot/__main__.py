@@ -1,0 +1,32 @@
+"""``python -m bot``: start the Telegram bot (long polling)."""
+
+from __future__ import annotations
+
+import logging
+from datetime import timedelta
+
+from diagnosis.settings import Settings
+
+from .app import ALLOWED_UPDATES, build_application
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=level.upper())
+    # httpx logs every request URL at INFO, and Bot API URLs contain the bot token.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    logging.getLogger("httpcore").setLevel(logging.WARNING)
+
+
+def main() -> None:
+    settings = Settings()
+    configure_logging(settings.LOG_LEVEL)
+    application = build_application(settings)
+    application.run_polling(
+        allowed_updates=ALLOWED_UPDATES,
+        timeout=timedelta(seconds=settings.POLL_TIMEOUT_S),
+        drop_pending_updates=False,
+    )
+
+
+if __name__ == "__main__":
+    main()

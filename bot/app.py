@@ -1,0 +1,121 @@
+"""``build_application(settings)``: the bot as a python-telegram-bot ``Application`` (a factory tests call).
+
+Imports neither torch nor the worker package (a test checks it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+
+from telegram import BotCommand, Update
+from telegram.error import TelegramError
+from telegram.ext import (
+    Application,
+    CallbackQueryHandler,
+    CommandHandler,
+    MessageHandler,
+    TypeHandler,
+    filters,
+)
+
+from diagnosis.i18n import DEFAULT_LANGUAGE, LANGUAGES
+from diagnosis.settings import Settings
+
+from . import handlers
+from .dispatch import Dispatcher
+from .store import Store
+from .texts import translator
+
+logger = logging.getLogger(__name__)
+
+ALLOWED_UPDATES = [Update.MESSAGE, Update.CALLBACK_QUERY]
+HEARTBEAT_INTERVAL_S = 15
+
+
+def build_application(settings: Settings) -> Application:
+    """Wire handlers, Redis and the Celery producer; ``run_polling`` (or a test) drives it."""
+    application = (
+        Application.builder()
+        .token(settings.TELEGRAM_BOT_TOKEN.get_secret_value())
+        .base_url(settings.api_base_url)
+        .base_file_url(settings.file_base_url)
+        .concurrent_updates(8)
+        .connect_timeout(10)
+        .read_timeout(30)
+        .write_timeout(30)
+        .media_write_timeout(60)
+        .post_init(on_startup)
+        .post_stop(on_stop)
+        .post_shutdown(on_shutdown)
+        .build()
+    )
+    application.bot_data["services"] = handlers.Services(settings, Store(settings), Dispatcher(settings))
+
+    application.add_handler(TypeHandler(Update, handlers.gate), group=-1)
+    new_messages = filters.UpdateType.MESSAGE
+    application.add_handler(CommandHandler("start", handlers.start, filters=new_messages))
+    application.add_handler(CommandHandler("help", handlers.help_command, filters=new_messages))
+    application.add_handler(CommandHandler("privacy", handlers.privacy, filters=new_messages))
+    application.add_handler(CommandHandler("forget", handlers.forget, filters=new_messages))
+    application.add_handler(CommandHandler("language", handlers.language_menu, filters=new_messages))
+    application.add_handler(CallbackQueryHandler(handlers.language_chosen, pattern=f"^{handlers.LANGUAGE_CALLBACK}"))
+    application.add_handler(MessageHandler(new_messages & filters.PHOTO, handlers.on_photo))
+    application.add_handler(MessageHandler(new_messages & filters.Document.ALL, handlers.on_document))
+    # Anything else in a private chat (text, stickers, video, voice, unknown commands): a hint.
+    # In groups the bot stays quiet unless it is addressed with a command or an image.
+    application.add_handler(MessageHandler(
+        new_messages & ~filters.StatusUpdate.ALL & (filters.ChatType.PRIVATE | filters.COMMAND), handlers.on_other
+    ))
+    application.add_error_handler(handlers.on_error)
+    return application
+
+
+def _services(application: Application) -> handlers.Services:
+    return application.bot_data["services"]
+
+
+async def on_startup(application: Application) -> None:
+    """Command menu per language; heartbeat for the container health check."""
+    for language in LANGUAGES:
+        _, _n = translator(language)
+        commands = [BotCommand(name, _(description)) for name, description in handlers.COMMANDS]
+        try:
+            await application.bot.set_my_commands(
+                commands, language_code=None if language == DEFAULT_LANGUAGE else language
+            )
+        except TelegramError as error:
+            logger.warning("setMyCommands(%s) failed: %s", language, error)
+    settings = _services(application).settings
+    if settings.HEARTBEAT_FILE is not None:
+        application.bot_data["heartbeat"] = asyncio.create_task(_heartbeat(application))
+
+
+async def _heartbeat(application: Application) -> None:
+    """Touch HEARTBEAT_FILE while polling runs and Redis answers (read by ``python -m bot.healthcheck``)."""
+    services = _services(application)
+    path = services.settings.HEARTBEAT_FILE
+    while True:
+        try:
+            healthy = await services.store.ping() and application.updater is not None and application.updater.running
+            if healthy:
+                path.write_text(str(time.time()))
+        except Exception as error:
+            logger.warning("heartbeat: %s", type(error).__name__)
+        await asyncio.sleep(HEARTBEAT_INTERVAL_S)
+
+
+async def on_stop(application: Application) -> None:
+    task = application.bot_data.pop("heartbeat", None)
+    if task is not None:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+async def on_shutdown(application: Application) -> None:
+    services = _services(application)
+    await services.store.close()
+    services.dispatcher.close()

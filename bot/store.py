@@ -1,0 +1,130 @@
+"""What the bot keeps in Redis: language choice, rate-limit timestamps, short-lived image blobs.
+
+Image bytes live only here (never on disk), under a random key with a TTL of at most an hour;
+the delivery worker deletes them once the user has the answer.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from urllib.parse import urlsplit
+
+import redis.asyncio as aioredis
+
+from diagnosis.i18n import LANGUAGES, pick_language
+from diagnosis.settings import INFERENCE_QUEUE, ServiceSettings
+
+# Sliding window: drop timestamps older than the window, admit if fewer than the limit remain.
+# Returns 0 when admitted, otherwise the milliseconds until the oldest timestamp leaves the window.
+_RATE_LIMIT_LUA = """
+local now = tonumber(ARGV[1])
+local window = tonumber(ARGV[2])
+local limit = tonumber(ARGV[3])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - window)
+if redis.call('ZCARD', KEYS[1]) < limit then
+  redis.call('ZADD', KEYS[1], now, ARGV[4])
+  redis.call('PEXPIRE', KEYS[1], window)
+  return 0
+end
+local oldest = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+local wait = tonumber(oldest[2]) + window - now
+if wait < 1 then wait = 1 end
+return wait
+"""
+
+
+class Store:
+    def __init__(self, settings: ServiceSettings):
+        self.settings = settings
+        self.keys = settings.keys
+        self.redis = aioredis.Redis.from_url(settings.REDIS_URL)
+        broker = settings.broker_url
+        if broker == settings.REDIS_URL:
+            self.broker: aioredis.Redis | None = self.redis
+        elif urlsplit(broker).scheme in ("redis", "rediss", "unix"):
+            self.broker = aioredis.Redis.from_url(broker)
+        else:  # another broker kind: no queue position
+            self.broker = None
+        self._rate_script = self.redis.register_script(_RATE_LIMIT_LUA)
+
+    async def close(self) -> None:
+        await self.redis.aclose()
+        if self.broker is not None and self.broker is not self.redis:
+            await self.broker.aclose()
+
+    async def ping(self) -> bool:
+        return bool(await self.redis.ping())
+
+    # ------------------------------------------------------------- language
+    async def language(self, user_id: int | None, telegram_code: str | None) -> str:
+        """The remembered /language choice (TTL refreshed), else Telegram's language_code."""
+        if user_id is not None:
+            stored = await self.redis.getex(self.keys.language(user_id), ex=self.settings.LANGUAGE_TTL_S)
+            if stored:
+                code = stored.decode()
+                if code in LANGUAGES:
+                    return code
+        return pick_language(telegram_code)
+
+    async def set_language(self, user_id: int, language: str) -> None:
+        if language not in LANGUAGES:
+            raise ValueError(f"unsupported language {language!r}")
+        await self.redis.set(self.keys.language(user_id), language, ex=self.settings.LANGUAGE_TTL_S)
+
+    # ------------------------------------------------------------- rate limit
+    async def take_image_slot(self, user_id: int) -> tuple[float, str]:
+        """Count one image against the user's window: (seconds to wait or 0 when admitted, slot id)."""
+        slot = f"{time.time_ns()}-{secrets.token_hex(4)}"
+        wait_ms = await self._rate_script(
+            keys=[self.keys.rate(user_id)],
+            args=[int(time.time() * 1000), self.settings.RATE_LIMIT_WINDOW_S * 1000, self.settings.RATE_LIMIT_IMAGES,
+                  slot],
+        )
+        return float(wait_ms) / 1000.0, slot
+
+    async def give_back_slot(self, user_id: int, slot: str) -> None:
+        """An image we could not even download does not count."""
+        await self.redis.zrem(self.keys.rate(user_id), slot)
+
+    async def first_rate_notice(self, user_id: int, within_s: int = 10) -> bool:
+        """True once per burst (e.g. an album over the limit gets one notice, not ten)."""
+        return bool(await self.redis.set(self.keys.rate_notice(user_id), 1, nx=True, ex=within_s))
+
+    # ------------------------------------------------------------- blobs
+    async def put_blob(self, user_id: int, data: bytes) -> tuple[str, str]:
+        """Store image bytes under a random key with the blob TTL; returns (request_id, blob_key)."""
+        request_id = secrets.token_urlsafe(16)
+        blob_key = self.keys.blob(request_id)
+        ttl = self.settings.BLOB_TTL_S
+        index = self.keys.user_requests(user_id)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.set(blob_key, data, ex=ttl)
+            pipe.sadd(index, request_id)
+            pipe.expire(index, ttl)
+            await pipe.execute()
+        return request_id, blob_key
+
+    async def drop_blob(self, user_id: int, request_id: str) -> None:
+        await self.redis.delete(self.keys.blob(request_id))
+        await self.redis.srem(self.keys.user_requests(user_id), request_id)
+
+    # ------------------------------------------------------------- forget
+    async def forget(self, user_id: int) -> int:
+        """Delete everything held about the user; returns how many keys existed."""
+        index = self.keys.user_requests(user_id)
+        request_ids = [member.decode() for member in await self.redis.smembers(index)]
+        keys = [index, self.keys.language(user_id), self.keys.rate(user_id), self.keys.rate_notice(user_id)]
+        for request_id in request_ids:
+            keys += [self.keys.blob(request_id), self.keys.overlay(request_id)]
+        return int(await self.redis.delete(*keys))
+
+    # ------------------------------------------------------------- queue
+    async def queue_length(self) -> int:
+        """Requests waiting in the inference queue (not counting those being processed)."""
+        if self.broker is None:
+            return 0
+        try:
+            return int(await self.broker.llen(INFERENCE_QUEUE))
+        except Exception:  # the position is a courtesy; never fail a request over it
+            return 0

@@ -1,0 +1,1 @@
+"""Service tests: the bot, the workers, Redis and a fake Telegram Bot API (all offline)."""

@@ -1,0 +1,209 @@
+"""Real parts for service tests: a Redis database claimed per session, the bot in a thread, a Celery worker.
+
+* ``claim_redis_db``: picks an empty Redis database (2…15) and locks it, so two test sessions on one
+  machine (or a developer's session next to CI) never share queues or keys.
+* ``BotRunner``: ``build_application(settings)`` driven as the GUIDE says
+  (``async with app: await app.start(); await app.updater.start_polling()``) in a background thread.
+* ``WorkerProcess``: ``celery -A worker worker -Q inference,delivery --pool solo`` as a subprocess,
+  environment pointing at the fake Bot API and a models folder; ready once the models are loaded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import redis
+from PIL import Image
+
+from diagnosis.settings import Settings
+
+ROOT = Path(__file__).resolve().parents[2]
+PACK = Path(os.environ.get("XRAY_PACK", ROOT.parent / "shared" / "data" / "xray-pack"))
+LOCK_KEY = "xray-second-opinion:test-session-lock"
+
+
+# --------------------------------------------------------------------------- Redis
+def claim_redis_db(base_url: str = "redis://127.0.0.1:6379") -> tuple[str, redis.Redis]:
+    """An empty database, locked for this session: ``(url, client)``. Raises ``ConnectionError``."""
+    explicit = os.environ.get("XSO_TEST_REDIS_URL")
+    if explicit:
+        client = redis.Redis.from_url(explicit)
+        client.ping()
+        return explicit, client
+    for db in range(2, 16):
+        client = redis.Redis.from_url(f"{base_url}/{db}")
+        client.ping()
+        if client.set(LOCK_KEY, f"{os.getpid()}", nx=True, ex=3600):
+            if client.dbsize() == 1:
+                return f"{base_url}/{db}", client
+            client.delete(LOCK_KEY)
+        client.close()
+    raise RuntimeError("no empty Redis database (2-15) is free for the tests")
+
+
+def release_redis_db(client: redis.Redis) -> None:
+    if not os.environ.get("XSO_TEST_REDIS_URL"):
+        client.flushdb()
+    client.close()
+
+
+def delete_service_keys(client: redis.Redis, prefix: str = "xso:") -> None:
+    keys = list(client.scan_iter(f"{prefix}*", count=500))
+    if keys:
+        client.delete(*keys)
+
+
+# --------------------------------------------------------------------------- settings
+def service_settings(fake_url: str, token: str, redis_url: str, **overrides: Any) -> Settings:
+    values: dict[str, Any] = {
+        "TELEGRAM_BOT_TOKEN": token,
+        "TELEGRAM_API_URL": fake_url,
+        "REDIS_URL": redis_url,
+        "HEARTBEAT_FILE": None,
+        "POLL_TIMEOUT_S": 1,
+    }
+    values.update(overrides)
+    return Settings(_env_file=None, **values)
+
+
+# --------------------------------------------------------------------------- the bot
+class BotRunner:
+    """The real bot application against the fake Bot API, in its own thread and event loop."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._thread = threading.Thread(target=self._run, name="bot", daemon=True)
+
+    def __enter__(self) -> BotRunner:
+        self._thread.start()
+        if not self._ready.wait(20):
+            raise RuntimeError("bot did not start within 20 s")
+        if self._error is not None:
+            raise RuntimeError("bot failed to start") from self._error
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._loop is not None and self._stop is not None:
+            self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(20)
+        if self._thread.is_alive():
+            raise RuntimeError("bot did not stop within 20 s")
+
+    def _run(self) -> None:
+        try:
+            asyncio.run(self._main())
+        except BaseException as error:  # surfaced by __enter__
+            self._error = error
+            self._ready.set()
+
+    async def _main(self) -> None:
+        from bot.app import ALLOWED_UPDATES, build_application
+
+        self._loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        application = build_application(self.settings)
+        async with application:  # initialize … shutdown
+            await application.post_init(application)  # what run_polling would do
+            await application.start()
+            await application.updater.start_polling(
+                timeout=timedelta(seconds=1), allowed_updates=ALLOWED_UPDATES, poll_interval=0
+            )
+            self._ready.set()
+            await self._stop.wait()
+            await application.updater.stop()
+            await application.stop()
+            await application.post_stop(application)
+        await application.post_shutdown(application)
+
+
+# --------------------------------------------------------------------------- the worker
+class WorkerProcess:
+    """A real Celery worker subprocess (solo pool), started once per module or session."""
+
+    def __init__(self, env: dict[str, str], log_path: Path, queues: str = "inference,delivery"):
+        self.env = env
+        self.log_path = log_path
+        self.queues = queues
+        self.process: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 120.0, wait_for_models: bool = True) -> WorkerProcess:
+        env = {**os.environ, **self.env, "PYTHONUNBUFFERED": "1"}
+        command = [
+            sys.executable, "-m", "celery", "-A", "worker", "worker",
+            "-Q", self.queues, "--pool", "solo", "--concurrency", "1",
+            "--without-gossip", "--without-mingle", "--without-heartbeat",
+            "-n", f"test-{uuid.uuid4().hex[:8]}@%h", "--loglevel", "INFO",
+        ]
+        self._log = self.log_path.open("wb")
+        self.process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            text = self.log()
+            if " ready." in text and ("models loaded" in text or not wait_for_models):
+                return self
+            if "loading the models failed" in text or self.process.poll() is not None:
+                break
+            time.sleep(0.2)
+        self.stop()
+        raise RuntimeError(f"worker did not become ready; log:\n{self.log()[-4000:]}")
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def stop(self) -> None:
+        if self.process is None:
+            return
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)  # warm shutdown
+            try:
+                self.process.wait(20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(10)
+        self.process = None
+        with contextlib.suppress(Exception):
+            self._log.close()
+
+
+# --------------------------------------------------------------------------- images
+def sample_image(kind: str) -> bytes:
+    """A real image from the data pack (chest / hand radiograph, natural photo), else a synthetic one."""
+    column, value = {"chest": (4, "chest"), "hand": (4, "hand"), "natural": (7, "natural_photo")}[kind]
+    manifest = PACK / "manifest.csv"
+    if manifest.is_file():
+        with manifest.open(encoding="utf-8") as handle:
+            next(handle)
+            for line in handle:
+                fields = line.rstrip("\n").split(",")
+                if fields[column] == value and fields[7] in ("radiograph", "natural_photo"):
+                    return (PACK / fields[0]).read_bytes()
+    rng = np.random.default_rng(0)
+    if kind == "natural":
+        pixels = rng.integers(0, 255, (160, 200, 3), dtype=np.uint8)
+        image = Image.fromarray(pixels, "RGB")
+    else:
+        ramp = np.tile(np.linspace(0, 255, 200), (160, 1)).astype(np.uint8)
+        image = Image.fromarray(ramp, "L")
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()

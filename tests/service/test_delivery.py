@@ -1,0 +1,137 @@
+"""Delivery in-process against the fake Bot API and a real Redis: exactly once, 429 and 5xx handling."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from diagnosis.messages import PHYSICIAN, apology
+from diagnosis.report import DiagnosisResult, Finding
+from worker.tasks import compose_texts, send_reply, split_text
+from worker.telegram_out import Deferred, TelegramOut, Undeliverable
+
+pytestmark = pytest.mark.slow
+
+PNG = b"\x89PNG\r\n\x1a\n" + b"overlay" * 10
+CHAT = 601
+
+
+def analysed_result() -> dict:
+    findings = [Finding(label="Effusion", probability=0.81, positive=True, threshold=0.5),
+                Finding(label="Mass", probability=0.12, positive=False, threshold=0.5)]
+    result = DiagnosisResult(outcome="analysed", is_xray=True, xray_probability=0.99, body_part="chest",
+                             body_part_probability=0.97, findings=findings, heatmap_labels=["Effusion"])
+    return result.model_dump(mode="json")
+
+
+@pytest.fixture
+def telegram(make_settings, fake):
+    settings = make_settings()
+    sleeps: list[float] = []
+
+    def sleep(seconds: float) -> None:
+        sleeps.append(seconds)
+        time.sleep(seconds)
+
+    out = TelegramOut(settings, sleep=sleep)
+    yield out, settings, sleeps
+    out.close()
+
+
+def deliver(redis_client, out, settings, request_id, **extra):
+    keys = settings.keys
+    redis_client.set(keys.blob(request_id), b"image bytes", ex=60)
+    arguments = {"request_id": request_id, "chat_id": CHAT, "reply_to_message_id": 7, "language": "en",
+                 "ack_message_id": 99, "blob_key": keys.blob(request_id), "result": analysed_result()}
+    arguments.update(extra)
+    return send_reply(redis_client, out, settings, **arguments)
+
+
+def test_delivered_twice_sends_once_then_cleans_up(telegram, fake, redis_client):
+    out, settings, _ = telegram
+    keys = settings.keys
+    redis_client.set(keys.overlay("r1"), PNG, ex=60)
+    assert deliver(redis_client, out, settings, "r1", overlay_key=keys.overlay("r1")) == ["text0", "photo"]
+    assert deliver(redis_client, out, settings, "r1", overlay_key=keys.overlay("r1")) == []  # redelivered
+
+    texts = fake.texts_to(CHAT)
+    assert len(texts) == 1 and texts[0].rstrip().endswith(PHYSICIAN)
+    assert "Pleural effusion" in texts[0]
+    photos = fake.calls_of("sendPhoto", CHAT)
+    assert len(photos) == 1 and photos[0].files["photo"] == PNG
+    assert "not a diagnosis" in photos[0].params["caption"]
+    for call in (*fake.calls_of("sendMessage", CHAT), *photos):
+        assert call.params["reply_parameters"] == {"message_id": 7, "allow_sending_without_reply": True}
+    assert [c.params["message_id"] for c in fake.calls_of("deleteMessage", CHAT)] == [99]  # the acknowledgement
+    assert not redis_client.exists(keys.blob("r1"), keys.overlay("r1"))
+    assert redis_client.exists(keys.done("r1"), keys.sent("r1", "text0"), keys.sent("r1", "photo")) == 3
+
+
+def test_a_part_accepted_before_a_failure_is_not_sent_again(telegram, fake, redis_client):
+    out, settings, sleeps = telegram
+    keys = settings.keys
+    redis_client.set(keys.overlay("r2"), PNG, ex=60)
+    fake.fail_next("sendPhoto", 429, retry_after=30)  # long flood wait: the task must be retried later
+    with pytest.raises(Deferred) as deferred:
+        deliver(redis_client, out, settings, "r2", overlay_key=keys.overlay("r2"))
+    assert deferred.value.delay == 30 and not sleeps
+    assert redis_client.exists(keys.sent("r2", "text0")) and not redis_client.exists(keys.sent("r2", "photo"))
+    assert redis_client.exists(keys.blob("r2"))  # not answered yet: the image stays
+
+    assert deliver(redis_client, out, settings, "r2", overlay_key=keys.overlay("r2")) == ["photo"]
+    assert len(fake.texts_to(CHAT)) == 1
+    assert len(fake.calls_of("sendPhoto", CHAT)) == 1
+
+
+def test_short_retry_after_is_honoured(telegram, fake, redis_client):
+    out, settings, sleeps = telegram
+    fake.fail_next("sendMessage", 429, retry_after=1)
+    deliver(redis_client, out, settings, "r3")
+    attempts = fake.calls_of("sendMessage", CHAT, ok_only=False)
+    assert [c.status for c in attempts] == [429, 200]
+    assert attempts[1].at - attempts[0].at >= 1.0
+    assert sleeps and sleeps[0] >= 1.0
+
+
+def test_5xx_is_retried_with_backoff_then_deferred(telegram, fake, redis_client):
+    out, settings, sleeps = telegram
+    fake.fail_next("sendMessage", 502, times=2)
+    deliver(redis_client, out, settings, "r4")
+    assert [c.status for c in fake.calls_of("sendMessage", CHAT, ok_only=False)] == [502, 502, 200]
+    assert len(sleeps) == 2 and all(s > 0 for s in sleeps)
+
+    fake.reset()
+    fake.fail_next("sendMessage", 500, times=3)
+    with pytest.raises(Deferred):
+        deliver(redis_client, out, settings, "r5")
+    assert not redis_client.exists(settings.keys.sent("r5", "text0"))
+    deliver(redis_client, out, settings, "r5")  # the retried task
+    assert len(fake.texts_to(CHAT)) == 1
+
+
+def test_blocked_bot_is_undeliverable(telegram, fake, redis_client):
+    out, settings, _ = telegram
+    fake.fail_next("sendMessage", 403)
+    with pytest.raises(Undeliverable):
+        deliver(redis_client, out, settings, "r6")
+
+
+def test_concurrent_delivery_of_the_same_request_waits(telegram, redis_client):
+    out, settings, _ = telegram
+    redis_client.set(settings.keys.lock("r7"), "someone else", ex=30)
+    with pytest.raises(Deferred):
+        deliver(redis_client, out, settings, "r7")
+
+
+def test_apology_expired_and_long_texts():
+    assert compose_texts("ru", None, "apology") == [apology("ru")]
+    expired = compose_texts("kk", None, "expired")[0]
+    assert "/forget" in expired and "қолжетімсіз" in expired
+    assert compose_texts("en", {"outcome": "nonsense"}, None) == [apology("en")]  # unrenderable → apology
+
+    text = "\n\n".join(f"paragraph {i} " + "x" * 900 for i in range(12))
+    pieces = split_text(text, 4096)
+    assert len(pieces) > 1 and all(len(p) <= 4096 for p in pieces)
+    assert "".join(pieces).replace("\n", "") == text.replace("\n", "")
+    assert split_text("y" * 9000, 4096) == ["y" * 4096, "y" * 4096, "y" * 808]

@@ -1,0 +1,65 @@
+"""GUIDE §3: a worker killed mid-task (SIGKILL, no warm shutdown) loses nothing and answers once.
+
+With ``task_acks_late`` the unacknowledged message stays in Redis and is handed to another worker
+once the broker's visibility timeout has passed; the short time limits here make that timeout 21 s
+(hard limit 8 s + retry cap 3 s + 10 s) instead of minutes.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+from model_factory import make_models_dir
+
+from bot.dispatch import DiagnoseRequest, Dispatcher
+from diagnosis.i18n import gettext_for
+from diagnosis.messages import PHYSICIAN
+
+from .conftest import worker_env
+from .harness import WorkerProcess, sample_image
+
+pytestmark = pytest.mark.slow
+
+SHORT_LIMITS = {"DIAGNOSE_SOFT_TIME_LIMIT_S": "5", "DIAGNOSE_TIME_LIMIT_S": "8", "DELIVER_SOFT_TIME_LIMIT_S": "4",
+                "DELIVER_TIME_LIMIT_S": "6", "MAX_RETRY_DELAY_S": "3"}
+
+
+def test_task_of_a_killed_worker_is_redelivered_and_answered_once(fake, redis_db, redis_client, make_settings,
+                                                                   tmp_path):
+    chat = 901
+    models = make_models_dir(tmp_path / "models")
+    env = {**worker_env(fake.url, redis_db[0], models), **SHORT_LIMITS}
+    settings = make_settings(**SHORT_LIMITS)
+    assert settings.visibility_timeout_s == 21
+
+    # The first worker takes the task while its models are still loading, and is killed.
+    first = WorkerProcess(env, tmp_path / "first.log").start(wait_for_models=False)
+    try:
+        redis_client.set(settings.keys.blob("killed"), sample_image("chest"), ex=600)
+        dispatcher = Dispatcher(settings)
+        dispatcher.enqueue_sync(DiagnoseRequest(request_id="killed", blob_key=settings.keys.blob("killed"),
+                                                chat_id=chat, reply_to_message_id=1, language="en"))
+        dispatcher.close()
+        fake.wait_for(lambda: "Task diagnose[" in first.log(), timeout=60)
+        os.kill(first.process.pid, signal.SIGKILL)  # the real PID: no shell in between
+        first.process.wait(10)
+        killed_at = time.monotonic()
+    finally:
+        first.stop()
+    assert "request killed: analysed" not in first.log()  # it really died mid-task
+    assert not fake.texts_to(chat)
+
+    second = WorkerProcess(env, tmp_path / "second.log").start()
+    try:
+        physician = gettext_for("en")(PHYSICIAN)
+        fake.wait_for(lambda: fake.calls_of("sendPhoto", chat), timeout=90)
+        waited = time.monotonic() - killed_at
+        time.sleep(1.0)
+    finally:
+        second.stop()
+    assert len([t for t in fake.texts_to(chat) if physician in t]) == 1
+    assert len(fake.calls_of("sendPhoto", chat)) == 1
+    assert waited >= settings.visibility_timeout_s - 2  # it came back through the visibility timeout

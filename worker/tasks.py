@@ -1,0 +1,353 @@
+"""Celery tasks ``diagnose`` (queue ``inference``) and ``deliver`` (queue ``delivery``).
+
+``diagnose`` reads the image bytes from Redis, runs the inference pipeline (models loaded once per
+worker process, in the process that runs the tasks, never in a prefork parent) and hands a JSON
+result plus the Redis key of the overlay PNG to ``deliver``. ``deliver`` sends the text reply and
+the overlay photo exactly once: each part is marked in Redis *after* Telegram accepted it and the
+mark is checked before sending, so retried or redelivered tasks never send twice. A request that
+keeps failing gets an apology, never silence. Image bytes never go through the broker, to disk
+or to the logs.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import threading
+import time
+from functools import lru_cache
+from typing import Any
+
+import redis
+from celery import Task
+from celery.exceptions import SoftTimeLimitExceeded
+from celery.signals import worker_process_init, worker_process_shutdown
+from celery.utils.log import get_task_logger
+
+from diagnosis.i18n import pick_language, translations
+from diagnosis.settings import DELIVER_TASK, DELIVERY_QUEUE, DIAGNOSE_TASK, INFERENCE_QUEUE, Keys, Settings
+
+from .celery_app import app
+from .celery_app import settings as service_settings
+from .telegram_out import Deferred, TelegramOut, Undeliverable, backoff
+
+logger = get_task_logger(__name__)
+process_logger = logging.getLogger(__name__)  # outside tasks (model loading)
+
+TELEGRAM_TEXT_LIMIT = 4096
+TELEGRAM_CAPTION_LIMIT = 1024
+LOCK_RELEASE_LUA = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
+
+
+# --------------------------------------------------------------------------- per-process resources
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()
+
+
+_resources_lock = threading.Lock()
+_redis: tuple[int, redis.Redis] | None = None
+_out: tuple[int, TelegramOut] | None = None
+
+
+def get_redis() -> redis.Redis:
+    global _redis
+    with _resources_lock:
+        if _redis is None or _redis[0] != os.getpid():
+            _redis = (os.getpid(), redis.Redis.from_url(get_settings().REDIS_URL))
+        return _redis[1]
+
+
+def get_out() -> TelegramOut:
+    global _out
+    with _resources_lock:
+        if _out is None or _out[0] != os.getpid():
+            _out = (os.getpid(), TelegramOut(get_settings()))
+        return _out[1]
+
+
+_pipeline: Any = None
+_pipeline_lock = threading.Lock()
+
+
+def get_pipeline() -> Any:
+    """The inference pipeline, loaded once per process on first use (thread-safe)."""
+    global _pipeline
+    if _pipeline is not None:
+        return _pipeline
+    with _pipeline_lock:
+        if _pipeline is None:
+            settings = get_settings()
+            _configure_torch_threads()
+            from diagnosis.pipeline import Pipeline
+
+            started = time.perf_counter()
+            _pipeline = Pipeline.load(settings.MODELS_DIR, device=settings.DEVICE)
+            process_logger.info("models loaded from %s on %s in %.1fs: %s", settings.MODELS_DIR, settings.DEVICE,
+                                time.perf_counter() - started, getattr(_pipeline, "versions", {}))
+    return _pipeline
+
+
+_thread_state = threading.local()
+
+
+def _configure_torch_threads() -> None:
+    """torch.set_num_threads in the thread that runs the models (OpenMP settings are per thread)."""
+    threads = get_settings().TORCH_THREADS
+    if threads and not getattr(_thread_state, "configured", False):
+        import torch
+
+        torch.set_num_threads(threads)
+        _thread_state.configured = True
+
+
+def _preload() -> None:
+    try:
+        get_pipeline()
+    except Exception:
+        process_logger.exception("loading the models failed; tasks will retry and then apologise")
+
+
+@worker_process_init.connect
+def _start_preload(**_: Any) -> None:
+    """In the process that runs tasks (prefork child or solo): load the models in the background.
+
+    Returns at once (Celery kills a child whose init blocks > 4 s); the first task waits for the
+    load through ``get_pipeline``'s lock. Workers that do not consume ``inference`` load nothing.
+    """
+    if INFERENCE_QUEUE in app.amqp.queues.consume_from:
+        threading.Thread(target=_preload, name="load-models", daemon=True).start()
+
+
+@worker_process_shutdown.connect
+def _close_telegram(**_: Any) -> None:
+    if _out is not None and _out[0] == os.getpid():
+        _out[1].close()
+
+
+# --------------------------------------------------------------------------- diagnose
+@app.task(
+    name=DIAGNOSE_TASK,
+    bind=True,
+    acks_late=True,
+    reject_on_worker_lost=True,
+    soft_time_limit=service_settings.DIAGNOSE_SOFT_TIME_LIMIT_S,
+    time_limit=service_settings.DIAGNOSE_TIME_LIMIT_S,
+    max_retries=None,  # bounded by MAX_ATTEMPTS, which also counts redeliveries
+)
+def diagnose(
+    self: Task,
+    request_id: str,
+    blob_key: str,
+    chat_id: int,
+    reply_to_message_id: int,
+    language: str,
+    ack_message_id: int | None = None,
+) -> dict[str, Any]:
+    """Image bytes (Redis) → pipeline → ``deliver`` (JSON result + overlay key)."""
+    settings = get_settings()
+    keys, r = settings.keys, get_redis()
+    if r.exists(keys.done(request_id)):
+        return {"skipped": "already answered"}
+    attempt = int(r.incr(keys.attempts(request_id)))
+    r.expire(keys.attempts(request_id), settings.BLOB_TTL_S)
+    reply = {
+        "request_id": request_id,
+        "chat_id": chat_id,
+        "reply_to_message_id": reply_to_message_id,
+        "language": language,
+        "ack_message_id": ack_message_id,
+        "blob_key": blob_key,
+    }
+    if attempt > settings.MAX_ATTEMPTS:  # e.g. a worker keeps dying on this image
+        logger.error("request %s: %d attempts, giving up with an apology", request_id, attempt - 1)
+        hand_over(reply, failure="apology")
+        return {"outcome": "failed"}
+
+    data = r.get(blob_key)
+    if data is None:
+        hand_over(reply, failure="expired")
+        return {"outcome": "expired"}
+    try:
+        _configure_torch_threads()
+        analysis = get_pipeline().run(data)
+    except SoftTimeLimitExceeded:
+        logger.error("request %s: soft time limit exceeded", request_id)
+        hand_over(reply, failure="apology")
+        return {"outcome": "failed"}
+    except Exception as error:
+        del data
+        logger.exception("request %s: analysis failed (attempt %d)", request_id, attempt)
+        if attempt < settings.MAX_ATTEMPTS:
+            raise self.retry(countdown=min(backoff(attempt, base=2.0), settings.MAX_RETRY_DELAY_S), exc=error) from None
+        hand_over(reply, failure="apology")
+        return {"outcome": "failed"}
+    del data
+
+    result = analysis.result
+    overlay_key = None
+    if getattr(analysis, "overlay_png", None):
+        overlay_key = keys.overlay(request_id)
+        r.set(overlay_key, analysis.overlay_png, ex=settings.BLOB_TTL_S)
+    hand_over(reply, result=result.model_dump(mode="json"), overlay_key=overlay_key)
+    logger.info("request %s: %s", request_id, result.outcome)
+    return {"outcome": result.outcome}
+
+
+def hand_over(reply: dict[str, Any], **extra: Any) -> None:
+    """Enqueue ``deliver`` with JSON arguments only (the overlay travels as a Redis key)."""
+    app.send_task(DELIVER_TASK, kwargs={**reply, **extra}, queue=DELIVERY_QUEUE)
+
+
+# --------------------------------------------------------------------------- deliver
+@app.task(
+    name=DELIVER_TASK,
+    bind=True,
+    acks_late=True,
+    reject_on_worker_lost=True,
+    soft_time_limit=service_settings.DELIVER_SOFT_TIME_LIMIT_S,
+    time_limit=service_settings.DELIVER_TIME_LIMIT_S,
+    max_retries=service_settings.DELIVER_MAX_RETRIES,
+)
+def deliver(
+    self: Task,
+    request_id: str,
+    chat_id: int,
+    reply_to_message_id: int | None,
+    language: str,
+    ack_message_id: int | None = None,
+    blob_key: str | None = None,
+    result: dict[str, Any] | None = None,
+    overlay_key: str | None = None,
+    failure: str | None = None,
+) -> dict[str, Any]:
+    """Send the reply (text, then overlay photo) exactly once, then clean up."""
+    settings = get_settings()
+    try:
+        sent = send_reply(
+            get_redis(), get_out(), settings,
+            request_id=request_id, chat_id=chat_id, reply_to_message_id=reply_to_message_id, language=language,
+            ack_message_id=ack_message_id, blob_key=blob_key, result=result, overlay_key=overlay_key,
+            failure=failure,
+        )
+    except Deferred as deferred:
+        if self.request.retries >= (self.max_retries or 0):
+            logger.error("request %s: giving up delivery after %d retries (%s)", request_id,
+                         self.request.retries, deferred.reason)
+            cleanup(get_redis(), settings.keys, request_id, blob_key, overlay_key)
+            return {"sent": [], "gave_up": deferred.reason}
+        countdown = min(max(deferred.delay, 0.5), settings.MAX_RETRY_DELAY_S)
+        logger.info("request %s: delivery deferred (%s), retry in %.1fs", request_id, deferred.reason, countdown)
+        raise self.retry(countdown=countdown) from None
+    except Undeliverable as error:
+        logger.warning("request %s: undeliverable: %s", request_id, error)
+        cleanup(get_redis(), settings.keys, request_id, blob_key, overlay_key)
+        return {"sent": [], "undeliverable": str(error)}
+    return {"sent": sent}
+
+
+def compose_texts(language: str, result: dict[str, Any] | None, failure: str | None) -> list[str]:
+    """The reply as one or more Telegram messages (≤ 4096 characters each)."""
+    from diagnosis.messages import apology, render_reply
+
+    if failure == "expired":
+        _ = translations(pick_language(language), "bot").gettext
+        text = _("Your image is no longer available (it expired or was deleted with /forget). "
+                 "Please send it again.")
+    elif failure is not None or result is None:
+        text = apology(language)
+    else:
+        from diagnosis.report import DiagnosisResult
+
+        try:
+            text = render_reply(DiagnosisResult.model_validate(result), language)
+        except Exception:
+            logger.exception("rendering the reply failed")
+            text = apology(language)
+    return split_text(text, TELEGRAM_TEXT_LIMIT)
+
+
+def overlay_caption(language: str) -> str:
+    _ = translations(pick_language(language), "bot").gettext
+    return _("Heat map: the regions that most influenced the findings above. It is not a diagnosis.")
+
+
+def split_text(text: str, limit: int) -> list[str]:
+    """Split at paragraph or line breaks so that every piece fits one message."""
+    pieces: list[str] = []
+    rest = text.strip()
+    while len(rest) > limit:
+        cut = rest.rfind("\n\n", 0, limit)
+        if cut <= 0:
+            cut = rest.rfind("\n", 0, limit)
+        if cut <= 0:
+            cut = rest.rfind(" ", 0, limit)
+        if cut <= 0:
+            cut = limit
+        pieces.append(rest[:cut].rstrip())
+        rest = rest[cut:].lstrip()
+    if rest or not pieces:
+        pieces.append(rest)
+    return pieces
+
+
+def send_reply(
+    r: redis.Redis,
+    out: TelegramOut,
+    settings: Settings,
+    *,
+    request_id: str,
+    chat_id: int,
+    reply_to_message_id: int | None,
+    language: str,
+    ack_message_id: int | None = None,
+    blob_key: str | None = None,
+    result: dict[str, Any] | None = None,
+    overlay_key: str | None = None,
+    failure: str | None = None,
+) -> list[str]:
+    """Idempotent delivery; returns the parts sent by this call. Raises ``Deferred``/``Undeliverable``."""
+    keys = settings.keys
+    if r.exists(keys.done(request_id)):  # answered already (redelivered or duplicated task)
+        cleanup(r, keys, request_id, blob_key, overlay_key)
+        return []
+    token = secrets.token_hex(8)
+    if not r.set(keys.lock(request_id), token, nx=True, ex=settings.DELIVER_TIME_LIMIT_S):
+        raise Deferred(2.0, "another delivery of this request is in progress")
+    sent: list[str] = []
+    try:
+        parts: list[tuple[str, str]] = [
+            (f"text{index}", text) for index, text in enumerate(compose_texts(language, result, failure))
+        ]
+        if overlay_key and failure is None:
+            parts.append(("photo", overlay_key))
+        for part, payload in parts:
+            mark = keys.sent(request_id, part)
+            if r.exists(mark):
+                continue
+            if part == "photo":
+                png = r.get(payload)
+                if png is None:  # expired or forgotten: the text has been sent, that is enough
+                    continue
+                out.send_photo(chat_id, png, caption=overlay_caption(language)[:TELEGRAM_CAPTION_LIMIT],
+                               reply_to=reply_to_message_id)
+                del png
+            else:
+                out.send_text(chat_id, payload, reply_to=reply_to_message_id)
+            r.set(mark, "1", ex=settings.MARK_TTL_S)  # only after Telegram accepted it
+            sent.append(part)
+        r.set(keys.done(request_id), "1", ex=settings.MARK_TTL_S)
+        if ack_message_id is not None:
+            out.delete_message(chat_id, ack_message_id)  # the answer replaces the acknowledgement
+        cleanup(r, keys, request_id, blob_key, overlay_key)
+    finally:
+        r.eval(LOCK_RELEASE_LUA, 1, keys.lock(request_id), token)
+    return sent
+
+
+def cleanup(r: redis.Redis, keys: Keys, request_id: str, blob_key: str | None, overlay_key: str | None) -> None:
+    """The user has the answer (or cannot get one): delete the image and the overlay now."""
+    names = [keys.blob(request_id), keys.overlay(request_id), keys.attempts(request_id)]
+    names += [name for name in (blob_key, overlay_key) if name]
+    r.delete(*names)

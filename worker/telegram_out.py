@@ -1,0 +1,194 @@
+"""The only worker code that talks to Telegram (python-telegram-bot's ``Bot``, ``base_url`` from settings).
+
+Celery tasks are synchronous; PTB is asyncio. Each worker process runs one event loop in a daemon
+thread with one initialised ``Bot`` (its HTTP connection pool is reused), created lazily after the
+fork. Errors are sorted for the caller:
+
+* ``telegram.error.RetryAfter`` (429): short waits are honoured inline, longer ones raise
+  ``Deferred(retry_after)`` so the task is retried with that countdown;
+* 5xx / ``NetworkError`` / ``TimedOut``: a few inline retries with exponential backoff and jitter,
+  then ``Deferred`` with a longer backoff;
+* ``Forbidden`` (bot blocked), ``BadRequest`` (chat gone…), ``InvalidToken``: ``Undeliverable``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import random
+import threading
+import time
+import warnings
+from collections.abc import Awaitable, Callable
+from datetime import timedelta
+from typing import TypeVar
+
+# Opt in to PTB 23 behaviour now (time periods as timedelta, e.g. RetryAfter.retry_after): no
+# deprecation warnings per 429, and ``retry_after_seconds`` reads both forms anyway.
+os.environ.setdefault("PTB_TIMEDELTA", "true")
+
+from telegram import Bot, InputFile, LinkPreviewOptions, ReplyParameters
+from telegram.constants import ChatAction
+from telegram.error import BadRequest, ChatMigrated, Forbidden, InvalidToken, NetworkError, RetryAfter, TelegramError
+from telegram.request import HTTPXRequest
+
+from diagnosis.settings import Settings
+
+logger = logging.getLogger(__name__)
+# httpx logs every request URL at INFO, and Bot API URLs contain the bot token.
+logging.getLogger("httpx").setLevel(logging.WARNING)
+logging.getLogger("httpcore").setLevel(logging.WARNING)
+
+T = TypeVar("T")
+
+INLINE_RETRY_AFTER_MAX_S = 5.0  # 429 waits up to this are slept through inside the task
+INLINE_NETWORK_ATTEMPTS = 3  # tries per call for 5xx / network errors before deferring
+BACKOFF_BASE_S = 0.5
+CALL_TIMEOUT_S = 120.0
+
+
+class Deferred(Exception):
+    """Telegram asked us to wait, or is unreachable: retry the task after ``delay`` seconds."""
+
+    def __init__(self, delay: float, reason: str):
+        super().__init__(f"{reason}; retry in {delay:.1f}s")
+        self.delay = delay
+        self.reason = reason
+
+
+class Undeliverable(Exception):
+    """Telegram refused for good (bot blocked, chat not found, bad token…): retrying will not help."""
+
+
+def retry_after_seconds(error: RetryAfter) -> float:
+    with warnings.catch_warnings():  # PTB 22 deprecates the int form; accept both
+        warnings.simplefilter("ignore", DeprecationWarning)
+        value = error.retry_after
+    return value.total_seconds() if isinstance(value, timedelta) else float(value)
+
+
+def backoff(attempt: int, base: float = BACKOFF_BASE_S, cap: float = 60.0) -> float:
+    """Exponential backoff with jitter (attempt 0 → up to ``base`` seconds); not security-relevant randomness."""
+    return min(cap, base * (2 ** attempt)) * (0.5 + random.random() / 2)  # nosec B311
+
+
+class TelegramOut:
+    """Synchronous facade over an async ``Bot``; safe to create before a fork (everything is lazy)."""
+
+    def __init__(self, settings: Settings, sleep: Callable[[float], None] = time.sleep):
+        self.settings = settings
+        self._sleep = sleep
+        self._pid: int | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._bot: Bot | None = None
+        self._lock = threading.Lock()
+
+    # ------------------------------------------------------------------ plumbing
+    def _ensure_loop(self) -> asyncio.AbstractEventLoop:
+        with self._lock:
+            if self._pid != os.getpid() or self._loop is None or self._loop.is_closed():
+                loop = asyncio.new_event_loop()
+                thread = threading.Thread(target=loop.run_forever, name="telegram-out", daemon=True)
+                thread.start()
+                self._loop, self._bot, self._pid = loop, None, os.getpid()
+            return self._loop
+
+    async def _get_bot(self) -> Bot:
+        if self._bot is None:
+            request = HTTPXRequest(connection_pool_size=8, connect_timeout=10, read_timeout=30, write_timeout=30,
+                                   media_write_timeout=60)
+            bot = Bot(
+                token=self.settings.TELEGRAM_BOT_TOKEN.get_secret_value(),
+                base_url=self.settings.api_base_url,
+                base_file_url=self.settings.file_base_url,
+                request=request,
+            )
+            await bot.initialize()  # one getMe per process: checks the token
+            self._bot = bot
+        return self._bot
+
+    def _run(self, make_call: Callable[[Bot], Awaitable[T]]) -> T:
+        loop = self._ensure_loop()
+
+        async def call() -> T:
+            return await make_call(await self._get_bot())
+
+        return asyncio.run_coroutine_threadsafe(call(), loop).result(timeout=CALL_TIMEOUT_S)
+
+    def call(self, what: str, make_call: Callable[[Bot], Awaitable[T]]) -> T:
+        """Run one Bot API call with the retry policy described in the module docstring."""
+        network_failures = 0
+        while True:
+            try:
+                return self._run(make_call)
+            except RetryAfter as error:
+                wait = retry_after_seconds(error)
+                if wait > INLINE_RETRY_AFTER_MAX_S:
+                    raise Deferred(wait, f"{what}: flood control") from None
+                logger.info("%s: 429, waiting %.1fs as told", what, wait)
+                self._sleep(wait + 0.1)
+            except (Forbidden, InvalidToken, ChatMigrated, BadRequest) as error:
+                # BadRequest subclasses NetworkError: handled here, before the transient branch.
+                raise Undeliverable(f"{what}: {type(error).__name__}: {error.message}") from None
+            except (NetworkError, TimeoutError, OSError) as error:
+                network_failures += 1
+                if network_failures >= INLINE_NETWORK_ATTEMPTS:
+                    raise Deferred(backoff(network_failures + 2), f"{what}: {type(error).__name__}") from None
+                delay = backoff(network_failures - 1)
+                logger.info("%s: %s, retrying in %.1fs", what, type(error).__name__, delay)
+                self._sleep(delay)
+            except TelegramError as error:
+                raise Undeliverable(f"{what}: {type(error).__name__}: {error.message}") from None
+
+    # ------------------------------------------------------------------ API used by the tasks
+    @staticmethod
+    def _reply_to(message_id: int | None) -> ReplyParameters | None:
+        if message_id is None:
+            return None
+        return ReplyParameters(message_id=message_id, allow_sending_without_reply=True)
+
+    def send_text(self, chat_id: int, text: str, reply_to: int | None = None) -> int:
+        message = self.call("sendMessage", lambda bot: bot.send_message(
+            chat_id=chat_id,
+            text=text,
+            reply_parameters=self._reply_to(reply_to),
+            link_preview_options=LinkPreviewOptions(is_disabled=True),
+        ))
+        return message.message_id
+
+    def send_photo(self, chat_id: int, png: bytes, caption: str | None = None, reply_to: int | None = None) -> int:
+        message = self.call("sendPhoto", lambda bot: bot.send_photo(
+            chat_id=chat_id,
+            photo=InputFile(png, filename="heatmap.png"),
+            caption=caption,
+            reply_parameters=self._reply_to(reply_to),
+        ))
+        return message.message_id
+
+    def delete_message(self, chat_id: int, message_id: int) -> bool:
+        """Best effort (the acknowledgement may be gone already): never raises."""
+        try:
+            return bool(self.call("deleteMessage", lambda bot: bot.delete_message(chat_id=chat_id,
+                                                                               message_id=message_id)))
+        except (Deferred, Undeliverable) as error:
+            logger.info("deleteMessage skipped: %s", error)
+            return False
+
+    def chat_action(self, chat_id: int, action: str = ChatAction.TYPING) -> None:
+        """Best effort, no retries."""
+        try:
+            self._run(lambda bot: bot.send_chat_action(chat_id=chat_id, action=action))
+        except Exception as error:
+            logger.debug("sendChatAction skipped: %s", type(error).__name__)
+
+    def close(self) -> None:
+        loop, bot = self._loop, self._bot
+        if loop is None or self._pid != os.getpid():
+            return
+        if bot is not None:
+            with contextlib.suppress(Exception):
+                asyncio.run_coroutine_threadsafe(bot.shutdown(), loop).result(timeout=10)
+        loop.call_soon_threadsafe(loop.stop)
+        self._loop = self._bot = None
