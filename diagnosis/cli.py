@@ -18,7 +18,7 @@ def _parser() -> argparse.ArgumentParser:
                     "A decision aid, not a diagnosis.")
     parser.add_argument("images", nargs="+", type=Path, metavar="IMAGE")
     parser.add_argument("--json", action="store_true", help="one JSON object per input line")
-    parser.add_argument("--out", type=Path, help="folder for heatmap overlays (PNG)")
+    parser.add_argument("--out", type=Path, help="folder for heatmap overlays (JPEG)")
     parser.add_argument("--models", type=Path, default=Path(os.environ.get("MODELS_DIR", DEFAULT_MODELS)),
                         help="folder of model folders (default: $MODELS_DIR or the repo's models/)")
     parser.add_argument("--language", default="en", choices=["en", "ru", "kk"], help="language of the report")
@@ -58,9 +58,9 @@ def main(argv: list[str] | None = None) -> int:
         result = analysis.result
         if result.outcome == "rejected":
             failures += 1
-        if analysis.overlay_png and args.out:
-            target = args.out / f"{path.stem}_heatmap.png"
-            target.write_bytes(analysis.overlay_png)
+        if analysis.overlay_jpeg and args.out:
+            target = args.out / f"{path.stem}_heatmap.jpg"
+            target.write_bytes(analysis.overlay_jpeg)
             result.overlay = str(target)
         if args.language != "en":
             result.message = render_reply(result, args.language)

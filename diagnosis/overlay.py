@@ -73,7 +73,8 @@ def render_overlay(gray: np.ndarray, panels: list[tuple[str, np.ndarray]]) -> Im
     return sheet
 
 
-def encode_png(image: Image.Image) -> bytes:
+def encode_jpeg(image: Image.Image) -> bytes:
+    """JPEG q90: ~20x faster to encode than PNG at 1280 px, and Telegram re-encodes photos as JPEG anyway."""
     buffer = io.BytesIO()
-    image.save(buffer, format="PNG", compress_level=1)  # fast; size matters less than latency
+    image.save(buffer, format="JPEG", quality=90)
     return buffer.getvalue()

@@ -23,7 +23,7 @@ from .heatmap import class_activation_map, grad_cam
 from .intake import DecodedImage, ImageRejected, decode
 from .messages import render_reply
 from .network import DenseNetClassifier, load_model
-from .overlay import encode_png, render_overlay
+from .overlay import encode_jpeg, render_overlay
 from .preprocess import to_model_input
 from .report import DiagnosisResult, Finding
 
@@ -57,7 +57,7 @@ class LoadedModel:
 @dataclass
 class Analysis:
     result: DiagnosisResult
-    overlay_png: bytes | None = None
+    overlay_jpeg: bytes | None = None
 
 
 @dataclass
@@ -65,7 +65,7 @@ class _Item:
     result: DiagnosisResult
     decoded: DecodedImage | None = None
     inputs: dict = field(default_factory=dict)  # one resized array per input contract
-    overlay_png: bytes | None = None
+    overlay_jpeg: bytes | None = None
 
 
 class Pipeline:
@@ -148,7 +148,7 @@ class Pipeline:
         for item in items:
             item.result.timings_ms["total"] = _ms(started)
             item.result.message = render_reply(item.result, "en")
-        return [Analysis(i.result, i.overlay_png) for i in items]
+        return [Analysis(i.result, i.overlay_jpeg) for i in items]
 
     def _infer(self, model: LoadedModel, items: list[_Item], stage: str) -> tuple[np.ndarray, np.ndarray]:
         clock = time.perf_counter()
@@ -206,7 +206,7 @@ class Pipeline:
                     for f in drawn]
             result.timings_ms["heatmap"] = _ms(clock)
             clock = time.perf_counter()
-            item.overlay_png = encode_png(render_overlay(item.decoded.gray, maps))
+            item.overlay_jpeg = encode_jpeg(render_overlay(item.decoded.gray, maps))
             result.timings_ms["overlay"] = _ms(clock)
 
     def _heatmap(self, model: LoadedModel, item: _Item, feature_map: np.ndarray, label: str) -> np.ndarray:

@@ -12,7 +12,7 @@ No torch, no Telegram and no Redis imports in this module.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -49,6 +49,16 @@ class ServiceSettings(BaseSettings):
     MODELS_DIR: Path = Path("models")
     DEVICE: str = "cpu"  # "cpu", "cuda", "cuda:1"
     TORCH_THREADS: int | None = Field(None, ge=1)
+    # "onnx" (ONNX Runtime, CPU; exported from the weights at start, cached by hash), "torch" (CPU or
+    # CUDA: channels_last, bf16 autocast on CUDA) or "eager" (naive fp32, the benchmark's baseline).
+    BACKEND: Literal["onnx", "torch", "eager"] = "onnx"
+    HEATMAP: Literal["cam", "gradcam"] = "cam"  # cam = Grad-CAM from the forward pass (identical here)
+    # Body part → model folder (name under MODELS_DIR or absolute), e.g. {"chest": "chest_xrv"}.
+    ABNORMALITY_MODELS: dict[str, str] = Field(default_factory=dict)
+    # Micro-batching for threaded GPU workers (--pool threads): up to BATCH_MAX images or BATCH_WAIT_MS.
+    BATCH_MAX: int = Field(1, ge=1, le=256)
+    BATCH_WAIT_MS: float = Field(10.0, ge=0, le=1000)
+    METRICS_PORT: int | None = Field(None, ge=1, le=65535)  # Prometheus /metrics of this process
 
     # Celery time limits (seconds). The broker's visibility timeout is derived from them.
     DIAGNOSE_SOFT_TIME_LIMIT_S: int = Field(90, ge=1)
@@ -75,7 +85,7 @@ class ServiceSettings(BaseSettings):
             return frozenset(int(item) for item in text.replace(";", ",").replace(" ", ",").split(",") if item)
         return value
 
-    @field_validator("HEARTBEAT_FILE", "TORCH_THREADS", "CELERY_BROKER_URL", mode="before")
+    @field_validator("HEARTBEAT_FILE", "TORCH_THREADS", "CELERY_BROKER_URL", "METRICS_PORT", mode="before")
     @classmethod
     def _empty_is_none(cls, value: object) -> object:
         return None if isinstance(value, str) and not value.strip() else value

@@ -49,4 +49,4 @@ def test_batch_equals_single_runs(fake_models):
         assert [f.label for f in analysis.result.findings] == [f.label for f in single.result.findings]
         for a, b in zip(analysis.result.findings, single.result.findings, strict=True):
             assert a.probability == pytest.approx(b.probability, abs=1e-5)
-        assert (analysis.overlay_png is None) == (single.overlay_png is None)
+        assert (analysis.overlay_jpeg is None) == (single.overlay_jpeg is None)

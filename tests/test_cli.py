@@ -32,7 +32,7 @@ def test_cli_json_lines_overlays_and_failures(fake_models, tmp_path):
     first = lines[0]
     assert first["is_xray"] is True and first["body_part"] == "chest"
     assert {"label", "probability", "positive"} <= first["findings"][0].keys()
-    assert (out / "good_heatmap.png").is_file() and first["overlay"] == str(out / "good_heatmap.png")
+    assert (out / "good_heatmap.jpg").is_file() and first["overlay"] == str(out / "good_heatmap.jpg")
     assert lines[1]["findings"] == [] and lines[1]["overlay"] is None
     assert "damaged" in lines[1]["message"] or "recognise" in lines[1]["message"]
     assert lines[2]["body_part"] == "chest"  # no extension: content decides

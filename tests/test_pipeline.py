@@ -25,7 +25,7 @@ def test_chest_route_gives_findings_heatmap_and_timings(chest_pipeline):
     assert probabilities == sorted(probabilities, reverse=True)
     assert {f.label for f in result.positive_findings} == {"Effusion", "Cardiomegaly"}
     assert result.heatmap_labels == [f.label for f in result.positive_findings]
-    overlay = Image.open(__import__("io").BytesIO(analysis.overlay_png))
+    overlay = Image.open(__import__("io").BytesIO(analysis.overlay_jpeg))
     assert overlay.mode == "RGB" and overlay.width > 2 * 300  # two panels side by side
     for stage in ("decode", "preprocess", "gate", "body_part", "chest", "heatmap", "overlay", "total"):
         assert result.timings_ms[stage] >= 0
@@ -44,7 +44,7 @@ def test_no_positive_finding_draws_the_top_one(tmp_path):
 def test_not_xray_exits_early_without_overlay(tmp_path):
     analysis = Pipeline.load(make_models_dir(tmp_path, xray=False)).run(IMAGE)
     assert analysis.result.outcome == "not_xray" and not analysis.result.is_xray
-    assert analysis.overlay_png is None and analysis.result.findings == []
+    assert analysis.overlay_jpeg is None and analysis.result.findings == []
     assert "body_part" not in analysis.result.timings_ms  # later models skipped
 
 
@@ -53,7 +53,7 @@ def test_body_part_without_model_says_so(tmp_path):
     assert analysis.result.outcome == "body_part_not_analysed"
     assert analysis.result.body_part == "hand"
     assert "hand X-ray was recognised" in analysis.result.message
-    assert analysis.overlay_png is None
+    assert analysis.overlay_jpeg is None
 
 
 def test_uncertain_body_part_asks_for_clearer_image(tmp_path):
@@ -88,10 +88,10 @@ def test_bad_input_becomes_a_rejected_result(chest_pipeline):
 def test_gradcam_setting_uses_pytorch_grad_cam(fake_models):
     pipeline = Pipeline.load(fake_models, heatmap="gradcam")
     analysis = pipeline.run(IMAGE)
-    assert analysis.overlay_png and analysis.result.heatmap_labels
+    assert analysis.overlay_jpeg and analysis.result.heatmap_labels
 
 
 def test_large_image_overlay_is_capped(chest_pipeline):
     big = encode(Image.fromarray(np.tile(gradient(400, 300), (8, 8))), "JPEG")  # 3200×2400
-    overlay = Image.open(__import__("io").BytesIO(chest_pipeline.run(big).overlay_png))
+    overlay = Image.open(__import__("io").BytesIO(chest_pipeline.run(big).overlay_jpeg))
     assert max(overlay.size) < 2 * 3200

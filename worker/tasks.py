@@ -2,7 +2,7 @@
 
 ``diagnose`` reads the image bytes from Redis, runs the inference pipeline (models loaded once per
 worker process, in the process that runs the tasks, never in a prefork parent) and hands a JSON
-result plus the Redis key of the overlay PNG to ``deliver``. ``deliver`` sends the text reply and
+result plus the Redis key of the overlay JPEG to ``deliver``. ``deliver`` sends the text reply and
 the overlay photo exactly once: each part is marked in Redis *after* Telegram accepted it and the
 mark is checked before sending, so retried or redelivered tasks never send twice. A request that
 keeps failing gets an apology, never silence. Image bytes never go through the broker, to disk
@@ -83,10 +83,28 @@ def get_pipeline() -> Any:
             from diagnosis.pipeline import Pipeline
 
             started = time.perf_counter()
-            _pipeline = Pipeline.load(settings.MODELS_DIR, device=settings.DEVICE)
+            _pipeline = Pipeline.load(settings.MODELS_DIR, device=settings.DEVICE, backend=settings.BACKEND,
+                                      heatmap=settings.HEATMAP, abnormality_models=settings.ABNORMALITY_MODELS)
             process_logger.info("models loaded from %s on %s in %.1fs: %s", settings.MODELS_DIR, settings.DEVICE,
                                 time.perf_counter() - started, getattr(_pipeline, "versions", {}))
     return _pipeline
+
+
+_batcher: Any = None
+
+
+def analyse(data: bytes) -> Any:
+    """One image through the pipeline; with BATCH_MAX > 1 through the shared micro-batcher."""
+    global _batcher
+    settings = get_settings()
+    if settings.BATCH_MAX <= 1:
+        return get_pipeline().run(data)
+    with _pipeline_lock:
+        if _batcher is None:
+            from diagnosis.batching import MicroBatcher
+
+            _batcher = MicroBatcher(get_pipeline().run_batch, settings.BATCH_MAX, settings.BATCH_WAIT_MS)
+    return _batcher.submit(data)
 
 
 _thread_state = threading.local()
@@ -171,7 +189,7 @@ def diagnose(
         return {"outcome": "expired"}
     try:
         _configure_torch_threads()
-        analysis = get_pipeline().run(data)
+        analysis = analyse(data)
     except SoftTimeLimitExceeded:
         logger.error("request %s: soft time limit exceeded", request_id)
         hand_over(reply, failure="apology")
@@ -187,9 +205,9 @@ def diagnose(
 
     result = analysis.result
     overlay_key = None
-    if getattr(analysis, "overlay_png", None):
+    if analysis.overlay_jpeg:
         overlay_key = keys.overlay(request_id)
-        r.set(overlay_key, analysis.overlay_png, ex=settings.BLOB_TTL_S)
+        r.set(overlay_key, analysis.overlay_jpeg, ex=settings.BLOB_TTL_S)
     hand_over(reply, result=result.model_dump(mode="json"), overlay_key=overlay_key)
     logger.info("request %s: %s", request_id, result.outcome)
     return {"outcome": result.outcome}
@@ -327,12 +345,12 @@ def send_reply(
             if r.exists(mark):
                 continue
             if part == "photo":
-                png = r.get(payload)
-                if png is None:  # expired or forgotten: the text has been sent, that is enough
+                overlay = r.get(payload)
+                if overlay is None:  # expired or forgotten: the text has been sent, that is enough
                     continue
-                out.send_photo(chat_id, png, caption=overlay_caption(language)[:TELEGRAM_CAPTION_LIMIT],
+                out.send_photo(chat_id, overlay, caption=overlay_caption(language)[:TELEGRAM_CAPTION_LIMIT],
                                reply_to=reply_to_message_id)
-                del png
+                del overlay
             else:
                 out.send_text(chat_id, payload, reply_to=reply_to_message_id)
             r.set(mark, "1", ex=settings.MARK_TTL_S)  # only after Telegram accepted it

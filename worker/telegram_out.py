@@ -158,10 +158,10 @@ class TelegramOut:
         ))
         return message.message_id
 
-    def send_photo(self, chat_id: int, png: bytes, caption: str | None = None, reply_to: int | None = None) -> int:
+    def send_photo(self, chat_id: int, image: bytes, caption: str | None = None, reply_to: int | None = None) -> int:
         message = self.call("sendPhoto", lambda bot: bot.send_photo(
             chat_id=chat_id,
-            photo=InputFile(png, filename="heatmap.png"),
+            photo=InputFile(image, filename="heatmap.jpg"),
             caption=caption,
             reply_parameters=self._reply_to(reply_to),
         ))
