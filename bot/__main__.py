@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from datetime import timedelta
 
+from diagnosis.monitoring import serve_metrics
 from diagnosis.settings import Settings
 
 from .app import ALLOWED_UPDATES, build_application
@@ -21,6 +22,7 @@ def main() -> None:
     settings = Settings()
     configure_logging(settings.LOG_LEVEL)
     application = build_application(settings)
+    serve_metrics(settings.METRICS_PORT, settings.REDIS_URL)
     application.run_polling(
         allowed_updates=ALLOWED_UPDATES,
         timeout=timedelta(seconds=settings.POLL_TIMEOUT_S),

@@ -20,6 +20,7 @@ from telegram.error import TelegramError
 from telegram.ext import ApplicationHandlerStop, ContextTypes
 
 from diagnosis.i18n import LANGUAGES, N_
+from diagnosis.monitoring import BOT_UPDATES, ERRORS
 from diagnosis.settings import TELEGRAM_DOWNLOAD_LIMIT, Settings
 
 from .dispatch import DiagnoseRequest, Dispatcher
@@ -100,6 +101,7 @@ async def gate(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
     elif message is not None and chat is not None and (chat.type == ChatType.PRIVATE or message.text is None
                                                         or message.text.startswith("/")):
         await message.reply_text(text)
+    BOT_UPDATES.labels("not_allowed").inc()
     raise ApplicationHandlerStop
 
 
@@ -236,11 +238,13 @@ async def accept_image(
         "Please send the X-ray as a photo, or reduce the file size first."
     )
     if file_size and file_size > TELEGRAM_DOWNLOAD_LIMIT:
+        BOT_UPDATES.labels("too_large").inc()
         await message.reply_text(too_large)
         return
 
     wait_s, slot = await svc.store.take_image_slot(user.id)
     if wait_s > 0:
+        BOT_UPDATES.labels("rate_limited").inc()
         if await svc.store.first_rate_notice(user.id):
             minutes = max(1, math.ceil(wait_s / 60))
             await message.reply_text(ngettext(
@@ -273,6 +277,7 @@ async def accept_image(
         data = bytes(await telegram_file.download_as_bytearray(read_timeout=120))
     except TelegramError as error:
         logger.warning("download failed: %s", type(error).__name__)
+        BOT_UPDATES.labels("download_failed").inc()
         await svc.store.give_back_slot(user.id, slot)
         await _edit(ack, _("I could not download this file from Telegram. Please send it again."))
         return
@@ -295,10 +300,12 @@ async def accept_image(
         await svc.dispatcher.enqueue(request)
     except Exception:
         logger.exception("could not enqueue request %s", request_id)
+        BOT_UPDATES.labels("enqueue_failed").inc()
         await svc.store.drop_blob(user.id, request_id)
         await svc.store.give_back_slot(user.id, slot)
         await _edit(ack, _("Sorry, the analysis service is unavailable right now. Please try again in a few minutes."))
         return
+    BOT_UPDATES.labels("enqueued").inc()
     logger.info("request %s enqueued (%d waiting before it)", request_id, waiting)
 
 
@@ -313,6 +320,7 @@ async def _edit(message: Message, text: str) -> None:
 # --------------------------------------------------------------------------- everything else
 async def on_other(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
     """Text, stickers, video, voice, unknown commands…: a friendly hint on what to send."""
+    BOT_UPDATES.labels("other").inc()
     _, _n = translator(await language_of(update, context))
     await update.effective_message.reply_text(_(
         "I analyse X-ray images only. Please send a radiograph as a photo, or as a file "
@@ -324,6 +332,7 @@ async def on_error(update: object, context: ContextTypes.DEFAULT_TYPE) -> None:
     """Log (no message content) and tell the user something went wrong: never silence."""
     update_id = getattr(update, "update_id", None)
     logger.error("update %s failed: %r", update_id, context.error, exc_info=context.error)
+    ERRORS.labels("bot").inc()
     if isinstance(update, Update) and update.effective_message is not None:
         try:
             language = await language_of(update, context)

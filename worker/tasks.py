@@ -26,6 +26,7 @@ from celery.signals import worker_process_init, worker_process_shutdown
 from celery.utils.log import get_task_logger
 
 from diagnosis.i18n import pick_language, translations
+from diagnosis.monitoring import DELIVERIES, ERRORS, REQUESTS, observe_result, serve_metrics
 from diagnosis.settings import DELIVER_TASK, DELIVERY_QUEUE, DIAGNOSE_TASK, INFERENCE_QUEUE, Keys, Settings
 
 from .celery_app import app
@@ -136,6 +137,10 @@ def _start_preload(**_: Any) -> None:
     """
     if INFERENCE_QUEUE in app.amqp.queues.consume_from:
         threading.Thread(target=_preload, name="load-models", daemon=True).start()
+    try:  # metrics live in the process that runs the tasks (one child per worker: one port)
+        serve_metrics(get_settings().METRICS_PORT, get_settings().REDIS_URL)
+    except OSError:
+        process_logger.warning("metrics port %s busy; this process serves no metrics", get_settings().METRICS_PORT)
 
 
 @worker_process_shutdown.connect
@@ -181,11 +186,13 @@ def diagnose(
     if attempt > settings.MAX_ATTEMPTS:  # e.g. a worker keeps dying on this image
         logger.error("request %s: %d attempts, giving up with an apology", request_id, attempt - 1)
         hand_over(reply, failure="apology")
+        REQUESTS.labels("failed").inc()
         return {"outcome": "failed"}
 
     data = r.get(blob_key)
     if data is None:
         hand_over(reply, failure="expired")
+        REQUESTS.labels("expired").inc()
         return {"outcome": "expired"}
     try:
         _configure_torch_threads()
@@ -193,17 +200,21 @@ def diagnose(
     except SoftTimeLimitExceeded:
         logger.error("request %s: soft time limit exceeded", request_id)
         hand_over(reply, failure="apology")
+        REQUESTS.labels("failed").inc()
         return {"outcome": "failed"}
     except Exception as error:
         del data
         logger.exception("request %s: analysis failed (attempt %d)", request_id, attempt)
+        ERRORS.labels("inference").inc()
         if attempt < settings.MAX_ATTEMPTS:
             raise self.retry(countdown=min(backoff(attempt, base=2.0), settings.MAX_RETRY_DELAY_S), exc=error) from None
         hand_over(reply, failure="apology")
+        REQUESTS.labels("failed").inc()
         return {"outcome": "failed"}
     del data
 
     result = analysis.result
+    observe_result(result)
     overlay_key = None
     if analysis.overlay_jpeg:
         overlay_key = keys.overlay(request_id)
@@ -250,6 +261,7 @@ def deliver(
             failure=failure,
         )
     except Deferred as deferred:
+        DELIVERIES.labels("deferred").inc()
         if self.request.retries >= (self.max_retries or 0):
             logger.error("request %s: giving up delivery after %d retries (%s)", request_id,
                          self.request.retries, deferred.reason)
@@ -260,8 +272,10 @@ def deliver(
         raise self.retry(countdown=countdown) from None
     except Undeliverable as error:
         logger.warning("request %s: undeliverable: %s", request_id, error)
+        DELIVERIES.labels("undeliverable").inc()
         cleanup(get_redis(), settings.keys, request_id, blob_key, overlay_key)
         return {"sent": [], "undeliverable": str(error)}
+    DELIVERIES.labels("sent").inc(len(sent))
     return {"sent": sent}
 
 

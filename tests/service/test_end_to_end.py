@@ -25,7 +25,7 @@ from .harness import sample_image
 pytestmark = pytest.mark.slow
 
 CHEST = sample_image("chest")
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+JPEG_MAGIC = b"\xff\xd8\xff"
 
 
 def physician(language: str) -> str:
@@ -71,7 +71,7 @@ def test_chest_photo_gets_one_findings_text_and_one_overlay(worker, start_bot, f
     assert "Pleural effusion" in text and "Cardiomegaly" in text
     assert text.rstrip().endswith(physician("en"))
     photo = fake.calls_of("sendPhoto", user)[0]
-    assert photo.files["photo"].startswith(PNG_MAGIC)
+    assert photo.files["photo"].startswith(JPEG_MAGIC)
     for call in (fake.calls_of("sendMessage", user)[-1], photo):
         assert call.params["reply_parameters"]["message_id"] == message["message_id"]
     assert fake.calls_of("deleteMessage", user)[0].params["message_id"] == ack.result["message_id"]
