@@ -39,6 +39,24 @@ REJECTIONS = {
     "unreadable": N_("The file could not be read. Please check it and send it again."),
     "no_pixels": N_("This DICOM file contains no image. Please send a DICOM file with the picture in it."),
 }
+# Quality problems (diagnosis/quality.py codes) → concrete advice for a retake.
+ADVICE: dict[str, str] = {
+    "too_dark": N_("The image is too dark. Photograph the film on a lit light box or against a bright "
+                   "window, or turn up the screen's brightness."),
+    "too_bright": N_("The image is too bright and washed out. Lower the light box or screen brightness, "
+                     "or move away from direct light."),
+    "blurred": N_("The image is blurred. Hold the phone steady, tap the film to focus, and take the photo "
+                  "again."),
+    "glare": N_("A reflection hides part of the image. Avoid the lamp's reflection: tilt the film or move "
+                "the light."),
+    "too_small": N_("The image has too few pixels. Send the original file or photograph the film from closer."),
+    "film_too_small": N_("The film fills too little of the photo. Come closer so that the film fills most of "
+                         "the frame, and hold the phone parallel to the film."),
+}
+
+RETAKE_HEADING = N_("The photo is not good enough to analyse:")  # followed by the advice, one per line
+RECTIFIED_NOTE = N_("The photo was straightened and cropped to the film before analysis.")
+
 PHYSICIAN = N_("This is an automated second opinion, not a diagnosis. Please show the image and this "
                "result to a physician, who can examine you and decide what it means.")
 
@@ -70,6 +88,9 @@ def render_reply(result: DiagnosisResult, language: str = "en") -> str:
     lines: list[str] = []
     if result.outcome == "rejected":
         lines.append(rejection_text(result.rejection or "corrupt", language))
+    elif result.outcome == "retake":
+        lines.append(_(RETAKE_HEADING))
+        lines.extend(f"• {_(ADVICE[code])}" for code in result.retake if code in ADVICE)
     elif result.outcome == "not_xray":
         lines.append(_("This does not look like an X-ray image (X-ray likelihood {p}).").format(
             p=_percent(result.xray_probability)))
@@ -100,6 +121,8 @@ def render_reply(result: DiagnosisResult, language: str = "en") -> str:
         if result.heatmap_labels:
             names = ", ".join(finding_name(label, language) for label in result.heatmap_labels)
             lines.append(_("The heatmap shows where the model looked for: {names}.").format(names=names))
+    if result.rectified and result.outcome != "retake":
+        lines.append(_(RECTIFIED_NOTE))
     lines.append("")
     lines.append("⚕️ " + _(PHYSICIAN))
     return "\n".join(lines)

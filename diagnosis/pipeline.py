@@ -24,7 +24,9 @@ from .intake import DecodedImage, ImageRejected, decode
 from .messages import render_reply
 from .network import DenseNetClassifier, load_model
 from .overlay import encode_jpeg, render_overlay
+from .photo import rectify
 from .preprocess import to_model_input
+from .quality import check_quality
 from .report import DiagnosisResult, Finding
 
 MAX_HEATMAP_PANELS = 3
@@ -42,9 +44,9 @@ class LoadedModel:
         spec = self.card.input
         return spec.size, spec.mean, spec.std
 
-    def prepare(self, decoded: DecodedImage) -> np.ndarray:
+    def prepare(self, gray: np.ndarray) -> np.ndarray:
         spec = self.card.input
-        return to_model_input(decoded.gray, spec.size, spec.mean, spec.std)
+        return to_model_input(gray, spec.size, spec.mean, spec.std)
 
     def probabilities(self, logits: np.ndarray) -> np.ndarray:
         logits = logits.astype(np.float64)
@@ -64,22 +66,24 @@ class Analysis:
 class _Item:
     result: DiagnosisResult
     decoded: DecodedImage | None = None
+    image: np.ndarray | None = None  # what the models see: the decoded image, or the straightened film
     inputs: dict = field(default_factory=dict)  # one resized array per input contract
     overlay_jpeg: bytes | None = None
 
 
 class Pipeline:
     def __init__(self, gate: LoadedModel, body_part: LoadedModel, abnormality: dict[str, LoadedModel],
-                 heatmap: str = "cam"):
+                 heatmap: str = "cam", photo_step: bool = True):
         if heatmap not in ("cam", "gradcam"):
             raise ValueError("heatmap must be 'cam' or 'gradcam'")
         self.gate, self.body_part, self.abnormality, self.heatmap = gate, body_part, abnormality, heatmap
+        self.photo_step = photo_step  # find/straighten the film in phone photos, refuse bad shots
         self.versions = {m.card.name: m.card.version for m in (gate, body_part, *abnormality.values())}
 
     @classmethod
     def load(cls, models_dir: Path | str = "models", device: str = "cpu", heatmap: str = "cam",
              abnormality_models: dict[str, str] | None = None, backend: str = "torch",
-             cache_dir: Path | None = None, threads: int | None = None) -> Pipeline:
+             cache_dir: Path | None = None, threads: int | None = None, photo_step: bool = True) -> Pipeline:
         """Load every model folder under ``models_dir`` once.
 
         ``abnormality_models`` maps a body part to a model folder (absolute, or a name under
@@ -112,7 +116,8 @@ class Pipeline:
             part = folders[folder.name][1].body_part
             if part not in abnormality:  # an explicit choice or an earlier folder wins
                 abnormality[part] = load_one(folder)
-        return cls(load_one(by_role["gate"][0]), load_one(by_role["body_part"][0]), abnormality, heatmap)
+        return cls(load_one(by_role["gate"][0]), load_one(by_role["body_part"][0]), abnormality, heatmap,
+                   photo_step)
 
     def run(self, data: bytes, file: str | None = None, make_overlay: bool = True) -> Analysis:
         """Analyse one image. Never raises for bad input: that becomes outcome "rejected"."""
@@ -131,8 +136,10 @@ class Pipeline:
             except ImageRejected as rejected:
                 item.result.outcome, item.result.rejection = "rejected", rejected.code
             item.result.timings_ms["decode"] = _ms(clock)
+            if item.decoded is not None:
+                self._photo(item)
 
-        active = [i for i in items if i.decoded is not None]
+        active = [i for i in items if i.image is not None]
         if active:
             self._gate(active)
             active = [i for i in active if i.result.is_xray]
@@ -150,12 +157,27 @@ class Pipeline:
             item.result.message = render_reply(item.result, "en")
         return [Analysis(i.result, i.overlay_jpeg) for i in items]
 
+    def _photo(self, item: _Item) -> None:
+        """Straighten a photographed film; refuse shots too poor to analyse (ask for a retake)."""
+        if not self.photo_step:
+            item.image = item.decoded.gray
+            return
+        clock = time.perf_counter()
+        straightened = rectify(item.decoded.gray)
+        problems = check_quality(item.decoded.gray, straightened)
+        item.result.rectified = straightened.rectified
+        item.result.timings_ms["photo"] = _ms(clock)
+        if problems:
+            item.result.outcome, item.result.retake = "retake", problems
+        else:
+            item.image = straightened.gray
+
     def _infer(self, model: LoadedModel, items: list[_Item], stage: str) -> tuple[np.ndarray, np.ndarray]:
         clock = time.perf_counter()
         batch = []
         for item in items:  # resize once per input contract: models of the same size share it
             if model.input_key not in item.inputs:
-                item.inputs[model.input_key] = model.prepare(item.decoded)
+                item.inputs[model.input_key] = model.prepare(item.image)
             batch.append(item.inputs[model.input_key])
         prepared = _ms(clock)
         clock = time.perf_counter()
@@ -206,7 +228,7 @@ class Pipeline:
                     for f in drawn]
             result.timings_ms["heatmap"] = _ms(clock)
             clock = time.perf_counter()
-            item.overlay_jpeg = encode_jpeg(render_overlay(item.decoded.gray, maps))
+            item.overlay_jpeg = encode_jpeg(render_overlay(item.image, maps))  # the straightened film, if any
             result.timings_ms["overlay"] = _ms(clock)
 
     def _heatmap(self, model: LoadedModel, item: _Item, feature_map: np.ndarray, label: str) -> np.ndarray:

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-Outcome = Literal["analysed", "not_xray", "body_part_not_analysed", "body_part_uncertain", "rejected"]
+Outcome = Literal["analysed", "not_xray", "body_part_not_analysed", "body_part_uncertain", "retake", "rejected"]
 
 
 class Finding(BaseModel):
@@ -28,6 +28,8 @@ class DiagnosisResult(BaseModel):
     findings: list[Finding] = Field(default_factory=list)  # all labels, highest probability first
     heatmap_labels: list[str] = Field(default_factory=list)  # findings drawn in the overlay
     rejection: str | None = None  # ImageRejected.code when outcome == "rejected"
+    retake: list[str] = Field(default_factory=list)  # quality problem codes when outcome == "retake"
+    rectified: bool = False  # a photo of a film/screen was straightened and cropped before analysis
     input_format: str | None = None
     message: str = ""
     overlay: str | None = None  # path of the written overlay (CLI); None when none was made

@@ -20,11 +20,15 @@ def encode(image: Image.Image, fmt: str, **options) -> bytes:
     return buffer.getvalue()
 
 
-def gradient(width: int = 200, height: int = 160) -> np.ndarray:
-    """A left-to-right ramp with a bright square: orientation and content are checkable."""
+def gradient(width: int = 200, height: int = 160, texture: bool = False) -> np.ndarray:
+    """A left-to-right ramp with a bright square: orientation and content are checkable.
+
+    ``texture`` adds fine detail so the image passes the quality check (a bare ramp is "blurred")."""
     ramp = np.tile(np.linspace(0, 255, width, dtype=np.float64), (height, 1))
-    ramp[10:40, 10:40] = 255
-    return ramp.astype(np.uint8)
+    if texture:
+        ramp = 30 + 0.75 * ramp + np.random.default_rng(0).normal(0, 18, ramp.shape)
+    ramp[10:40, 10:40] = 235 if texture else 255  # textured: bright, not blown out ("glare")
+    return ramp.clip(0, 255).astype(np.uint8)
 
 
 @pytest.fixture(scope="session")

@@ -10,7 +10,7 @@ from diagnosis.backends import OnnxRunner, TorchRunner
 from diagnosis.network import load_model
 from diagnosis.pipeline import Pipeline
 
-IMAGE = encode(Image.fromarray(gradient(300, 260)), "PNG")
+IMAGE = encode(Image.fromarray(gradient(300, 260, texture=True)), "PNG")
 
 
 def test_onnx_pipeline_matches_torch_pipeline(fake_models, tmp_path):
@@ -41,7 +41,7 @@ def test_export_leaves_the_live_network_untouched(fake_models, tmp_path):
 
 def test_batch_equals_single_runs(fake_models):
     pipeline = Pipeline.load(fake_models)
-    images = [IMAGE, b"not an image", encode(Image.fromarray(gradient(128, 128)), "JPEG")]
+    images = [IMAGE, b"not an image", encode(Image.fromarray(gradient(128, 128, texture=True)), "JPEG")]
     batched = pipeline.run_batch(images)
     for data, analysis in zip(images, batched, strict=True):
         single = pipeline.run(data)

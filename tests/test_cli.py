@@ -13,9 +13,9 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
 
 def test_cli_json_lines_overlays_and_failures(fake_models, tmp_path):
     good = tmp_path / "good.png"
-    good.write_bytes(encode(Image.fromarray(gradient()), "PNG"))
+    good.write_bytes(encode(Image.fromarray(gradient(texture=True)), "PNG"))
     no_extension = tmp_path / "scan"
-    no_extension.write_bytes(encode(Image.fromarray(gradient()), "JPEG"))
+    no_extension.write_bytes(encode(Image.fromarray(gradient(texture=True)), "JPEG"))
     broken = tmp_path / "broken.jpg"
     broken.write_bytes(b"\xff\xd8\xff\xe0 not really")
     out = tmp_path / "out"
@@ -42,7 +42,7 @@ def test_cli_json_lines_overlays_and_failures(fake_models, tmp_path):
 
 def test_cli_readable_report_in_russian(fake_models, tmp_path):
     image = tmp_path / "x.png"
-    image.write_bytes(encode(Image.fromarray(gradient()), "PNG"))
+    image.write_bytes(encode(Image.fromarray(gradient(texture=True)), "PNG"))
     proc = run_cli(str(image), "--models", str(fake_models), "--language", "ru")
     assert proc.returncode == 0, proc.stderr
     assert "body part: chest" in proc.stdout and "врачу" in proc.stdout

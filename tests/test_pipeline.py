@@ -8,7 +8,7 @@ from PIL import Image
 
 from diagnosis.pipeline import Pipeline
 
-IMAGE = encode(Image.fromarray(gradient(300, 260)), "JPEG")
+IMAGE = encode(Image.fromarray(gradient(300, 260, texture=True)), "JPEG")
 
 
 @pytest.fixture(scope="module")
@@ -92,6 +92,24 @@ def test_gradcam_setting_uses_pytorch_grad_cam(fake_models):
 
 
 def test_large_image_overlay_is_capped(chest_pipeline):
-    big = encode(Image.fromarray(np.tile(gradient(400, 300), (8, 8))), "JPEG")  # 3200×2400
+    big = encode(Image.fromarray(np.tile(gradient(400, 300, texture=True), (8, 8))), "JPEG")  # 3200×2400
     overlay = Image.open(__import__("io").BytesIO(chest_pipeline.run(big).overlay_jpeg))
     assert max(overlay.size) < 2 * 3200
+
+
+def test_poor_photo_is_refused_with_advice_before_the_models(chest_pipeline):
+    dark = encode(Image.fromarray((gradient(300, 260, texture=True) * 0.1).astype(np.uint8)), "PNG")
+    analysis = chest_pipeline.run(dark)
+    assert analysis.result.outcome == "retake" and analysis.result.retake == ["too_dark"]
+    assert "gate" not in analysis.result.timings_ms and analysis.overlay_jpeg is None
+    assert "too dark" in analysis.result.message and "physician" in analysis.result.message
+
+
+def test_photo_of_a_film_is_straightened_and_the_reply_says_so(chest_pipeline, pack):
+    from training.synthetic_photos import synthesise, to_gray
+
+    film = np.asarray(Image.open(pack / "images/nih_cxr14/00001382_000.jpg").convert("L"))
+    photo = to_gray(synthesise(film, np.random.default_rng(3)))
+    analysis = chest_pipeline.run(encode(Image.fromarray(photo), "JPEG"))
+    assert analysis.result.rectified
+    assert "straightened" in analysis.result.message

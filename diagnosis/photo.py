@@ -1,0 +1,332 @@
+"""Phone photos of films and screens: find the radiograph, straighten it, crop the surroundings.
+
+Users photograph a film on a light box or against a window, a monitor or a printout. The models were
+trained on digital radiographs, so before they run we look for the film (or the screen's image area):
+a large convex quadrilateral whose sides lie on strong straight edges with a plain surround beyond
+them (light box, bezel, viewer background, paper, wall). If one is found we warp it to an upright
+rectangle at full resolution, suppress the screen-grid moiré and stretch the contrast.
+
+Digital radiographs (DICOM, exported files) have no such border, or their content fills the frame, or
+their border is exact black/white padding: they are returned untouched — the very same array — so
+this step never changes what the models see for them.
+
+Detection runs on a copy scaled to ``WORK_SIDE`` px; only the final warp touches full resolution
+(~10 ms for a 1280×960 photo on the 2-core dev machine, with a training job running beside it).
+
+Measured (python -m training.measure_photos --manifest ../shared/data/xray-pack/manifest.csv ...):
+digital radiographs of the test split changed: 19 / 1506 (12 hand films scanned with a visible inner
+frame, 4 shoulder and 3 chest images with a dark surround); the pack's 76 real phone photos: none
+changed (their senders cropped them to the film already); synthetic photos of 300 chest test images
+(light box, window, monitor, print): film corners found within 5 % of the frame in 70 % (light box,
+window and print ~82 % on val, monitors ~44 %: a film's black margin melts into the viewer's dark
+background; a film's white edge on a white light box or window has no edge to find).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+WORK_SIDE = 256  # detection resolution (long side): a film's border is a large structure
+MIN_FILM_FRACTION = 0.05  # smaller quadrilaterals are labels and markers, not a film
+MIN_FILM_SIDE = 0.12  # nor are ones with a side shorter than this (fraction of the frame's long side)
+FILLS_FRAME = 0.85  # a film covering this much of the frame is left as it is: cropping gains little
+EDGE_STRENGTH = 24.0  # |Sobel 3×3| across a side (after a 5×5 blur) that counts as an edge
+MIN_SIDE_SUPPORT = 0.55  # fraction of a side that must lie on such an edge
+MIN_MEAN_SUPPORT = 0.70
+WEAK_SIDE_SUPPORT = 0.3  # a nested film may have one side this weak (bright film edge on a bright panel)
+SURROUND_BAND = 0.03  # how far beyond a side (fraction of the frame) we look for a plain surround
+MAX_SURROUND_TEXTURE = 10.0  # median |gradient| along the plainest line beyond a side
+BORDER_TOLERANCE = 0.02  # a side this close to the frame's edge is the photo's crop, not the film's
+PADDING_LEVELS = (3, 252)  # exported files pad with exact black or white; photos never reach it evenly
+CONTRAST_CLIP = (0.5, 99.5)  # percentiles stretched to 0 and 255 after rectification
+
+
+@dataclass(frozen=True)
+class Rectified:
+    gray: np.ndarray  # what the models should see; the input array itself when untouched
+    rectified: bool
+    corners: np.ndarray | None  # float32 4×2 (x, y) in input pixels, TL, TR, BR, BL; None if untouched
+    film_fraction: float  # fraction of the input frame covered by the radiograph (1.0 if untouched)
+
+
+def rectify(gray: np.ndarray) -> Rectified:
+    """Find, straighten and crop the radiograph in a photo; leave digital radiographs untouched.
+
+    Never raises for a uint8 2-D array: an unexpected OpenCV failure means "no film found".
+    """
+    untouched = Rectified(gray=gray, rectified=False, corners=None, film_fraction=1.0)
+    try:
+        corners = find_film(gray)
+        if corners is None:
+            return untouched
+        fraction = float(cv2.contourArea(corners)) / float(gray.shape[0] * gray.shape[1])
+        return Rectified(gray=_straighten(gray, corners), rectified=True, corners=corners, film_fraction=fraction)
+    except cv2.error:  # defensive: a degenerate quadrilateral must not break intake
+        return untouched
+
+
+def find_film(gray: np.ndarray) -> np.ndarray | None:
+    """Corners (float32 4×2, TL, TR, BR, BL, input pixels) of the film, or None for a borderless image."""
+    height, width = gray.shape
+    # Always the same working size (small files are upsampled) so that thresholds mean the same thing.
+    scale = WORK_SIDE / max(height, width)
+    size = (max(round(width * scale), 1), max(round(height * scale), 1))
+    raw = cv2.resize(gray, size, interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
+    small = cv2.GaussianBlur(raw, (5, 5), 0)
+    gx = cv2.Sobel(small, cv2.CV_32F, 1, 0, ksize=3)
+    gy = cv2.Sobel(small, cv2.CV_32F, 0, 1, ksize=3)
+    magnitude = cv2.magnitude(gx, gy)
+
+    frame_area = float(small.shape[0] * small.shape[1])
+    judged = []  # (area, quad, per-side verdicts from _judge_sides)
+    for quad in _candidates(small, magnitude):
+        if not _plausible(quad):
+            continue
+        area = float(cv2.contourArea(quad))
+        if not MIN_FILM_FRACTION * frame_area <= area <= 0.98 * frame_area:
+            continue
+        judged.append((area, quad, _judge_sides(quad, gx, gy, magnitude)))
+    chosen = _innermost(judged, magnitude)
+    if chosen is None or cv2.contourArea(chosen) >= FILLS_FRAME * frame_area or _is_padding(raw, chosen):
+        return None
+    return (chosen / scale).astype(np.float32)
+
+
+def _candidates(small: np.ndarray, magnitude: np.ndarray) -> list[np.ndarray]:
+    """Quadrilaterals around closed edge loops, regions cut out by long straight edges, and
+    bright / dark regions."""
+    high = max(float(np.percentile(magnitude, 90)), 2 * EDGE_STRENGTH)
+    edges = cv2.Canny(small, high / 2, high, L2gradient=True)
+    shapes = list(cv2.findContours(cv2.dilate(edges, np.ones((3, 3), np.uint8)), cv2.RETR_LIST,
+                                   cv2.CHAIN_APPROX_SIMPLE)[0])
+    shapes += _line_regions(edges)
+    # A film on a bright light box / window is a dark hole, a screen's image a bright patch.
+    _, bright = cv2.threshold(small, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
+    kernel = np.ones((5, 5), np.uint8)
+    for mask in (bright, 255 - bright):
+        mask = cv2.morphologyEx(mask, cv2.MORPH_OPEN, kernel)
+        shapes += cv2.findContours(mask, cv2.RETR_CCOMP, cv2.CHAIN_APPROX_SIMPLE)[0]
+
+    min_area = MIN_FILM_FRACTION * small.shape[0] * small.shape[1]
+    quads = []
+    for shape in shapes:
+        if len(shape) < 4:
+            continue
+        hull = cv2.convexHull(shape)
+        hull_area = cv2.contourArea(hull)
+        if hull_area < min_area:
+            continue
+        # approxPolyN fits 4 sides around the hull: a corner hidden by glare or a finger is restored.
+        quad = cv2.approxPolyN(hull, 4, ensure_convex=True)
+        if quad is None or len(quad.reshape(-1, 2)) != 4:
+            continue
+        quad = _order(quad.reshape(4, 2).astype(np.float32))
+        # A shape that is no quadrilateral (film merged with part of its surround) gets a loose fit.
+        if cv2.contourArea(quad) <= 1.15 * hull_area:
+            quads.append(quad)
+    return quads
+
+
+def _line_regions(edges: np.ndarray) -> list[np.ndarray]:
+    """Regions enclosed by long straight edge segments (and the frame).
+
+    A film's border is made of long straight lines even where glare, a finger or dark film content
+    breaks the edge loop; anatomy rarely is. Drawing the segments, slightly extended so that corners
+    close, partitions the frame; each part is a candidate.
+    """
+    height, width = edges.shape
+    shortest = 0.2 * min(height, width)
+    segments = cv2.HoughLinesP(edges, 1, np.pi / 180, threshold=int(shortest / 2), minLineLength=shortest,
+                               maxLineGap=0.03 * max(height, width))
+    if segments is None:
+        return []
+    cuts = np.zeros_like(edges)
+    cv2.rectangle(cuts, (0, 0), (width - 1, height - 1), 255, 1)
+    reach = 0.06 * max(height, width)
+    for x1, y1, x2, y2 in segments.reshape(-1, 4)[:64].astype(np.float32):  # (N,1,4) in 4.x, (N,4) in 5
+        step = np.array([x2 - x1, y2 - y1], dtype=np.float32)
+        step *= reach / max(float(np.linalg.norm(step)), 1e-6)
+        start = np.rint(np.array([x1, y1]) - step).astype(int)
+        end = np.rint(np.array([x2, y2]) + step).astype(int)
+        cv2.line(cuts, (int(start[0]), int(start[1])), (int(end[0]), int(end[1])), 255, 2)
+    return list(cv2.findContours(255 - cuts, cv2.RETR_LIST, cv2.CHAIN_APPROX_SIMPLE)[0])
+
+
+def _order(points: np.ndarray) -> np.ndarray:
+    """TL, TR, BR, BL (image coordinates, y down)."""
+    centre = points.mean(axis=0)
+    angles = np.arctan2(points[:, 1] - centre[1], points[:, 0] - centre[0])
+    points = points[np.argsort(angles)]  # clockwise on screen
+    start = int(np.argmin(points.sum(axis=1)))
+    return np.roll(points, -start, axis=0)
+
+
+def _plausible(quad: np.ndarray) -> bool:
+    """A film seen by a hand-held phone: convex, corners not too far from right angles, not a sliver."""
+    if not cv2.isContourConvex(quad.reshape(-1, 1, 2)):
+        return False
+    for i in range(4):
+        u, v = quad[i - 1] - quad[i], quad[(i + 1) % 4] - quad[i]
+        cosine = float(np.dot(u, v) / (np.linalg.norm(u) * np.linalg.norm(v) + 1e-6))
+        if abs(cosine) > 0.6:  # outside ~53°..127°
+            return False
+    # Films are at most ~1:4 (a cropped full-spine film); lead markers and lung slivers are smaller or thinner.
+    sides = np.linalg.norm(quad - np.roll(quad, -1, axis=0), axis=1)
+    return float(sides.min()) >= max(0.25 * float(sides.max()), MIN_FILM_SIDE * WORK_SIDE)
+
+
+def _on_frame_edge(p: np.ndarray, q: np.ndarray, width: int, height: int) -> bool:
+    """Does the side p–q run along the frame's edge (the film runs out of the photo there)?"""
+    tol_x, tol_y = BORDER_TOLERANCE * width + 1, BORDER_TOLERANCE * height + 1
+    return bool((p[0] < tol_x and q[0] < tol_x) or (p[0] > width - 1 - tol_x and q[0] > width - 1 - tol_x)
+                or (p[1] < tol_y and q[1] < tol_y) or (p[1] > height - 1 - tol_y and q[1] > height - 1 - tol_y))
+
+
+def _judge_sides(quad: np.ndarray, gx: np.ndarray, gy: np.ndarray, magnitude: np.ndarray) -> list[float | None]:
+    """Per side: None if it runs along the frame's edge, else its edge support, or -1 if the
+    surround beyond it is not plain.
+
+    A film's border is a straight edge along its whole length, and what lies beyond it (light box,
+    bezel, viewer background, paper, wall) is smooth. A quadrilateral fitted to ribs, lungs or bones
+    inside a digital radiograph fails one of the two: its sides are only partly on edges, or beyond
+    them lies more anatomy (measured on val: median |gradient| 10–50 beyond such sides, 0–8 beyond
+    the sides of synthetic films).
+    """
+    height, width = gx.shape
+    centre = quad.mean(axis=0)
+    band = max(int(SURROUND_BAND * max(height, width)), 3)
+    verdicts: list[float | None] = []
+    for i in range(4):
+        p, q = quad[i], quad[(i + 1) % 4]
+        if _on_frame_edge(p, q, width, height):
+            verdicts.append(None)  # the film runs out of the photo here
+            continue
+        direction = q - p
+        length = float(np.linalg.norm(direction))
+        normal = np.array([-direction[1], direction[0]], dtype=np.float32) / max(length, 1e-6)
+        if np.dot(normal, (p + q) / 2 - centre) < 0:
+            normal = -normal  # pointing out of the film
+        t = np.linspace(0.1, 0.9, max(int(length / 2), 8), dtype=np.float32)[:, None, None]
+        # Sample lines parallel to the side at several offsets in one go: (points, offsets, xy).
+        offsets = np.arange(-2, 3 + band, dtype=np.float32)[None, :, None]
+        xs, ys = _pixels(p + t * direction + offsets * normal, width, height)
+        # Edge: the fitted side may sit a pixel or two off the film's edge.
+        across = np.abs(gx[ys[:, :5], xs[:, :5]] * normal[0] + gy[ys[:, :5], xs[:, :5]] * normal[1]).max(axis=1)
+        # Surround: the plainest line parallel to the side just beyond it (from 3 px out), so that
+        # another edge close by (a narrow paper margin, the light box's own border) cannot hide it.
+        surround = float(np.median(magnitude[ys[:, 5:], xs[:, 5:]], axis=0).min())
+        verdicts.append(float(np.mean(across >= EDGE_STRENGTH)) if surround <= MAX_SURROUND_TEXTURE else -1.0)
+    return verdicts
+
+
+def _film_like(verdicts: list[float | None], allowed_failures: int = 0) -> bool:
+    """At least two opposite sides are real edges (else a corner of a lung would pass), and all of
+    them, save ``allowed_failures`` weakly supported ones, are well supported."""
+    free = [v for v in verdicts if v is not None]
+    good = [v for v in free if v >= MIN_SIDE_SUPPORT]
+    weak = [v for v in free if WEAK_SIDE_SUPPORT <= v < MIN_SIDE_SUPPORT]
+    sides = [i for i, v in enumerate(verdicts) if v is not None]
+    if len(sides) < 2 or (len(sides) == 2 and sides[1] - sides[0] != 2):
+        return False
+    return (len(good) + min(len(weak), allowed_failures) == len(free) and len(good) >= 2
+            and float(np.mean(good)) >= MIN_MEAN_SUPPORT)
+
+
+def _innermost(judged: list[tuple[float, np.ndarray, list[float | None]]],
+               magnitude: np.ndarray) -> np.ndarray | None:
+    """The largest film-like quadrilateral, then repeatedly the largest one nested in it.
+
+    A light box's panel contains the film; a monitor's bezel contains the viewer, which contains
+    the image; a sheet of paper contains the print. The film is the innermost large one, and the ring
+    between it and its container is plain (panel, viewer background, paper), not anatomy. Inside an
+    accepted outline one side may be weak (the film's bright edge against a bright panel).
+    """
+    judged = sorted(judged, key=lambda item: -item[0])
+    outer = [(area, quad, verdicts) for area, quad, verdicts in judged if _film_like(verdicts)]
+    if not outer:
+        return None
+    area, chosen = _best_fit(outer, magnitude.shape)
+    tolerance = 0.02 * max(magnitude.shape)  # two fits of the same edge differ by a pixel or two
+    while True:
+        nested = [(a, q, verdicts) for a, q, verdicts in judged
+                  if 0.25 * area <= a <= 0.95 * area and _film_like(verdicts, 1) and _inside(q, chosen, tolerance)
+                  and _plain_ring(chosen, q, magnitude)]
+        if not nested:
+            return chosen
+        strict = [item for item in nested if _film_like(item[2])]
+        area, chosen = _best_fit(strict or nested, magnitude.shape)
+
+
+def _best_fit(judged: list[tuple[float, np.ndarray, list[float | None]]],
+              shape: tuple[int, ...]) -> tuple[float, np.ndarray]:
+    """Of the largest quadrilateral and its near-duplicates (fits of the same outline from different
+    candidate sources), the one whose sides lie best on edges: a loose fit has a corner astray."""
+    _, largest, _ = judged[0]
+    near = [item for item in judged if float(np.abs(item[1] - largest).max()) <= 0.12 * max(shape)]
+    area, quad, _ = max(near, key=lambda item: (np.mean([v for v in item[2] if v is not None]), item[0]))
+    return area, quad
+
+
+def _plain_ring(outer: np.ndarray, inner: np.ndarray, magnitude: np.ndarray) -> bool:
+    ring = np.zeros(magnitude.shape, np.uint8)
+    cv2.fillConvexPoly(ring, np.rint(outer).astype(np.int32), 1)
+    cv2.fillConvexPoly(ring, np.rint(inner).astype(np.int32), 0)
+    ring = cv2.erode(ring, np.ones((5, 5), np.uint8)) > 0  # leave out both outlines' own edges
+    return not ring.any() or float(np.median(magnitude[ring])) <= MAX_SURROUND_TEXTURE
+
+
+def _inside(quad: np.ndarray, outer: np.ndarray, tolerance: float) -> bool:
+    contour = outer.reshape(-1, 1, 2)
+    return all(cv2.pointPolygonTest(contour, (float(x), float(y)), True) >= -tolerance for x, y in quad)
+
+
+def _is_padding(raw: np.ndarray, quad: np.ndarray) -> bool:
+    """Is everything outside the quadrilateral exact black or white? That is an exported file's
+    letterbox padding, not a photo's surround (camera noise and JPEG never keep it that even)."""
+    outside = np.ones(raw.shape, np.uint8)
+    cv2.fillConvexPoly(outside, np.rint(quad).astype(np.int32), 0)
+    outside = cv2.erode(outside, np.ones((5, 5), np.uint8)) > 0  # skip the blurred border itself
+    values = raw[outside]
+    if values.size == 0:
+        return False
+    low, high = PADDING_LEVELS
+    return bool(np.mean((values <= low) | (values >= high)) >= 0.97)
+
+
+def _pixels(points: np.ndarray, width: int, height: int) -> tuple[np.ndarray, np.ndarray]:
+    xy = np.rint(points).astype(np.int32)
+    return np.clip(xy[..., 0], 0, width - 1), np.clip(xy[..., 1], 0, height - 1)
+
+
+def _straighten(gray: np.ndarray, corners: np.ndarray) -> np.ndarray:
+    """Warp the film to an upright rectangle at full resolution, then de-moiré and stretch contrast."""
+    tl, tr, br, bl = corners
+    width = round(float(max(np.linalg.norm(tr - tl), np.linalg.norm(br - bl))))
+    height = round(float(max(np.linalg.norm(bl - tl), np.linalg.norm(br - tr))))
+    width, height = max(width, 2), max(height, 2)
+    target = np.float32([[0, 0], [width - 1, 0], [width - 1, height - 1], [0, height - 1]])
+    matrix = cv2.getPerspectiveTransform(corners.astype(np.float32), target)
+    film = cv2.warpPerspective(gray, matrix, (width, height), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+    # A screen's pixel grid photographed by a phone leaves a fine periodic pattern (a period of a few
+    # px). A blur growing with the image size removes it (for the models and the overlay) while
+    # staying below the detail that survives the models' ≤ 256 px input. Coarse moiré bands, the
+    # grid's beat with the sensor, stay: removing them would need a notch filter in the spectrum.
+    sigma = min(max(width, height) / 1024.0, 2.0)
+    if sigma >= 0.5:
+        film = cv2.GaussianBlur(film, (0, 0), sigma)
+    return _stretch(film)
+
+
+def _stretch(gray: np.ndarray) -> np.ndarray:
+    """Linear contrast stretch between robust percentiles: washed-out photos → full 0–255 range."""
+    histogram = cv2.calcHist([gray], [0], None, [256], [0, 256]).ravel()
+    cumulative = np.cumsum(histogram) / max(float(histogram.sum()), 1.0)
+    low = int(np.searchsorted(cumulative, CONTRAST_CLIP[0] / 100.0))
+    high = int(np.searchsorted(cumulative, CONTRAST_CLIP[1] / 100.0))
+    if high - low < 16:  # nearly flat: stretching would only amplify noise
+        return gray
+    lut = np.clip((np.arange(256, dtype=np.float32) - low) * (255.0 / (high - low)), 0, 255).astype(np.uint8)
+    return cv2.LUT(gray, lut)

@@ -1,0 +1,204 @@
+"""Phone photos of films (issue #7): finding and straightening the film, quality checks, synthetic photos."""
+
+from __future__ import annotations
+
+import csv
+import json
+import time
+
+import cv2
+import numpy as np
+import pytest
+from conftest import PACK
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+from PIL import Image
+
+from diagnosis.intake import decode
+from diagnosis.messages import ADVICE
+from diagnosis.photo import Rectified, rectify
+from diagnosis.quality import CODES, check_quality
+from training.measure_quality import degrade
+from training.synthetic_photos import main as synthetic_main
+from training.synthetic_photos import synthesise, synthesise_with_corners, to_gray
+
+
+def pack_rows(**wanted: str) -> list[dict[str, str]]:
+    with (PACK / "manifest.csv").open(newline="") as handle:
+        return [row for row in csv.DictReader(handle) if all(row[k] == v for k, v in wanted.items())]
+
+
+def load(row: dict[str, str]) -> np.ndarray:
+    """Through the intake, as the pipeline does (colour phone photos become 8-bit gray)."""
+    return decode((PACK / row["path"]).read_bytes()).gray
+
+
+@pytest.fixture(scope="module")
+def chest_images(pack) -> list[np.ndarray]:
+    return [load(row) for row in pack_rows(split="test", body_part="chest")[:24:3]]
+
+
+@pytest.fixture(scope="module")
+def radiographs(pack) -> dict[str, np.ndarray]:
+    """One test-split radiograph per body part, plus a real phone photo of a film."""
+    chosen: dict[str, np.ndarray] = {}
+    for row in pack_rows(split="test", is_xray="1"):
+        key = f"{row['body_part']}-photo" if row["phone_photo"] == "1" else row["body_part"]
+        if key not in chosen:
+            chosen[key] = load(row)
+    return chosen
+
+
+def corner_error(found: np.ndarray, truth: np.ndarray, shape: tuple[int, ...]) -> float:
+    """Largest corner distance as a fraction of the image's long side."""
+    return float(np.abs(found - truth).max()) / max(shape)
+
+
+@pytest.mark.parametrize("scene", ["lightbox", "window", "printout"])
+def test_film_in_a_synthetic_photo_is_found_and_straightened(radiographs, scene):
+    photo, truth = synthesise_with_corners(radiographs["hip"], np.random.default_rng(2), scene=scene)
+    gray = to_gray(photo)
+    result = rectify(gray)
+    assert result.rectified and result.corners is not None
+    assert corner_error(result.corners, truth, gray.shape) < 0.05
+    assert result.film_fraction == pytest.approx(cv2.contourArea(truth) / gray.size, rel=0.2)
+    # Upright, cropped to the film, contrast stretched, at full resolution.
+    height, width = result.gray.shape
+    assert width == pytest.approx(np.linalg.norm(truth[1] - truth[0]), rel=0.1)
+    assert height == pytest.approx(np.linalg.norm(truth[3] - truth[0]), rel=0.1)
+    assert result.gray.dtype == np.uint8
+    assert int(result.gray.min()) <= 5 and int(result.gray.max()) >= 250
+
+
+def test_most_synthetic_photos_are_found(chest_images):
+    """The rate, not one lucky case. Measured on 150 val photos: 82 % of light box, window and print
+    photos within 5 % (misses: a white film edge on a white panel or window has no edge to find;
+    monitors, not tested here, 44 %: the film's dark margin melts into the viewer's background)."""
+    errors = []
+    for seed, gray in enumerate(chest_images):
+        for scene in ("lightbox", "window", "printout"):
+            photo, truth = synthesise_with_corners(gray, np.random.default_rng(100 + seed), scene=scene)
+            result = rectify(to_gray(photo))
+            errors.append(corner_error(result.corners, truth, photo.shape) if result.rectified else 1.0)
+    assert np.mean(np.array(errors) < 0.05) >= 0.7, np.round(errors, 3)  # this sample: 18 / 24
+
+
+def test_digital_radiographs_are_left_untouched(radiographs):
+    for name, gray in radiographs.items():
+        if name.endswith("-photo"):
+            continue
+        result = rectify(gray)
+        assert result.gray is gray, name  # the very same array: the models see exactly the file
+        assert not result.rectified and result.corners is None and result.film_fraction == 1.0
+
+
+def test_borderless_dicom_is_left_untouched(chest_images):
+    from dicom_factory import make_dicom
+
+    pixels = cv2.resize(chest_images[0], (512, 512), interpolation=cv2.INTER_CUBIC).astype(np.uint16) * 16
+    gray = decode(make_dicom(pixels, bits=12)).gray
+    result = rectify(gray)
+    assert result.gray is gray and not result.rectified
+
+
+def test_letterbox_padding_of_an_exported_file_is_not_a_film(chest_images):
+    padded = cv2.copyMakeBorder(cv2.resize(chest_images[1], (300, 300)), 0, 0, 80, 80, cv2.BORDER_CONSTANT, value=0)
+    assert rectify(padded).gray is padded
+
+
+def test_rectify_is_fast_on_a_phone_sized_photo(chest_images):
+    photo, _ = synthesise_with_corners(chest_images[3], np.random.default_rng(5), scene="lightbox")
+    gray = cv2.resize(to_gray(photo), (960, 1280))
+    timings = []
+    for _ in range(5):
+        started = time.perf_counter()
+        rectify(gray)
+        timings.append(time.perf_counter() - started)
+    # Target < 15 ms on an idle 2-core machine; generous here because tests share the CPU.
+    assert min(timings) < 0.05, timings
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(arrays(np.uint8, st.tuples(st.integers(64, 300), st.integers(64, 300)), elements=st.integers(0, 255)))
+def test_rectify_and_quality_never_raise_on_noise(gray):
+    result = rectify(gray)
+    assert result.gray.dtype == np.uint8 and result.gray.ndim == 2
+    assert set(check_quality(gray, result)) <= set(CODES)
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(64, 400), st.integers(64, 400), st.lists(
+    st.tuples(st.floats(0, 1), st.floats(0, 1), st.floats(0, 1), st.floats(0, 1), st.integers(0, 255)),
+    min_size=1, max_size=6))
+def test_rectify_never_raises_on_rectangles(height, width, boxes):
+    """Structured inputs (flat boxes with hard edges) reach the quadrilateral and warp code paths."""
+    gray = np.zeros((height, width), np.uint8)
+    for x0, y0, x1, y1, value in boxes:
+        cv2.rectangle(gray, (int(x0 * width), int(y0 * height)), (int(x1 * width), int(y1 * height)), value, -1)
+    result = rectify(gray)
+    assert result.gray.dtype == np.uint8 and min(result.gray.shape) >= 2
+    check_quality(gray, result)
+
+
+def test_quality_accepts_pack_radiographs(radiographs):
+    for name, gray in radiographs.items():
+        assert check_quality(gray, rectify(gray)) == [], name
+
+
+@pytest.mark.parametrize("code", ["too_dark", "too_bright", "blurred", "glare", "film_too_small"])
+def test_quality_refuses_bad_shots_with_the_right_code(chest_images, code):
+    rng = np.random.default_rng(7)
+    refused = 0
+    for gray in chest_images[:4]:
+        bad = degrade(gray, code, rng)
+        refused += code in check_quality(bad, rectify(bad))
+    assert refused >= 3  # measured on val: 93–100 % per code (film_too_small: ~90 %, the rest not found)
+
+
+def test_quality_refuses_a_film_with_too_few_pixels():
+    film = np.tile(np.linspace(0, 255, 50, dtype=np.uint8), (40, 1))
+    corners = np.float32([[10, 10], [60, 10], [60, 50], [10, 50]])
+    assert "too_small" in check_quality(np.zeros((300, 300), np.uint8),
+                                        Rectified(gray=film, rectified=True, corners=corners, film_fraction=0.3))
+
+
+def test_every_code_has_advice():
+    assert set(ADVICE) == set(CODES)
+    assert all(text.endswith(".") for text in ADVICE.values())
+
+
+def test_synthetic_photos_are_deterministic_for_a_seed(chest_images):
+    first = synthesise(chest_images[0], np.random.default_rng(11))
+    again = synthesise(chest_images[0], np.random.default_rng(11))
+    other = synthesise(chest_images[0], np.random.default_rng(12))
+    assert first.dtype == np.uint8 and first.ndim == 3 and first.shape[2] == 3
+    assert np.array_equal(first, again)
+    assert first.shape != other.shape or not np.array_equal(first, other)
+
+
+def test_synthetic_photo_cli_writes_a_pack_style_set(pack, tmp_path):
+    assert synthetic_main(["--manifest", str(pack / "manifest.csv"), "--split", "test", "--out", str(tmp_path),
+                           "--seed", "0", "--limit", "2", "--body-part", "chest"]) == 0
+    with (tmp_path / "manifest.csv").open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    with (pack / "manifest.csv").open(newline="") as handle:
+        assert list(rows[0]) == csv.DictReader(handle).fieldnames
+    assert len(rows) == 2 and all(r["phone_photo"] == "1" and r["body_part"] == "chest" for r in rows)
+    assert Image.open(tmp_path / rows[0]["path"]).mode == "RGB"
+    assert (tmp_path / "corners.csv").read_text().count("\n") == 3
+
+
+def test_measure_photos_runs_on_stand_in_models(pack, fake_models, tmp_path):
+    from training.measure_photos import main as measure_main
+
+    out = tmp_path / "photos.json"
+    assert measure_main(["--manifest", str(pack / "manifest.csv"), "--models", str(fake_models),
+                         "--chest-limit", "6", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    real = report["real_phone_photos"]
+    assert real["test"]["images"] == 5 and real["val"]["images"] == 11
+    assert real["test"]["gate_accuracy_as_sent"] == 1.0  # the stand-in gate says "X-ray" to everything
+    synthetic = report["synthetic_chest_photos"]
+    assert synthetic["images"] == 6
+    assert {"chest_mean_auc_clean", "chest_mean_auc_synthetic", "chest_mean_auc_synthetic_rectified"} <= set(synthetic)

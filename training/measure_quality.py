@@ -1,0 +1,143 @@
+"""How often does the quality check refuse real radiographs, and does it refuse bad shots?
+
+    python -m training.measure_quality --manifest ../shared/data/xray-pack/manifest.csv --split test \\
+        [--json OUT] [--degraded 300] [--seed 0]
+
+Real radiographs: every ``is_xray=1`` row of the split, phone photos of films included, decoded by
+``diagnosis.intake`` and rectified by ``diagnosis.photo`` exactly as in the pipeline. The share the
+check refuses is the false-refusal rate (target ≤ 2 %). Degraded copies of up to ``--degraded`` of
+them (very dark, washed out, blurred, a lamp's glare, a tiny film in a large photo) must be refused
+with the matching code. Metric quantiles are printed so thresholds can be picked on val and then
+checked once on test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+from collections import Counter
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from diagnosis.intake import ImageRejected, decode
+from diagnosis.photo import rectify
+from diagnosis.quality import CODES, check_quality, quality_metrics
+
+from .synthetic_photos import synthesise_with_corners, to_gray
+
+DEGRADATIONS = ("too_dark", "too_bright", "blurred", "glare", "film_too_small")
+
+
+def degrade(gray: np.ndarray, kind: str, rng: np.random.Generator) -> np.ndarray:
+    """A deliberately bad version of a good radiograph, named by the code it should earn."""
+    image = gray.astype(np.float32)
+    height, width = gray.shape
+    if kind == "too_dark":  # a film photographed without the light box switched on
+        image = image * rng.uniform(0.05, 0.15)
+    elif kind == "too_bright":  # overexposed: everything washed towards white
+        image = 255 - (255 - image) * rng.uniform(0.08, 0.2)
+    elif kind == "blurred":  # out of focus, strongly: detail of ~2–3 % of the film is gone
+        image = cv2.GaussianBlur(image, (0, 0), rng.uniform(0.02, 0.03) * max(height, width))
+    elif kind == "glare":  # a lamp's reflection: a blown-out spot with a soft halo
+        sigma = rng.uniform(0.08, 0.14) * min(height, width)
+        cx, cy = rng.uniform(0.25, 0.75) * width, rng.uniform(0.25, 0.75) * height
+        yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+        image = image + 400 * np.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / (2 * sigma**2))
+    elif kind == "film_too_small":  # the film is a small part of a photo of the room
+        scene = ("lightbox", "printout")[int(rng.integers(2))]
+        return to_gray(synthesise_with_corners(gray, rng, scene=scene, fraction=(0.06, 0.10))[0])
+    else:
+        raise ValueError(kind)
+    return np.clip(image, 0, 255).astype(np.uint8)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m training.measure_quality", description=__doc__.split("\n")[0])
+    parser.add_argument("--manifest", required=True)
+    parser.add_argument("--split", default="test")
+    parser.add_argument("--json", default=None, help="write the figures here")
+    parser.add_argument("--degraded", type=int, default=300, help="degraded copies per kind (0: none)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+
+    manifest = Path(args.manifest)
+    with manifest.open(newline="") as handle:
+        rows = [r for r in csv.DictReader(handle) if r["split"] == args.split and r["is_xray"] == "1"]
+    refused, codes, by_group, metrics, examples = 0, Counter(), Counter(), [], []
+    rectified_count = 0
+    grays = []
+    for row in rows:
+        try:
+            gray = decode((manifest.parent / row["path"]).read_bytes()).gray
+        except ImageRejected as error:
+            print(f"skipped {row['path']}: {error.code}", file=sys.stderr)
+            continue
+        result = rectify(gray)
+        rectified_count += result.rectified
+        problems = check_quality(gray, result)
+        metrics.append(quality_metrics(gray, result))
+        grays.append(gray)
+        if problems:
+            refused += 1
+            codes.update(problems)
+            group = f"{row['body_part']}{' (phone photo)' if row.get('phone_photo') == '1' else ''}"
+            by_group[group] += 1
+            examples.append({"path": row["path"], "problems": problems})
+    total = len(grays)
+    report: dict = {
+        "split": args.split,
+        "real_radiographs": total,
+        "rectified": rectified_count,
+        "wrongly_refused": refused,
+        "wrongly_refused_rate": round(refused / max(total, 1), 4),
+        "wrongly_refused_by_code": {code: codes[code] for code in CODES if codes[code]},
+        "wrongly_refused_by_body_part": dict(by_group),
+        "wrongly_refused_examples": examples[:20],
+        "real_metric_quantiles": _quantiles(metrics),
+    }
+
+    rng = np.random.default_rng(args.seed)
+    picks = rng.permutation(total)[: args.degraded] if args.degraded else []
+    degraded: dict = {}
+    for kind in DEGRADATIONS if args.degraded else ():
+        hit, any_refusal, kind_metrics = 0, 0, []
+        for index in picks:
+            bad = degrade(grays[index], kind, rng)
+            result = rectify(bad)
+            problems = check_quality(bad, result)
+            kind_metrics.append(quality_metrics(bad, result))
+            hit += kind in problems
+            any_refusal += bool(problems)
+        degraded[kind] = {"images": len(picks), "refused_with_this_code": hit,
+                          "refused_with_this_code_rate": round(hit / max(len(picks), 1), 4),
+                          "refused_at_all": any_refusal, "metric_quantiles": _quantiles(kind_metrics)}
+    report["degraded"] = degraded
+
+    print(f"split {args.split}: real radiographs wrongly refused {refused} / {total} "
+          f"({100 * refused / max(total, 1):.2f} %); rectified {rectified_count}")
+    print(f"  by code: {report['wrongly_refused_by_code']}  by body part: {dict(by_group)}")
+    for kind, figures in degraded.items():
+        print(f"  degraded {kind:15s} refused with that code {figures['refused_with_this_code']} / "
+              f"{figures['images']} ({100 * figures['refused_with_this_code_rate']:.1f} %), "
+              f"refused at all {figures['refused_at_all']}")
+    print("  real radiographs, metric quantiles (0.1 %, 1 %, 50 %, 99 %, 99.9 %):")
+    for name, values in report["real_metric_quantiles"].items():
+        print(f"    {name:14s} {values}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
+def _quantiles(metrics: list[dict[str, float]]) -> dict[str, list[float]]:
+    if not metrics:
+        return {}
+    return {name: [round(float(np.quantile([m[name] for m in metrics], q)), 4)
+                   for q in (0.001, 0.01, 0.5, 0.99, 0.999)] for name in metrics[0]}
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
