@@ -13,9 +13,13 @@ from .app import ALLOWED_UPDATES, build_application
 
 def configure_logging(level: str) -> None:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=level.upper())
-    # httpx logs every request URL at INFO, and Bot API URLs contain the bot token.
+    # httpx logs every request URL at INFO, and Bot API URLs contain the bot token; so does
+    # python-telegram-bot's Bot at DEBUG ("Set Bot API URL: …/bot<token>").
     logging.getLogger("httpx").setLevel(logging.WARNING)
     logging.getLogger("httpcore").setLevel(logging.WARNING)
+    quiet = max(logging.INFO, logging.getLogger().getEffectiveLevel())
+    for name in ("telegram.Bot", "telegram.ext.ExtBot"):
+        logging.getLogger(name).setLevel(quiet)
 
 
 def main() -> None:

@@ -26,6 +26,8 @@ from diagnosis.settings import Settings
 
 from . import handlers
 from .dispatch import Dispatcher
+from .pending import PendingRequests
+from .request import RetryingRequest
 from .store import Store
 from .texts import translator
 
@@ -43,16 +45,17 @@ def build_application(settings: Settings) -> Application:
         .base_url(settings.api_base_url)
         .base_file_url(settings.file_base_url)
         .concurrent_updates(8)
-        .connect_timeout(10)
-        .read_timeout(30)
-        .write_timeout(30)
-        .media_write_timeout(60)
+        # 429 with a short retry_after and 5xx are retried (an acknowledgement is not lost to them).
+        .request(RetryingRequest(connection_pool_size=64, connect_timeout=10, read_timeout=30, write_timeout=30,
+                                 media_write_timeout=60))
         .post_init(on_startup)
         .post_stop(on_stop)
         .post_shutdown(on_shutdown)
         .build()
     )
-    application.bot_data["services"] = handlers.Services(settings, Store(settings), Dispatcher(settings))
+    store = Store(settings)
+    application.bot_data["services"] = handlers.Services(settings, store, Dispatcher(settings),
+                                                         PendingRequests(settings, store))
 
     application.add_handler(TypeHandler(Update, handlers.gate), group=-1)
     new_messages = filters.UpdateType.MESSAGE
@@ -88,9 +91,11 @@ async def on_startup(application: Application) -> None:
             )
         except TelegramError as error:
             logger.warning("setMyCommands(%s) failed: %s", language, error)
-    settings = _services(application).settings
-    if settings.HEARTBEAT_FILE is not None:
+    services = _services(application)
+    if services.settings.HEARTBEAT_FILE is not None:
         application.bot_data["heartbeat"] = asyncio.create_task(_heartbeat(application))
+    if services.pending is not None:  # tells users whose accepted request was lost (e.g. Redis restarted)
+        application.bot_data["pending-watchdog"] = asyncio.create_task(services.pending.run(application.bot))
 
 
 async def _heartbeat(application: Application) -> None:
@@ -108,11 +113,12 @@ async def _heartbeat(application: Application) -> None:
 
 
 async def on_stop(application: Application) -> None:
-    task = application.bot_data.pop("heartbeat", None)
-    if task is not None:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+    for name in ("heartbeat", "pending-watchdog"):
+        task = application.bot_data.pop(name, None)
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
 
 async def on_shutdown(application: Application) -> None:

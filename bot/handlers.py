@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import PurePosixPath
@@ -24,6 +25,7 @@ from diagnosis.monitoring import BOT_UPDATES, ERRORS
 from diagnosis.settings import TELEGRAM_DOWNLOAD_LIMIT, Settings
 
 from .dispatch import DiagnoseRequest, Dispatcher
+from .pending import PendingRequest, PendingRequests
 from .store import Store
 from .texts import translator
 
@@ -56,6 +58,7 @@ class Services:
     settings: Settings
     store: Store
     dispatcher: Dispatcher
+    pending: PendingRequests | None = None  # accepted requests not yet seen answered (bot.pending)
 
 
 def services(context: ContextTypes.DEFAULT_TYPE) -> Services:
@@ -173,7 +176,10 @@ async def forget(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
     _, _n = translator(await language_of(update, context))
     user = update.effective_user
     if user is not None:
-        deleted = await services(context).store.forget(user.id)
+        svc = services(context)
+        deleted = await svc.store.forget(user.id)
+        if svc.pending is not None:
+            svc.pending.forget_user(user.id)
         logger.info("forget: deleted %d keys", deleted)
     await update.effective_message.reply_text(_(
         "Done: everything this service held about you (language choice, rate-limit data, images still being "
@@ -262,9 +268,14 @@ async def accept_image(
             "{count} images are ahead of yours in the queue.",
             waiting,
         ).format(count=waiting)
-    ack = await message.reply_text(
-        text, reply_parameters=ReplyParameters(message_id=message.message_id, allow_sending_without_reply=True)
-    )
+    ack: Message | None
+    try:  # an acknowledgement that cannot be sent (flood control…) must not cost the user the analysis
+        ack = await message.reply_text(
+            text, reply_parameters=ReplyParameters(message_id=message.message_id, allow_sending_without_reply=True)
+        )
+    except TelegramError as error:
+        logger.warning("acknowledgement failed: %s; analysing anyway", type(error).__name__)
+        ack = None
     with suppress(TelegramError):
         await context.bot.send_chat_action(chat.id, ChatAction.TYPING)
 
@@ -272,18 +283,18 @@ async def accept_image(
         telegram_file = await context.bot.get_file(file_id)
         if telegram_file.file_size and telegram_file.file_size > TELEGRAM_DOWNLOAD_LIMIT:
             await svc.store.give_back_slot(user.id, slot)
-            await _edit(ack, too_large)
+            await _edit(ack, too_large, message)
             return
         data = bytes(await telegram_file.download_as_bytearray(read_timeout=120))
     except TelegramError as error:
         logger.warning("download failed: %s", type(error).__name__)
         BOT_UPDATES.labels("download_failed").inc()
         await svc.store.give_back_slot(user.id, slot)
-        await _edit(ack, _("I could not download this file from Telegram. Please send it again."))
+        await _edit(ack, _("I could not download this file from Telegram. Please send it again."), message)
         return
     if len(data) > TELEGRAM_DOWNLOAD_LIMIT:
         await svc.store.give_back_slot(user.id, slot)
-        await _edit(ack, too_large)
+        await _edit(ack, too_large, message)
         return
 
     request_id, blob_key = await svc.store.put_blob(user.id, data)
@@ -294,7 +305,7 @@ async def accept_image(
         chat_id=chat.id,
         reply_to_message_id=message.message_id,
         language=language,
-        ack_message_id=ack.message_id,
+        ack_message_id=ack.message_id if ack is not None else None,
     )
     try:
         await svc.dispatcher.enqueue(request)
@@ -303,18 +314,27 @@ async def accept_image(
         BOT_UPDATES.labels("enqueue_failed").inc()
         await svc.store.drop_blob(user.id, request_id)
         await svc.store.give_back_slot(user.id, slot)
-        await _edit(ack, _("Sorry, the analysis service is unavailable right now. Please try again in a few minutes."))
+        await _edit(ack, _("Sorry, the analysis service is unavailable right now. Please try again in a few minutes."),
+                    message)
         return
+    if svc.pending is not None:
+        svc.pending.add(PendingRequest(request_id=request_id, user_id=user.id, chat_id=chat.id,
+                                       reply_to_message_id=message.message_id, ack_message_id=request.ack_message_id,
+                                       language=language, accepted_at=time.monotonic()))
     BOT_UPDATES.labels("enqueued").inc()
     logger.info("request %s enqueued (%d waiting before it)", request_id, waiting)
 
 
-async def _edit(message: Message, text: str) -> None:
-    try:
-        await message.edit_text(text)
-    except TelegramError:
-        with suppress(TelegramError):
-            await message.reply_text(text)
+async def _edit(ack: Message | None, text: str, message: Message) -> None:
+    """Turn the acknowledgement into ``text``; without one (or if that fails) reply to ``message``."""
+    if ack is not None:
+        try:
+            await ack.edit_text(text)
+            return
+        except TelegramError:
+            pass
+    with suppress(TelegramError):
+        await message.reply_text(text)
 
 
 # --------------------------------------------------------------------------- everything else

@@ -11,6 +11,8 @@ import time
 from urllib.parse import urlsplit
 
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialWithJitterBackoff
 
 from diagnosis.i18n import LANGUAGES, pick_language
 from diagnosis.settings import INFERENCE_QUEUE, ServiceSettings
@@ -33,20 +35,37 @@ if wait < 1 then wait = 1 end
 return wait
 """
 
+# The bot declares a request lost only if no delivery is running (lock) and none has finished (done);
+# its own "done" mark then makes a late delivery skip the request (worker.tasks.send_reply).
+_CLAIM_LOST_LUA = """
+if redis.call('EXISTS', KEYS[1]) == 1 or redis.call('EXISTS', KEYS[2]) == 1 then
+  return 0
+end
+redis.call('SET', KEYS[1], 'lost', 'EX', tonumber(ARGV[1]))
+return 1
+"""
+
+
+def connect(url: str) -> aioredis.Redis:
+    """A client that reconnects: ``from_url`` alone retries nothing, so after a Redis restart every
+    pooled connection would fail one command (one user's request) before being replaced."""
+    return aioredis.Redis.from_url(url, retry=Retry(ExponentialWithJitterBackoff(cap=1.0, base=0.05), 3))
+
 
 class Store:
     def __init__(self, settings: ServiceSettings):
         self.settings = settings
         self.keys = settings.keys
-        self.redis = aioredis.Redis.from_url(settings.REDIS_URL)
+        self.redis = connect(settings.REDIS_URL)
         broker = settings.broker_url
         if broker == settings.REDIS_URL:
             self.broker: aioredis.Redis | None = self.redis
         elif urlsplit(broker).scheme in ("redis", "rediss", "unix"):
-            self.broker = aioredis.Redis.from_url(broker)
+            self.broker = connect(broker)
         else:  # another broker kind: no queue position
             self.broker = None
         self._rate_script = self.redis.register_script(_RATE_LIMIT_LUA)
+        self._claim_script = self.redis.register_script(_CLAIM_LOST_LUA)
 
     async def close(self) -> None:
         await self.redis.aclose()
@@ -108,6 +127,22 @@ class Store:
     async def drop_blob(self, user_id: int, request_id: str) -> None:
         await self.redis.delete(self.keys.blob(request_id))
         await self.redis.srem(self.keys.user_requests(user_id), request_id)
+
+    # ------------------------------------------------------------- requests in flight
+    async def request_states(self, request_ids: list[str]) -> list[tuple[bool, bool]]:
+        """(answered, image still held) per request: ``done:<id>`` and ``blob:<id>`` exist."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for request_id in request_ids:
+                pipe.exists(self.keys.done(request_id))
+                pipe.exists(self.keys.blob(request_id))
+            replies = await pipe.execute()
+        return [(bool(replies[i]), bool(replies[i + 1])) for i in range(0, len(replies), 2)]
+
+    async def claim_lost(self, request_id: str) -> bool:
+        """Mark a request whose task and image are gone as finished by the bot (see ``bot.pending``)."""
+        claimed = await self._claim_script(keys=[self.keys.done(request_id), self.keys.lock(request_id)],
+                                           args=[self.settings.MARK_TTL_S])
+        return bool(claimed)
 
     # ------------------------------------------------------------- forget
     async def forget(self, user_id: int) -> int:

@@ -51,6 +51,8 @@ def decode(data: bytes) -> DecodedImage:
         gray, fmt = _decode_dicom(data), "DICOM"
     else:
         gray, fmt = _decode_pil(data)
+    if gray.ndim != 2:  # never let an odd shape through as another exception
+        raise ImageRejected("corrupt")
     height, width = gray.shape
     if min(height, width) < MIN_SIDE:
         raise ImageRejected("too_small")
@@ -119,8 +121,14 @@ def _decode_dicom(data: bytes) -> np.ndarray:
         frames = int(getattr(dataset, "NumberOfFrames", 1) or 1)
         _check_pixels(int(dataset.Columns), int(dataset.Rows), frames)
         pixels = dataset.pixel_array
-        if frames > 1:
+        # First frame: of a declared multi-frame image, and of one whose frames pydicom infers from
+        # the length of the pixel data (NumberOfFrames missing or wrong) — found by fuzzing.
+        samples = int(getattr(dataset, "SamplesPerPixel", 1) or 1)
+        frame_dims = 3 if samples > 1 else 2
+        while pixels.ndim > frame_dims:
             pixels = pixels[0]
+        if pixels.ndim != frame_dims:
+            raise ImageRejected("corrupt")
         photometric = str(getattr(dataset, "PhotometricInterpretation", "MONOCHROME2"))
         if pixels.ndim == 3:  # colour DICOM (pydicom converts YBR to RGB): luma
             pixels = pixels[..., :3].astype(np.float64) @ np.array([0.299, 0.587, 0.114])

@@ -159,7 +159,7 @@ class Pipeline:
 
     def _photo(self, item: _Item) -> None:
         """Straighten a photographed film; refuse shots too poor to analyse (ask for a retake)."""
-        if not self.photo_step:
+        if not self.photo_step or item.decoded.format == "DICOM":  # DICOM is digital: nothing to straighten
             item.image = item.decoded.gray
             return
         clock = time.perf_counter()

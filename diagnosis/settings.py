@@ -70,6 +70,7 @@ class ServiceSettings(BaseSettings):
     MAX_RETRY_DELAY_S: int = Field(120, ge=1)  # cap on one countdown (429 retry_after, backoff)
 
     POLL_TIMEOUT_S: int = Field(30, ge=0)  # getUpdates long-poll timeout of `python -m bot`
+    PENDING_CHECK_S: float = Field(5.0, gt=0)  # how often the bot looks for accepted requests that were lost
     HEARTBEAT_FILE: Path | None = None  # the bot touches it while healthy (container health check)
     LOG_LEVEL: str = "INFO"
 
@@ -115,6 +116,12 @@ class ServiceSettings(BaseSettings):
         (the worker holds ETA messages unacked) plus the task's hard time limit.
         """
         return max(self.DIAGNOSE_TIME_LIMIT_S, self.DELIVER_TIME_LIMIT_S) + self.MAX_RETRY_DELAY_S + 10
+
+    @property
+    def lost_grace_s(self) -> int:
+        """How long the bot waits before calling a request lost whose image is gone but which was not
+        answered: time for an analysis that read the image just before to finish and deliver."""
+        return self.DIAGNOSE_TIME_LIMIT_S + self.DELIVER_TIME_LIMIT_S
 
     @property
     def api_base_url(self) -> str:

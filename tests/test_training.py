@@ -138,7 +138,7 @@ def test_train_resume_export_evaluate_gate(tiny_pack, tmp_path):
 def test_train_export_evaluate_chest_auc(tiny_pack, tmp_path):
     run = tmp_path / "run"
     run_training("train", "--task", "chest", "--manifest", str(tiny_pack), "--out", str(run), "--size", "32",
-                 "--batch-size", "2", "--epochs", "1", "--no-balance")
+                 "--batch-size", "4", "--epochs", "1", "--no-balance")
     model = tmp_path / "models" / "chest"
     run_training("export", "--run", str(run), "--out", str(model), "--manifest", str(tiny_pack))
     out = tmp_path / "eval.json"

@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from diagnosis.backends import TorchRunner
-from diagnosis.intake import DecodedImage
 from diagnosis.network import load_model
 from diagnosis.pipeline import LoadedModel
 
@@ -56,7 +55,7 @@ def test_converted_model_matches_torchxrayvision(xrv_weights, tmp_path):
         with torch.no_grad():
             expected = reference(torch.from_numpy(xrv.datasets.normalize(gray, 255))[None, None].float())[0]
         ours = LoadedModel(out, card, network, TorchRunner(network, torch.device("cpu")))
-        logits, _ = ours.runner(ours.prepare(DecodedImage(gray, "PNG"))[None])
+        logits, _ = ours.runner(ours.prepare(gray)[None])
         probs = ours.probabilities(logits)[0]
         for label, value in zip(card.labels, probs, strict=True):
             assert value == pytest.approx(float(expected[targets.index(label)]), abs=1e-5)

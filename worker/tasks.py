@@ -24,6 +24,8 @@ from celery import Task
 from celery.exceptions import SoftTimeLimitExceeded
 from celery.signals import worker_process_init, worker_process_shutdown
 from celery.utils.log import get_task_logger
+from redis.backoff import ExponentialWithJitterBackoff
+from redis.retry import Retry
 
 from diagnosis.i18n import pick_language, translations
 from diagnosis.monitoring import DELIVERIES, ERRORS, REQUESTS, observe_result, serve_metrics
@@ -56,7 +58,10 @@ def get_redis() -> redis.Redis:
     global _redis
     with _resources_lock:
         if _redis is None or _redis[0] != os.getpid():
-            _redis = (os.getpid(), redis.Redis.from_url(get_settings().REDIS_URL))
+            # Retries with reconnect: ``from_url`` alone retries nothing, so after a Redis restart the
+            # first command of each pooled connection would fail (and with it a request).
+            retry = Retry(ExponentialWithJitterBackoff(cap=1.0, base=0.05), 3)
+            _redis = (os.getpid(), redis.Redis.from_url(get_settings().REDIS_URL, retry=retry))
         return _redis[1]
 
 
@@ -157,6 +162,10 @@ def _close_telegram(**_: Any) -> None:
     reject_on_worker_lost=True,
     soft_time_limit=service_settings.DIAGNOSE_SOFT_TIME_LIMIT_S,
     time_limit=service_settings.DIAGNOSE_TIME_LIMIT_S,
+    # A run killed at the hard time limit (a hang the soft limit could not interrupt) is requeued,
+    # not acknowledged: Celery's default would drop the request silently. MAX_ATTEMPTS bounds the
+    # redeliveries and ends them with an apology.
+    acks_on_timeout=False,
     max_retries=None,  # bounded by MAX_ATTEMPTS, which also counts redeliveries
 )
 def diagnose(
@@ -171,10 +180,13 @@ def diagnose(
     """Image bytes (Redis) → pipeline → ``deliver`` (JSON result + overlay key)."""
     settings = get_settings()
     keys, r = settings.keys, get_redis()
-    if r.exists(keys.done(request_id)):
-        return {"skipped": "already answered"}
-    attempt = int(r.incr(keys.attempts(request_id)))
-    r.expire(keys.attempts(request_id), settings.BLOB_TTL_S)
+    try:
+        if r.exists(keys.done(request_id)):
+            return {"skipped": "already answered"}
+        attempt = int(r.incr(keys.attempts(request_id)))
+        r.expire(keys.attempts(request_id), settings.BLOB_TTL_S)
+    except REDIS_UNAVAILABLE as error:
+        raise retry_while_redis_is_down(self, settings, request_id, error) from None
     reply = {
         "request_id": request_id,
         "chat_id": chat_id,
@@ -189,7 +201,10 @@ def diagnose(
         REQUESTS.labels("failed").inc()
         return {"outcome": "failed"}
 
-    data = r.get(blob_key)
+    try:
+        data = r.get(blob_key)
+    except REDIS_UNAVAILABLE as error:
+        raise retry_while_redis_is_down(self, settings, request_id, error) from None
     if data is None:
         hand_over(reply, failure="expired")
         REQUESTS.labels("expired").inc()
@@ -222,6 +237,19 @@ def diagnose(
     hand_over(reply, result=result.model_dump(mode="json"), overlay_key=overlay_key)
     logger.info("request %s: %s", request_id, result.outcome)
     return {"outcome": result.outcome}
+
+
+REDIS_UNAVAILABLE = (redis.ConnectionError, redis.TimeoutError)
+REDIS_DOWN_RETRIES = 5
+
+
+def retry_while_redis_is_down(task: Task, settings: Settings, request_id: str, error: Exception) -> Exception:
+    """A failed task is acknowledged and gone: while Redis is unreachable, retry it a few times instead."""
+    if task.request.retries >= REDIS_DOWN_RETRIES:
+        return error
+    countdown = min(backoff(task.request.retries + 1), settings.MAX_RETRY_DELAY_S)
+    logger.warning("request %s: Redis unavailable (%s), retry in %.1fs", request_id, type(error).__name__, countdown)
+    return task.retry(countdown=countdown, throw=False)
 
 
 def hand_over(reply: dict[str, Any], **extra: Any) -> None:
@@ -270,6 +298,8 @@ def deliver(
         countdown = min(max(deferred.delay, 0.5), settings.MAX_RETRY_DELAY_S)
         logger.info("request %s: delivery deferred (%s), retry in %.1fs", request_id, deferred.reason, countdown)
         raise self.retry(countdown=countdown) from None
+    except REDIS_UNAVAILABLE as error:  # raised before anything was sent (see send_reply)
+        raise retry_while_redis_is_down(self, settings, request_id, error) from None
     except Undeliverable as error:
         logger.warning("request %s: undeliverable: %s", request_id, error)
         DELIVERIES.labels("undeliverable").inc()
@@ -349,33 +379,46 @@ def send_reply(
         raise Deferred(2.0, "another delivery of this request is in progress")
     sent: list[str] = []
     try:
+        if r.exists(keys.done(request_id)):  # finished while we waited for the lock (or claimed lost by the bot)
+            cleanup(r, keys, request_id, blob_key, overlay_key)
+            return []
         parts: list[tuple[str, str]] = [
             (f"text{index}", text) for index, text in enumerate(compose_texts(language, result, failure))
         ]
-        if overlay_key and failure is None:
+        overlay = r.get(overlay_key) if overlay_key and failure is None else None
+        if overlay is not None:  # None: expired or forgotten; the text is enough
             parts.append(("photo", overlay_key))
-        for part, payload in parts:
-            mark = keys.sent(request_id, part)
-            if r.exists(mark):
+        marks = [keys.sent(request_id, part) for part, _ in parts]
+        already = [bool(flag) for flag in r.mget(marks)]
+        # From here on Telegram is the record: once a part is accepted, a Redis failure (a restart)
+        # must not stop the rest of the answer, nor leave the acknowledgement standing (the bot
+        # would then tell the user the request was lost). Marks are written best effort.
+        for (part, payload), mark, done_before in zip(parts, marks, already, strict=True):
+            if done_before:
                 continue
             if part == "photo":
-                overlay = r.get(payload)
-                if overlay is None:  # expired or forgotten: the text has been sent, that is enough
-                    continue
                 out.send_photo(chat_id, overlay, caption=overlay_caption(language)[:TELEGRAM_CAPTION_LIMIT],
                                reply_to=reply_to_message_id)
-                del overlay
             else:
                 out.send_text(chat_id, payload, reply_to=reply_to_message_id)
-            r.set(mark, "1", ex=settings.MARK_TTL_S)  # only after Telegram accepted it
             sent.append(part)
-        r.set(keys.done(request_id), "1", ex=settings.MARK_TTL_S)
+            _best_effort(r.set, mark, "1", ex=settings.MARK_TTL_S)  # only after Telegram accepted it
+        del overlay
+        _best_effort(r.set, keys.done(request_id), "1", ex=settings.MARK_TTL_S)
         if ack_message_id is not None:
             out.delete_message(chat_id, ack_message_id)  # the answer replaces the acknowledgement
-        cleanup(r, keys, request_id, blob_key, overlay_key)
+        _best_effort(cleanup, r, keys, request_id, blob_key, overlay_key)
     finally:
-        r.eval(LOCK_RELEASE_LUA, 1, keys.lock(request_id), token)
+        _best_effort(r.eval, LOCK_RELEASE_LUA, 1, keys.lock(request_id), token)
     return sent
+
+
+def _best_effort(call: Any, *args: Any, **kwargs: Any) -> None:
+    """A Redis write that must not undo what Telegram already accepted (marks, clean-up)."""
+    try:
+        call(*args, **kwargs)
+    except redis.RedisError as error:
+        logger.warning("redis write skipped after delivery: %s", type(error).__name__)
 
 
 def cleanup(r: redis.Redis, keys: Keys, request_id: str, blob_key: str | None, overlay_key: str | None) -> None:

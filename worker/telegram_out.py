@@ -37,9 +37,11 @@ from telegram.request import HTTPXRequest
 from diagnosis.settings import Settings
 
 logger = logging.getLogger(__name__)
-# httpx logs every request URL at INFO, and Bot API URLs contain the bot token.
+# httpx logs every request URL at INFO, and Bot API URLs contain the bot token; so does
+# python-telegram-bot's Bot at DEBUG ("Set Bot API URL: …/bot<token>").
 logging.getLogger("httpx").setLevel(logging.WARNING)
 logging.getLogger("httpcore").setLevel(logging.WARNING)
+logging.getLogger("telegram.Bot").setLevel(logging.INFO)
 
 T = TypeVar("T")
 

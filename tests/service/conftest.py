@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from .fake_telegram import FakeTelegram
 from .harness import BotRunner, WorkerProcess, claim_redis_db, delete_service_keys, release_redis_db, service_settings
 
 TOKEN = "123456:TEST-TOKEN"
+# Requests per fault-injection test (tests/service/test_faults.py, test_worker_kill.py,
+# test_redis_restart.py): small in CI, raise it locally, e.g. XSO_FAULT_REQUESTS=50.
+FAULT_REQUESTS = int(os.environ.get("XSO_FAULT_REQUESTS", "4"))
 
 
 @pytest.fixture(scope="session")

@@ -5,7 +5,9 @@ uses: getMe, deleteWebhook, getUpdates (long poll honouring ``timeout``), getFil
 under ``/file/bot<token>/<path>``, sendMessage, sendPhoto (multipart), sendChatAction,
 editMessageText, deleteMessage, setMyCommands, answerCallbackQuery; any other method answers
 ``{"ok": true, "result": true}``. Every call is recorded (``calls``) for assertions; tests inject
-updates (``inject_*``) and faults (``fail_next``: 429 with retry_after, 5xx).
+updates (``inject_*``) and faults (``fail_next``: 429 with retry_after, 5xx; ``chaos``: a random
+share of the calls of some methods fails). Like Telegram, it refuses to edit or delete a message
+that was deleted ("message to edit not found").
 
 Point the service at it with ``TELEGRAM_API_URL=fake.url`` (the bot appends ``/bot`` and
 ``/file/bot`` itself).
@@ -17,6 +19,7 @@ import email.parser
 import email.policy
 import itertools
 import json
+import random
 import threading
 import time
 import urllib.parse
@@ -52,6 +55,16 @@ class _Fault:
     times: int
 
 
+@dataclass
+class _Chaos:
+    methods: frozenset[str]
+    rate: float
+    statuses: tuple[int, ...]
+    retry_after: tuple[int, ...]
+    rng: random.Random
+    injected: int = 0
+
+
 class FakeTelegram:
     """Start with ``start()`` (or as a context manager); ``url`` is the TELEGRAM_API_URL to use."""
 
@@ -61,6 +74,8 @@ class FakeTelegram:
         self._updates: list[dict[str, Any]] = []
         self._files: dict[str, tuple[str, bytes]] = {}  # file_id → (file_path, bytes)
         self._faults: list[_Fault] = []
+        self._chaos: _Chaos | None = None
+        self._deleted: set[tuple[int, int]] = set()  # (chat_id, message_id) of deleted bot messages
         self._cond = threading.Condition()
         self._update_ids = itertools.count(1)
         self._user_message_ids = itertools.count(1)
@@ -108,6 +123,7 @@ class FakeTelegram:
             self.calls.clear()
             self._faults.clear()
             self._updates.clear()
+            self._chaos = None
 
     # ----------------------------------------------------------------- injection
     def add_file(self, data: bytes, path_hint: str = "documents/file.bin") -> tuple[str, str]:
@@ -233,6 +249,19 @@ class FakeTelegram:
         with self._cond:
             self._faults.append(_Fault(method, status, retry_after, times))
 
+    def chaos(self, rate: float, methods: tuple[str, ...] = ("sendMessage", "sendPhoto", "editMessageText"), *,
+              statuses: tuple[int, ...] = (429, 500, 502, 503), retry_after: tuple[int, ...] = (1, 2, 3),
+              seed: int = 0) -> None:
+        """From now on a share ``rate`` of the calls of ``methods`` fails with a random status of
+        ``statuses`` (429 carries a random ``retry_after``); ``chaos(0)`` stops it."""
+        with self._cond:
+            self._chaos = _Chaos(frozenset(methods), rate, statuses, retry_after, random.Random(seed)) if rate else None
+
+    @property
+    def chaos_injected(self) -> int:
+        with self._cond:
+            return self._chaos.injected if self._chaos else 0
+
     # ----------------------------------------------------------------- assertions
     def calls_of(self, method: str, chat_id: int | None = None, *, ok_only: bool = True) -> list[Call]:
         with self._cond:
@@ -242,6 +271,11 @@ class FakeTelegram:
                 and (chat_id is None or call.chat_id == chat_id)
                 and (not ok_only or call.status == 200)
             ]
+
+    def calls_since(self, index: int) -> tuple[list[Call], int]:
+        """Calls recorded from position ``index`` on, and the position to continue from (load drivers)."""
+        with self._cond:
+            return self.calls[index:], len(self.calls)
 
     def texts_to(self, chat_id: int) -> list[str]:
         """Texts of every accepted sendMessage to ``chat_id``, in order."""
@@ -270,6 +304,11 @@ class FakeTelegram:
                 if fault.times == 0:
                     self._faults.remove(fault)
                 return fault
+        chaos = self._chaos
+        if chaos is not None and method in chaos.methods and chaos.rng.random() < chaos.rate:
+            chaos.injected += 1
+            status = chaos.rng.choice(chaos.statuses)
+            return _Fault(method, status, chaos.rng.choice(chaos.retry_after) if status == 429 else None, 1)
         return None
 
     def handle(self, method: str, params: dict[str, Any], files: dict[str, bytes]) -> tuple[int, dict[str, Any]]:
@@ -358,7 +397,25 @@ class FakeTelegram:
             fields["caption"] = params["caption"]
         return self._bot_message(params, **fields)
 
+    def _gone(self, params, what: str):
+        key = (int(params["chat_id"]), int(params["message_id"]))
+        with self._cond:
+            if key in self._deleted:
+                return 400, {"ok": False, "error_code": 400, "description": f"Bad Request: message to {what} not found"}
+        return None
+
+    def _api_deleteMessage(self, params, files):
+        gone = self._gone(params, "delete")
+        if gone:
+            return gone
+        with self._cond:
+            self._deleted.add((int(params["chat_id"]), int(params["message_id"])))
+        return True
+
     def _api_editMessageText(self, params, files):
+        gone = self._gone(params, "edit")
+        if gone:
+            return gone
         message = self._bot_message(params, text=str(params.get("text", "")))
         message["message_id"] = int(params["message_id"])
         message["edit_date"] = int(time.time())

@@ -6,6 +6,12 @@
   (``async with app: await app.start(); await app.updater.start_polling()``) in a background thread.
 * ``WorkerProcess``: ``celery -A worker worker -Q inference,delivery --pool solo`` as a subprocess,
   environment pointing at the fake Bot API and a models folder; ready once the models are loaded.
+  ``pool="prefork"`` runs it as production does (one child; time limits enforced), ``extra_args``
+  adds options such as ``--include tests.service.poison_plugin``.
+* ``BotProcess``: ``python -m bot`` as a subprocess (to SIGKILL it, or to keep its log apart).
+* ``PrivateRedis``: a throw-away ``redis-server`` on a free port (no persistence, a password), for
+  tests that kill and restart Redis: never the shared one on 6379.
+* ``chat_summary``: what one chat received, sorted into results, overlays, acknowledgements, notices.
 """
 
 from __future__ import annotations
@@ -14,12 +20,15 @@ import asyncio
 import contextlib
 import io
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
 import uuid
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -137,21 +146,24 @@ class BotRunner:
 class WorkerProcess:
     """A real Celery worker subprocess (solo pool), started once per module or session."""
 
-    def __init__(self, env: dict[str, str], log_path: Path, queues: str = "inference,delivery"):
+    def __init__(self, env: dict[str, str], log_path: Path, queues: str = "inference,delivery",
+                 pool: str = "solo", extra_args: tuple[str, ...] = ()):
         self.env = env
         self.log_path = log_path
         self.queues = queues
+        self.pool = pool
+        self.extra_args = tuple(extra_args)
         self.process: subprocess.Popen | None = None
 
     def start(self, timeout: float = 120.0, wait_for_models: bool = True) -> WorkerProcess:
         env = {**os.environ, **self.env, "PYTHONUNBUFFERED": "1"}
         command = [
             sys.executable, "-m", "celery", "-A", "worker", "worker",
-            "-Q", self.queues, "--pool", "solo", "--concurrency", "1",
+            "-Q", self.queues, "--pool", self.pool, "--concurrency", "1",
             "--without-gossip", "--without-mingle", "--without-heartbeat",
-            "-n", f"test-{uuid.uuid4().hex[:8]}@%h", "--loglevel", "INFO",
+            "-n", f"test-{uuid.uuid4().hex[:8]}@%h", "--loglevel", "INFO", *self.extra_args,
         ]
-        self._log = self.log_path.open("wb")
+        self._log = self.log_path.open("ab")
         self.process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -170,6 +182,13 @@ class WorkerProcess:
         except FileNotFoundError:
             return ""
 
+    def kill(self) -> None:
+        """SIGKILL to the real PID (no shell in between): no warm shutdown, no acknowledgements."""
+        if self.process is not None and self.process.poll() is None:
+            os.kill(self.process.pid, signal.SIGKILL)
+            self.process.wait(10)
+        self.stop()
+
     def stop(self) -> None:
         if self.process is None:
             return
@@ -183,6 +202,148 @@ class WorkerProcess:
         self.process = None
         with contextlib.suppress(Exception):
             self._log.close()
+
+
+# --------------------------------------------------------------------------- the bot as a process
+class BotProcess:
+    """``python -m bot`` against the fake; ready once it long-polls. ``kill()`` is a SIGKILL."""
+
+    def __init__(self, env: dict[str, str], log_path: Path):
+        self.env = env
+        self.log_path = log_path
+        self.process: subprocess.Popen | None = None
+
+    def start(self, fake: Any, timeout: float = 60.0) -> BotProcess:
+        started = time.monotonic()
+        env = {**os.environ, "HEARTBEAT_FILE": "", "POLL_TIMEOUT_S": "1", **self.env, "PYTHONUNBUFFERED": "1"}
+        self._log = self.log_path.open("ab")
+        self.process = subprocess.Popen([sys.executable, "-m", "bot"], cwd=ROOT, env=env, stdout=self._log,
+                                        stderr=subprocess.STDOUT)
+        deadline = started + timeout
+        while time.monotonic() < deadline:
+            if any(call.at >= started for call in fake.calls_of("getUpdates")):
+                return self
+            if self.process.poll() is not None:
+                break
+            time.sleep(0.1)
+        self.stop()
+        raise RuntimeError(f"bot did not start polling; log:\n{self.log()[-4000:]}")
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            os.kill(self.process.pid, signal.SIGKILL)
+            self.process.wait(10)
+        self.stop()
+
+    def stop(self) -> None:
+        if self.process is None:
+            return
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(10)
+        self.process = None
+        with contextlib.suppress(Exception):
+            self._log.close()
+
+
+# --------------------------------------------------------------------------- a private Redis
+def free_port() -> int:
+    with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class PrivateRedis:
+    """``redis-server --port <free> --save "" --appendonly no --requirepass <random>``: kill and restart it freely."""
+
+    def __init__(self, work_dir: Path, port: int | None = None):
+        self.work_dir = Path(work_dir)
+        self.port = port or free_port()
+        self.password = uuid.uuid4().hex
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://:{self.password}@127.0.0.1:{self.port}/0"
+
+    def client(self) -> redis.Redis:
+        return redis.Redis.from_url(self.url)
+
+    def start(self, timeout: float = 20.0) -> PrivateRedis:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise RuntimeError("redis-server is not installed")
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        command = [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                   "--requirepass", self.password, "--dir", str(self.work_dir), "--loglevel", "warning"]
+        log = (self.work_dir / "redis.log").open("ab")
+        self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with contextlib.suppress(redis.RedisError):
+                client = self.client()
+                try:
+                    if client.ping():
+                        return self
+                finally:
+                    client.close()
+            if self.process.poll() is not None:
+                break
+            time.sleep(0.1)
+        raise RuntimeError(f"redis-server on port {self.port} did not start")
+
+    def kill(self) -> None:
+        """SIGKILL: everything it held (queues, images, marks) is gone, as after a crash."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(10)
+        self.process = None
+
+    def restart(self, down_s: float = 0.0) -> None:
+        self.kill()
+        time.sleep(down_s)
+        self.start()
+
+
+# --------------------------------------------------------------------------- what a chat received
+@dataclass
+class ChatSummary:
+    results: list[str]  # final answers: findings, early exits, rejections, apologies (physician prompt)
+    photos: int  # overlays
+    acks: int  # "Received, analysing…"
+    notices: list[str]  # "please send it again"-style texts (edited acknowledgement or a new message)
+
+    @property
+    def told_to_resend(self) -> bool:
+        return bool(self.notices)
+
+
+RESEND_HINTS = ("send it again", "try again")  # English: the fault tests talk English
+
+
+def chat_summary(fake: Any, chat_id: int, language: str = "en") -> ChatSummary:
+    from bot.texts import translator
+    from diagnosis.i18n import gettext_for
+    from diagnosis.messages import PHYSICIAN
+
+    physician = gettext_for(language)(PHYSICIAN)
+    texts = fake.texts_to(chat_id)
+    results = [t for t in texts if physician in t]
+    acks = [t for t in texts if t.startswith(translator(language)[0]("Received, analysing…"))]
+    edits = [str(c.params.get("text", "")) for c in fake.calls_of("editMessageText", chat_id)]
+    notices = [t for t in texts + edits if t not in results and any(h in t for h in RESEND_HINTS)]
+    return ChatSummary(results, len(fake.calls_of("sendPhoto", chat_id)), len(acks), notices)
 
 
 # --------------------------------------------------------------------------- images
