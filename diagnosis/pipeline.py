@@ -53,7 +53,7 @@ class LoadedModel:
         if self.card.activation == "softmax":
             shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
             return shifted / shifted.sum(axis=1, keepdims=True)
-        return 1.0 / (1.0 + np.exp(-logits))
+        return 1.0 / (1.0 + np.exp(-np.clip(logits, -60, 60)))  # clip: no overflow warning
 
 
 @dataclass
