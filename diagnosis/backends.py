@@ -82,6 +82,9 @@ class OnnxRunner:
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads or min(2, os.cpu_count() or 1)
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # Three models run one after another: spinning idle threads of one session would steal the
+        # cores from the next (measured: 36 → 13 ms per model at 128 px on 2 cores).
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
     def __call__(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
