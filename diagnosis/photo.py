@@ -16,10 +16,10 @@ Detection runs on a copy scaled to ``WORK_SIDE`` px; only the final warp touches
 Measured (python -m training.measure_photos --manifest ../shared/data/xray-pack/manifest.csv ...):
 digital radiographs of the test split changed: 19 / 1506 (12 hand films scanned with a visible inner
 frame, 4 shoulder and 3 chest images with a dark surround); the pack's 76 real phone photos: none
-changed (their senders cropped them to the film already); synthetic photos of 300 chest test images
-(light box, window, monitor, print): film corners found within 5 % of the frame in 70 % (light box,
-window and print ~82 % on val, monitors ~44 %: a film's black margin melts into the viewer's dark
-background; a film's white edge on a white light box or window has no edge to find).
+changed (their senders cropped them to the film already); synthetic photos of the 1113 chest test
+images (light box, window, monitor, print): film corners found within 5 % of the frame in 71 % (on
+val: light box, window and print ~82 %, monitors ~44 %: a film's black margin melts into the viewer's
+dark background; a film's white edge on a white light box or window leaves no edge to find).
 """
 
 from __future__ import annotations

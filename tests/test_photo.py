@@ -73,7 +73,7 @@ def test_film_in_a_synthetic_photo_is_found_and_straightened(radiographs, scene)
 
 def test_most_synthetic_photos_are_found(chest_images):
     """The rate, not one lucky case. Measured on 150 val photos: 82 % of light box, window and print
-    photos within 5 % (misses: a white film edge on a white panel or window has no edge to find;
+    photos within 5 % (misses: a white film edge on a white panel or window leaves no edge to find;
     monitors, not tested here, 44 %: the film's dark margin melts into the viewer's background)."""
     errors = []
     for seed, gray in enumerate(chest_images):
