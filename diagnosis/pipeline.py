@@ -67,6 +67,7 @@ class _Item:
     result: DiagnosisResult
     decoded: DecodedImage | None = None
     image: np.ndarray | None = None  # what the models see: the decoded image, or the straightened film
+    problems: list[str] = field(default_factory=list)  # quality problems: a retake if the gate says X-ray
     inputs: dict = field(default_factory=dict)  # one resized array per input contract
     overlay_jpeg: bytes | None = None
 
@@ -142,7 +143,7 @@ class Pipeline:
         active = [i for i in items if i.image is not None]
         if active:
             self._gate(active)
-            active = [i for i in active if i.result.is_xray]
+            active = [i for i in active if i.result.outcome == "analysed"]
         if active:
             self._body_part(active)
         for part, model in self.abnormality.items():
@@ -167,10 +168,7 @@ class Pipeline:
         problems = check_quality(item.decoded.gray, straightened)
         item.result.rectified = straightened.rectified
         item.result.timings_ms["photo"] = _ms(clock)
-        if problems:
-            item.result.outcome, item.result.retake = "retake", problems
-        else:
-            item.image = straightened.gray
+        item.image, item.problems = straightened.gray, problems
 
     def _infer(self, model: LoadedModel, items: list[_Item], stage: str) -> tuple[np.ndarray, np.ndarray]:
         clock = time.perf_counter()
@@ -198,6 +196,10 @@ class Pipeline:
             item.result.is_xray = bool(row[index] >= threshold)
             if not item.result.is_xray:
                 item.result.outcome = "not_xray"
+            elif item.problems:
+                # Asked only once the gate sees an X-ray: a selfie should hear "not an X-ray", not
+                # "retake" (quality-first sent 30 of 426 non-X-ray test images a retake request).
+                item.result.outcome, item.result.retake = "retake", item.problems
 
     def _body_part(self, items: list[_Item]) -> None:
         card = self.body_part.card

@@ -97,11 +97,11 @@ def test_large_image_overlay_is_capped(chest_pipeline):
     assert max(overlay.size) < 2 * 3200
 
 
-def test_poor_photo_is_refused_with_advice_before_the_models(chest_pipeline):
+def test_poor_photo_of_an_xray_is_refused_with_advice(chest_pipeline):
     dark = encode(Image.fromarray((gradient(300, 260, texture=True) * 0.1).astype(np.uint8)), "PNG")
     analysis = chest_pipeline.run(dark)
     assert analysis.result.outcome == "retake" and analysis.result.retake == ["too_dark"]
-    assert "gate" not in analysis.result.timings_ms and analysis.overlay_jpeg is None
+    assert "body_part" not in analysis.result.timings_ms and analysis.overlay_jpeg is None
     assert "too dark" in analysis.result.message and "physician" in analysis.result.message
 
 
@@ -113,3 +113,9 @@ def test_photo_of_a_film_is_straightened_and_the_reply_says_so(chest_pipeline, p
     analysis = chest_pipeline.run(encode(Image.fromarray(photo), "JPEG"))
     assert analysis.result.rectified
     assert "straightened" in analysis.result.message
+
+
+def test_poor_photo_that_is_not_an_xray_hears_not_an_xray(tmp_path):
+    dark = encode(Image.fromarray((gradient(300, 260, texture=True) * 0.1).astype(np.uint8)), "PNG")
+    result = Pipeline.load(make_models_dir(tmp_path, xray=False)).run(dark).result
+    assert result.outcome == "not_xray" and result.retake == []
