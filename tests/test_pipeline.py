@@ -1,3 +1,4 @@
+import io
 import json
 
 import numpy as np
@@ -25,7 +26,7 @@ def test_chest_route_gives_findings_heatmap_and_timings(chest_pipeline):
     assert probabilities == sorted(probabilities, reverse=True)
     assert {f.label for f in result.positive_findings} == {"Effusion", "Cardiomegaly"}
     assert result.heatmap_labels == [f.label for f in result.positive_findings]
-    overlay = Image.open(__import__("io").BytesIO(analysis.overlay_jpeg))
+    overlay = Image.open(io.BytesIO(analysis.overlay_jpeg))
     assert overlay.mode == "RGB" and overlay.width > 2 * 300  # two panels side by side
     for stage in ("decode", "preprocess", "gate", "body_part", "chest", "heatmap", "overlay", "total"):
         assert result.timings_ms[stage] >= 0
@@ -93,7 +94,7 @@ def test_gradcam_setting_uses_pytorch_grad_cam(fake_models):
 
 def test_large_image_overlay_is_capped(chest_pipeline):
     big = encode(Image.fromarray(np.tile(gradient(400, 300, texture=True), (8, 8))), "JPEG")  # 3200×2400
-    overlay = Image.open(__import__("io").BytesIO(chest_pipeline.run(big).overlay_jpeg))
+    overlay = Image.open(io.BytesIO(chest_pipeline.run(big).overlay_jpeg))
     assert max(overlay.size) < 2 * 3200
 
 

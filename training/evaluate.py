@@ -6,6 +6,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from diagnosis.cards import ModelCard
 from diagnosis.network import load_model
@@ -52,7 +53,7 @@ def evaluate_model(folder: Path | str, records: list[Record], split: str = "test
     if not chosen:
         raise SystemExit(f"no rows of split {split!r} apply to model {card.name!r}")
     dataset = RecordDataset(chosen, task, card.input.size, card.input.mean, card.input.std, cache_side=None)
-    probs, targets, _ = predict(model.to(memory_format=__import__("torch").channels_last), dataset,
+    probs, targets, _ = predict(model.to(memory_format=torch.channels_last), dataset,
                                 batch_size, device_, task.activation)
     if task.activation == "sigmoid":
         report = auc_report(card.labels, chest_targets(card, chosen), probs)
