@@ -41,6 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--device", default="auto")
     t.add_argument("--val-limit", type=int)
     t.add_argument("--threads", type=int)
+    t.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (GPU machines: 8+)")
+    t.add_argument("--max-minutes", type=float, help="stop after the epoch that passes this budget")
 
     x = commands.add_parser("export", help="run folder → models/<name> (weights + card with test metrics)")
     x.add_argument("--run", required=True, type=Path)
@@ -92,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
             else recipe["weight_decay"], betas=tuple(args.betas), plateau_patience=args.plateau_patience,
             plateau_factor=args.plateau_factor, epoch_size=args.epoch_size, balance=not args.no_balance,
             seed=args.seed, init_from=args.init_from, imagenet_weights=args.imagenet_weights,
-            device=args.device, val_limit=args.val_limit,
+            device=args.device, val_limit=args.val_limit, num_workers=args.workers, max_minutes=args.max_minutes,
         )
         train(config, make_task(args.task, records, args.min_count), records)
         return 0

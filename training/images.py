@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import random
 
 import numpy as np
@@ -11,6 +12,7 @@ from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
 from diagnosis.intake import ImageRejected, decode
+from diagnosis.photo import rectify
 from diagnosis.preprocess import resize_gray, to_model_input
 
 from .datasets import Record
@@ -18,9 +20,14 @@ from .tasks import Task
 
 
 def load_gray(record: Record, max_side: int | None) -> Image.Image:
-    """Decode a file through the same intake as the service; optionally shrink it for the cache."""
+    """Decode a file through the same intake as the service; optionally shrink it for the cache.
+
+    Like the service, a photographed film is straightened first (DICOM is digital: left alone), so
+    the models train on what they will be shown.
+    """
     decoded = decode(record.path.read_bytes())
-    image = Image.fromarray(decoded.gray, mode="L")
+    gray = decoded.gray if decoded.format == "DICOM" else rectify(decoded.gray).gray
+    image = Image.fromarray(gray, mode="L")
     if max_side is not None and max(image.size) > max_side:
         scale = max_side / max(image.size)
         image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))),
@@ -70,6 +77,25 @@ class RecordDataset(Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
+    def warm(self, processes: int) -> None:
+        """Decode every record once in parallel, before DataLoader workers fork and share the cache."""
+        missing = [i for i, r in enumerate(self.records) if r.path not in self.cache]
+        if processes <= 1 or not missing:
+            return
+        global _warming
+        _warming = self  # forked processes inherit it: only indices and decoded images cross over
+        try:
+            with multiprocessing.get_context("fork").Pool(processes) as pool:
+                for index, image in zip(missing, pool.imap(_decode, missing, chunksize=16), strict=True):
+                    self.cache[self.records[index].path] = image
+        finally:
+            _warming = None
+
+    def reseed(self, seed: int) -> None:
+        """Give each DataLoader worker its own augmentation stream (forked workers share the parent's)."""
+        if self.augment is not None:
+            self.augment.rng.seed(seed)
+
     def image(self, index: int) -> Image.Image:
         record = self.records[index]
         image = self.cache.get(record.path)
@@ -87,3 +113,10 @@ class RecordDataset(Dataset):
             image = self.augment(image)
         pixels = to_model_input(image, self.size, self.mean, self.std)
         return torch.from_numpy(np.ascontiguousarray(pixels)), torch.as_tensor(self.task.target(self.records[index]))
+
+
+_warming: RecordDataset | None = None
+
+
+def _decode(index: int) -> Image.Image:
+    return _warming.image(index)

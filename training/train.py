@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import platform
 import random
 import time
 from collections import Counter
@@ -58,8 +59,9 @@ class TrainConfig:
     init_from: Path | None = None  # a model folder or run whose backbone starts this one
     imagenet_weights: Path | None = None  # torchvision DenseNet-121 ImageNet weights as safetensors
     device: str = "auto"
-    num_workers: int = 0
+    num_workers: int = 0  # DataLoader workers; > 0 also decodes the data set in parallel up front
     val_limit: int | None = None
+    max_minutes: float | None = None  # stop after the epoch that passes this wall-clock budget
     extra: dict = field(default_factory=dict)
 
 
@@ -83,7 +85,18 @@ def _cpu_has_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def initialise(model: DenseNetClassifier, config: TrainConfig) -> str:
+def describe_hardware(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)} (CUDA)"
+    return f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+
+
+def _reseed_worker(worker_id: int) -> None:
+    info = torch.utils.data.get_worker_info()
+    info.dataset.reseed(info.seed)
+
+
+def initialise(model: DenseNetClassifier, config: TrainConfig, labels: list[str]) -> str:
     """Load a starting backbone. Returns a description recorded in the card."""
     if config.imagenet_weights is not None:
         path = Path(config.imagenet_weights)
@@ -107,10 +120,22 @@ def initialise(model: DenseNetClassifier, config: TrainConfig) -> str:
         file = source / "weights.safetensors"  # a model folder…
         if not file.is_file():
             file = source / "best.safetensors"  # …or a training run
-        state = {k: v.float() for k, v in load_file(str(file)).items() if k.startswith("features.")}
-        model.load_state_dict(state, strict=False)
+        state = {k: v.float() for k, v in load_file(str(file)).items()}
+        if _labels_of(source) == labels:  # the same task: continue training the whole network
+            model.load_state_dict(state)
+            return f"{source.name} ({file.name}), whole network"
+        model.load_state_dict({k: v for k, v in state.items() if k.startswith("features.")}, strict=False)
         return f"backbone of {source.name} ({file.name})"
     return "random (from scratch)"
+
+
+def _labels_of(source: Path) -> list[str] | None:
+    """Labels of a model folder (card.json) or a training run (state.json)."""
+    if (source / "card.json").is_file():
+        return json.loads((source / "card.json").read_text()).get("labels")
+    if (source / "state.json").is_file():
+        return json.loads((source / "state.json").read_text())["task"]["labels"]
+    return None
 
 
 def predict(model: torch.nn.Module, dataset: RecordDataset, batch_size: int, device: torch.device,
@@ -163,7 +188,7 @@ def train(config: TrainConfig, task: Task, records: list[Record]) -> Path:
     log.info("%s: %d train, %d val records; labels %s", task.name, len(train_records), len(val_records), task.labels)
 
     model = DenseNetClassifier(len(task.labels))
-    initialisation = initialise(model, config)
+    initialisation = initialise(model, config, task.labels)
     model.to(device).to(memory_format=torch.channels_last)
     params = model.parameters()
     if config.optimizer == "radam":
@@ -187,6 +212,10 @@ def train(config: TrainConfig, task: Task, records: list[Record]) -> Path:
     val_set = RecordDataset(val_records, task, config.size, config.mean, config.std, cache={},
                             cache_side=2 * config.size)
     epoch_size = config.epoch_size or len(train_records)
+    if config.num_workers > 0:
+        train_set.warm(config.num_workers)
+        val_set.warm(config.num_workers)
+    session_started = time.time()
     if config.balance:
         groups = [task.balance_group(r) for r in train_records]
         counts = Counter(groups)
@@ -199,8 +228,9 @@ def train(config: TrainConfig, task: Task, records: list[Record]) -> Path:
         started = time.time()
         generator = torch.Generator().manual_seed(config.seed * 1000 + epoch)
         sampler = WeightedRandomSampler(weights, epoch_size, replacement=config.balance, generator=generator)
-        loader = DataLoader(train_set, batch_size=config.batch_size, sampler=sampler,
-                            num_workers=config.num_workers, drop_last=True)
+        loader = DataLoader(train_set, batch_size=config.batch_size, sampler=sampler, drop_last=True,
+                            num_workers=config.num_workers, worker_init_fn=_reseed_worker,
+                            pin_memory=device.type == "cuda")
         model.train()
         running, seen = 0.0, 0
         bar = tqdm(loader, desc=f"{task.name} epoch {epoch + 1}/{config.epochs}", leave=False)
@@ -224,7 +254,8 @@ def train(config: TrainConfig, task: Task, records: list[Record]) -> Path:
         if smoothed > best:
             best = smoothed
             save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
-                      str(out / "best.safetensors"))
+                      str(out / "best.safetensors.tmp"))
+            (out / "best.safetensors.tmp").replace(out / "best.safetensors")  # a killed run keeps a whole file
         history.append({"epoch": epoch + 1, "train_loss": running / max(seen, 1), "val_loss": val_loss,
                         metric_name: metric, f"smoothed_{metric_name}": smoothed,
                         "lr": optimizer.param_groups[0]["lr"], "seconds": time.time() - started})
@@ -234,6 +265,9 @@ def train(config: TrainConfig, task: Task, records: list[Record]) -> Path:
             "train_seconds": seconds_so_far, "initialisation": initialisation,
             "task": {"name": task.name, "labels": task.labels, "activation": task.activation},
             "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()},
-            "train_records": len(train_records), "device": str(device),
+            "train_records": len(train_records), "device": str(device), "hardware": describe_hardware(device),
         })
+        if config.max_minutes is not None and time.time() - session_started > 60 * config.max_minutes:
+            log.info("time budget of %.1f min spent after epoch %d", config.max_minutes, epoch + 1)
+            break
     return out
