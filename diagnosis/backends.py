@@ -37,8 +37,7 @@ class TorchRunner:
     def __call__(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         x = torch.from_numpy(batch).to(self.device).contiguous(memory_format=self.memory_format)
         with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
-            features = self.network.forward_features(x)
-            logits = self.network.head(features)
+            logits, features = self.network.forward_with_features(x)
         return logits.float().cpu().numpy(), features.float().cpu().numpy()
 
 
@@ -48,8 +47,7 @@ class _LogitsAndFeatures(torch.nn.Module):
         self.network = network
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        features = self.network.forward_features(x)
-        return self.network.head(features), features
+        return self.network.forward_with_features(x)
 
 
 def export_onnx(network: DenseNetClassifier, card: ModelCard, path: Path) -> Path:
@@ -75,7 +73,8 @@ class OnnxRunner:
     def __init__(self, network: DenseNetClassifier, card: ModelCard, cache_dir: Path, threads: int | None = None):
         import onnxruntime as ort
 
-        path = Path(cache_dir) / f"{card.name}-{card.weights.sha256[:16]}-{card.input.size}.onnx"
+        flip = "-flip" if card.flip_average else ""
+        path = Path(cache_dir) / f"{card.name}-{card.weights.sha256[:16]}-{card.input.size}{flip}.onnx"
         if not path.is_file():
             log.info("exporting %s to ONNX at %s", card.name, path)
             export_onnx(network, card, path)

@@ -54,6 +54,7 @@ class ModelCard(BaseModel):
     positive_label: str | None = None  # gate: the label that means "is an X-ray"
     min_confidence: float | None = None  # body_part: below this we ask for a clearer image
     heatmap_layer: str = "relu (post-ReLU output of features.norm5)"
+    flip_average: bool = False  # test-time augmentation: logits averaged with the mirror image's
     metrics: dict[str, Any] = Field(default_factory=dict)
     data_sources: list[dict[str, Any]] = Field(default_factory=list)
     training: dict[str, Any] = Field(default_factory=dict)

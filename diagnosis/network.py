@@ -22,8 +22,9 @@ class DenseNetClassifier(nn.Module):
     Parameter names match torchvision's (``features.*``, ``classifier.*``) so its weights load.
     """
 
-    def __init__(self, num_outputs: int, in_channels: int = 1):
+    def __init__(self, num_outputs: int, in_channels: int = 1, flip_average: bool = False):
         super().__init__()
+        self.flip_average = flip_average  # test-time augmentation (eval only): see forward_with_features
         backbone = densenet121(weights=None, num_classes=num_outputs)
         if in_channels != 3:
             backbone.features.conv0 = nn.Conv2d(in_channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
@@ -38,12 +39,26 @@ class DenseNetClassifier(nn.Module):
         pooled = F.adaptive_avg_pool2d(feature_map, 1).flatten(1)
         return self.classifier(pooled)
 
+    def forward_with_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits and the post-ReLU map of ``x``.
+
+        With ``flip_average`` (in eval mode) the logits are the mean over the image and its mirror
+        image, computed as one batch; the map, and so the heatmap, stays that of the image as sent.
+        """
+        if not self.flip_average or self.training:
+            features = self.forward_features(x)
+            return self.head(features), features
+        n = x.shape[0]
+        both = self.forward_features(torch.cat([x, x.flip(3)]))
+        return (self.head(both[:n]) + self.head(both[n:])) / 2, both[:n]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.forward_features(x))
+        return self.forward_with_features(x)[0]
 
 
 def build_network(card: ModelCard) -> DenseNetClassifier:
-    return DenseNetClassifier(num_outputs=len(card.labels), in_channels=card.input.channels)
+    return DenseNetClassifier(num_outputs=len(card.labels), in_channels=card.input.channels,
+                              flip_average=card.flip_average)
 
 
 def load_model(folder: Path | str, device: str | torch.device = "cpu") -> tuple[ModelCard, DenseNetClassifier]:

@@ -50,3 +50,30 @@ def test_batch_equals_single_runs(fake_models):
         for a, b in zip(analysis.result.findings, single.result.findings, strict=True):
             assert a.probability == pytest.approx(b.probability, abs=1e-5)
         assert (analysis.overlay_jpeg is None) == (single.overlay_jpeg is None)
+
+
+def test_flip_average_is_the_mean_over_the_image_and_its_mirror(tmp_path):
+    from model_factory import CHEST_LABELS, make_model
+
+    from diagnosis.heatmap import grad_cam
+
+    make_model(tmp_path / "chest", role="abnormality", body_part="chest", labels=CHEST_LABELS,
+               activation="sigmoid", biases=[0.0] * 14, flip_average=True, seed=3)
+    card, network = load_model(tmp_path / "chest")
+    assert card.flip_average and network.flip_average
+    batch = np.random.default_rng(1).normal(size=(2, 1, 64, 64)).astype(np.float32)
+    x = torch.from_numpy(batch)
+    with torch.no_grad():
+        plain = network.head(network.forward_features(x))
+        mirrored = network.head(network.forward_features(x.flip(3)))
+        features = network.forward_features(x)
+    logits, maps = TorchRunner(network, torch.device("cpu"), channels_last=False)(batch)
+    assert np.abs(logits - ((plain + mirrored) / 2).numpy()).max() < 1e-4
+    assert np.abs(logits - plain.numpy()).max() > 1e-3  # the mirror really changes the answer
+    assert np.abs(maps - features.numpy()).max() < 1e-4  # the heatmap stays the unflipped image's
+    onnx_logits, onnx_maps = OnnxRunner(network, card, tmp_path / "cache")(batch)
+    assert np.abs(onnx_logits - logits).max() < 1e-4 and np.abs(onnx_maps - maps).max() < 1e-4
+    assert all(p.name.endswith("-flip.onnx") for p in (tmp_path / "cache").glob("*.onnx"))
+    with_flip = grad_cam(network, x[:1], 2)
+    network.flip_average = False
+    assert np.abs(with_flip - grad_cam(network, x[:1], 2)).max() < 1e-4

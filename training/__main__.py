@@ -50,6 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     data_args(x)
     x.add_argument("--device", default="auto")
     x.add_argument("--dtype", choices=["float16", "float32"], default="float16")
+    x.add_argument("--flip-average", action="store_true",
+                   help="test-time augmentation: average logits with the mirror image (measure on val first)")
 
     e = commands.add_parser("evaluate", help="metrics of a model folder on a split")
     e.add_argument("--model", required=True, type=Path)
@@ -95,13 +97,15 @@ def main(argv: list[str] | None = None) -> int:
             plateau_factor=args.plateau_factor, epoch_size=args.epoch_size, balance=not args.no_balance,
             seed=args.seed, init_from=args.init_from, imagenet_weights=args.imagenet_weights,
             device=args.device, val_limit=args.val_limit, num_workers=args.workers, max_minutes=args.max_minutes,
+            extra={"data": data_name},
         )
         train(config, make_task(args.task, records, args.min_count), records)
         return 0
     if args.command == "export":
         from .export import export_run
 
-        card = export_run(args.run, args.out, records, data_name, args.device, getattr(torch, args.dtype))
+        card = export_run(args.run, args.out, records, data_name, args.device, getattr(torch, args.dtype),
+                          args.flip_average)
         print(json.dumps(card.metrics["test"], indent=1))
         return 0
     from .evaluate import evaluate_model

@@ -45,7 +45,7 @@ def chest_targets(card: ModelCard, records: list[Record]) -> np.ndarray:
 
 
 def evaluate_model(folder: Path | str, records: list[Record], split: str = "test", device: str = "auto",
-                   batch_size: int = 64, plots: Path | None = None, tta: bool = False) -> dict:
+                   batch_size: int = 64, plots: Path | None = None) -> dict:
     card, model = load_model(folder, pick_device(device))
     device_ = next(model.parameters()).device
     task = task_for_card(card)

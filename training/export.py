@@ -43,16 +43,22 @@ LICENCES = {  # from the xray-pack README; carried forward into every card that 
     "neg_ultrasound": "CC0 (assumed)",
     "neg_dermoscopy": "ISIC: mostly CC0 / CC BY (per image)",
 }
+def licence(source: str) -> str:
+    if source.startswith("synthetic_"):  # training.synthetic_photos keeps the radiograph's licence
+        return f"synthetic phone photos of {source[10:]}: {licence(source[10:])}"
+    return LICENCES.get(source, "see dataset")
+
+
 ROLES = {"gate": "gate", "body_part": "body_part", "chest": "abnormality"}
 
 
 def export_run(run_dir: Path, out: Path, records: list[Record], data_name: str, device: str = "auto",
-               dtype: torch.dtype = torch.float16) -> ModelCard:
+               dtype: torch.dtype = torch.float16, flip_average: bool = False) -> ModelCard:
     run_dir, out = Path(run_dir), Path(out)
     meta = json.loads((run_dir / "state.json").read_text())
     task = Task(meta["task"]["name"], meta["task"]["labels"], meta["task"]["activation"])
     config = meta["config"]
-    model = DenseNetClassifier(len(task.labels))
+    model = DenseNetClassifier(len(task.labels), flip_average=flip_average)  # thresholds see what the service sees
     model.load_state_dict({k: v.float() for k, v in load_file(str(run_dir / "best.safetensors")).items()})
     torch_device = pick_device(device)
     model.to(torch_device).to(memory_format=torch.channels_last)
@@ -79,8 +85,8 @@ def export_run(run_dir: Path, out: Path, records: list[Record], data_name: str, 
         method = f"min_confidence = 2nd percentile of top-1 probability of correct val answers ({len(val)} images)"
 
     sha, dtype_name = save_weights(model, out, dtype=dtype)
-    train_rows = [r for r in records if r.split == "train" and task.applies(r)]
-    sources = Counter(r.source for r in train_rows)
+    # What the run trained on (recorded by train), else the train rows of the data given here.
+    sources = meta.get("train_sources") or Counter(r.source for r in records if r.split == "train" and task.applies(r))
     card = ModelCard(
         name=out.name,
         version=date.today().isoformat(),
@@ -93,10 +99,9 @@ def export_run(run_dir: Path, out: Path, records: list[Record], data_name: str, 
         threshold_method=method or "arg-max",
         positive_label=positive,
         min_confidence=min_confidence,
-        data_sources=[{"source": s, "train_images": n, "licence": LICENCES.get(s, "see dataset")}
-                      for s, n in sorted(sources.items())],
+        data_sources=[{"source": s, "train_images": n, "licence": licence(s)} for s, n in sorted(sources.items())],
         training={
-            "data": data_name,
+            "data": meta.get("data") or data_name,
             "initialisation": meta["initialisation"],
             "recipe": {k: config[k] for k in ("optimizer", "lr", "betas", "weight_decay", "batch_size", "epochs",
                                               "epoch_size", "balance", "plateau_patience", "plateau_factor",
@@ -109,6 +114,7 @@ def export_run(run_dir: Path, out: Path, records: list[Record], data_name: str, 
             "loss": "cross-entropy" if task.activation == "softmax" else "binary cross-entropy",
         },
         weights=WeightsSpec(sha256=sha, dtype=dtype_name),
+        flip_average=flip_average,
     )
     write_card(out, card)
     test = evaluate_model(out, records, "test", device=device)

@@ -265,7 +265,8 @@ def train(config: TrainConfig, task: Task, records: list[Record]) -> Path:
             "train_seconds": seconds_so_far, "initialisation": initialisation,
             "task": {"name": task.name, "labels": task.labels, "activation": task.activation},
             "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()},
-            "train_records": len(train_records), "device": str(device), "hardware": describe_hardware(device),
+            "train_records": len(train_records), "train_sources": dict(Counter(r.source for r in train_records)),
+            "data": config.extra.get("data", ""), "device": str(device), "hardware": describe_hardware(device),
         })
         if config.max_minutes is not None and time.time() - session_started > 60 * config.max_minutes:
             log.info("time budget of %.1f min spent after epoch %d", config.max_minutes, epoch + 1)
