@@ -132,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--worker-images", type=int, default=200)
     parser.add_argument("--no-worker", action="store_true", help="skip the Celery worker measurement")
     parser.add_argument("--backend", default="onnx", choices=["onnx", "torch"], help="optimised backend")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (use --backend torch with cuda)")
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args(argv)
 
@@ -139,8 +140,8 @@ def main(argv: list[str] | None = None) -> int:
 
     images = {"phone 1280×960 JPEG": phone_style_jpeg(ROOT / "examples" / "chest_xray.jpg"),
               "pack chest 128 px": (ROOT / "examples" / "chest_xray.jpg").read_bytes()}
-    optimised = Pipeline.load(args.models, backend=args.backend, heatmap="cam")
-    baseline = Pipeline.load(args.models, backend="eager", heatmap="gradcam")
+    optimised = Pipeline.load(args.models, backend=args.backend, heatmap="cam", device=args.device)
+    baseline = Pipeline.load(args.models, backend="eager", heatmap="gradcam", device=args.device)
     report: dict = {"machine": machine(), "images": {}}
     print(f"machine: {report['machine']}\n")
     header = f"{'image':22} {'path':10} " + " ".join(f"{s:>10}" for s in STAGES)

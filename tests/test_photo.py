@@ -189,6 +189,22 @@ def test_synthetic_photo_cli_writes_a_pack_style_set(pack, tmp_path):
     assert (tmp_path / "corners.csv").read_text().count("\n") == 3
 
 
+def test_synthetic_photo_cli_takes_a_few_of_each_source_and_negatives(pack, tmp_path):
+    assert synthetic_main(["--manifest", str(pack / "manifest.csv"), "--split", "val", "--out", str(tmp_path),
+                           "--negatives", "--per-source", "1", "--workers", "2"]) == 0
+    with (tmp_path / "manifest.csv").open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    sources = [r["source"] for r in rows]
+    assert len(sources) == len(set(sources)) > 10 and all(s.startswith("synthetic_") for s in sources)
+    negatives = [r for r in rows if r["is_xray"] == "0"]
+    assert negatives and all(r["kind"] != "phone_photo_of_film" for r in negatives)
+    assert all(r["kind"] == "phone_photo_of_film" for r in rows if r["is_xray"] == "1")
+    again = tmp_path / "again"  # image i comes from seed (seed, i): the worker count changes nothing
+    assert synthetic_main(["--manifest", str(pack / "manifest.csv"), "--split", "val", "--out", str(again),
+                           "--negatives", "--per-source", "1"]) == 0
+    assert (again / rows[3]["path"]).read_bytes() == (tmp_path / rows[3]["path"]).read_bytes()
+
+
 def test_measure_photos_runs_on_stand_in_models(pack, fake_models, tmp_path):
     from training.measure_photos import main as measure_main
 

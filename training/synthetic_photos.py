@@ -19,6 +19,7 @@ import argparse
 import csv
 import multiprocessing
 import sys
+from collections import Counter
 from pathlib import Path
 
 import cv2
@@ -200,15 +201,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--limit", type=int, default=None, help="at most N images")
     parser.add_argument("--body-part", default=None, help="only this body part (e.g. chest)")
     parser.add_argument("--workers", type=int, default=1, help="processes (about 60 ms per photo each)")
+    parser.add_argument("--per-source", type=int, default=None, help="at most N images of each source")
+    parser.add_argument("--negatives", action="store_true",
+                        help="photograph non-X-ray images too (the gate must not learn 'light box = X-ray')")
     args = parser.parse_args(argv)
 
     manifest = Path(args.manifest)
     with manifest.open(newline="") as handle:
         reader = csv.DictReader(handle)
         fields = list(reader.fieldnames or [])
-        # Digital radiographs only: photographing a phone photo again teaches nothing new.
-        rows = [r for r in reader if r["split"] == args.split and r["is_xray"] == "1" and r.get("phone_photo") != "1"
+        # Digital images only: photographing a phone photo again teaches nothing new.
+        rows = [r for r in reader if r["split"] == args.split and r.get("phone_photo") != "1"
+                and (r["is_xray"] == "1" or args.negatives)
                 and (args.body_part is None or r["body_part"] == args.body_part)]
+    if args.per_source:
+        taken: Counter[str] = Counter()
+        kept = []
+        for row in rows:
+            taken[row["source"]] += 1
+            if taken[row["source"]] <= args.per_source:
+                kept.append(row)
+        rows = kept
     rows = rows[: args.limit] if args.limit else rows
     out = Path(args.out)
     (out / "images").mkdir(parents=True, exist_ok=True)
@@ -227,8 +240,9 @@ def main(argv: list[str] | None = None) -> int:
         corners_writer.writerow(["path", "x0", "y0", "x1", "y1", "x2", "y2", "x3", "y3"])
         for row, (_, target, _), corners in zip(rows, jobs, placed, strict=True):
             name = target.relative_to(out).as_posix()
+            kind = "phone_photo_of_film" if row["is_xray"] == "1" else row["kind"]
             writer.writerow({**row, "path": name, "source": f"synthetic_{row['source']}", "phone_photo": "1",
-                             "kind": "phone_photo_of_film"})
+                             "kind": kind})
             corners_writer.writerow([name, *np.round(corners.ravel(), 1)])
     print(f"wrote {len(rows)} synthetic photos to {out}", file=sys.stderr)
     return 0

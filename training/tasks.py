@@ -35,7 +35,10 @@ class Task:
         """Records are sampled so each group weighs the same: hard negatives (fundus, MRI, phone
         photos of films) would otherwise drown in thousands of chest images."""
         if self.name == "gate":
-            return f"{record.kind}/{record.body_part or ''}/{int(record.phone_photo)}"
+            if record.phone_photo:  # real and synthetic photos: three groups, so they add to the mix without ruling it
+                origin = "synthetic" if record.source.startswith("synthetic_") else "real"
+                return f"phone_photo/{'xray' if record.is_xray else 'not_xray'}/{origin}"
+            return f"{record.kind}/{record.body_part or ''}"
         if self.name == "body_part":
             return f"{record.body_part}/{int(record.phone_photo)}"
         return "chest"
