@@ -34,13 +34,13 @@ class Task:
     def balance_group(self, record: Record) -> str:
         """Records are sampled so each group weighs the same: hard negatives (fundus, MRI, phone
         photos of films) would otherwise drown in thousands of chest images."""
+        origin = "synthetic" if record.source.startswith("synthetic_") else "real"
         if self.name == "gate":
             if record.phone_photo:  # real and synthetic photos: three groups, so they add to the mix without ruling it
-                origin = "synthetic" if record.source.startswith("synthetic_") else "real"
                 return f"phone_photo/{'xray' if record.is_xray else 'not_xray'}/{origin}"
             return f"{record.kind}/{record.body_part or ''}"
         if self.name == "body_part":
-            return f"{record.body_part}/{int(record.phone_photo)}"
+            return f"phone_photo/{origin}" if record.phone_photo else str(record.body_part)
         return "chest"
 
 
@@ -50,7 +50,8 @@ def make_task(name: str, records: list[Record], min_count: int = 30) -> Task:
     if name == "chest":
         return Task("chest", list(CHEST_LABELS), "sigmoid")
     if name == "body_part":
-        counts = Counter(r.body_part for r in records if r.is_xray and r.split == "train" and r.body_part)
+        counts = Counter(r.body_part for r in records if r.is_xray and r.split == "train" and r.body_part
+                         and not r.source.startswith("synthetic_"))  # parts known from real images only
         parts = sorted(part for part, count in counts.items() if count >= min_count)
         if len(parts) < 2:
             raise SystemExit(f"body_part needs ≥ 2 body parts with ≥ {min_count} train images; have {dict(counts)}")
