@@ -28,6 +28,9 @@ MURA_PARTS = {
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".dcm"}
 
 
+SYNTHETIC_PREFIX = "synthetic_"  # source name of training.synthetic_photos output: synthetic_<original source>
+
+
 @dataclass(frozen=True)
 class Record:
     path: Path
@@ -40,6 +43,10 @@ class Record:
     patient_id: str = ""
     phone_photo: bool = False
     extra: dict = field(default_factory=dict, compare=False, hash=False)
+
+    @property
+    def synthetic(self) -> bool:
+        return self.source.startswith(SYNTHETIC_PREFIX)
 
     @property
     def group(self) -> str:

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from diagnosis.cards import InputSpec, ModelCard, WeightsSpec, write_card
 from diagnosis.network import DenseNetClassifier, save_weights
 
-from .datasets import Record
+from .datasets import SYNTHETIC_PREFIX, Record
 from .evaluate import evaluate_model
 from .images import RecordDataset
 from .metrics import youden_threshold
@@ -44,8 +44,9 @@ LICENCES = {  # from the xray-pack README; carried forward into every card that 
     "neg_dermoscopy": "ISIC: mostly CC0 / CC BY (per image)",
 }
 def licence(source: str) -> str:
-    if source.startswith("synthetic_"):  # training.synthetic_photos keeps the radiograph's licence
-        return f"synthetic phone photos of {source[10:]}: {licence(source[10:])}"
+    if source.startswith(SYNTHETIC_PREFIX):  # training.synthetic_photos keeps the radiograph's licence
+        original = source.removeprefix(SYNTHETIC_PREFIX)
+        return f"synthetic phone photos of {original}: {licence(original)}"
     return LICENCES.get(source, "see dataset")
 
 

@@ -26,6 +26,8 @@ import cv2
 import numpy as np
 from PIL import Image
 
+from .datasets import SYNTHETIC_PREFIX
+
 SCENES = ("lightbox", "window", "monitor", "printout")
 
 
@@ -241,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
         for row, (_, target, _), corners in zip(rows, jobs, placed, strict=True):
             name = target.relative_to(out).as_posix()
             kind = "phone_photo_of_film" if row["is_xray"] == "1" else row["kind"]
-            writer.writerow({**row, "path": name, "source": f"synthetic_{row['source']}", "phone_photo": "1",
+            writer.writerow({**row, "path": name, "source": SYNTHETIC_PREFIX + row["source"], "phone_photo": "1",
                              "kind": kind})
             corners_writer.writerow([name, *np.round(corners.ravel(), 1)])
     print(f"wrote {len(rows)} synthetic photos to {out}", file=sys.stderr)

@@ -34,7 +34,7 @@ class Task:
     def balance_group(self, record: Record) -> str:
         """Records are sampled so each group weighs the same: hard negatives (fundus, MRI, phone
         photos of films) would otherwise drown in thousands of chest images."""
-        origin = "synthetic" if record.source.startswith("synthetic_") else "real"
+        origin = "synthetic" if record.synthetic else "real"
         if self.name == "gate":
             if record.phone_photo:  # real and synthetic photos: three groups, so they add to the mix without ruling it
                 return f"phone_photo/{'xray' if record.is_xray else 'not_xray'}/{origin}"
@@ -51,7 +51,7 @@ def make_task(name: str, records: list[Record], min_count: int = 30) -> Task:
         return Task("chest", list(CHEST_LABELS), "sigmoid")
     if name == "body_part":
         counts = Counter(r.body_part for r in records if r.is_xray and r.split == "train" and r.body_part
-                         and not r.source.startswith("synthetic_"))  # parts known from real images only
+                         and not r.synthetic)  # parts known from real images only
         parts = sorted(part for part, count in counts.items() if count >= min_count)
         if len(parts) < 2:
             raise SystemExit(f"body_part needs ≥ 2 body parts with ≥ {min_count} train images; have {dict(counts)}")

@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, WeightedRandomSampler
 from tqdm import tqdm
 
+from diagnosis.cards import read_card
 from diagnosis.network import DenseNetClassifier
 
 from .checkpoint import load_checkpoint, save_checkpoint
@@ -130,9 +131,9 @@ def initialise(model: DenseNetClassifier, config: TrainConfig, labels: list[str]
 
 
 def _labels_of(source: Path) -> list[str] | None:
-    """Labels of a model folder (card.json) or a training run (state.json)."""
+    """Labels of a model folder (its card) or a training run (state.json)."""
     if (source / "card.json").is_file():
-        return json.loads((source / "card.json").read_text()).get("labels")
+        return read_card(source, verify=False).labels
     if (source / "state.json").is_file():
         return json.loads((source / "state.json").read_text())["task"]["labels"]
     return None
