@@ -80,7 +80,7 @@ def worker_throughput(models: Path, data: bytes, count: int, backend: str) -> tu
     """Images/s through one real Celery worker (solo pool, queue inference) and its peak RSS in MB."""
     import redis
 
-    from diagnosis.settings import DIAGNOSE_TASK, INFERENCE_QUEUE, Keys
+    from contract.keys import DIAGNOSE_TASK, INFERENCE_QUEUE, Keys
 
     url = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/13")
     client = redis.Redis.from_url(url)

@@ -5,21 +5,16 @@ from __future__ import annotations
 import logging
 from datetime import timedelta
 
-from diagnosis.monitoring import serve_metrics
-from diagnosis.settings import Settings
+from contract.monitoring import serve_metrics
+from contract.settings import Settings
+from contract.telegram import quiet_http_logging
 
 from .app import ALLOWED_UPDATES, build_application
 
 
 def configure_logging(level: str) -> None:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=level.upper())
-    # httpx logs every request URL at INFO, and Bot API URLs contain the bot token; so does
-    # python-telegram-bot's Bot at DEBUG ("Set Bot API URL: …/bot<token>").
-    logging.getLogger("httpx").setLevel(logging.WARNING)
-    logging.getLogger("httpcore").setLevel(logging.WARNING)
-    quiet = max(logging.INFO, logging.getLogger().getEffectiveLevel())
-    for name in ("telegram.Bot", "telegram.ext.ExtBot"):
-        logging.getLogger(name).setLevel(quiet)
+    quiet_http_logging()  # Bot API URLs contain the bot token
 
 
 def main() -> None:

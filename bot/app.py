@@ -21,15 +21,16 @@ from telegram.ext import (
     filters,
 )
 
-from diagnosis.i18n import DEFAULT_LANGUAGE, LANGUAGES
-from diagnosis.settings import Settings
+from contract.i18n import DEFAULT_LANGUAGE, LANGUAGES
+from contract.settings import Settings
+from contract.telegram import RetryingRequest
+from contract.texts import COMMANDS, translator
 
-from . import handlers
+from . import access, commands, images
 from .dispatch import Dispatcher
 from .pending import PendingRequests
-from .request import RetryingRequest
+from .services import Services
 from .store import Store
-from .texts import translator
 
 logger = logging.getLogger(__name__)
 
@@ -54,29 +55,28 @@ def build_application(settings: Settings) -> Application:
         .build()
     )
     store = Store(settings)
-    application.bot_data["services"] = handlers.Services(settings, store, Dispatcher(settings),
-                                                         PendingRequests(settings, store))
+    application.bot_data["services"] = Services(settings, store, Dispatcher(settings), PendingRequests(settings, store))
 
-    application.add_handler(TypeHandler(Update, handlers.gate), group=-1)
+    application.add_handler(TypeHandler(Update, access.gate), group=-1)
     new_messages = filters.UpdateType.MESSAGE
-    application.add_handler(CommandHandler("start", handlers.start, filters=new_messages))
-    application.add_handler(CommandHandler("help", handlers.help_command, filters=new_messages))
-    application.add_handler(CommandHandler("privacy", handlers.privacy, filters=new_messages))
-    application.add_handler(CommandHandler("forget", handlers.forget, filters=new_messages))
-    application.add_handler(CommandHandler("language", handlers.language_menu, filters=new_messages))
-    application.add_handler(CallbackQueryHandler(handlers.language_chosen, pattern=f"^{handlers.LANGUAGE_CALLBACK}"))
-    application.add_handler(MessageHandler(new_messages & filters.PHOTO, handlers.on_photo))
-    application.add_handler(MessageHandler(new_messages & filters.Document.ALL, handlers.on_document))
+    application.add_handler(CommandHandler("start", commands.start, filters=new_messages))
+    application.add_handler(CommandHandler("help", commands.help_command, filters=new_messages))
+    application.add_handler(CommandHandler("privacy", commands.privacy, filters=new_messages))
+    application.add_handler(CommandHandler("forget", commands.forget, filters=new_messages))
+    application.add_handler(CommandHandler("language", commands.language_menu, filters=new_messages))
+    application.add_handler(CallbackQueryHandler(commands.language_chosen, pattern=f"^{commands.LANGUAGE_CALLBACK}"))
+    application.add_handler(MessageHandler(new_messages & filters.PHOTO, images.on_photo))
+    application.add_handler(MessageHandler(new_messages & filters.Document.ALL, images.on_document))
     # Anything else in a private chat (text, stickers, video, voice, unknown commands): a hint.
     # In groups the bot stays quiet unless it is addressed with a command or an image.
     application.add_handler(MessageHandler(
-        new_messages & ~filters.StatusUpdate.ALL & (filters.ChatType.PRIVATE | filters.COMMAND), handlers.on_other
+        new_messages & ~filters.StatusUpdate.ALL & (filters.ChatType.PRIVATE | filters.COMMAND), commands.on_other
     ))
-    application.add_error_handler(handlers.on_error)
+    application.add_error_handler(commands.on_error)
     return application
 
 
-def _services(application: Application) -> handlers.Services:
+def _services(application: Application) -> Services:
     return application.bot_data["services"]
 
 
@@ -84,10 +84,10 @@ async def on_startup(application: Application) -> None:
     """Command menu per language; heartbeat for the container health check."""
     for language in LANGUAGES:
         _, _n = translator(language)
-        commands = [BotCommand(name, _(description)) for name, description in handlers.COMMANDS]
+        menu = [BotCommand(name, _(description)) for name, description in COMMANDS]
         try:
             await application.bot.set_my_commands(
-                commands, language_code=None if language == DEFAULT_LANGUAGE else language
+                menu, language_code=None if language == DEFAULT_LANGUAGE else language
             )
         except TelegramError as error:
             logger.warning("setMyCommands(%s) failed: %s", language, error)

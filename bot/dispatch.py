@@ -1,28 +1,23 @@
 """Enqueue the analysis by task *name*: the bot never imports the worker package or torch.
 
-The task gets JSON arguments only (ids, language, the Redis key of the image), never bytes.
+The task gets JSON arguments only (the request envelope, with the Redis key of the image), never bytes.
 """
 
 from __future__ import annotations
 
 import asyncio
-from dataclasses import asdict, dataclass
+from typing import Any
 
 from celery import Celery
 
-from diagnosis.settings import DIAGNOSE_TASK, INFERENCE_QUEUE, ServiceSettings
+from contract.envelope import RequestEnvelope
+from contract.keys import DIAGNOSE_TASK, INFERENCE_QUEUE
+from contract.settings import ServiceSettings
 
 
-@dataclass(frozen=True)
-class DiagnoseRequest:
+def diagnose_kwargs(request: RequestEnvelope) -> dict[str, Any]:
     """The ``diagnose`` task's keyword arguments (the worker's signature must accept exactly these)."""
-
-    request_id: str
-    blob_key: str
-    chat_id: int
-    reply_to_message_id: int
-    language: str
-    ack_message_id: int | None = None
+    return {"envelope": request.to_json()}
 
 
 def make_client(settings: ServiceSettings) -> Celery:
@@ -44,11 +39,12 @@ class Dispatcher:
     def __init__(self, settings: ServiceSettings):
         self.client = make_client(settings)
 
-    def enqueue_sync(self, request: DiagnoseRequest) -> str:
-        result = self.client.send_task(DIAGNOSE_TASK, kwargs=asdict(request), queue=INFERENCE_QUEUE, retry=True)
+    def enqueue_sync(self, request: RequestEnvelope) -> str:
+        result = self.client.send_task(DIAGNOSE_TASK, kwargs=diagnose_kwargs(request), queue=INFERENCE_QUEUE,
+                                       retry=True)
         return result.id
 
-    async def enqueue(self, request: DiagnoseRequest) -> str:
+    async def enqueue(self, request: RequestEnvelope) -> str:
         """Publish without blocking the event loop (kombu's producer pool is thread-safe)."""
         return await asyncio.to_thread(self.enqueue_sync, request)
 

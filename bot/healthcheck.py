@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 import time
 
-from diagnosis.settings import ServiceSettings
+from contract.settings import ServiceSettings
 
 MAX_AGE_S = 90
 

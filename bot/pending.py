@@ -28,30 +28,25 @@ from dataclasses import dataclass
 from telegram import Bot, ReplyParameters
 from telegram.error import BadRequest, TelegramError
 
-from diagnosis.settings import ServiceSettings
+from contract import texts
+from contract.envelope import RequestEnvelope
+from contract.settings import ServiceSettings
 
 from .store import Store
-from .texts import translator
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
 class PendingRequest:
-    request_id: str
-    user_id: int
-    chat_id: int
-    reply_to_message_id: int
-    ack_message_id: int | None
-    language: str
-    accepted_at: float
+    envelope: RequestEnvelope  # the request as sent to ``diagnose``: where to answer, in which language
+    user_id: int  # for /forget
+    accepted_at: float  # time.monotonic()
     missing_since: float | None = None
 
-
-def lost_text(language: str) -> str:
-    _, _n = translator(language)
-    return _("Sorry, your image was lost because of a problem on our side and was not analysed. "
-             "Please send it again.")
+    @property
+    def request_id(self) -> str:
+        return self.envelope.request_id
 
 
 class PendingRequests:
@@ -98,8 +93,9 @@ class PendingRequests:
                 told.append(request.request_id)
         return told
 
-    async def _tell(self, bot: Bot, request: PendingRequest) -> bool:
-        text = lost_text(request.language)
+    async def _tell(self, bot: Bot, pending: PendingRequest) -> bool:
+        request = pending.envelope
+        text = texts.lost(request.language)
         if request.ack_message_id is not None:
             try:
                 await bot.edit_message_text(text, chat_id=request.chat_id, message_id=request.ack_message_id)

@@ -11,11 +11,11 @@ import time
 from urllib.parse import urlsplit
 
 import redis.asyncio as aioredis
-from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialWithJitterBackoff
 
-from diagnosis.i18n import LANGUAGES, pick_language
-from diagnosis.settings import INFERENCE_QUEUE, ServiceSettings
+from contract.i18n import LANGUAGES, pick_language
+from contract.keys import INFERENCE_QUEUE
+from contract.redis_client import connect_async
+from contract.settings import ServiceSettings
 
 # Sliding window: drop timestamps older than the window, admit if fewer than the limit remain.
 # Returns 0 when admitted, otherwise the milliseconds until the oldest timestamp leaves the window.
@@ -36,7 +36,7 @@ return wait
 """
 
 # The bot declares a request lost only if no delivery is running (lock) and none has finished (done);
-# its own "done" mark then makes a late delivery skip the request (worker.tasks.send_reply).
+# its own "done" mark then makes a late delivery skip the request (worker.deliver.send_reply).
 _CLAIM_LOST_LUA = """
 if redis.call('EXISTS', KEYS[1]) == 1 or redis.call('EXISTS', KEYS[2]) == 1 then
   return 0
@@ -46,22 +46,16 @@ return 1
 """
 
 
-def connect(url: str) -> aioredis.Redis:
-    """A client that reconnects: ``from_url`` alone retries nothing, so after a Redis restart every
-    pooled connection would fail one command (one user's request) before being replaced."""
-    return aioredis.Redis.from_url(url, retry=Retry(ExponentialWithJitterBackoff(cap=1.0, base=0.05), 3))
-
-
 class Store:
     def __init__(self, settings: ServiceSettings):
         self.settings = settings
         self.keys = settings.keys
-        self.redis = connect(settings.REDIS_URL)
+        self.redis = connect_async(settings.REDIS_URL)
         broker = settings.broker_url
         if broker == settings.REDIS_URL:
             self.broker: aioredis.Redis | None = self.redis
         elif urlsplit(broker).scheme in ("redis", "rediss", "unix"):
-            self.broker = connect(broker)
+            self.broker = connect_async(broker)
         else:  # another broker kind: no queue position
             self.broker = None
         self._rate_script = self.redis.register_script(_RATE_LIMIT_LUA)

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from .cards import ModelCard
+from .config import DEFAULT_CACHE_DIR
 from .network import DenseNetClassifier
 
 log = logging.getLogger(__name__)
@@ -91,16 +92,12 @@ class OnnxRunner:
         return logits, features
 
 
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("XRAY_CACHE_DIR", Path.home() / ".cache" / "xray-second-opinion"))
-
-
 def make_runner(backend: str, network: DenseNetClassifier, card: ModelCard, device: torch.device,
-                cache_dir: Path | None = None, threads: int | None = None):
+                cache_dir: Path = DEFAULT_CACHE_DIR, threads: int | None = None):
     if backend in ("torch", "eager"):
         return TorchRunner(network, device, channels_last=backend == "torch")
     if backend == "onnx":
         if device.type != "cpu":
             raise ValueError("the onnx backend runs on the CPU; use backend=torch for CUDA")
-        return OnnxRunner(network, card, cache_dir or default_cache_dir(), threads)
+        return OnnxRunner(network, card, cache_dir, threads)
     raise ValueError(f"unknown backend {backend!r}: choose one of {BACKENDS}")

@@ -1,14 +1,18 @@
-"""`xray-diagnose IMAGE... [--json] [--out DIR] [--models DIR]` — the pipeline offline, no token, no Redis."""
+"""`xray-diagnose IMAGE... [--json] [--out DIR] [--models DIR]` — the pipeline offline, no token, no Redis.
+
+The reply is rendered here, in ``--language``; ``--json`` carries it as ``message``.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
-DEFAULT_MODELS = Path(__file__).resolve().parent.parent / "models"
+from contract.i18n import LANGUAGES
+
+from .config import PipelineConfig, cache_dir_from_environment, models_dir_from_environment
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -19,13 +23,28 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("images", nargs="+", type=Path, metavar="IMAGE")
     parser.add_argument("--json", action="store_true", help="one JSON object per input line")
     parser.add_argument("--out", type=Path, help="folder for heatmap overlays (JPEG)")
-    parser.add_argument("--models", type=Path, default=Path(os.environ.get("MODELS_DIR", DEFAULT_MODELS)),
-                        help="folder of model folders (default: $MODELS_DIR or the repo's models/)")
-    parser.add_argument("--language", default="en", choices=["en", "ru", "kk"], help="language of the report")
-    parser.add_argument("--heatmap", default="cam", choices=["cam", "gradcam"],
+    parser.add_argument("--models", type=Path,
+                        help="folder of model folders (default: $MODELS_DIR, else the repo's models/)")
+    parser.add_argument("--language", default="en", choices=list(LANGUAGES), help="language of the report")
+    parser.add_argument("--backend", default=PipelineConfig.backend, choices=["torch", "onnx", "eager"],
+                        help="torch (CPU or CUDA), onnx (ONNX Runtime, CPU) or eager (naive baseline)")
+    parser.add_argument("--heatmap", default=PipelineConfig.heatmap, choices=["cam", "gradcam"],
                         help="cam: from the forward pass (fast, equal to Grad-CAM here); gradcam: pytorch-grad-cam")
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default=PipelineConfig.device)
+    parser.add_argument("--threads", type=int, help="torch / ONNX Runtime threads (default: theirs)")
     return parser
+
+
+def config_from_args(args: argparse.Namespace) -> PipelineConfig:
+    """The CLI's pipeline configuration: flags, then the same environment defaults as the workers."""
+    return PipelineConfig(
+        models_dir=args.models or models_dir_from_environment(),
+        backend=args.backend,
+        device=args.device,
+        threads=args.threads,
+        heatmap=args.heatmap,
+        cache_dir=cache_dir_from_environment(),
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,12 +52,12 @@ def main(argv: list[str] | None = None) -> int:
     from tqdm import tqdm
 
     from .cards import CardError
-    from .messages import rejection_text, render_reply
+    from .messages import render_reply
     from .pipeline import Analysis, Pipeline
     from .report import DiagnosisResult
 
     try:
-        pipeline = Pipeline.load(args.models, device=args.device, heatmap=args.heatmap)
+        pipeline = Pipeline.load(config_from_args(args))
     except CardError as error:
         print(f"xray-diagnose: cannot load models: {error}", file=sys.stderr)
         return 2
@@ -51,8 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         except OSError:
             data = None
         if data is None:  # a missing file is reported like any other unreadable input
-            analysis = Analysis(DiagnosisResult(file=str(path), outcome="rejected", rejection="unreadable",
-                                                message=rejection_text("unreadable", "en")))
+            analysis = Analysis(DiagnosisResult(file=str(path), outcome="rejected", rejection="unreadable"))
         else:
             analysis = pipeline.run(data, file=str(path), make_overlay=args.out is not None)
         result = analysis.result
@@ -62,8 +80,7 @@ def main(argv: list[str] | None = None) -> int:
             target = args.out / f"{path.stem}_heatmap.jpg"
             target.write_bytes(analysis.overlay_jpeg)
             result.overlay = str(target)
-        if args.language != "en":
-            result.message = render_reply(result, args.language)
+        result.message = render_reply(result, args.language)
         _emit(args, result.model_dump(mode="json"), _readable(result))
     return 1 if failures else 0
 

@@ -14,7 +14,9 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageOps
 
-MAX_INPUT_BYTES = 20 * 1024 * 1024  # Telegram's download cap for bots
+from contract.keys import TELEGRAM_DOWNLOAD_LIMIT
+
+MAX_INPUT_BYTES = TELEGRAM_DOWNLOAD_LIMIT  # what a bot can download is what we accept (CLI too)
 MAX_PIXELS = 40_000_000  # ~ 6300×6300; a decompression bomb stops here, before decoding
 MIN_SIDE = 64
 PIL_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF")

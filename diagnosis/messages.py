@@ -1,11 +1,24 @@
-"""What a user is told about a result, in their language. Never a diagnosis; always a physician."""
+"""What a user is told about a result, in their language. Never a diagnosis; always a physician.
+
+The pipeline returns data only; the reply is rendered here, once, at the edge: by the delivery
+worker in the user's language, by the CLI in ``--language``. Labels and body parts come from the
+model cards; each needs an entry below and in every catalog (``diagnosis/locales``, domain
+``diagnosis``), which a test checks for the shipped cards.
+"""
 
 from __future__ import annotations
 
-from .i18n import N_, gettext_for
+from pathlib import Path
+
+from contract.i18n import N_, load_catalog, pick_language
+from contract.keys import TELEGRAM_DOWNLOAD_LIMIT_MB
+
 from .report import DiagnosisResult
 
-# Plain-language name and one line of meaning per ChestX-ray14 label.
+DOMAIN = "diagnosis"
+LOCALES_DIR = Path(__file__).parent / "locales"
+
+# Plain-language name and one line of meaning per finding label (the ChestX-ray14 labels).
 FINDINGS = {
     "Atelectasis": (N_("Atelectasis"), N_("part of a lung may be collapsed or not fully inflated")),
     "Cardiomegaly": (N_("Cardiomegaly"), N_("the heart may look larger than usual")),
@@ -22,6 +35,7 @@ FINDINGS = {
     "Pleural_Thickening": (N_("Pleural thickening"), N_("the lining around a lung may be thickened")),
     "Hernia": (N_("Hiatal hernia"), N_("part of the stomach may reach up into the chest")),
 }
+# Body parts, in the form that fits "X-ray of the …" (genitive in Russian and Kazakh).
 BODY_PARTS = {
     "ankle": N_("ankle"), "spine": N_("spine"), "chest": N_("chest"), "elbow": N_("elbow"),
     "finger": N_("finger"), "foot": N_("foot"), "forearm": N_("forearm"), "hand": N_("hand"),
@@ -30,7 +44,7 @@ BODY_PARTS = {
 }  # fmt: skip
 REJECTIONS = {
     "empty": N_("The file is empty. Please send the image again."),
-    "too_large": N_("The file is larger than 20 MB. Please send a smaller image or a photo of the film."),
+    "too_large": N_("The file is larger than {limit_mb} MB. Please send a smaller image or a photo of the film."),
     "unsupported": N_("I could not recognise this file as an image. Please send a JPEG, PNG, WebP, TIFF "
                       "or DICOM file, or simply a photo."),
     "corrupt": N_("The image file seems damaged or incomplete. Please send it again, or take a new photo."),
@@ -61,6 +75,11 @@ PHYSICIAN = N_("This is an automated second opinion, not a diagnosis. Please sho
                "result to a physician, who can examine you and decide what it means.")
 
 
+def gettext_for(language: str):
+    """The ``_`` function of the ``diagnosis`` domain for one language (unknown → English)."""
+    return load_catalog(LOCALES_DIR, pick_language(language), DOMAIN).gettext
+
+
 def finding_name(label: str, language: str) -> str:
     _ = gettext_for(language)
     return _(FINDINGS[label][0]) if label in FINDINGS else label.replace("_", " ")
@@ -73,7 +92,7 @@ def body_part_name(part: str, language: str) -> str:
 
 def rejection_text(code: str, language: str) -> str:
     _ = gettext_for(language)
-    return _(REJECTIONS.get(code, REJECTIONS["corrupt"]))
+    return _(REJECTIONS.get(code, REJECTIONS["corrupt"])).format(limit_mb=TELEGRAM_DOWNLOAD_LIMIT_MB)
 
 
 def apology(language: str) -> str:
@@ -102,10 +121,12 @@ def render_reply(result: DiagnosisResult, language: str = "en") -> str:
                        "without glare or reflections."))
     elif result.outcome == "body_part_not_analysed":
         part = body_part_name(result.body_part or "", language)
-        lines.append(_("A {part} X-ray was recognised (likelihood {p}); only chest findings are analysed so far.")
-                     .format(part=part, p=_percent(result.body_part_probability)))
+        lines.append(_sentence(_("A {part} X-ray was recognised (likelihood {p}); there is no model for this "
+                                 "body part yet, so it is not analysed.")
+                               .format(part=part, p=_percent(result.body_part_probability))))
     else:
-        lines.append(_("Chest X-ray analysed. Model estimates, not a diagnosis:"))
+        part = body_part_name(result.body_part or "", language)
+        lines.append(_sentence(_("{part} X-ray analysed. Model estimates, not a diagnosis:").format(part=part)))
         positives = result.positive_findings
         if positives:
             lines.append(_("Findings above the model's alert threshold:"))
@@ -126,6 +147,11 @@ def render_reply(result: DiagnosisResult, language: str = "en") -> str:
     lines.append("")
     lines.append("⚕️ " + _(PHYSICIAN))
     return "\n".join(lines)
+
+
+def _sentence(text: str) -> str:
+    """A sentence that may start with a body part's name: capital first letter."""
+    return text[:1].upper() + text[1:]
 
 
 def _percent(value: float | None) -> str:

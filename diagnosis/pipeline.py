@@ -6,6 +6,8 @@ the cards present, so a model for another body part plugs in by adding a folder.
 
 ``run_batch`` takes several images stage by stage (one forward pass per model for the batch) so a
 worker can micro-batch; in a batch, a model stage's time is the time of the whole batch.
+
+The pipeline returns data, never text: the reply is rendered at the edge (``diagnosis.messages``).
 """
 
 from __future__ import annotations
@@ -19,9 +21,9 @@ import torch
 
 from .backends import make_runner
 from .cards import CardError, ModelCard, discover
+from .config import PipelineConfig
 from .heatmap import class_activation_map, grad_cam
 from .intake import DecodedImage, ImageRejected, decode
-from .messages import render_reply
 from .network import DenseNetClassifier, load_model
 from .overlay import encode_jpeg, render_overlay
 from .photo import rectify
@@ -82,20 +84,22 @@ class Pipeline:
         self.versions = {m.card.name: m.card.version for m in (gate, body_part, *abnormality.values())}
 
     @classmethod
-    def load(cls, models_dir: Path | str = "models", device: str = "cpu", heatmap: str = "cam",
-             abnormality_models: dict[str, str] | None = None, backend: str = "torch",
-             cache_dir: Path | None = None, threads: int | None = None, photo_step: bool = True) -> Pipeline:
-        """Load every model folder under ``models_dir`` once.
+    def load(cls, config: PipelineConfig | Path | str | None = None, **options) -> Pipeline:
+        """Load every model folder of the configuration once.
 
-        ``abnormality_models`` maps a body part to a model folder (absolute, or a name under
-        ``models_dir``), e.g. {"chest": "chest_xrv"} to switch the chest model.
-        ``backend``: "torch" (CPU or CUDA) or "onnx" (ONNX Runtime, CPU).
+        ``config`` is a ``PipelineConfig``, or a models folder (with ``options`` naming other
+        ``PipelineConfig`` fields, e.g. ``Pipeline.load(path, backend="onnx")``), or None (defaults).
         """
-        torch_device = torch.device(device)
+        if not isinstance(config, PipelineConfig):
+            config = PipelineConfig(**({"models_dir": Path(config)} if config is not None else {}))
+        config = config.with_options(**options)
+        models_dir, torch_device = config.models_dir, torch.device(config.device)
+        if config.threads:
+            torch.set_num_threads(config.threads)  # this thread; workers repeat it in the task thread
 
         def load_one(folder: Path) -> LoadedModel:
             card, network = load_model(folder, torch_device)
-            runner = make_runner(backend, network, card, torch_device, cache_dir, threads)
+            runner = make_runner(config.backend, network, card, torch_device, config.cache_dir, config.threads)
             return LoadedModel(folder, card, network, runner)
 
         folders = discover(models_dir)
@@ -105,10 +109,10 @@ class Pipeline:
         for role in ("gate", "body_part"):
             if len(by_role[role]) != 1:
                 raise CardError(f"need exactly one {role} model in {models_dir}, found {len(by_role[role])}")
-        chosen = dict(abnormality_models or {})
+        chosen = dict(config.abnormality_models)
         abnormality: dict[str, LoadedModel] = {}
         for part, name in chosen.items():
-            folder = Path(name) if Path(name).is_absolute() else Path(models_dir) / name
+            folder = Path(name) if Path(name).is_absolute() else models_dir / name
             model = load_one(folder)
             if model.card.role != "abnormality" or model.card.body_part != part:
                 raise CardError(f"{folder.name!r} is not an abnormality model for {part!r}")
@@ -117,8 +121,8 @@ class Pipeline:
             part = folders[folder.name][1].body_part
             if part not in abnormality:  # an explicit choice or an earlier folder wins
                 abnormality[part] = load_one(folder)
-        return cls(load_one(by_role["gate"][0]), load_one(by_role["body_part"][0]), abnormality, heatmap,
-                   photo_step)
+        return cls(load_one(by_role["gate"][0]), load_one(by_role["body_part"][0]), abnormality, config.heatmap,
+                   config.photo_step)
 
     def run(self, data: bytes, file: str | None = None, make_overlay: bool = True) -> Analysis:
         """Analyse one image. Never raises for bad input: that becomes outcome "rejected"."""
@@ -155,7 +159,6 @@ class Pipeline:
                 item.result.outcome = "body_part_not_analysed"
         for item in items:
             item.result.timings_ms["total"] = _ms(started)
-            item.result.message = render_reply(item.result, "en")
         return [Analysis(i.result, i.overlay_jpeg) for i in items]
 
     def _photo(self, item: _Item) -> None:

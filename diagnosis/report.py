@@ -17,7 +17,11 @@ class Finding(BaseModel):
 
 
 class DiagnosisResult(BaseModel):
-    """What the pipeline found. ``message`` is the English text a user would be told."""
+    """What the pipeline found.
+
+    ``message`` is empty from the pipeline; the edge that shows the result fills it with the reply
+    text (``diagnosis.messages.render_reply``), e.g. the CLI for ``--json``.
+    """
 
     file: str | None = None
     outcome: Outcome

@@ -12,6 +12,7 @@ WORKDIR /app
 RUN useradd --create-home --uid 10001 app
 
 COPY pyproject.toml README.md ./
+COPY contract ./contract
 COPY diagnosis ./diagnosis
 COPY bot ./bot
 COPY worker ./worker

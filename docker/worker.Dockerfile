@@ -20,6 +20,7 @@ RUN useradd --create-home --uid 10001 app
 RUN pip install --index-url "${TORCH_INDEX_URL}" "torch==2.14.1" "torchvision==0.29.1"
 
 COPY pyproject.toml README.md ./
+COPY contract ./contract
 COPY diagnosis ./diagnosis
 COPY bot ./bot
 COPY worker ./worker

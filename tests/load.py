@@ -150,9 +150,8 @@ def run_load(users: int, images: int, *, think_s: float = 0.0, timeout_s: float 
     from service.fake_telegram import FakeTelegram
     from service.harness import BotProcess, WorkerProcess, claim_redis_db, delete_service_keys, release_redis_db
 
-    from diagnosis.i18n import gettext_for
-    from diagnosis.messages import PHYSICIAN
-    from diagnosis.settings import DELIVERY_QUEUE, INFERENCE_QUEUE
+    from contract.keys import DELIVERY_QUEUE, INFERENCE_QUEUE
+    from diagnosis.messages import PHYSICIAN, gettext_for
 
     work_dir = Path(work_dir or tempfile.mkdtemp(prefix="xso-load-"))
     own_fake = fake is None

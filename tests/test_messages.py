@@ -1,8 +1,8 @@
 import pytest
 from babel.messages.extract import extract_from_dir
 
-from diagnosis.i18n import LANGUAGES, pick_language, translations
-from diagnosis.messages import apology, render_reply
+from contract.i18n import LANGUAGES, pick_language
+from diagnosis.messages import apology, gettext_for, render_reply
 from diagnosis.report import DiagnosisResult, Finding
 
 PHYSICIAN = {"en": "physician", "ru": "врачу", "kk": "дәрігерге"}
@@ -14,8 +14,8 @@ def extracted(folder: str) -> set[str]:
 
 @pytest.mark.parametrize("language", ["ru", "kk"])
 def test_diagnosis_catalog_translates_every_string(language):
-    catalog = translations(language, "diagnosis")
-    missing = [m for m in extracted("diagnosis") if catalog.gettext(m) == m and m.strip()]
+    _ = gettext_for(language)
+    missing = [m for m in extracted("diagnosis") if _(m) == m and m.strip()]
     assert missing == [], f"{language} catalog misses {missing}"
 
 

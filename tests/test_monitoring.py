@@ -1,7 +1,7 @@
 import socket
 import urllib.request
 
-from diagnosis.monitoring import REQUESTS, STAGE_SECONDS, observe_result, serve_metrics
+from contract.monitoring import REQUESTS, STAGE_SECONDS, observe_result, serve_metrics
 from diagnosis.report import DiagnosisResult
 
 

@@ -9,6 +9,7 @@ import pytest
 from conftest import ROOT
 
 from diagnosis.cards import read_card
+from diagnosis.messages import render_reply
 from diagnosis.pipeline import Pipeline
 
 MODELS = ROOT / "models"
@@ -52,7 +53,7 @@ def test_chest_image_gets_findings_and_overlay(pipeline, pack):
     analysis = pipeline.run((pack / row["path"]).read_bytes())
     assert analysis.result.outcome == "analysed"
     assert len(analysis.result.findings) == 14 and analysis.overlay_jpeg
-    assert "physician" in analysis.result.message
+    assert "physician" in render_reply(analysis.result)
 
 
 def test_readme_demo_command(tmp_path):

@@ -1,7 +1,8 @@
-"""Celery configuration: JSON only, late acks, prefetch 1, time limits, visibility timeout (GUIDE §3).
+"""Celery configuration: JSON only, late acks, prefetch 1, time limits, visibility timeout.
 
-Reads ``ServiceSettings`` (no bot token needed), so Flower and ``celery inspect`` start without it.
-Importing this module loads neither torch nor the models.
+``settings`` is the process's one settings object (``contract.settings.load_settings``: no bot token
+needed, so Flower and ``celery inspect`` start without it). Importing this module loads neither
+torch nor the models; the worker imports the tasks (``worker.diagnose``, ``worker.deliver``).
 """
 
 from __future__ import annotations
@@ -9,11 +10,12 @@ from __future__ import annotations
 from celery import Celery
 from kombu import Exchange, Queue
 
-from diagnosis.settings import DELIVER_TASK, DELIVERY_QUEUE, DIAGNOSE_TASK, INFERENCE_QUEUE, ServiceSettings
+from contract.keys import DELIVER_TASK, DELIVERY_QUEUE, DIAGNOSE_TASK, INFERENCE_QUEUE
+from contract.settings import load_settings
 
-settings = ServiceSettings()
+settings = load_settings()
 
-app = Celery("xray_second_opinion", broker=settings.broker_url, include=["worker.tasks"])
+app = Celery("xray_second_opinion", broker=settings.broker_url, include=["worker.diagnose", "worker.deliver"])
 app.conf.update(
     # Serialisation: JSON only; pickle is refused (a message with another content type is rejected).
     task_serializer="json",

@@ -2,11 +2,11 @@
 
 Celery tasks are synchronous; PTB is asyncio. Each worker process runs one event loop in a daemon
 thread with one initialised ``Bot`` (its HTTP connection pool is reused), created lazily after the
-fork. Errors are sorted for the caller:
+fork. Errors are sorted for the caller, with the retry policy shared with the bot (``contract.telegram``):
 
-* ``telegram.error.RetryAfter`` (429): short waits are honoured inline, longer ones raise
-  ``Deferred(retry_after)`` so the task is retried with that countdown;
-* 5xx / ``NetworkError`` / ``TimedOut``: a few inline retries with exponential backoff and jitter,
+* ``telegram.error.RetryAfter`` (429): waits up to ``MAX_INLINE_RETRY_AFTER_S`` are honoured inline,
+  longer ones raise ``Deferred(retry_after)`` so the task is retried with that countdown;
+* 5xx / ``NetworkError`` / ``TimedOut``: up to ``ATTEMPTS`` tries with exponential backoff and jitter,
   then ``Deferred`` with a longer backoff;
 * ``Forbidden`` (bot blocked), ``BadRequest`` (chat gone…), ``InvalidToken``: ``Undeliverable``.
 """
@@ -17,37 +17,24 @@ import asyncio
 import contextlib
 import logging
 import os
-import random
 import threading
 import time
-import warnings
 from collections.abc import Awaitable, Callable
-from datetime import timedelta
 from typing import TypeVar
-
-# Opt in to PTB 23 behaviour now (time periods as timedelta, e.g. RetryAfter.retry_after): no
-# deprecation warnings per 429, and ``retry_after_seconds`` reads both forms anyway.
-os.environ.setdefault("PTB_TIMEDELTA", "true")
 
 from telegram import Bot, InputFile, LinkPreviewOptions, ReplyParameters
 from telegram.constants import ChatAction
 from telegram.error import BadRequest, ChatMigrated, Forbidden, InvalidToken, NetworkError, RetryAfter, TelegramError
 from telegram.request import HTTPXRequest
 
-from diagnosis.settings import Settings
+from contract.settings import Settings
+from contract.telegram import ATTEMPTS, MAX_INLINE_RETRY_AFTER_S, backoff, quiet_http_logging, retry_after_seconds
 
 logger = logging.getLogger(__name__)
-# httpx logs every request URL at INFO, and Bot API URLs contain the bot token; so does
-# python-telegram-bot's Bot at DEBUG ("Set Bot API URL: …/bot<token>").
-logging.getLogger("httpx").setLevel(logging.WARNING)
-logging.getLogger("httpcore").setLevel(logging.WARNING)
-logging.getLogger("telegram.Bot").setLevel(logging.INFO)
+quiet_http_logging()  # Bot API URLs contain the bot token
 
 T = TypeVar("T")
 
-INLINE_RETRY_AFTER_MAX_S = 5.0  # 429 waits up to this are slept through inside the task
-INLINE_NETWORK_ATTEMPTS = 3  # tries per call for 5xx / network errors before deferring
-BACKOFF_BASE_S = 0.5
 CALL_TIMEOUT_S = 120.0
 
 
@@ -62,18 +49,6 @@ class Deferred(Exception):
 
 class Undeliverable(Exception):
     """Telegram refused for good (bot blocked, chat not found, bad token…): retrying will not help."""
-
-
-def retry_after_seconds(error: RetryAfter) -> float:
-    with warnings.catch_warnings():  # PTB 22 deprecates the int form; accept both
-        warnings.simplefilter("ignore", DeprecationWarning)
-        value = error.retry_after
-    return value.total_seconds() if isinstance(value, timedelta) else float(value)
-
-
-def backoff(attempt: int, base: float = BACKOFF_BASE_S, cap: float = 60.0) -> float:
-    """Exponential backoff with jitter (attempt 0 → up to ``base`` seconds); not security-relevant randomness."""
-    return min(cap, base * (2 ** attempt)) * (0.5 + random.random() / 2)  # nosec B311
 
 
 class TelegramOut:
@@ -127,7 +102,7 @@ class TelegramOut:
                 return self._run(make_call)
             except RetryAfter as error:
                 wait = retry_after_seconds(error)
-                if wait > INLINE_RETRY_AFTER_MAX_S:
+                if wait > MAX_INLINE_RETRY_AFTER_S:
                     raise Deferred(wait, f"{what}: flood control") from None
                 logger.info("%s: 429, waiting %.1fs as told", what, wait)
                 self._sleep(wait + 0.1)
@@ -136,7 +111,7 @@ class TelegramOut:
                 raise Undeliverable(f"{what}: {type(error).__name__}: {error.message}") from None
             except (NetworkError, TimeoutError, OSError) as error:
                 network_failures += 1
-                if network_failures >= INLINE_NETWORK_ATTEMPTS:
+                if network_failures >= ATTEMPTS:
                     raise Deferred(backoff(network_failures + 2), f"{what}: {type(error).__name__}") from None
                 delay = backoff(network_failures - 1)
                 logger.info("%s: %s, retrying in %.1fs", what, type(error).__name__, delay)

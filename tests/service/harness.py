@@ -37,7 +37,7 @@ import numpy as np
 import redis
 from PIL import Image
 
-from diagnosis.settings import Settings
+from contract.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
 PACK = Path(os.environ.get("XRAY_PACK", ROOT.parent / "shared" / "data" / "xray-pack"))
@@ -333,9 +333,8 @@ RESEND_HINTS = ("send it again", "try again")  # English: the fault tests talk E
 
 
 def chat_summary(fake: Any, chat_id: int, language: str = "en") -> ChatSummary:
-    from bot.texts import translator
-    from diagnosis.i18n import gettext_for
-    from diagnosis.messages import PHYSICIAN
+    from contract.texts import translator
+    from diagnosis.messages import PHYSICIAN, gettext_for
 
     physician = gettext_for(language)(PHYSICIAN)
     texts = fake.texts_to(chat_id)

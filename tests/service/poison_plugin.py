@@ -2,7 +2,7 @@
 
 Production workers never import this module; a test worker loads it explicitly with
 ``celery -A worker worker --include tests.service.poison_plugin`` (the worker's working directory is
-the repository root). It wraps ``worker.tasks.analyse`` (what ``diagnose`` calls for the pipeline):
+the repository root). It wraps ``worker.resources.analyse`` (what ``diagnose`` calls for the pipeline):
 an input that starts with ``XSO-POISON:<kind>`` misbehaves, any other input goes to the real
 pipeline unchanged.
 
@@ -22,12 +22,12 @@ import time
 
 from celery.exceptions import SoftTimeLimitExceeded
 
-from worker import tasks
+from worker import resources
 
 MARKER = b"XSO-POISON:"
 KINDS = ("raise", "segfault", "hang", "stuck")
 
-_real_analyse = tasks.analyse
+_real_analyse = resources.analyse
 
 
 def poison(kind: str) -> bytes:
@@ -39,7 +39,7 @@ def poison(kind: str) -> bytes:
 def _analyse(data: bytes):
     if data.startswith(MARKER):
         kind = data[len(MARKER):].split(b":", 1)[0].decode()
-        tasks.process_logger.warning("poison plugin: %s", kind)
+        resources.process_logger.warning("poison plugin: %s", kind)
         if kind == "raise":
             raise RuntimeError("poisoned input: the model run crashed")
         if kind == "segfault":
@@ -57,4 +57,4 @@ def _analyse(data: bytes):
     return _real_analyse(data)
 
 
-tasks.analyse = _analyse
+resources.analyse = _analyse

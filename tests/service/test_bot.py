@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from diagnosis.settings import INFERENCE_QUEUE
+from contract.keys import INFERENCE_QUEUE
 
 from .conftest import TOKEN
 from .harness import ROOT, sample_image
@@ -217,8 +217,8 @@ def test_python_m_bot_starts_polling_and_stops_on_sigterm(fake, redis_db):
 
 
 def test_importing_the_bot_does_not_load_torch_or_the_worker():
-    code = "import sys, bot.app, bot.__main__, bot.handlers, bot.dispatch; " \
-           "bad = [m for m in ('torch', 'torchvision', 'worker', 'diagnosis.pipeline') if m in sys.modules]; " \
+    code = "import sys, bot.app, bot.__main__, bot.access, bot.commands, bot.images, bot.dispatch; " \
+           "bad = [m for m in ('torch', 'torchvision', 'numpy', 'worker', 'diagnosis') if m in sys.modules]; " \
            "assert not bad, bad"
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, env={**os.environ, "TELEGRAM_BOT_TOKEN": "x"})
 

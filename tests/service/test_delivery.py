@@ -6,9 +6,10 @@ import time
 
 import pytest
 
+from contract.envelope import RequestEnvelope
 from diagnosis.messages import PHYSICIAN, apology
 from diagnosis.report import DiagnosisResult, Finding
-from worker.tasks import compose_texts, send_reply, split_text
+from worker.deliver import compose_texts, send_reply, split_text
 from worker.telegram_out import Deferred, TelegramOut, Undeliverable
 
 pytestmark = pytest.mark.slow
@@ -42,10 +43,10 @@ def telegram(make_settings, fake):
 def deliver(redis_client, out, settings, request_id, **extra):
     keys = settings.keys
     redis_client.set(keys.blob(request_id), b"image bytes", ex=60)
-    arguments = {"request_id": request_id, "chat_id": CHAT, "reply_to_message_id": 7, "language": "en",
-                 "ack_message_id": 99, "blob_key": keys.blob(request_id), "result": analysed_result()}
-    arguments.update(extra)
-    return send_reply(redis_client, out, settings, **arguments)
+    request = RequestEnvelope(request_id=request_id, chat_id=CHAT, reply_to_message_id=7, language="en",
+                              ack_message_id=99, blob_key=keys.blob(request_id))
+    arguments = {"result": analysed_result(), **extra}
+    return send_reply(redis_client, out, settings, request, **arguments)
 
 
 def test_delivered_twice_sends_once_then_cleans_up(telegram, fake, redis_client):

@@ -10,8 +10,7 @@ import time
 import pytest
 from model_factory import make_models_dir
 
-from diagnosis.i18n import gettext_for
-from diagnosis.messages import PHYSICIAN
+from diagnosis.messages import PHYSICIAN, gettext_for
 
 from .conftest import TOKEN, start_worker
 from .harness import sample_image

@@ -14,10 +14,10 @@ import pytest
 from dicom_factory import make_dicom
 from model_factory import make_models_dir
 
-from bot.dispatch import DiagnoseRequest, Dispatcher
-from diagnosis.i18n import gettext_for
+from bot.dispatch import Dispatcher
+from contract.envelope import RequestEnvelope
 from diagnosis.intake import ImageRejected, decode
-from diagnosis.messages import PHYSICIAN, rejection_text
+from diagnosis.messages import PHYSICIAN, gettext_for, rejection_text
 
 from .conftest import start_worker
 from .harness import sample_image
@@ -133,12 +133,12 @@ def test_russian_and_kazakh_replies(worker, start_bot, fake):
 
 # ----------------------------------------------------------------------- tasks sent directly (no bot)
 def dispatch(make_settings, redis_client, chat_id: int, request_id: str, data: bytes | None = CHEST,
-             language: str = "en") -> DiagnoseRequest:
+             language: str = "en") -> RequestEnvelope:
     settings = make_settings()
     blob_key = settings.keys.blob(request_id)
     if data is not None:
         redis_client.set(blob_key, data, ex=600)
-    request = DiagnoseRequest(request_id=request_id, blob_key=blob_key, chat_id=chat_id, reply_to_message_id=1,
+    request = RequestEnvelope(request_id=request_id, blob_key=blob_key, chat_id=chat_id, reply_to_message_id=1,
                               language=language, ack_message_id=None)
     dispatcher = Dispatcher(settings)
     try:

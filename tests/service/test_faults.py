@@ -15,9 +15,8 @@ import time
 import pytest
 from model_factory import make_models_dir
 
-from diagnosis.i18n import gettext_for
-from diagnosis.messages import apology
-from diagnosis.settings import INFERENCE_QUEUE
+from contract.keys import INFERENCE_QUEUE
+from diagnosis.messages import apology, gettext_for
 
 from .conftest import FAULT_REQUESTS, TOKEN, worker_env
 from .harness import BotProcess, WorkerProcess, chat_summary, sample_image

@@ -9,9 +9,11 @@ import asyncio
 
 from telegram.error import BadRequest
 
-from bot.pending import PendingRequest, PendingRequests, lost_text
+from bot.pending import PendingRequest, PendingRequests
 from bot.store import Store
-from worker.tasks import send_reply
+from contract.envelope import RequestEnvelope
+from contract.texts import lost as lost_text
+from worker.deliver import send_reply
 
 CHAT = 1801
 
@@ -31,9 +33,13 @@ class StubBot:
         self.sent.append((reply_parameters.message_id, text))
 
 
+def envelope(request_id: str, ack: int | None = 500, chat_id: int = CHAT, language: str = "ru") -> RequestEnvelope:
+    return RequestEnvelope(request_id=request_id, blob_key=f"xso:blob:{request_id}", chat_id=chat_id,
+                           reply_to_message_id=7, ack_message_id=ack, language=language)
+
+
 def request(request_id: str, ack: int | None = 500) -> PendingRequest:
-    return PendingRequest(request_id=request_id, user_id=CHAT, chat_id=CHAT, reply_to_message_id=7,
-                          ack_message_id=ack, language="ru", accepted_at=0.0)
+    return PendingRequest(envelope=envelope(request_id, ack), user_id=CHAT, accepted_at=0.0)
 
 
 def rounds(settings, bot: StubBot, requests: list[PendingRequest], times: list[float]):
@@ -80,8 +86,7 @@ def test_a_late_worker_result_is_not_sent_after_the_claim(make_settings, redis_c
     rounds(settings, StubBot(), [request("late")], [1.0, 1.0 + settings.lost_grace_s])
     out = TelegramOut(settings)
     try:
-        sent = send_reply(redis_client, out, settings, request_id="late", chat_id=CHAT, reply_to_message_id=7,
-                          language="en", failure="apology")
+        sent = send_reply(redis_client, out, settings, envelope("late", ack=None, language="en"), failure="apology")
     finally:
         out.close()
     assert sent == [] and not fake.texts_to(CHAT)
@@ -117,7 +122,7 @@ def test_forget_stops_watching_the_users_requests(make_settings):
         store = Store(settings)
         pending = PendingRequests(settings, store)
         pending.add(request("a"))
-        pending.add(PendingRequest("b", 99, 99, 1, None, "en", 0.0))
+        pending.add(PendingRequest(envelope("b", ack=None, chat_id=99, language="en"), 99, 0.0))
         pending.forget_user(CHAT)
         await store.close()
         return len(pending)

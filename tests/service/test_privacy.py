@@ -30,8 +30,7 @@ from dicom_factory import make_dicom
 from model_factory import make_models_dir
 from PIL import Image, PngImagePlugin
 
-from diagnosis.i18n import gettext_for
-from diagnosis.messages import rejection_text
+from diagnosis.messages import gettext_for, rejection_text
 
 from .conftest import TOKEN, worker_env
 from .harness import LOCK_KEY, ROOT, BotProcess, WorkerProcess, chat_summary, sample_image

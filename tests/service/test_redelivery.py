@@ -14,9 +14,9 @@ import time
 import pytest
 from model_factory import make_models_dir
 
-from bot.dispatch import DiagnoseRequest, Dispatcher
-from diagnosis.i18n import gettext_for
-from diagnosis.messages import PHYSICIAN
+from bot.dispatch import Dispatcher
+from contract.envelope import RequestEnvelope
+from diagnosis.messages import PHYSICIAN, gettext_for
 
 from .conftest import worker_env
 from .harness import WorkerProcess, sample_image
@@ -40,7 +40,7 @@ def test_task_of_a_killed_worker_is_redelivered_and_answered_once(fake, redis_db
     try:
         redis_client.set(settings.keys.blob("killed"), sample_image("chest"), ex=600)
         dispatcher = Dispatcher(settings)
-        dispatcher.enqueue_sync(DiagnoseRequest(request_id="killed", blob_key=settings.keys.blob("killed"),
+        dispatcher.enqueue_sync(RequestEnvelope(request_id="killed", blob_key=settings.keys.blob("killed"),
                                                 chat_id=chat, reply_to_message_id=1, language="en"))
         dispatcher.close()
         fake.wait_for(lambda: "Task diagnose[" in first.log(), timeout=60)

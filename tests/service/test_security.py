@@ -148,7 +148,7 @@ def test_no_unsafe_deserialisation_in_the_service_code():
 
 def test_the_bot_and_the_workers_accept_json_only():
     from bot.dispatch import make_client
-    from diagnosis.settings import ServiceSettings
+    from contract.settings import ServiceSettings
     from worker import app
 
     assert app.conf.accept_content == ["json"] and app.conf.task_serializer == "json"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import inspect
 from pathlib import Path
 
@@ -11,10 +10,12 @@ from babel.messages.extract import extract_from_dir
 from babel.messages.pofile import read_po
 from pydantic import ValidationError
 
-from bot.dispatch import DiagnoseRequest
-from bot.handlers import is_image_document
-from diagnosis.i18n import LANGUAGES, LOCALES_DIR
-from diagnosis.settings import ServiceSettings, Settings
+from bot.dispatch import diagnose_kwargs
+from bot.images import is_image_document
+from contract.envelope import RequestEnvelope
+from contract.i18n import LANGUAGES
+from contract.settings import ServiceSettings, Settings
+from contract.texts import LOCALES_DIR
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -82,21 +83,26 @@ def test_celery_is_json_only_with_late_acks_and_a_short_visibility_timeout():
 
 def test_tasks_are_named_routed_and_accept_what_the_bot_sends():
     from worker import app
-    from worker.tasks import deliver, diagnose
+    from worker.deliver import deliver
+    from worker.diagnose import diagnose
 
     assert (diagnose.name, deliver.name) == ("diagnose", "deliver")
     assert app.amqp.router.route({}, "diagnose")["queue"].name == "inference"
     assert app.amqp.router.route({}, "deliver")["queue"].name == "delivery"
     assert diagnose.soft_time_limit < diagnose.time_limit and deliver.soft_time_limit < deliver.time_limit
-    parameters = set(inspect.signature(diagnose.run).parameters)
-    assert {field.name for field in dataclasses.fields(DiagnoseRequest)} == parameters
+    envelope = RequestEnvelope(request_id="r", blob_key="xso:blob:r", chat_id=1, reply_to_message_id=2, language="kk")
+    sent = diagnose_kwargs(envelope)
+    assert set(inspect.signature(diagnose.run).parameters) == set(sent)
+    assert RequestEnvelope.model_validate(sent["envelope"]) == envelope  # one JSON field, round trip
+    assert {"envelope", "result", "overlay_key", "failure"} == set(inspect.signature(deliver.run).parameters)
 
 
 def test_importing_the_worker_loads_no_torch():
     import subprocess
     import sys
 
-    code = "import sys, worker, worker.tasks; assert 'torch' not in sys.modules"
+    code = ("import sys, worker, worker.resources, worker.diagnose, worker.deliver; "
+            "bad = [m for m in ('torch', 'numpy') if m in sys.modules]; assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
 
 
@@ -121,9 +127,9 @@ def test_which_documents_are_images(name, mime, accepted):
 
 # ----------------------------------------------------------------------------- catalogs
 def extracted_messages() -> dict[str | tuple[str, ...], str]:
-    """Every ``_()``, ``N_()``, ``ngettext()`` … literal in bot/ and worker/, with where it is."""
+    """Every ``_()``, ``N_()``, ``ngettext()`` … literal in bot/, worker/ and contract/, with where it is."""
     found: dict[str | tuple[str, ...], str] = {}
-    for folder in ("bot", "worker"):
+    for folder in ("bot", "worker", "contract"):
         for filename, lineno, message, _comments, _context in extract_from_dir(
             ROOT / folder, method_map=[("**.py", "python")]
         ):
@@ -155,14 +161,15 @@ def test_every_bot_string_is_translated(language):
             problems.append(f"empty or fuzzy: {msgid[:60]!r} ({where})")
         elif isinstance(message, tuple) and len(strings) != catalog.num_plurals:
             problems.append(f"plural forms: {msgid[:60]!r} has {len(strings)}, needs {catalog.num_plurals}")
-        placeholders = {p for p in ("{user_id}", "{limit}", "{minutes}", "{count}", "{limit_line}") if p in msgid}
+        placeholders = {p for p in ("{user_id}", "{limit}", "{minutes}", "{count}", "{limit_line}", "{limit_mb}")
+                        if p in msgid}
         if any(p not in s for s in strings for p in placeholders):
             problems.append(f"placeholder lost: {msgid[:60]!r}")
     assert not problems, "\n".join(problems)
 
 
 def test_russian_plurals_are_right():
-    from bot.texts import translator
+    from contract.texts import translator
 
     _, ngettext = translator("ru")
     one, other = "{count} image is ahead of yours in the queue.", "{count} images are ahead of yours in the queue."

@@ -20,6 +20,8 @@ import logging
 from prometheus_client import REGISTRY, Counter, Histogram, start_http_server
 from prometheus_client.core import GaugeMetricFamily
 
+from .keys import DELIVERY_QUEUE, INFERENCE_QUEUE
+
 log = logging.getLogger(__name__)
 
 STAGE_SECONDS = Histogram("xray_stage_seconds", "Pipeline stage latency in seconds", ["stage"],
@@ -31,7 +33,7 @@ ERRORS = Counter("xray_errors_total", "Unexpected exceptions by component", ["co
 
 
 def observe_result(result) -> None:
-    """Record one ``DiagnosisResult``: its outcome and every stage's time."""
+    """Record one ``diagnosis.report.DiagnosisResult``: its outcome and every stage's time."""
     REQUESTS.labels(result.outcome).inc()
     for stage, milliseconds in result.timings_ms.items():
         STAGE_SECONDS.labels(stage).observe(milliseconds / 1000)
@@ -40,10 +42,10 @@ def observe_result(result) -> None:
 class QueueDepthCollector:
     """Reads queue lengths from Redis when Prometheus scrapes (no background polling)."""
 
-    def __init__(self, redis_url: str, queues: tuple[str, ...] = ("inference", "delivery")):
-        import redis
+    def __init__(self, redis_url: str, queues: tuple[str, ...] = (INFERENCE_QUEUE, DELIVERY_QUEUE)):
+        from .redis_client import connect
 
-        self.client = redis.Redis.from_url(redis_url, socket_timeout=2)
+        self.client = connect(redis_url, socket_timeout=2)
         self.queues = queues
 
     def collect(self):

@@ -3,10 +3,8 @@
 Two classes: ``ServiceSettings`` holds everything a process on the Redis side needs and has no
 secret without a default, so Flower and ``celery inspect`` start without the bot token;
 ``Settings`` adds the Telegram token, which is required (no default) for the bot and the workers.
-
-Also here: the queue and task names and the Redis key layout, the contract the bot and the
-workers must agree on without importing each other (the bot never imports ``worker`` or torch).
-No torch, no Telegram and no Redis imports in this module.
+Each process builds one settings object. Queue/task names and the Redis key layout live in
+``contract.keys``. No torch, no Telegram and no Redis imports in this module.
 """
 
 from __future__ import annotations
@@ -14,16 +12,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-# Celery names shared by the bot (send_task by name) and the workers.
-INFERENCE_QUEUE = "inference"
-DELIVERY_QUEUE = "delivery"
-DIAGNOSE_TASK = "diagnose"
-DELIVER_TASK = "deliver"
-
-TELEGRAM_DOWNLOAD_LIMIT = 20 * 1024 * 1024  # bots may download at most 20 MB per file
+from .keys import Keys
 
 
 class ServiceSettings(BaseSettings):
@@ -46,15 +38,19 @@ class ServiceSettings(BaseSettings):
     LANGUAGE_TTL_S: int = Field(365 * 24 * 3600, ge=60)  # remembered /language choice, refreshed on use
     MARK_TTL_S: int = Field(24 * 3600, ge=60)  # "reply sent" marks (idempotent delivery)
 
-    MODELS_DIR: Path = Path("models")
-    DEVICE: str = "cpu"  # "cpu", "cuda", "cuda:1"
-    TORCH_THREADS: int | None = Field(None, ge=1)
+    # Inference workers. Unset (or empty) = the default of ``diagnosis.config.PipelineConfig``, the one
+    # place the defaults live: models from the repository's models/ folder (found from the installed
+    # package, not the working directory), backend "torch", device "cpu", heatmap "cam".
+    MODELS_DIR: Path | None = None
+    DEVICE: str | None = None  # "cpu", "cuda", "cuda:1"
+    TORCH_THREADS: int | None = Field(None, ge=1)  # torch and ONNX Runtime threads per worker process
     # "onnx" (ONNX Runtime, CPU; exported from the weights at start, cached by hash), "torch" (CPU or
     # CUDA: channels_last, bf16 autocast on CUDA) or "eager" (naive fp32, the benchmark's baseline).
-    BACKEND: Literal["onnx", "torch", "eager"] = "onnx"
-    HEATMAP: Literal["cam", "gradcam"] = "cam"  # cam = Grad-CAM from the forward pass (identical here)
+    BACKEND: Literal["onnx", "torch", "eager"] | None = None
+    HEATMAP: Literal["cam", "gradcam"] | None = None  # cam = Grad-CAM from the forward pass (identical here)
     # Body part → model folder (name under MODELS_DIR or absolute), e.g. {"chest": "chest_xrv"}.
     ABNORMALITY_MODELS: dict[str, str] = Field(default_factory=dict)
+    XRAY_CACHE_DIR: Path | None = None  # ONNX exports (default ~/.cache/xray-second-opinion)
     # Micro-batching for threaded GPU workers (--pool threads): up to BATCH_MAX images or BATCH_WAIT_MS.
     BATCH_MAX: int = Field(1, ge=1, le=256)
     BATCH_WAIT_MS: float = Field(10.0, ge=0, le=1000)
@@ -86,7 +82,8 @@ class ServiceSettings(BaseSettings):
             return frozenset(int(item) for item in text.replace(";", ",").replace(" ", ",").split(",") if item)
         return value
 
-    @field_validator("HEARTBEAT_FILE", "TORCH_THREADS", "CELERY_BROKER_URL", "METRICS_PORT", mode="before")
+    @field_validator("HEARTBEAT_FILE", "TORCH_THREADS", "CELERY_BROKER_URL", "METRICS_PORT", "MODELS_DIR", "DEVICE",
+                     "BACKEND", "HEATMAP", "XRAY_CACHE_DIR", mode="before")
     @classmethod
     def _empty_is_none(cls, value: object) -> object:
         return None if isinstance(value, str) and not value.strip() else value
@@ -110,7 +107,7 @@ class ServiceSettings(BaseSettings):
 
     @property
     def visibility_timeout_s(self) -> int:
-        """Redis broker: when an unacknowledged task is handed to another worker (GUIDE §3).
+        """Redis broker: when an unacknowledged task is handed to another worker.
 
         Just above the longest time a message is legitimately unacknowledged: a retry countdown
         (the worker holds ETA messages unacked) plus the task's hard time limit.
@@ -159,57 +156,14 @@ class Settings(ServiceSettings):
         return SecretStr(value.get_secret_value().strip())
 
 
-class Keys:
-    """Redis key layout. ``request`` ids are random (``secrets.token_urlsafe``), never derived from users.
 
-    Per user: ``lang:<uid>`` (language choice), ``rate:<uid>`` (timestamps of recent images),
-    ``rate-notice:<uid>``, ``requests:<uid>`` (ids of the user's requests in flight, so /forget can
-    delete their blobs). Per request: ``blob:<id>`` (image bytes), ``overlay:<id>`` (PNG),
-    ``sent:<id>:<part>`` (delivery marks), ``attempts:<id>``, ``lock:<id>``, ``done:<id>``.
-    """
-
-    def __init__(self, prefix: str):
-        self.prefix = prefix
-
-    def language(self, user_id: int) -> str:
-        return f"{self.prefix}lang:{user_id}"
-
-    def rate(self, user_id: int) -> str:
-        return f"{self.prefix}rate:{user_id}"
-
-    def rate_notice(self, user_id: int) -> str:
-        return f"{self.prefix}rate-notice:{user_id}"
-
-    def user_requests(self, user_id: int) -> str:
-        return f"{self.prefix}requests:{user_id}"
-
-    def blob(self, request_id: str) -> str:
-        return f"{self.prefix}blob:{request_id}"
-
-    def overlay(self, request_id: str) -> str:
-        return f"{self.prefix}overlay:{request_id}"
-
-    def sent(self, request_id: str, part: str) -> str:
-        return f"{self.prefix}sent:{request_id}:{part}"
-
-    def attempts(self, request_id: str) -> str:
-        return f"{self.prefix}attempts:{request_id}"
-
-    def lock(self, request_id: str) -> str:
-        return f"{self.prefix}lock:{request_id}"
-
-    def done(self, request_id: str) -> str:
-        return f"{self.prefix}done:{request_id}"
-
-    def request_keys(self, request_id: str) -> list[str]:
-        """Every per-request key except the delivery marks (use ``sent_pattern`` for those)."""
-        return [
-            self.blob(request_id),
-            self.overlay(request_id),
-            self.attempts(request_id),
-            self.lock(request_id),
-            self.done(request_id),
-        ]
-
-    def sent_pattern(self, request_id: str) -> str:
-        return f"{self.prefix}sent:{request_id}:*"
+def load_settings() -> ServiceSettings:
+    """The one settings object of a worker process: ``Settings`` when a bot token is configured;
+    without one (or with a malformed one) ``ServiceSettings``, so Flower and ``celery inspect`` start
+    without it. Code that talks to Telegram asks for ``Settings`` (see ``worker.resources``)."""
+    try:
+        return Settings()
+    except ValidationError as error:
+        if all(issue["loc"][:1] == ("TELEGRAM_BOT_TOKEN",) for issue in error.errors()):
+            return ServiceSettings()
+        raise

@@ -1,8 +1,9 @@
-"""gettext catalogs for every user-facing string (English source, Russian and Kazakh translations).
+"""gettext machinery for every user-facing string (English source, Russian and Kazakh translations).
 
-Catalogs are plain ``.po`` files under ``diagnosis/locales/<lang>/LC_MESSAGES/<domain>.po``; Babel
-compiles them in memory at first use, so no build step and no binary files in the repo.
-Domains: ``diagnosis`` (result texts, shared by CLI and worker) and ``bot`` (bot conversation).
+Catalogs are plain ``.po`` files, ``<locales>/<lang>/LC_MESSAGES/<domain>.po``; Babel compiles them
+in memory at first use, so no build step and no binary files in the repo. Two domains:
+``diagnosis`` (result texts, ``diagnosis/locales``, used by ``diagnosis.messages``) and ``bot``
+(the conversation, ``contract/locales``, used by ``contract.texts``).
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import io
 from functools import cache
 from pathlib import Path
 
-LOCALES_DIR = Path(__file__).parent / "locales"
 LANGUAGES = {"en": "English", "ru": "Русский", "kk": "Қазақша"}
 DEFAULT_LANGUAGE = "en"
 
@@ -24,11 +24,12 @@ def pick_language(code: str | None) -> str:
 
 
 @cache
-def translations(language: str, domain: str = "diagnosis") -> gettext.NullTranslations:
+def load_catalog(locales_dir: Path, language: str, domain: str) -> gettext.NullTranslations:
+    """The compiled catalog of one domain and language (none on disk: the English source)."""
     from babel.messages.mofile import write_mo
     from babel.messages.pofile import read_po
 
-    path = LOCALES_DIR / language / "LC_MESSAGES" / f"{domain}.po"
+    path = Path(locales_dir) / language / "LC_MESSAGES" / f"{domain}.po"
     if not path.is_file():
         return gettext.NullTranslations()
     with path.open("rb") as handle:
@@ -39,10 +40,6 @@ def translations(language: str, domain: str = "diagnosis") -> gettext.NullTransl
     return gettext.GNUTranslations(buffer)
 
 
-def gettext_for(language: str, domain: str = "diagnosis"):
-    """The ``_`` function for one language."""
-    return translations(pick_language(language), domain).gettext
-
-
 def N_(message: str) -> str:
+    """Marks a literal for extraction; translated later, where the language is known."""
     return message

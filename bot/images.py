@@ -1,0 +1,152 @@
+"""Image intake: photos, image documents, album items and forwarded images.
+
+Each image is acknowledged at once, downloaded, stored in Redis under a random key with a TTL and
+handed to the ``diagnose`` task by name with its request envelope; the bot never waits for the
+result, the ``deliver`` task answers.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import suppress
+from pathlib import PurePosixPath
+
+from telegram import Message, ReplyParameters, Update
+from telegram.constants import ChatAction
+from telegram.error import TelegramError
+from telegram.ext import ContextTypes
+
+from contract import texts
+from contract.envelope import RequestEnvelope
+from contract.keys import TELEGRAM_DOWNLOAD_LIMIT
+from contract.monitoring import BOT_UPDATES
+
+from .pending import PendingRequest
+from .services import language_of, services
+
+logger = logging.getLogger(__name__)
+
+IMAGE_MIME_TYPES = frozenset({
+    "image/jpeg", "image/jpg", "image/pjpeg", "image/png", "image/webp", "image/tiff", "image/tif",
+    "image/bmp", "image/x-ms-bmp", "application/dicom",
+})
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".tif", ".tiff", ".bmp",
+                              ".dcm", ".dicom", ".dic"})
+GENERIC_MIME_TYPES = frozenset({"", "application/octet-stream", "binary/octet-stream"})
+
+
+def is_image_document(file_name: str | None, mime_type: str | None) -> bool:
+    """JPEG/PNG/WebP/TIFF/BMP/DICOM by MIME type or extension; extension-less (DICOM) files too.
+
+    The worker detects the real format from the bytes, so a wrong guess here only costs a polite
+    "unsupported" answer, never a crash.
+    """
+    mime = (mime_type or "").lower().split(";")[0].strip()
+    suffix = PurePosixPath(file_name or "").suffix.lower()
+    if mime in IMAGE_MIME_TYPES or suffix in IMAGE_EXTENSIONS:
+        return True
+    # DICOM files are often called "IM0001" or "1.2.840.113619.2.55.3.6046": no usable extension.
+    return mime in GENERIC_MIME_TYPES and (suffix == "" or suffix[1:].isdigit())
+
+
+async def on_photo(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+    """A photo (also forwarded or in an album): analyse the largest size, ``photo[-1]``."""
+    photo = update.effective_message.photo[-1]
+    await accept_image(update, context, photo.file_id, photo.file_size)
+
+
+async def on_document(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+    """A file: images and DICOM (with or without extension) are analysed, anything else gets a hint."""
+    document = update.effective_message.document
+    if not is_image_document(document.file_name, document.mime_type):
+        await update.effective_message.reply_text(texts.not_an_image_file(await language_of(update, context)))
+        return
+    await accept_image(update, context, document.file_id, document.file_size)
+
+
+async def accept_image(
+    update: Update, context: ContextTypes.DEFAULT_TYPE, file_id: str, file_size: int | None
+) -> None:
+    """Size check, rate limit, acknowledgement, download, blob in Redis, enqueue ``diagnose``."""
+    svc = services(context)
+    message, user, chat = update.effective_message, update.effective_user, update.effective_chat
+    language = await language_of(update, context)
+    if file_size and file_size > TELEGRAM_DOWNLOAD_LIMIT:
+        BOT_UPDATES.labels("too_large").inc()
+        await message.reply_text(texts.too_large(language))
+        return
+
+    wait_s, slot = await svc.store.take_image_slot(user.id)
+    if wait_s > 0:
+        BOT_UPDATES.labels("rate_limited").inc()
+        if await svc.store.first_rate_notice(user.id):
+            await message.reply_text(texts.rate_limited(language, wait_s))
+        return
+
+    waiting = await svc.store.queue_length()
+    ack: Message | None
+    try:  # an acknowledgement that cannot be sent (flood control…) must not cost the user the analysis
+        ack = await message.reply_text(
+            texts.received(language, waiting),
+            reply_parameters=ReplyParameters(message_id=message.message_id, allow_sending_without_reply=True),
+        )
+    except TelegramError as error:
+        logger.warning("acknowledgement failed: %s; analysing anyway", type(error).__name__)
+        ack = None
+    with suppress(TelegramError):
+        await context.bot.send_chat_action(chat.id, ChatAction.TYPING)
+
+    try:
+        telegram_file = await context.bot.get_file(file_id)
+        if telegram_file.file_size and telegram_file.file_size > TELEGRAM_DOWNLOAD_LIMIT:
+            await svc.store.give_back_slot(user.id, slot)
+            await _edit(ack, texts.too_large(language), message)
+            return
+        data = bytes(await telegram_file.download_as_bytearray(read_timeout=120))
+    except TelegramError as error:
+        logger.warning("download failed: %s", type(error).__name__)
+        BOT_UPDATES.labels("download_failed").inc()
+        await svc.store.give_back_slot(user.id, slot)
+        await _edit(ack, texts.download_failed(language), message)
+        return
+    if len(data) > TELEGRAM_DOWNLOAD_LIMIT:
+        await svc.store.give_back_slot(user.id, slot)
+        await _edit(ack, texts.too_large(language), message)
+        return
+
+    request_id, blob_key = await svc.store.put_blob(user.id, data)
+    del data
+    request = RequestEnvelope(
+        request_id=request_id,
+        blob_key=blob_key,
+        chat_id=chat.id,
+        reply_to_message_id=message.message_id,
+        language=language,
+        ack_message_id=ack.message_id if ack is not None else None,
+    )
+    try:
+        await svc.dispatcher.enqueue(request)
+    except Exception:
+        logger.exception("could not enqueue request %s", request_id)
+        BOT_UPDATES.labels("enqueue_failed").inc()
+        await svc.store.drop_blob(user.id, request_id)
+        await svc.store.give_back_slot(user.id, slot)
+        await _edit(ack, texts.service_unavailable(language), message)
+        return
+    if svc.pending is not None:
+        svc.pending.add(PendingRequest(envelope=request, user_id=user.id, accepted_at=time.monotonic()))
+    BOT_UPDATES.labels("enqueued").inc()
+    logger.info("request %s enqueued (%d waiting before it)", request_id, waiting)
+
+
+async def _edit(ack: Message | None, text: str, message: Message) -> None:
+    """Turn the acknowledgement into ``text``; without one (or if that fails) reply to ``message``."""
+    if ack is not None:
+        try:
+            await ack.edit_text(text)
+            return
+        except TelegramError:
+            pass
+    with suppress(TelegramError):
+        await message.reply_text(text)

@@ -1,0 +1,75 @@
+"""Names the bot and the workers must agree on without importing each other.
+
+Celery queue and task names, the Redis key layout and Telegram's limits. Plain constants and one
+small class: no third-party imports, so every process (and ``diagnosis``) can read them.
+"""
+
+from __future__ import annotations
+
+# Celery names shared by the bot (send_task by name) and the workers.
+INFERENCE_QUEUE = "inference"
+DELIVERY_QUEUE = "delivery"
+DIAGNOSE_TASK = "diagnose"
+DELIVER_TASK = "deliver"
+
+# Telegram Bot API limits.
+TELEGRAM_DOWNLOAD_LIMIT = 20 * 1024 * 1024  # bots may download at most 20 MB per file
+TELEGRAM_DOWNLOAD_LIMIT_MB = TELEGRAM_DOWNLOAD_LIMIT // (1024 * 1024)  # the same limit, for texts
+TELEGRAM_TEXT_LIMIT = 4096  # characters per message
+TELEGRAM_CAPTION_LIMIT = 1024  # characters per photo caption
+
+
+class Keys:
+    """Redis key layout. ``request`` ids are random (``secrets.token_urlsafe``), never derived from users.
+
+    Per user: ``lang:<uid>`` (language choice), ``rate:<uid>`` (timestamps of recent images),
+    ``rate-notice:<uid>``, ``requests:<uid>`` (ids of the user's requests in flight, so /forget can
+    delete their blobs). Per request: ``blob:<id>`` (image bytes), ``overlay:<id>`` (PNG),
+    ``sent:<id>:<part>`` (delivery marks), ``attempts:<id>``, ``lock:<id>``, ``done:<id>``.
+    """
+
+    def __init__(self, prefix: str):
+        self.prefix = prefix
+
+    def language(self, user_id: int) -> str:
+        return f"{self.prefix}lang:{user_id}"
+
+    def rate(self, user_id: int) -> str:
+        return f"{self.prefix}rate:{user_id}"
+
+    def rate_notice(self, user_id: int) -> str:
+        return f"{self.prefix}rate-notice:{user_id}"
+
+    def user_requests(self, user_id: int) -> str:
+        return f"{self.prefix}requests:{user_id}"
+
+    def blob(self, request_id: str) -> str:
+        return f"{self.prefix}blob:{request_id}"
+
+    def overlay(self, request_id: str) -> str:
+        return f"{self.prefix}overlay:{request_id}"
+
+    def sent(self, request_id: str, part: str) -> str:
+        return f"{self.prefix}sent:{request_id}:{part}"
+
+    def attempts(self, request_id: str) -> str:
+        return f"{self.prefix}attempts:{request_id}"
+
+    def lock(self, request_id: str) -> str:
+        return f"{self.prefix}lock:{request_id}"
+
+    def done(self, request_id: str) -> str:
+        return f"{self.prefix}done:{request_id}"
+
+    def request_keys(self, request_id: str) -> list[str]:
+        """Every per-request key except the delivery marks (use ``sent_pattern`` for those)."""
+        return [
+            self.blob(request_id),
+            self.overlay(request_id),
+            self.attempts(request_id),
+            self.lock(request_id),
+            self.done(request_id),
+        ]
+
+    def sent_pattern(self, request_id: str) -> str:
+        return f"{self.prefix}sent:{request_id}:*"

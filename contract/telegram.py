@@ -1,0 +1,98 @@
+"""One Telegram retry policy for the bot and the workers, and the bot's retrying HTTP layer.
+
+The policy: a 429 whose ``retry_after`` is at most ``MAX_INLINE_RETRY_AFTER_S`` is waited out in
+place; 5xx and network errors are retried up to ``ATTEMPTS`` tries per call with exponential backoff
+and jitter (``backoff``); anything longer or permanent goes to the caller. The bot applies it in
+``RetryingRequest`` (python-telegram-bot's HTTP layer: without it one "Too Many Requests" or "Bad
+Gateway" would lose an acknowledgement, a command's answer or a download); the delivery worker in
+``worker.telegram_out.TelegramOut.call``, which turns what is left into a Celery retry countdown.
+URLs are never logged: they contain the bot token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import random
+import warnings
+from datetime import timedelta
+from typing import Any
+
+from telegram.error import RetryAfter
+from telegram.request import HTTPXRequest, RequestData
+
+# Opt in to PTB 23 behaviour now (time periods as timedelta, e.g. RetryAfter.retry_after; read at
+# run time): no deprecation warnings per 429, and ``retry_after_seconds`` reads both forms anyway.
+os.environ.setdefault("PTB_TIMEDELTA", "true")
+
+logger = logging.getLogger(__name__)
+
+ATTEMPTS = 3  # tries per Bot API call for 5xx / network errors
+MAX_INLINE_RETRY_AFTER_S = 5.0  # a 429 asking for longer is handed to the caller
+BACKOFF_BASE_S = 0.5
+
+
+def backoff(attempt: int, base: float = BACKOFF_BASE_S, cap: float = 60.0) -> float:
+    """Exponential backoff with jitter (attempt 0 → up to ``base`` seconds); not security-relevant randomness."""
+    return min(cap, base * (2 ** attempt)) * (0.5 + random.random() / 2)  # nosec B311
+
+
+def retry_after_seconds(error: RetryAfter) -> float:
+    with warnings.catch_warnings():  # PTB 22 deprecates the int form; accept both
+        warnings.simplefilter("ignore", DeprecationWarning)
+        value = error.retry_after
+    return value.total_seconds() if isinstance(value, timedelta) else float(value)
+
+
+def quiet_http_logging() -> None:
+    """httpx logs every request URL at INFO, and Bot API URLs contain the bot token; so does
+    python-telegram-bot's Bot at DEBUG ("Set Bot API URL: …/bot<token>")."""
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    logging.getLogger("httpcore").setLevel(logging.WARNING)
+    quiet = max(logging.INFO, logging.getLogger().getEffectiveLevel())
+    for name in ("telegram.Bot", "telegram.ext.ExtBot"):
+        logging.getLogger(name).setLevel(quiet)
+
+
+def _retry_after(payload: bytes) -> float | None:
+    try:
+        value = json.loads(payload)["parameters"]["retry_after"]
+        return float(value)
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+class RetryingRequest(HTTPXRequest):
+    """``HTTPXRequest`` that retries a Bot API call on 429 (short ``retry_after``) and on 5xx.
+
+    ``getUpdates`` is left alone (the updater has its own retry loop).
+    """
+
+    def __init__(self, *args: Any, attempts: int = ATTEMPTS, max_inline_wait_s: float = MAX_INLINE_RETRY_AFTER_S,
+                 **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._attempts = max(1, attempts)
+        self._max_inline_wait_s = max_inline_wait_s
+
+    async def do_request(self, url: str, method: str, request_data: RequestData | None = None,
+                         **timeouts: Any) -> tuple[int, bytes]:
+        endpoint = url.rsplit("/", 1)[-1]
+        attempt = 0
+        while True:
+            code, payload = await super().do_request(url, method, request_data, **timeouts)
+            attempt += 1
+            if code < 429 or attempt >= self._attempts or endpoint == "getUpdates":
+                return code, payload
+            if code == 429:
+                wait = _retry_after(payload)
+                if wait is None or wait > self._max_inline_wait_s:
+                    return code, payload
+                wait += 0.1
+            elif code >= 500:
+                wait = backoff(attempt - 1)
+            else:
+                return code, payload
+            logger.info("%s: HTTP %d, retrying in %.1fs", endpoint, code, wait)
+            await asyncio.sleep(wait)

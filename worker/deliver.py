@@ -1,0 +1,183 @@
+"""Celery task ``deliver`` (queue ``delivery``): the reply, rendered once in the user's language, sent once.
+
+The text (from the JSON result, ``diagnosis.messages.render_reply``) and the overlay photo are sent
+exactly once: each part is marked in Redis *after* Telegram accepted it and the mark is checked
+before sending, so retried or redelivered tasks never send twice. Then the image and the overlay
+are deleted. No models and no torch here: delivery-only workers stay light.
+"""
+
+from __future__ import annotations
+
+import secrets
+from typing import Any
+
+import redis
+from celery import Task
+from celery.utils.log import get_task_logger
+
+from contract import texts
+from contract.envelope import RequestEnvelope
+from contract.keys import DELIVER_TASK, TELEGRAM_CAPTION_LIMIT, TELEGRAM_TEXT_LIMIT, Keys
+from contract.monitoring import DELIVERIES
+from contract.settings import Settings
+
+from .celery_app import app
+from .celery_app import settings as service_settings
+from .resources import REDIS_UNAVAILABLE, get_out, get_redis, get_settings, retry_while_redis_is_down
+from .telegram_out import Deferred, TelegramOut, Undeliverable
+
+logger = get_task_logger(__name__)
+
+LOCK_RELEASE_LUA = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
+
+
+@app.task(
+    name=DELIVER_TASK,
+    bind=True,
+    acks_late=True,
+    reject_on_worker_lost=True,
+    soft_time_limit=service_settings.DELIVER_SOFT_TIME_LIMIT_S,
+    time_limit=service_settings.DELIVER_TIME_LIMIT_S,
+    max_retries=service_settings.DELIVER_MAX_RETRIES,
+)
+def deliver(
+    self: Task,
+    envelope: dict[str, Any],
+    result: dict[str, Any] | None = None,
+    overlay_key: str | None = None,
+    failure: str | None = None,
+) -> dict[str, Any]:
+    """Send the reply (text, then overlay photo) exactly once, then clean up."""
+    request = RequestEnvelope.model_validate(envelope)
+    settings = get_settings()
+    try:
+        sent = send_reply(get_redis(), get_out(), settings, request, result=result, overlay_key=overlay_key,
+                          failure=failure)
+    except Deferred as deferred:
+        DELIVERIES.labels("deferred").inc()
+        if self.request.retries >= (self.max_retries or 0):
+            logger.error("request %s: giving up delivery after %d retries (%s)", request.request_id,
+                         self.request.retries, deferred.reason)
+            cleanup(get_redis(), settings.keys, request, overlay_key)
+            return {"sent": [], "gave_up": deferred.reason}
+        countdown = min(max(deferred.delay, 0.5), settings.MAX_RETRY_DELAY_S)
+        logger.info("request %s: delivery deferred (%s), retry in %.1fs", request.request_id, deferred.reason,
+                    countdown)
+        raise self.retry(countdown=countdown) from None
+    except REDIS_UNAVAILABLE as error:  # raised before anything was sent (see send_reply)
+        raise retry_while_redis_is_down(self, settings, request.request_id, error) from None
+    except Undeliverable as error:
+        logger.warning("request %s: undeliverable: %s", request.request_id, error)
+        DELIVERIES.labels("undeliverable").inc()
+        cleanup(get_redis(), settings.keys, request, overlay_key)
+        return {"sent": [], "undeliverable": str(error)}
+    DELIVERIES.labels("sent").inc(len(sent))
+    return {"sent": sent}
+
+
+def compose_texts(language: str, result: dict[str, Any] | None, failure: str | None) -> list[str]:
+    """The reply as one or more Telegram messages (≤ 4096 characters each), rendered here and only here."""
+    from diagnosis.messages import apology, render_reply
+
+    if failure == "expired":
+        text = texts.expired(language)
+    elif failure is not None or result is None:
+        text = apology(language)
+    else:
+        from diagnosis.report import DiagnosisResult
+
+        try:
+            text = render_reply(DiagnosisResult.model_validate(result), language)
+        except Exception:
+            logger.exception("rendering the reply failed")
+            text = apology(language)
+    return split_text(text, TELEGRAM_TEXT_LIMIT)
+
+
+def split_text(text: str, limit: int) -> list[str]:
+    """Split at paragraph or line breaks so that every piece fits one message."""
+    pieces: list[str] = []
+    rest = text.strip()
+    while len(rest) > limit:
+        cut = rest.rfind("\n\n", 0, limit)
+        if cut <= 0:
+            cut = rest.rfind("\n", 0, limit)
+        if cut <= 0:
+            cut = rest.rfind(" ", 0, limit)
+        if cut <= 0:
+            cut = limit
+        pieces.append(rest[:cut].rstrip())
+        rest = rest[cut:].lstrip()
+    if rest or not pieces:
+        pieces.append(rest)
+    return pieces
+
+
+def send_reply(
+    r: redis.Redis,
+    out: TelegramOut,
+    settings: Settings,
+    request: RequestEnvelope,
+    *,
+    result: dict[str, Any] | None = None,
+    overlay_key: str | None = None,
+    failure: str | None = None,
+) -> list[str]:
+    """Idempotent delivery; returns the parts sent by this call. Raises ``Deferred``/``Undeliverable``."""
+    keys, request_id, chat_id = settings.keys, request.request_id, request.chat_id
+    if r.exists(keys.done(request_id)):  # answered already (redelivered or duplicated task)
+        cleanup(r, keys, request, overlay_key)
+        return []
+    token = secrets.token_hex(8)
+    if not r.set(keys.lock(request_id), token, nx=True, ex=settings.DELIVER_TIME_LIMIT_S):
+        raise Deferred(2.0, "another delivery of this request is in progress")
+    sent: list[str] = []
+    try:
+        if r.exists(keys.done(request_id)):  # finished while we waited for the lock (or claimed lost by the bot)
+            cleanup(r, keys, request, overlay_key)
+            return []
+        parts: list[tuple[str, str]] = [
+            (f"text{index}", text) for index, text in enumerate(compose_texts(request.language, result, failure))
+        ]
+        overlay = r.get(overlay_key) if overlay_key and failure is None else None
+        if overlay is not None:  # None: expired or forgotten; the text is enough
+            parts.append(("photo", overlay_key))
+        marks = [keys.sent(request_id, part) for part, _ in parts]
+        already = [bool(flag) for flag in r.mget(marks)]
+        # From here on Telegram is the record: once a part is accepted, a Redis failure (a restart)
+        # must not stop the rest of the answer, nor leave the acknowledgement standing (the bot
+        # would then tell the user the request was lost). Marks are written best effort.
+        for (part, payload), mark, done_before in zip(parts, marks, already, strict=True):
+            if done_before:
+                continue
+            if part == "photo":
+                caption = texts.overlay_caption(request.language)[:TELEGRAM_CAPTION_LIMIT]
+                out.send_photo(chat_id, overlay, caption=caption, reply_to=request.reply_to_message_id)
+            else:
+                out.send_text(chat_id, payload, reply_to=request.reply_to_message_id)
+            sent.append(part)
+            _best_effort(r.set, mark, "1", ex=settings.MARK_TTL_S)  # only after Telegram accepted it
+        del overlay
+        _best_effort(r.set, keys.done(request_id), "1", ex=settings.MARK_TTL_S)
+        if request.ack_message_id is not None:
+            out.delete_message(chat_id, request.ack_message_id)  # the answer replaces the acknowledgement
+        _best_effort(cleanup, r, keys, request, overlay_key)
+    finally:
+        _best_effort(r.eval, LOCK_RELEASE_LUA, 1, keys.lock(request_id), token)
+    return sent
+
+
+def _best_effort(call: Any, *args: Any, **kwargs: Any) -> None:
+    """A Redis write that must not undo what Telegram already accepted (marks, clean-up)."""
+    try:
+        call(*args, **kwargs)
+    except redis.RedisError as error:
+        logger.warning("redis write skipped after delivery: %s", type(error).__name__)
+
+
+def cleanup(r: redis.Redis, keys: Keys, request: RequestEnvelope, overlay_key: str | None) -> None:
+    """The user has the answer (or cannot get one): delete the image and the overlay now."""
+    names = [keys.blob(request.request_id), keys.overlay(request.request_id), keys.attempts(request.request_id),
+             request.blob_key]
+    names += [overlay_key] if overlay_key else []
+    r.delete(*names)
