@@ -57,3 +57,59 @@ def test_apology_urges_a_physician():
                                                 ("de", "en")])
 def test_language_from_telegram_code(code, language):
     assert pick_language(code) == language
+
+
+# ----------------------------------------------------------------------------- vocabulary from the cards
+def shipped_cards():
+    from conftest import ROOT
+
+    from diagnosis.cards import CARD_FILE, read_card
+
+    models = ROOT / "models"
+    return [read_card(folder, verify=False) for folder in sorted(models.iterdir()) if (folder / CARD_FILE).is_file()]
+
+
+def words_of_the_cards() -> dict[str, str]:
+    """Every msgid a reply may need for the shipped cards, with what needs it; unknown names fail here."""
+    from diagnosis.messages import BODY_PARTS, FINDINGS
+
+    needed: dict[str, str] = {}
+    problems = []
+    for card in shipped_cards():
+        parts = card.labels if card.role == "body_part" else [card.body_part] if card.role == "abnormality" else []
+        for part in parts:
+            if part not in BODY_PARTS:
+                problems.append(f"{card.name}: body part {part!r} has no entry in diagnosis.messages.BODY_PARTS")
+            else:
+                needed[BODY_PARTS[part]] = f"{card.name}: body part {part}"
+        for label in card.labels if card.role == "abnormality" else []:
+            if label not in FINDINGS:
+                problems.append(f"{card.name}: label {label!r} has no entry in diagnosis.messages.FINDINGS")
+            else:
+                name, meaning = FINDINGS[label]
+                needed[name] = needed[meaning] = f"{card.name}: label {label}"
+    assert not problems, "\n".join(problems)
+    return needed
+
+
+def test_the_shipped_cards_are_read():
+    roles = {card.role for card in shipped_cards()}
+    assert {"body_part", "abnormality"} <= roles
+
+
+@pytest.mark.parametrize("language", list(LANGUAGES))
+def test_every_shipped_label_and_body_part_is_in_every_catalog(language):
+    from babel.messages.pofile import read_po
+
+    from diagnosis.messages import LOCALES_DIR
+
+    with (LOCALES_DIR / language / "LC_MESSAGES" / "diagnosis.po").open("rb") as handle:
+        catalog = read_po(handle, locale=language, domain="diagnosis")
+    problems = []
+    for msgid, needed_by in words_of_the_cards().items():
+        entry = catalog.get(msgid)
+        if entry is None:
+            problems.append(f"{language}: no entry for {msgid!r} ({needed_by})")
+        elif language != "en" and (entry.fuzzy or not entry.string.strip()):
+            problems.append(f"{language}: {msgid!r} is not translated ({needed_by})")
+    assert not problems, "\n".join(problems)
