@@ -24,6 +24,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from diagnosis.config import models_dir_from_environment
+
 ROOT = Path(__file__).resolve().parent.parent
 STAGES = ["decode", "photo", "preprocess", "gate", "body_part", "chest", "heatmap", "overlay", "total"]
 
@@ -127,7 +129,8 @@ def worker_throughput(models: Path, data: bytes, count: int, backend: str) -> tu
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
-    parser.add_argument("--models", type=Path, default=ROOT / "models")
+    parser.add_argument("--models", type=Path, default=models_dir_from_environment(),
+                        help="default: $MODELS_DIR, else the repo's models/")
     parser.add_argument("--runs", type=int, default=30)
     parser.add_argument("--worker-images", type=int, default=200)
     parser.add_argument("--no-worker", action="store_true", help="skip the Celery worker measurement")

@@ -2,8 +2,9 @@
 
 A GPU worker runs Celery with a thread pool (``--pool threads --concurrency 16``); each task thread
 calls ``submit`` and blocks; one batching thread turns whatever arrived within the window into one
-``Pipeline.run_batch`` call. On a 2-core CPU batching buys little (GUIDE §4: 41 → 27–33 ms/img at
-batch 8, eager), so CPU workers keep ``BATCH_MAX=1`` and call the pipeline directly.
+``Pipeline.run_batch`` call. On a CPU batching buys little (``python -m bench``
+reports batch 1 and batch 8 throughput), so CPU workers keep ``BATCH_MAX=1`` and call the pipeline
+directly.
 """
 
 from __future__ import annotations

@@ -1,4 +1,9 @@
-"""The forward-only CAM equals pytorch-grad-cam's GradCAM on the same layer (GUIDE §3)."""
+"""The forward-only CAM equals pytorch-grad-cam's GradCAM on the same layer.
+
+DenseNet ends in global average pooling and one linear layer, so the gradient of a class score
+with respect to the last feature map is that class's weights over the map's area: Grad-CAM's
+channel weights are the classifier weights divided by that area, and the forward pass alone gives
+the same map up to that constant factor (removed when the map is normalised)."""
 
 import numpy as np
 import pytest

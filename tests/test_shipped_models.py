@@ -73,7 +73,7 @@ def _reencode(image) -> bytes:
 
 
 def test_no_shortcut_sharp_chest_is_still_chest_blurry_gray_photo_still_not_xray(pipeline, pack):
-    """GUIDE §3: the pack's chest images are small and soft, photos are colour — the models must not
+    """Shortcut check: the pack's chest images are small and soft, photos are colour — the models must not
     have learnt "soft = chest" or "colour = not X-ray"."""
     from PIL import Image, ImageFilter
 

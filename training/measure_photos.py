@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from diagnosis.cards import discover
+from diagnosis.config import models_dir_from_environment
 from diagnosis.intake import decode
 from diagnosis.network import load_model
 from diagnosis.photo import rectify
@@ -167,7 +168,8 @@ def synthetic_chest(rows: list[dict], root: Path, models: dict[str, Model], limi
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m training.measure_photos", description=__doc__.split("\n")[0])
     parser.add_argument("--manifest", required=True)
-    parser.add_argument("--models", default="models")
+    parser.add_argument("--models", default=models_dir_from_environment(),
+                        help="default: $MODELS_DIR, else the repo's models/")
     parser.add_argument("--json", default=None)
     parser.add_argument("--chest-limit", type=int, default=None, help="at most N chest test images (default all)")
     parser.add_argument("--seed", type=int, default=0)

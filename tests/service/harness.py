@@ -2,8 +2,9 @@
 
 * ``claim_redis_db``: picks an empty Redis database (2…15) and locks it, so two test sessions on one
   machine (or a developer's session next to CI) never share queues or keys.
-* ``BotRunner``: ``build_application(settings)`` driven as the GUIDE says
-  (``async with app: await app.start(); await app.updater.start_polling()``) in a background thread.
+* ``BotRunner``: ``build_application(settings)`` driven the way python-telegram-bot documents for
+  custom event loops (``async with app: await app.start(); await app.updater.start_polling()``) in a
+  background thread.
 * ``WorkerProcess``: ``celery -A worker worker -Q inference,delivery --pool solo`` as a subprocess,
   environment pointing at the fake Bot API and a models folder; ready once the models are loaded.
   ``pool="prefork"`` runs it as production does (one child; time limits enforced), ``extra_args``

@@ -1,4 +1,4 @@
-"""GUIDE §3: a worker killed mid-task (SIGKILL, no warm shutdown) loses nothing and answers once.
+"""A worker killed mid-task (SIGKILL, no warm shutdown) loses nothing and answers once.
 
 With ``task_acks_late`` the unacknowledged message stays in Redis and is handed to another worker
 once the broker's visibility timeout has passed; the short time limits here make that timeout 21 s

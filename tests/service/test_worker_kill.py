@@ -2,8 +2,8 @@
 
 Real bot, real Redis, real Celery workers (solo pool, the whole worker dies as in an OOM kill).
 The killed worker's unacknowledged task comes back through the broker's visibility timeout
-(21 s with these limits; GUIDE §3), the queued ones are taken by the replacement worker at once,
-and delivery is idempotent, so nothing is lost and nothing is sent twice.
+(21 s with these limits, see ``ServiceSettings.visibility_timeout_s``), the queued ones are taken by
+the replacement worker at once, and delivery is idempotent, so nothing is lost and nothing is sent twice.
 """
 
 from __future__ import annotations
