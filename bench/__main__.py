@@ -82,6 +82,8 @@ def worker_throughput(models: Path, data: bytes, count: int, backend: str) -> tu
     """Images/s through one real Celery worker (solo pool, queue inference) and its peak RSS in MB."""
     import redis
 
+    from bot.dispatch import diagnose_kwargs
+    from contract.envelope import RequestEnvelope
     from contract.keys import DIAGNOSE_TASK, INFERENCE_QUEUE, Keys
 
     url = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/13")
@@ -101,9 +103,9 @@ def worker_throughput(models: Path, data: bytes, count: int, backend: str) -> tu
         def send(index: int) -> None:
             request_id = f"bench{index}"
             client.set(keys.blob(request_id), data, ex=600)
-            app.send_task(DIAGNOSE_TASK, kwargs={"request_id": request_id, "blob_key": keys.blob(request_id),
-                                                 "chat_id": 1, "reply_to_message_id": 1, "language": "en"},
-                          queue=INFERENCE_QUEUE)
+            request = RequestEnvelope(request_id=request_id, blob_key=keys.blob(request_id), chat_id=1,
+                                      reply_to_message_id=1, language="en")
+            app.send_task(DIAGNOSE_TASK, kwargs=diagnose_kwargs(request), queue=INFERENCE_QUEUE)
 
         send(-1)  # warm-up: wait for the model load and the first answer
         deadline = time.time() + 300

@@ -95,7 +95,8 @@ def test_photo_is_acknowledged_stored_and_enqueued_with_json_args(start_bot, fak
 
     task = queued_tasks(redis_client)[0]
     assert task["task"] == "diagnose" and task["args"] == []
-    kwargs = task["kwargs"]
+    assert set(task["kwargs"]) == {"envelope"}  # the request envelope, one JSON field
+    kwargs = task["kwargs"]["envelope"]
     assert set(kwargs) == {"request_id", "blob_key", "chat_id", "reply_to_message_id", "language", "ack_message_id"}
     assert kwargs["chat_id"] == user and kwargs["reply_to_message_id"] == message["message_id"]
     assert kwargs["language"] == "en"
@@ -173,7 +174,8 @@ def test_forget_removes_every_key_of_the_user(start_bot, fake, redis_client):
         fake.inject_photo(user, CHEST)  # no worker runs: the image stays in Redis, "in flight"
         fake.inject_photo(other, CHEST)
         fake.wait_for(lambda: len(queued_tasks(redis_client)) == 2)
-        blob_keys = {t["kwargs"]["chat_id"]: t["kwargs"]["blob_key"] for t in queued_tasks(redis_client)}
+        blob_keys = {t["kwargs"]["envelope"]["chat_id"]: t["kwargs"]["envelope"]["blob_key"]
+                     for t in queued_tasks(redis_client)}
         assert redis_client.exists(blob_keys[user]) and redis_client.exists(f"xso:rate:{user}")
 
         fake.inject_text(user, "/forget")

@@ -14,7 +14,7 @@ import pytest
 from dicom_factory import make_dicom
 from model_factory import make_models_dir
 
-from bot.dispatch import Dispatcher
+from bot.dispatch import Dispatcher, diagnose_kwargs
 from contract.envelope import RequestEnvelope
 from diagnosis.intake import ImageRejected, decode
 from diagnosis.messages import PHYSICIAN, gettext_for, rejection_text
@@ -191,8 +191,9 @@ def test_pickled_messages_are_refused(worker, fake, make_settings, redis_client)
     sender = Celery("attacker", broker=settings.broker_url, set_as_current=False)
     sender.conf.task_serializer = "pickle"
     try:
-        sender.send_task("diagnose", kwargs={"request_id": "pickled", "blob_key": "xso:blob:pickled", "chat_id": 711,
-                                             "reply_to_message_id": 1, "language": "en"}, queue="inference")
+        envelope = RequestEnvelope(request_id="pickled", blob_key="xso:blob:pickled", chat_id=711,
+                                   reply_to_message_id=1, language="en")
+        sender.send_task("diagnose", kwargs=diagnose_kwargs(envelope), queue="inference")
     finally:
         sender.close()
     fake.wait_for(lambda: "untrusted content" in worker.log() or "ContentDisallowed" in worker.log(), timeout=30)
