@@ -12,13 +12,11 @@ import math
 from collections.abc import Callable
 from pathlib import Path
 
-from .i18n import DEFAULT_LANGUAGE, LANGUAGES, N_, load_catalog, pick_language
+from .i18n import N_, load_catalog, pick_language
 from .keys import TELEGRAM_DOWNLOAD_LIMIT_MB
 
 DOMAIN = "bot"
 LOCALES_DIR = Path(__file__).parent / "locales"
-
-__all__ = ["COMMANDS", "DEFAULT_LANGUAGE", "DOMAIN", "LANGUAGES", "LOCALES_DIR", "translator"]
 
 # Command menu (setMyCommands), translated per language at startup.
 COMMANDS = (

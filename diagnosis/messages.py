@@ -101,6 +101,13 @@ def apology(language: str) -> str:
              "Please try again in a few minutes.") + "\n\n" + _(PHYSICIAN)
 
 
+def analysed_heading(part: str, language: str) -> str:
+    """First line of an analysed result: the body part (from the card) and "not a diagnosis"."""
+    _ = gettext_for(language)
+    return _sentence(_("{part} X-ray analysed. Model estimates, not a diagnosis:").format(
+        part=body_part_name(part, language)))
+
+
 def render_reply(result: DiagnosisResult, language: str = "en") -> str:
     """The complete reply text for one result, ending with the prompt to see a physician."""
     _ = gettext_for(language)
@@ -125,8 +132,7 @@ def render_reply(result: DiagnosisResult, language: str = "en") -> str:
                                  "body part yet, so it is not analysed.")
                                .format(part=part, p=_percent(result.body_part_probability))))
     else:
-        part = body_part_name(result.body_part or "", language)
-        lines.append(_sentence(_("{part} X-ray analysed. Model estimates, not a diagnosis:").format(part=part)))
+        lines.append(analysed_heading(result.body_part or "", language))
         positives = result.positive_findings
         if positives:
             lines.append(_("Findings above the model's alert threshold:"))

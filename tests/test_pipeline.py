@@ -73,6 +73,8 @@ def test_new_body_part_model_plugs_in_by_adding_a_folder(tmp_path):
     result = Pipeline.load(models).run(IMAGE).result
     assert result.outcome == "analysed" and result.body_part == "hand"
     assert [f.label for f in result.findings] == ["abnormal"]
+    assert render_reply(result).startswith("Hand X-ray analysed")  # no code change names the new body part
+    assert render_reply(result, "ru").startswith("Рентгеновский снимок кисти проанализирован")
 
 
 def test_abnormality_model_can_be_chosen_per_body_part(tmp_path):

@@ -17,7 +17,7 @@ from model_factory import make_models_dir
 from bot.dispatch import Dispatcher, diagnose_kwargs
 from contract.envelope import RequestEnvelope
 from diagnosis.intake import ImageRejected, decode
-from diagnosis.messages import PHYSICIAN, gettext_for, rejection_text
+from diagnosis.messages import PHYSICIAN, analysed_heading, gettext_for, rejection_text
 
 from .conftest import start_worker
 from .harness import sample_image
@@ -33,7 +33,7 @@ def physician(language: str) -> str:
 
 
 def analysed_line(language: str) -> str:
-    return gettext_for(language)("Chest X-ray analysed. Model estimates, not a diagnosis:")
+    return analysed_heading("chest", language)
 
 
 @pytest.fixture(scope="module")

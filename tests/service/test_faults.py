@@ -16,7 +16,7 @@ import pytest
 from model_factory import make_models_dir
 
 from contract.keys import INFERENCE_QUEUE
-from diagnosis.messages import apology, gettext_for
+from diagnosis.messages import analysed_heading, apology
 
 from .conftest import FAULT_REQUESTS, TOKEN, worker_env
 from .harness import BotProcess, WorkerProcess, chat_summary, sample_image
@@ -27,7 +27,7 @@ pytestmark = pytest.mark.slow
 CHEST = sample_image("chest")
 SHORT = {"DIAGNOSE_SOFT_TIME_LIMIT_S": "3", "DIAGNOSE_TIME_LIMIT_S": "5", "DELIVER_SOFT_TIME_LIMIT_S": "10",
          "DELIVER_TIME_LIMIT_S": "12", "MAX_RETRY_DELAY_S": "3", "MAX_ATTEMPTS": "2"}
-ANALYSED = gettext_for("en")("Chest X-ray analysed. Model estimates, not a diagnosis:")
+ANALYSED = analysed_heading("chest", "en")
 APOLOGY = apology("en").split("\n")[0]
 CHILD_DEATHS = ("exited with", "Hard time limit", "WorkerLostError")
 

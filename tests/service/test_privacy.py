@@ -30,7 +30,7 @@ from dicom_factory import make_dicom
 from model_factory import make_models_dir
 from PIL import Image, PngImagePlugin
 
-from diagnosis.messages import gettext_for, rejection_text
+from diagnosis.messages import analysed_heading, rejection_text
 
 from .conftest import TOKEN, worker_env
 from .harness import LOCK_KEY, ROOT, BotProcess, WorkerProcess, chat_summary, sample_image
@@ -41,7 +41,7 @@ CHEST = sample_image("chest")
 # Real radiograph pixels for the DICOM and PNG cases: a synthetic ramp is refused by the pipeline's
 # photo-quality check as "blurred".
 CHEST_PIXELS = np.asarray(Image.open(io.BytesIO(CHEST)).convert("L"))
-ANALYSED = gettext_for("en")("Chest X-ray analysed. Model estimates, not a diagnosis:")
+ANALYSED = analysed_heading("chest", "en")
 PATIENT = [b"DOE^JANE", b"JANE", b"PID-12345", b"19700101"]  # dicom_factory's name, id, birth date
 CELERY_KEYS = re.compile(r"^(inference|delivery|unacked|unacked_index|unacked_mutex|_kombu\..*)$")  # kombu bookkeeping
 
