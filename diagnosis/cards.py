@@ -45,6 +45,9 @@ class ModelCard(BaseModel):
     body_part: str | None = None  # abnormality models: which body part they analyse
     architecture: Literal["densenet121"] = "densenet121"
     labels: list[str]
+    # Network outputs after the labels that are not findings, e.g. "abnormal" (any finding) of a
+    # chest model; the network has len(labels) + len(extra_outputs) outputs.
+    extra_outputs: list[str] = Field(default_factory=list)
     activation: Literal["sigmoid", "softmax"]
     input: InputSpec
     # gate: threshold on the "xray" probability; body_part: minimum top-1 probability;
@@ -68,12 +71,21 @@ class ModelCard(BaseModel):
             raise ValueError("a gate card needs positive_label among its labels")
         if self.role == "abnormality" and not self.body_part:
             raise ValueError("an abnormality card needs body_part")
+        if len(set(self.outputs)) != len(self.outputs):
+            raise ValueError("extra_outputs must be unique and differ from the labels")
+        if self.extra_outputs and self.activation != "sigmoid":
+            raise ValueError("extra_outputs need independent (sigmoid) outputs")
         if self.activation == "softmax" and len(self.labels) < 2:
             raise ValueError("softmax needs at least two labels")
         unknown = set(self.thresholds) - set(self.labels)
         if unknown:
             raise ValueError(f"thresholds for unknown labels: {sorted(unknown)}")
         return self
+
+    @property
+    def outputs(self) -> list[str]:
+        """Names of the network's outputs, in order: the labels, then the extra outputs."""
+        return self.labels + self.extra_outputs
 
     def threshold(self, label: str) -> float:
         return float(self.thresholds.get(label, 0.5))

@@ -57,7 +57,7 @@ class DenseNetClassifier(nn.Module):
 
 
 def build_network(card: ModelCard) -> DenseNetClassifier:
-    return DenseNetClassifier(num_outputs=len(card.labels), in_channels=card.input.channels,
+    return DenseNetClassifier(num_outputs=len(card.outputs), in_channels=card.input.channels,
                               flip_average=card.flip_average)
 
 
@@ -69,10 +69,10 @@ def load_model(folder: Path | str, device: str | torch.device = "cpu") -> tuple[
     out_features = state.get("classifier.weight")
     if out_features is None:
         raise CardError(f"weights in {folder.name!r} have no classifier.weight")
-    if out_features.shape[0] != len(card.labels):
+    if out_features.shape[0] != len(card.outputs):
         raise CardError(
-            f"label count mismatch in {folder.name!r}: card lists {len(card.labels)} labels, "
-            f"network has {out_features.shape[0]} outputs; refusing to load"
+            f"label count mismatch in {folder.name!r}: card lists {len(card.labels)} labels and "
+            f"{len(card.extra_outputs)} extra outputs, network has {out_features.shape[0]} outputs; refusing to load"
         )
     model = build_network(card)
     state = {key: value.float() if value.is_floating_point() else value for key, value in state.items()}

@@ -218,11 +218,15 @@ class Pipeline:
     def _abnormality(self, model: LoadedModel, items: list[_Item], part: str, make_overlay: bool) -> None:
         card = model.card
         probs, features = self._infer(model, items, part)
+        abnormal = card.outputs.index("abnormal") if "abnormal" in card.extra_outputs else None
         for item, row, feature_map in zip(items, probs, features, strict=True):
             result = item.result
+            if abnormal is not None:
+                result.abnormal_probability = float(row[abnormal])
             result.findings = sorted(
                 (Finding(label=label, probability=float(p), positive=bool(p >= card.threshold(label)),
-                         threshold=card.threshold(label)) for label, p in zip(card.labels, row, strict=True)),
+                         threshold=card.threshold(label))  # the findings come first; extra outputs follow
+                 for label, p in zip(card.labels, row[: len(card.labels)], strict=True)),
                 key=lambda f: f.probability, reverse=True)
             if not make_overlay:
                 continue

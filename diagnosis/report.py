@@ -30,6 +30,7 @@ class DiagnosisResult(BaseModel):
     body_part: str | None = None
     body_part_probability: float | None = None
     findings: list[Finding] = Field(default_factory=list)  # all labels, highest probability first
+    abnormal_probability: float | None = None  # the model's "any finding" output; None when it has none
     heatmap_labels: list[str] = Field(default_factory=list)  # findings drawn in the overlay
     rejection: str | None = None  # ImageRejected.code when outcome == "rejected"
     retake: list[str] = Field(default_factory=list)  # quality problem codes when outcome == "retake"

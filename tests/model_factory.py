@@ -23,7 +23,7 @@ PARTS = ["chest", "hand", "knee"]
 def make_model(folder: Path, *, role: str, labels: list[str], activation: str, biases: list[float],
                size: int = 64, seed: int = 0, **card_fields) -> ModelCard:
     torch.manual_seed(seed)
-    network = DenseNetClassifier(len(labels)).eval()
+    network = DenseNetClassifier(len(labels) + len(card_fields.get("extra_outputs", []))).eval()
     with torch.no_grad():
         network.classifier.weight.mul_(0.1)  # keep CAMs non-trivial but let the bias decide
         network.classifier.bias.copy_(torch.tensor(biases, dtype=torch.float32))

@@ -34,6 +34,9 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--plateau-factor", type=float, default=0.1)
     t.add_argument("--epoch-size", type=int, help="samples per epoch (default: all train rows)")
     t.add_argument("--no-balance", action="store_true", help="sample uniformly instead of per group")
+    t.add_argument("--group-share", action="append", default=[], metavar="GROUP=SHARE",
+                   help="with balancing: a group's share of each epoch (default 1 each); chest groups are "
+                        "sources, e.g. --group-share covid_radiography=0.1")
     t.add_argument("--min-count", type=int, default=30, help="body_part: min train images per part")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--init-from", type=Path, help="model folder or run folder to take the backbone from")
@@ -50,6 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     data_args(x)
     x.add_argument("--device", default="auto")
     x.add_argument("--dtype", choices=["float16", "float32"], default="float16")
+    x.add_argument("--backend", choices=["torch", "onnx"], default="torch",
+                   help="how val/test images are run (onnx: ONNX Runtime on the CPU, faster there)")
     x.add_argument("--flip-average", action="store_true",
                    help="test-time augmentation: average logits with the mirror image (measure on val first)")
 
@@ -60,6 +65,9 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--json", type=Path, help="write the metrics here")
     e.add_argument("--plots", type=Path, help="folder for ROC / confusion PNGs")
     e.add_argument("--device", default="auto")
+    e.add_argument("--backend", choices=["torch", "onnx"], default="torch",
+                   help="how images are run (onnx: ONNX Runtime on the CPU, as the worker can)")
+    e.add_argument("--bootstrap-rounds", type=int, default=1000, help="chest: resamples for the 95 %% intervals")
 
     i = commands.add_parser("import-torchxrayvision", help="convert torchxrayvision DenseNet weights to a card")
     i.add_argument("--weights", required=True, help="e.g. densenet121-res224-nih, or a local weights file")
@@ -95,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
             lr=args.lr or recipe["lr"], weight_decay=args.weight_decay if args.weight_decay is not None
             else recipe["weight_decay"], betas=tuple(args.betas), plateau_patience=args.plateau_patience,
             plateau_factor=args.plateau_factor, epoch_size=args.epoch_size, balance=not args.no_balance,
+            group_shares={g: float(v) for g, v in (item.split("=", 1) for item in args.group_share)},
             seed=args.seed, init_from=args.init_from, imagenet_weights=args.imagenet_weights,
             device=args.device, val_limit=args.val_limit, num_workers=args.workers, max_minutes=args.max_minutes,
             extra={"data": data_name},
@@ -105,12 +114,13 @@ def main(argv: list[str] | None = None) -> int:
         from .export import export_run
 
         card = export_run(args.run, args.out, records, data_name, args.device, getattr(torch, args.dtype),
-                          args.flip_average)
+                          args.flip_average, args.backend)
         print(json.dumps(card.metrics["test"], indent=1))
         return 0
     from .evaluate import evaluate_model
 
-    report = evaluate_model(args.model, records, args.split, args.device, plots=args.plots)
+    report = evaluate_model(args.model, records, args.split, args.device, plots=args.plots,
+                            bootstrap_rounds=args.bootstrap_rounds, backend=args.backend)
     text = json.dumps(report, indent=1)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

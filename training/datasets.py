@@ -21,6 +21,9 @@ BODY_PARTS = [
     "shoulder", "dental", "wrist",
 ]  # fmt: skip
 GATE_LABELS = ["not_xray", "xray"]
+# Chest films whose 14 labels and "normal" come from one hospital: models are chosen and judged on
+# these, since other sources differ in hospital, device and population as well as in findings.
+NIH_SOURCES = ("nih_cxr14", "nih_extra")
 MURA_PARTS = {
     "XR_ELBOW": "elbow", "XR_FINGER": "finger", "XR_FOREARM": "forearm", "XR_HAND": "hand",
     "XR_HUMERUS": "humerus", "XR_SHOULDER": "shoulder", "XR_WRIST": "wrist",
@@ -37,7 +40,11 @@ class Record:
     split: str  # train / val / test
     is_xray: bool
     body_part: str | None = None
-    chest_labels: tuple[int, ...] | None = None  # 14 × 0/1 in CHEST_LABELS order, chest rows only
+    # 14 values in CHEST_LABELS order, chest rows only: 1 present, 0 absent, None unknown (a source
+    # that read only some findings, e.g. COVID-19 films with no mapping to the 14)
+    chest_labels: tuple[int | None, ...] | None = None
+    abnormal: int | None = None  # chest: 1 any finding, 0 normal, None unknown
+    population: str = ""  # adult / paediatric where the manifest says
     kind: str = "radiograph"
     source: str = "unknown"
     patient_id: str = ""
@@ -55,16 +62,22 @@ class Record:
 
 
 def load_manifest(csv_path: Path | str) -> list[Record]:
-    """The xray-pack manifest: paths are relative to the manifest's folder."""
+    """An xray-pack manifest (manifest.csv, manifest-extra.csv, …): paths are relative to its folder.
+
+    ``chest_labels`` = all14 or normal (or no such column): the 14 columns are known, empty = 0;
+    partial: an empty cell is unknown. ``abnormal`` comes from its column, else from the 14 labels
+    when they say something (any positive, or all known and negative).
+    """
     csv_path = Path(csv_path)
     root = csv_path.parent
     records = []
     with csv_path.open(newline="", encoding="utf-8") as handle:
         for row in csv.DictReader(handle):
             body_part = row.get("body_part") or None
-            labels = None
+            labels, abnormal = None, None
             if body_part == "chest" and all(name in row for name in CHEST_LABELS):
-                labels = tuple(int(row[name] or 0) for name in CHEST_LABELS)
+                labels = _chest_labels(row)
+                abnormal = _abnormal(row.get("abnormal", ""), labels)
             records.append(
                 Record(
                     path=root / row["path"],
@@ -72,6 +85,8 @@ def load_manifest(csv_path: Path | str) -> list[Record]:
                     is_xray=row["is_xray"] == "1",
                     body_part=body_part,
                     chest_labels=labels,
+                    abnormal=abnormal,
+                    population=row.get("population") or "",
                     kind=row.get("kind") or ("radiograph" if row["is_xray"] == "1" else "other"),
                     source=row.get("source") or "unknown",
                     patient_id=row.get("patient_id") or "",
@@ -79,6 +94,20 @@ def load_manifest(csv_path: Path | str) -> list[Record]:
                 )
             )
     return records
+
+
+def _chest_labels(row: dict) -> tuple[int | None, ...]:
+    if row.get("chest_labels") == "partial":
+        return tuple(int(row[name]) if row[name] != "" else None for name in CHEST_LABELS)
+    return tuple(int(row[name] or 0) for name in CHEST_LABELS)
+
+
+def _abnormal(cell: str, labels: tuple[int | None, ...]) -> int | None:
+    if cell != "":
+        return int(cell)
+    if any(value == 1 for value in labels):
+        return 1
+    return 0 if all(value is not None for value in labels) else None
 
 
 def load_chestxray14(root: Path | str, val_fraction: float = 0.1) -> list[Record]:
@@ -106,6 +135,7 @@ def load_chestxray14(root: Path | str, val_fraction: float = 0.1) -> list[Record
                     is_xray=True,
                     body_part="chest",
                     chest_labels=tuple(int(label in findings) for label in CHEST_LABELS),
+                    abnormal=int("No Finding" not in findings),
                     source="nih_cxr14",
                     patient_id=str(patient),
                 )

@@ -15,12 +15,10 @@ from safetensors.torch import load_file
 from diagnosis.cards import InputSpec, ModelCard, WeightsSpec, write_card
 from diagnosis.network import DenseNetClassifier, save_weights
 
-from .datasets import SYNTHETIC_PREFIX, Record
-from .evaluate import evaluate_model
-from .images import RecordDataset
+from .datasets import NIH_SOURCES, SYNTHETIC_PREFIX, Record
+from .evaluate import evaluate_model, model_outputs
 from .metrics import youden_threshold
 from .tasks import Task
-from .train import pick_device, predict
 
 LICENCES = {  # from the xray-pack README; carried forward into every card that uses the source
     "nih_cxr14": "NIH public release, citation requested (Wang et al. 2017)",
@@ -42,7 +40,15 @@ LICENCES = {  # from the xray-pack README; carried forward into every card that 
     "neg_ct_head": "unknown",
     "neg_ultrasound": "CC0 (assumed)",
     "neg_dermoscopy": "ISIC: mostly CC0 / CC BY (per image)",
+    "nih_extra": "NIH public release, citation requested (Wang et al. 2017)",
+    "rsna_normal": "RSNA Pneumonia Challenge via the COVID-19 Radiography Database: research use; "
+                   "NIH terms for the images",
+    "cxr_normal_paediatric": "Guangzhou paediatric films via the COVID-19 Radiography Database: "
+                             "research use (assumed)",
+    "covid_radiography": "COVID-19 Radiography Database (PadChest/BIMCV, Hannover, paper figures): mixed, "
+                         "research use (assumed)",
 }
+
 def licence(source: str) -> str:
     if source.startswith(SYNTHETIC_PREFIX):  # training.synthetic_photos keeps the radiograph's licence
         original = source.removeprefix(SYNTHETIC_PREFIX)
@@ -54,37 +60,15 @@ ROLES = {"gate": "gate", "body_part": "body_part", "chest": "abnormality"}
 
 
 def export_run(run_dir: Path, out: Path, records: list[Record], data_name: str, device: str = "auto",
-               dtype: torch.dtype = torch.float16, flip_average: bool = False) -> ModelCard:
+               dtype: torch.dtype = torch.float16, flip_average: bool = False, backend: str = "torch") -> ModelCard:
     run_dir, out = Path(run_dir), Path(out)
     meta = json.loads((run_dir / "state.json").read_text())
-    task = Task(meta["task"]["name"], meta["task"]["labels"], meta["task"]["activation"])
+    task = Task(meta["task"]["name"], meta["task"]["labels"], meta["task"]["activation"],
+                meta["task"].get("extra_outputs", []))
     config = meta["config"]
-    model = DenseNetClassifier(len(task.labels), flip_average=flip_average)  # thresholds see what the service sees
+    model = DenseNetClassifier(len(task.outputs), flip_average=flip_average)  # thresholds see what the service sees
     model.load_state_dict({k: v.float() for k, v in load_file(str(run_dir / "best.safetensors")).items()})
-    torch_device = pick_device(device)
-    model.to(torch_device).to(memory_format=torch.channels_last)
-
-    # Operating points come from the val split only.
-    val = [r for r in records if r.split == "val" and task.applies(r)]
-    val_set = RecordDataset(val, task, config["size"], config["mean"], config["std"], cache_side=None)
-    probs, targets, _ = predict(model, val_set, 64, torch_device, task.activation)
-    thresholds, method, min_confidence, positive = {}, "", None, None
-    if task.name == "chest":
-        truth = np.asarray([r.chest_labels for r in val], dtype=np.float32)
-        thresholds = {label: youden_threshold(truth[:, i], probs[:, i]) for i, label in enumerate(task.labels)}
-        method = f"Youden's J per label on the val split ({len(val)} images)"
-    elif task.name == "gate":
-        positive = "xray"
-        index = task.labels.index(positive)
-        thresholds = {positive: youden_threshold((targets == index).astype(int), probs[:, index])}
-        method = f"Youden's J on P(xray), val split ({len(val)} images)"
-    else:
-        top = probs.max(axis=1)
-        correct = probs.argmax(axis=1) == targets
-        # Ask for a clearer image only when less confident than 98 % of correct val answers.
-        min_confidence = float(min(0.6, np.quantile(top[correct], 0.02))) if correct.any() else 0.5
-        method = f"min_confidence = 2nd percentile of top-1 probability of correct val answers ({len(val)} images)"
-
+    positive = "xray" if task.name == "gate" else None
     sha, dtype_name = save_weights(model, out, dtype=dtype)
     # What the run trained on (recorded by train), else the train rows of the data given here.
     sources = meta.get("train_sources") or Counter(r.source for r in records if r.split == "train" and task.applies(r))
@@ -94,32 +78,61 @@ def export_run(run_dir: Path, out: Path, records: list[Record], data_name: str, 
         role=ROLES[task.name],
         body_part="chest" if task.name == "chest" else None,
         labels=task.labels,
+        extra_outputs=task.extra_outputs,
         activation=task.activation,
         input=InputSpec(size=config["size"], mean=config["mean"], std=config["std"]),
-        thresholds=thresholds,
-        threshold_method=method or "arg-max",
         positive_label=positive,
-        min_confidence=min_confidence,
         data_sources=[{"source": s, "train_images": n, "licence": licence(s)} for s, n in sorted(sources.items())],
         training={
             "data": meta.get("data") or data_name,
             "initialisation": meta["initialisation"],
             "recipe": {k: config[k] for k in ("optimizer", "lr", "betas", "weight_decay", "batch_size", "epochs",
                                               "epoch_size", "balance", "plateau_patience", "plateau_factor",
-                                              "seed", "size")},
+                                              "seed", "size", "abnormal_c", "refit_findings_c",
+                                              "recipe_of_the_backbone") if k in config}
+                      | ({"group_shares": config["group_shares"]} if config.get("group_shares") else {}),
             "epochs_run": len(meta["history"]),
             "best_smoothed_val": meta["best"],
             "history": meta["history"],
             "train_seconds": round(meta["train_seconds"]),
             "hardware": meta.get("hardware") or f"{meta['device']} · {platform.processor() or platform.machine()}",
-            "loss": "cross-entropy" if task.activation == "softmax" else "binary cross-entropy",
+            "loss": "cross-entropy" if task.activation == "softmax"
+                    else "binary cross-entropy over known labels (unknown ones give no loss)",
         },
         weights=WeightsSpec(sha256=sha, dtype=dtype_name),
         flip_average=flip_average,
     )
     write_card(out, card)
-    test = evaluate_model(out, records, "test", device=device)
-    card.metrics = {"test": test, "measured_with": f"python -m training evaluate --model {out} "
-                                                  f"--manifest <{data_name}> --split test"}
+    set_operating_points(out, card, task, records, device, backend)
+    write_card(out, card)
+    test = evaluate_model(out, records, "test", device=device, backend=backend)
+    manifests = " ".join(f"--manifest {name.strip()}" for name in data_name.split(","))
+    card.metrics = {"test": test,
+                    "measured_with": f"python -m training evaluate --model {out} {manifests} --split test"}
     write_card(out, card)
     return card
+
+
+def set_operating_points(folder: Path, card: ModelCard, task: Task, records: list[Record], device: str,
+                         backend: str) -> None:
+    """Thresholds from the val split only, on the outputs of the folder as shipped (fp16 weights)."""
+    val = [r for r in records if r.split == "val" and task.applies(r)]
+    if task.name == "chest":  # NIH films: the other chest sources differ in hospital and population too
+        val = [r for r in val if r.source in NIH_SOURCES] or val
+    probs, targets = model_outputs(folder, val, device, backend)
+    if task.name == "chest":
+        for i, label in enumerate(task.labels):
+            known = ~np.isnan(targets[:, i])
+            card.thresholds[label] = youden_threshold(targets[known, i], probs[known, i])
+        card.threshold_method = f"Youden's J per label on the val split ({len(val)} images)"
+    elif task.name == "gate":
+        index = task.labels.index(card.positive_label)
+        card.thresholds = {card.positive_label: youden_threshold((targets == index).astype(int), probs[:, index])}
+        card.threshold_method = f"Youden's J on P(xray), val split ({len(val)} images)"
+    else:
+        top = probs.max(axis=1)
+        correct = probs.argmax(axis=1) == targets
+        # Ask for a clearer image only when less confident than 98 % of correct val answers.
+        card.min_confidence = float(min(0.6, np.quantile(top[correct], 0.02))) if correct.any() else 0.5
+        card.threshold_method = ("min_confidence = 2nd percentile of top-1 probability of correct val answers "
+                                 f"({len(val)} images)")

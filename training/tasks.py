@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -15,21 +15,31 @@ class Task:
     name: str  # gate / body_part / chest
     labels: list[str]
     activation: str  # softmax / sigmoid
+    # network outputs after the labels (chest: "abnormal", any finding); not findings themselves
+    extra_outputs: list[str] = field(default_factory=list)
+
+    @property
+    def outputs(self) -> list[str]:
+        return self.labels + self.extra_outputs
 
     def applies(self, record: Record) -> bool:
         if self.name == "gate":
             return True
         if self.name == "body_part":
             return record.is_xray and record.body_part in self.labels
-        return record.body_part == "chest" and record.chest_labels is not None
+        return record.body_part == "chest" and not np.isnan(self.target(record)).all()
 
     def target(self, record: Record) -> np.ndarray:
-        """Class index (softmax) as int64 scalar, or a float32 multi-hot vector (sigmoid)."""
+        """Class index (softmax) as int64 scalar, or a float32 vector over ``outputs`` (sigmoid)
+        where NaN marks an unknown value: the loss skips it."""
         if self.name == "gate":
             return np.int64(GATE_LABELS.index("xray" if record.is_xray else "not_xray"))
         if self.name == "body_part":
             return np.int64(self.labels.index(record.body_part))
-        return np.asarray(record.chest_labels, dtype=np.float32)
+        values = {**dict(zip(CHEST_LABELS, record.chest_labels or [None] * len(CHEST_LABELS), strict=True)),
+                  "abnormal": record.abnormal}
+        return np.asarray([np.nan if values[name] is None else values[name] for name in self.outputs],
+                          dtype=np.float32)
 
     def balance_group(self, record: Record) -> str:
         """Records are sampled so each group weighs the same: hard negatives (fundus, MRI, phone
@@ -41,14 +51,14 @@ class Task:
             return f"{record.kind}/{record.body_part or ''}"
         if self.name == "body_part":
             return f"phone_photo/{origin}" if record.phone_photo else str(record.body_part)
-        return "chest"
+        return record.source  # chest: sources differ in hospital, device and population
 
 
 def make_task(name: str, records: list[Record], min_count: int = 30) -> Task:
     if name == "gate":
         return Task("gate", list(GATE_LABELS), "softmax")
     if name == "chest":
-        return Task("chest", list(CHEST_LABELS), "sigmoid")
+        return Task("chest", list(CHEST_LABELS), "sigmoid", ["abnormal"])
     if name == "body_part":
         counts = Counter(r.body_part for r in records if r.is_xray and r.split == "train" and r.body_part
                          and not r.synthetic)  # parts known from real images only

@@ -25,7 +25,7 @@ from diagnosis.cards import read_card
 from diagnosis.network import DenseNetClassifier
 
 from .checkpoint import load_checkpoint, save_checkpoint
-from .datasets import Record
+from .datasets import NIH_SOURCES, Record
 from .images import Augment, RecordDataset
 from .metrics import auc_report, classification_report
 from .tasks import Task
@@ -56,6 +56,8 @@ class TrainConfig:
     plateau_factor: float = 0.1
     epoch_size: int | None = None  # samples per epoch; None = every train record once
     balance: bool = True
+    # with balance: each balance group's share of an epoch (default 1 each), e.g. {"covid_radiography": 0.1}
+    group_shares: dict[str, float] = field(default_factory=dict)
     seed: int = 0
     init_from: Path | None = None  # a model folder or run whose backbone starts this one
     imagenet_weights: Path | None = None  # torchvision DenseNet-121 ImageNet weights as safetensors
@@ -97,8 +99,11 @@ def _reseed_worker(worker_id: int) -> None:
     info.dataset.reseed(info.seed)
 
 
-def initialise(model: DenseNetClassifier, config: TrainConfig, labels: list[str]) -> str:
-    """Load a starting backbone. Returns a description recorded in the card."""
+def initialise(model: DenseNetClassifier, config: TrainConfig, outputs: list[str]) -> str:
+    """Load a starting backbone. Returns a description recorded in the card.
+
+    From a model of the same task the whole network continues; outputs it lacks (a new extra
+    output such as "abnormal") start fresh, the others keep their classifier rows."""
     if config.imagenet_weights is not None:
         path = Path(config.imagenet_weights)
         if not path.is_file():
@@ -122,20 +127,27 @@ def initialise(model: DenseNetClassifier, config: TrainConfig, labels: list[str]
         if not file.is_file():
             file = source / "best.safetensors"  # …or a training run
         state = {k: v.float() for k, v in load_file(str(file)).items()}
-        if _labels_of(source) == labels:  # the same task: continue training the whole network
-            model.load_state_dict(state)
-            return f"{source.name} ({file.name}), whole network"
+        previous = _outputs_of(source) or []
+        if previous and set(previous) <= set(outputs):  # the same task, perhaps with new outputs
+            model.load_state_dict({k: v for k, v in state.items() if k.startswith("features.")}, strict=False)
+            with torch.no_grad():
+                for name in previous:
+                    model.classifier.weight[outputs.index(name)] = state["classifier.weight"][previous.index(name)]
+                    model.classifier.bias[outputs.index(name)] = state["classifier.bias"][previous.index(name)]
+            new = [name for name in outputs if name not in previous]
+            return f"{source.name} ({file.name}), whole network" + (f"; new outputs {new}" if new else "")
         model.load_state_dict({k: v for k, v in state.items() if k.startswith("features.")}, strict=False)
         return f"backbone of {source.name} ({file.name})"
     return "random (from scratch)"
 
 
-def _labels_of(source: Path) -> list[str] | None:
-    """Labels of a model folder (its card) or a training run (state.json)."""
+def _outputs_of(source: Path) -> list[str] | None:
+    """Output names of a model folder (its card) or a training run (state.json)."""
     if (source / "card.json").is_file():
-        return read_card(source, verify=False).labels
+        return read_card(source, verify=False).outputs
     if (source / "state.json").is_file():
-        return json.loads((source / "state.json").read_text())["task"]["labels"]
+        task = json.loads((source / "state.json").read_text())["task"]
+        return task["labels"] + task.get("extra_outputs", [])
     return None
 
 
@@ -162,13 +174,28 @@ def predict(model: torch.nn.Module, dataset: RecordDataset, batch_size: int, dev
 def _loss(logits: torch.Tensor, target: torch.Tensor, activation: str) -> torch.Tensor:
     if activation == "softmax":
         return torch.nn.functional.cross_entropy(logits, target)
-    return torch.nn.functional.binary_cross_entropy_with_logits(logits, target)
+    return masked_bce(logits, target)
+
+
+def masked_bce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Binary cross-entropy over the known targets only: NaN (unknown) gives no loss and no gradient.
+    With every target known this is the usual mean over all outputs."""
+    known = ~torch.isnan(target)
+    losses = torch.nn.functional.binary_cross_entropy_with_logits(
+        logits, torch.where(known, target, torch.zeros_like(target)), reduction="none")
+    return (losses * known).sum() / known.sum().clamp(min=1)
 
 
 def validation_metric(task: Task, probs: np.ndarray, targets: np.ndarray) -> tuple[str, float]:
     if task.activation == "softmax":
         return "balanced_accuracy", classification_report(task.labels, targets, probs)["balanced_accuracy"]
     return "mean_auc", auc_report(task.labels, targets, probs)["mean_auc"] or 0.0
+
+
+def extra_metrics(task: Task, probs: np.ndarray, targets: np.ndarray) -> dict:
+    """AUC of each extra output (e.g. abnormal) on the validation films."""
+    report = auc_report(task.extra_outputs, targets[:, len(task.labels):], probs[:, len(task.labels):])
+    return {f"{name}_auc": report["auc"].get(name) for name in task.extra_outputs}
 
 
 def train(config: TrainConfig, task: Task, records: list[Record]) -> Path:
@@ -182,14 +209,16 @@ def train(config: TrainConfig, task: Task, records: list[Record]) -> Path:
         torch.backends.cudnn.benchmark = True
     train_records = [r for r in records if r.split == "train" and task.applies(r)]
     val_records = [r for r in records if r.split == "val" and task.applies(r)]
+    if task.name == "chest":  # chosen on NIH films only: other sources differ in more than findings
+        val_records = [r for r in val_records if r.source in NIH_SOURCES] or val_records
     if config.val_limit and len(val_records) > config.val_limit:
         val_records = random.Random(config.seed).sample(val_records, config.val_limit)  # nosec B311
     if not train_records or not val_records:
         raise SystemExit(f"{task.name}: need train and val records, have {len(train_records)} / {len(val_records)}")
     log.info("%s: %d train, %d val records; labels %s", task.name, len(train_records), len(val_records), task.labels)
 
-    model = DenseNetClassifier(len(task.labels))
-    initialisation = initialise(model, config, task.labels)
+    model = DenseNetClassifier(len(task.outputs))
+    initialisation = initialise(model, config, task.outputs)
     model.to(device).to(memory_format=torch.channels_last)
     params = model.parameters()
     if config.optimizer == "radam":
@@ -220,8 +249,8 @@ def train(config: TrainConfig, task: Task, records: list[Record]) -> Path:
     if config.balance:
         groups = [task.balance_group(r) for r in train_records]
         counts = Counter(groups)
-        weights = [1.0 / counts[g] for g in groups]
-        log.info("balance groups: %s", dict(counts))
+        weights = [config.group_shares.get(g, 1.0) / counts[g] for g in groups]
+        log.info("balance groups: %s; shares %s", dict(counts), config.group_shares or "equal")
     else:
         weights = [1.0] * len(train_records)
 
@@ -249,6 +278,7 @@ def train(config: TrainConfig, task: Task, records: list[Record]) -> Path:
             bar.set_postfix(loss=f"{running / seen:.4f}")
         probs, targets, val_loss = predict(model, val_set, 2 * config.batch_size, device, task.activation)
         metric_name, metric = validation_metric(task, probs, targets)
+        extras = extra_metrics(task, probs, targets) if task.extra_outputs else {}
         smoothed = metric if smoothed is None else 0.5 * smoothed + 0.5 * metric  # val noise ≈ ±0.01
         scheduler.step(val_loss)
         seconds_so_far += time.time() - started
@@ -258,13 +288,14 @@ def train(config: TrainConfig, task: Task, records: list[Record]) -> Path:
                       str(out / "best.safetensors.tmp"))
             (out / "best.safetensors.tmp").replace(out / "best.safetensors")  # a killed run keeps a whole file
         history.append({"epoch": epoch + 1, "train_loss": running / max(seen, 1), "val_loss": val_loss,
-                        metric_name: metric, f"smoothed_{metric_name}": smoothed,
+                        metric_name: metric, f"smoothed_{metric_name}": smoothed, **extras,
                         "lr": optimizer.param_groups[0]["lr"], "seconds": time.time() - started})
         log.info("epoch %d: %s", epoch + 1, json.dumps(history[-1]))
         save_checkpoint(out, model, optimizer, scheduler, {
             "epoch": epoch, "history": history, "best": best, "smoothed": smoothed,
             "train_seconds": seconds_so_far, "initialisation": initialisation,
-            "task": {"name": task.name, "labels": task.labels, "activation": task.activation},
+            "task": {"name": task.name, "labels": task.labels, "activation": task.activation,
+                     "extra_outputs": task.extra_outputs},
             "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()},
             "train_records": len(train_records), "train_sources": dict(Counter(r.source for r in train_records)),
             "data": config.extra.get("data", ""), "device": str(device), "hardware": describe_hardware(device),
