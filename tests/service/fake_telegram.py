@@ -7,7 +7,10 @@ editMessageText, deleteMessage, setMyCommands, answerCallbackQuery; any other me
 ``{"ok": true, "result": true}``. Every call is recorded (``calls``) for assertions; tests inject
 updates (``inject_*``) and faults (``fail_next``: 429 with retry_after, 5xx; ``chaos``: a random
 share of the calls of some methods fails). Like Telegram, it refuses to edit or delete a message
-that was deleted ("message to edit not found").
+that was deleted ("message to edit not found"), forgets updates once a later ``getUpdates`` offset
+has confirmed them, and, after ``enforce_limits()``, answers 429 (counted in ``limit_refusals``) to
+messages beyond Telegram's send limits: about 30 per second overall, one per second per chat, 20
+per minute per group.
 
 Point the service at it with ``TELEGRAM_API_URL=fake.url`` (the bot appends ``/bot`` and
 ``/file/bot`` itself).
@@ -19,6 +22,7 @@ import email.parser
 import email.policy
 import itertools
 import json
+import math
 import random
 import threading
 import time
@@ -56,6 +60,19 @@ class _Fault:
 
 
 @dataclass
+class _Limits:
+    """Token buckets (GCRA): ``(messages per second, burst)`` for all chats, one private chat, one group."""
+
+    overall: tuple[float, int]
+    private_chat: tuple[float, int]
+    group: tuple[float, int]
+    tat: dict[Any, float] = field(default_factory=dict)  # bucket → theoretical arrival time of the next message
+
+
+LIMITED_METHODS = frozenset({"sendMessage", "sendPhoto", "sendDocument", "editMessageText"})
+
+
+@dataclass
 class _Chaos:
     methods: frozenset[str]
     rate: float
@@ -84,6 +101,8 @@ class FakeTelegram:
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
         self.confirmed_offset = 0
+        self._limits: _Limits | None = None
+        self.limit_refusals = 0
 
     # ----------------------------------------------------------------- lifecycle
     def start(self) -> FakeTelegram:
@@ -124,6 +143,8 @@ class FakeTelegram:
             self._faults.clear()
             self._updates.clear()
             self._chaos = None
+            self._limits = None
+            self.limit_refusals = 0
 
     # ----------------------------------------------------------------- injection
     def add_file(self, data: bytes, path_hint: str = "documents/file.bin") -> tuple[str, str]:
@@ -257,6 +278,35 @@ class FakeTelegram:
         with self._cond:
             self._chaos = _Chaos(frozenset(methods), rate, statuses, retry_after, random.Random(seed)) if rate else None
 
+    def enforce_limits(self, overall: tuple[float, int] = (30.0, 5), private_chat: tuple[float, int] = (1.0, 3),
+                       group: tuple[float, int] = (20 / 60, 3)) -> None:
+        """From now on refuse, like Telegram, messages over the send limits: 429 with ``retry_after``
+        (counted in ``limit_refusals``). Each limit is ``(messages per second, burst)``: about 30/s
+        overall, one per second per private chat, 20 per minute per group, short bursts tolerated
+        (Telegram does not publish exact figures)."""
+        with self._cond:
+            self._limits = _Limits(overall, private_chat, group)
+            self.limit_refusals = 0
+
+    def _over_limit(self, method: str, params: dict[str, Any], now: float) -> float | None:
+        """Seconds until this message would conform, or None when it does and was counted (lock held)."""
+        limits = self._limits
+        if limits is None or method not in LIMITED_METHODS or params.get("chat_id") is None:
+            return None
+        chat_id = int(params["chat_id"])
+        buckets = [("overall", limits.overall), (chat_id, limits.group if chat_id < 0 else limits.private_chat)]
+        waits = []
+        for bucket, (per_s, burst) in buckets:
+            interval = 1.0 / per_s
+            earliest = limits.tat.get(bucket, now) - interval * (burst - 1)
+            if earliest > now:
+                waits.append(earliest - now)
+        if waits:
+            return max(waits)
+        for bucket, (per_s, _) in buckets:
+            limits.tat[bucket] = max(limits.tat.get(bucket, now), now) + 1.0 / per_s
+        return None
+
     @property
     def chaos_injected(self) -> int:
         with self._cond:
@@ -316,6 +366,11 @@ class FakeTelegram:
             fault = self._take_fault(method) if method != "getUpdates" else None
             call = Call(method, params, files)
             self.calls.append(call)
+            if fault is None:
+                wait = self._over_limit(method, params, call.at)
+                if wait is not None:
+                    self.limit_refusals += 1
+                    fault = _Fault(method, 429, max(1, math.ceil(wait)), 1)
             if fault is not None:
                 call.status = fault.status
                 body: dict[str, Any] = {"ok": False, "error_code": fault.status}

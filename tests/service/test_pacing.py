@@ -113,3 +113,26 @@ def test_async_pacer_shares_the_buckets(redis_db, redis_client):
             await client.aclose()
 
     assert asyncio.run(reserve()) == (False, pytest.approx(1.0, abs=0.1))
+
+
+def test_the_fake_api_refuses_an_unpaced_burst_and_accepts_a_paced_one(fake, redis_client):
+    import httpx
+
+    from .conftest import TOKEN
+
+    with httpx.Client(base_url=f"{fake.url}/bot{TOKEN}") as client:
+
+        def send(chat_id: int) -> int:
+            return client.post("/sendMessage", data={"chat_id": chat_id, "text": "hi"}).status_code
+
+        fake.enforce_limits()
+        unpaced = [send(6000 + i // 4) for i in range(60)]  # 15 chats, 4 messages each, as fast as possible
+        assert unpaced.count(429) == fake.limit_refusals >= 15  # at least the 4th message to each chat
+
+        fake.enforce_limits()  # fresh windows and counters
+        pacer = Pacer(redis_client)
+        paced = []
+        for i in range(60):  # the same 60 messages, round robin over the chats
+            pacer.wait_turn(chat_id=7000 + i % 15, max_wait_s=10)
+            paced.append(send(7000 + i % 15))
+        assert paced.count(200) == 60 and fake.limit_refusals == 0
