@@ -37,6 +37,8 @@ from telegram import Bot, Update
 from telegram.error import NetworkError
 from telegram.ext import Application
 
+from contract.keys import Keys
+
 logger = logging.getLogger(__name__)
 
 GROUP = "bot"
@@ -58,12 +60,12 @@ def default_consumer() -> str:
 class Intake:
     """The Redis side: store, read (consumer group), acknowledge, reclaim, per-update notes."""
 
-    def __init__(self, redis_client: Any, prefix: str = "xso:", *, consumer: str | None = None,
+    def __init__(self, redis_client: Any, keys: Keys, *, consumer: str | None = None,
                  claim_idle_s: float = 60.0, seen_ttl_s: int = 24 * 3600, max_deliveries: int = 5,
                  max_in_flight: int = 64, block_s: float = 1.0):
         self.redis = redis_client
-        self.stream = f"{prefix}intake"
-        self.prefix = prefix
+        self.keys = keys
+        self.stream = keys.intake_stream()
         self.consumer = consumer or default_consumer()
         self.claim_idle_s = claim_idle_s
         self.seen_ttl_s = seen_ttl_s  # Telegram keeps an unconfirmed update for up to 24 h
@@ -73,12 +75,11 @@ class Intake:
         self._store = redis_client.register_script(_STORE_LUA)
         self._in_flight: dict[int, str] = {}  # update_id → stream entry id, read and not yet acknowledged
 
-    # ------------------------------------------------------------------ keys
     def seen_key(self, update_id: int) -> str:
-        return f"{self.prefix}intake-seen:{update_id}"
+        return self.keys.intake_seen(update_id)
 
     def notes_key(self, update_id: int) -> str:
-        return f"{self.prefix}update:{update_id}"
+        return self.keys.update_notes(update_id)
 
     # ------------------------------------------------------------------ store (the queue's put)
     async def store(self, update: Update) -> bool:

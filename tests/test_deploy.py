@@ -23,7 +23,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from diagnosis.settings import DELIVERY_QUEUE, INFERENCE_QUEUE
+from contract.keys import DELIVERY_QUEUE, INFERENCE_QUEUE
 
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "deploy" / "k8s"

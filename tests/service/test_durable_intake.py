@@ -18,12 +18,15 @@ from telegram.error import NetworkError
 from telegram.ext import Application, TypeHandler
 
 from bot.intake import GROUP, DurableApplication, DurableUpdateQueue, Intake, run_reader
+from contract.keys import Keys
 
 from .conftest import TOKEN
 
+KEYS = Keys("xso:")
+
 
 def build(fake, url: str, consumer: str, seen: Counter, **intake_options) -> tuple[Application, Intake]:
-    intake = Intake(aioredis.Redis.from_url(url), consumer=consumer, block_s=0.2, **intake_options)
+    intake = Intake(aioredis.Redis.from_url(url), KEYS, consumer=consumer, block_s=0.2, **intake_options)
     application = (
         Application.builder().application_class(DurableApplication).token(TOKEN)
         .base_url(f"{fake.url}/bot").base_file_url(f"{fake.url}/file/bot")
@@ -71,7 +74,7 @@ def test_every_update_is_processed_once_and_then_deleted(fake, redis_db, redis_c
 
 def test_storing_is_idempotent_by_update_id(fake, redis_db, redis_client):
     async def scenario() -> list[bool]:
-        intake = Intake(aioredis.Redis.from_url(redis_db[0]), consumer="bot-b")
+        intake = Intake(aioredis.Redis.from_url(redis_db[0]), KEYS, consumer="bot-b")
         bot_update = Update.de_json({"update_id": 777, "message": {
             "message_id": 1, "date": 0, "chat": {"id": 5, "type": "private"}, "text": "hi"}}, None)
         try:
@@ -85,7 +88,8 @@ def test_storing_is_idempotent_by_update_id(fake, redis_db, redis_client):
 
 def test_put_refuses_with_a_telegram_error_when_redis_is_down():
     async def scenario() -> None:
-        intake = Intake(aioredis.Redis(host="127.0.0.1", port=1, socket_connect_timeout=0.5), consumer="bot-c")
+        intake = Intake(aioredis.Redis(host="127.0.0.1", port=1, socket_connect_timeout=0.5), KEYS,
+                        consumer="bot-c")
         update = Update.de_json({"update_id": 1, "message": {
             "message_id": 1, "date": 0, "chat": {"id": 5, "type": "private"}, "text": "hi"}}, None)
         # The Updater's retry loop treats a TelegramError as "try this batch again", without confirming it.
@@ -104,7 +108,7 @@ def leave_pending(fake, url: str, consumer: str, count: int, first_user: int) ->
         from telegram import Bot
 
         client = aioredis.Redis.from_url(url)
-        intake = Intake(client, consumer=consumer)
+        intake = Intake(client, KEYS, consumer=consumer)
         async with Bot(TOKEN, base_url=f"{fake.url}/bot") as bot:
             updates = await bot.get_updates(timeout=1)
             for update in updates:

@@ -10,7 +10,7 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 
-from worker.pacing import AsyncPacer, Limits, Pacer, Rate, TooLong
+from contract.pacing import AsyncPacer, Limits, Pacer, Rate, TooLong
 
 
 def most_in_window(times: list[float], window: float) -> int:

@@ -27,6 +27,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from .keys import Keys
+
 # KEYS[1]: the overall bucket; KEYS[2] (optional): the chat's bucket. ARGV[1]: the longest wait (ms) the
 # caller accepts; then per key: interval (ms), burst. Returns {reserved (0/1), wait in ms as a string}.
 # The chat's bucket must allow a message *now* (else nothing is reserved and the caller retries after
@@ -90,11 +92,21 @@ class Rate:
 
 @dataclass(frozen=True)
 class Limits:
-    """Telegram's documented limits, a little under them (network jitter must not push us over)."""
+    """Telegram's documented limits, a little under them (network jitter must not push us over).
+
+    ``from_settings`` reads TELEGRAM_MESSAGES_PER_S, TELEGRAM_CHAT_MESSAGES_PER_S and
+    TELEGRAM_GROUP_MESSAGES_PER_MIN.
+    """
 
     overall: Rate = Rate(25.0, 3)  # ~30 messages/s per bot: at most 28 in any second
     private_chat: Rate = Rate(1.0, 2)  # ~1 message/s per chat; a reply's text and photo may go together
     group: Rate = Rate(19 / 60, 1)  # ~20 messages/min per group: at most 20 in any minute
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> Limits:
+        return cls(overall=Rate(settings.TELEGRAM_MESSAGES_PER_S, 3),
+                   private_chat=Rate(settings.TELEGRAM_CHAT_MESSAGES_PER_S, 2),
+                   group=Rate(settings.TELEGRAM_GROUP_MESSAGES_PER_MIN / 60, 1))
 
 
 class TooLong(Exception):
@@ -108,15 +120,15 @@ class TooLong(Exception):
 class _Buckets:
     """Which buckets a message to ``chat_id`` passes through, and the script arguments for them."""
 
-    def __init__(self, prefix: str, limits: Limits):
-        self.prefix = prefix
+    def __init__(self, keys: Keys, limits: Limits):
+        self.keys = keys
         self.limits = limits
 
     def key_and_rate(self, chat_id: int | None) -> tuple[str, Rate]:
         if chat_id is None:
-            return f"{self.prefix}pace:overall", self.limits.overall
+            return self.keys.pace_overall(), self.limits.overall
         # Negative ids are groups, supergroups and channels (Telegram's convention).
-        return f"{self.prefix}pace:chat:{chat_id}", self.limits.group if chat_id < 0 else self.limits.private_chat
+        return self.keys.pace_chat(chat_id), self.limits.group if chat_id < 0 else self.limits.private_chat
 
     def reserve_args(self, chat_id: int | None, max_wait_s: float) -> tuple[list[str], list[Any]]:
         keys: list[str] = []
@@ -140,9 +152,9 @@ def _parse(reply: Any) -> tuple[bool, float]:
 class Pacer:
     """Synchronous (redis-py) pacing for the delivery workers."""
 
-    def __init__(self, redis_client: Any, prefix: str = "xso:", limits: Limits | None = None,
+    def __init__(self, redis_client: Any, keys: Keys | None = None, limits: Limits | None = None,
                  sleep: Callable[[float], None] = time.sleep):
-        self.buckets = _Buckets(prefix, limits or Limits())
+        self.buckets = _Buckets(keys or Keys("xso:"), limits or Limits())
         self._reserve = redis_client.register_script(_RESERVE_LUA)
         self._penalise = redis_client.register_script(_PENALISE_LUA)
         self._sleep = sleep
@@ -178,8 +190,8 @@ class Pacer:
 class AsyncPacer:
     """The same buckets for asyncio code (``redis.asyncio``): the bot's own messages share them."""
 
-    def __init__(self, redis_client: Any, prefix: str = "xso:", limits: Limits | None = None):
-        self.buckets = _Buckets(prefix, limits or Limits())
+    def __init__(self, redis_client: Any, keys: Keys | None = None, limits: Limits | None = None):
+        self.buckets = _Buckets(keys or Keys("xso:"), limits or Limits())
         self._reserve = redis_client.register_script(_RESERVE_LUA)
         self._penalise = redis_client.register_script(_PENALISE_LUA)
 
