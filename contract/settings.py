@@ -74,9 +74,9 @@ class ServiceSettings(BaseSettings):
     DELIVER_MAX_RETRIES: int = Field(8, ge=0)
     MAX_RETRY_DELAY_S: int = Field(120, ge=1)  # cap on one countdown (429 retry_after, backoff)
 
-    # Telegram's send limits, shared through Redis by every process that sends (contract.pacing): a
-    # little under Telegram's ~30 messages/s per bot, ~1/s per chat and ~20/min per group.
-    TELEGRAM_MESSAGES_PER_S: float = Field(25.0, gt=0)
+    # Telegram's send limits, shared through Redis by every process that sends (contract.pacing):
+    # under Telegram's ~30 messages/s per bot (with room for jitter), ~1/s per chat, ~20/min per group.
+    TELEGRAM_MESSAGES_PER_S: float = Field(20.0, gt=0)
     TELEGRAM_CHAT_MESSAGES_PER_S: float = Field(1.0, gt=0)
     TELEGRAM_GROUP_MESSAGES_PER_MIN: float = Field(19.0, gt=0)
     PACE_MAX_WAIT_S: float = Field(3.0, ge=0)  # a longer wait for a send slot reschedules the delivery

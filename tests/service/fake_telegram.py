@@ -18,6 +18,7 @@ Point the service at it with ``TELEGRAM_API_URL=fake.url`` (the bot appends ``/b
 
 from __future__ import annotations
 
+import collections
 import email.parser
 import email.policy
 import itertools
@@ -61,12 +62,14 @@ class _Fault:
 
 @dataclass
 class _Limits:
-    """Token buckets (GCRA): ``(messages per second, burst)`` for all chats, one private chat, one group."""
+    """All chats: at most ``overall[0]`` messages within any ``overall[1]`` seconds. One private chat
+    or one group: a token bucket (GCRA), ``(messages per second, burst)``."""
 
-    overall: tuple[float, int]
+    overall: tuple[int, float]
     private_chat: tuple[float, int]
     group: tuple[float, int]
-    tat: dict[Any, float] = field(default_factory=dict)  # bucket → theoretical arrival time of the next message
+    sent_at: list[float] = field(default_factory=list)  # accepted messages, for the overall window
+    tat: dict[int, float] = field(default_factory=dict)  # chat → theoretical arrival time of its next message
 
 
 LIMITED_METHODS = frozenset({"sendMessage", "sendPhoto", "sendDocument", "editMessageText"})
@@ -103,6 +106,7 @@ class FakeTelegram:
         self.confirmed_offset = 0
         self._limits: _Limits | None = None
         self.limit_refusals = 0
+        self.limit_refused_by: collections.Counter = collections.Counter()  # "overall" / "chat"
 
     # ----------------------------------------------------------------- lifecycle
     def start(self) -> FakeTelegram:
@@ -145,6 +149,7 @@ class FakeTelegram:
             self._chaos = None
             self._limits = None
             self.limit_refusals = 0
+            self.limit_refused_by.clear()
 
     # ----------------------------------------------------------------- injection
     def add_file(self, data: bytes, path_hint: str = "documents/file.bin") -> tuple[str, str]:
@@ -278,15 +283,16 @@ class FakeTelegram:
         with self._cond:
             self._chaos = _Chaos(frozenset(methods), rate, statuses, retry_after, random.Random(seed)) if rate else None
 
-    def enforce_limits(self, overall: tuple[float, int] = (30.0, 5), private_chat: tuple[float, int] = (1.0, 3),
+    def enforce_limits(self, overall: tuple[int, float] = (30, 1.0), private_chat: tuple[float, int] = (1.0, 3),
                        group: tuple[float, int] = (20 / 60, 3)) -> None:
         """From now on refuse, like Telegram, messages over the send limits: 429 with ``retry_after``
-        (counted in ``limit_refusals``). Each limit is ``(messages per second, burst)``: about 30/s
-        overall, one per second per private chat, 20 per minute per group, short bursts tolerated
-        (Telegram does not publish exact figures)."""
+        (counted in ``limit_refusals`` and, by limit, ``limit_refused_by``). Defaults: no more than
+        30 messages within any second overall; per private chat one per second, per group 20 per
+        minute, each with a burst of 3 tolerated (Telegram does not publish exact figures)."""
         with self._cond:
             self._limits = _Limits(overall, private_chat, group)
             self.limit_refusals = 0
+            self.limit_refused_by.clear()
 
     def _over_limit(self, method: str, params: dict[str, Any], now: float) -> float | None:
         """Seconds until this message would conform, or None when it does and was counted (lock held)."""
@@ -294,17 +300,20 @@ class FakeTelegram:
         if limits is None or method not in LIMITED_METHODS or params.get("chat_id") is None:
             return None
         chat_id = int(params["chat_id"])
-        buckets = [("overall", limits.overall), (chat_id, limits.group if chat_id < 0 else limits.private_chat)]
-        waits = []
-        for bucket, (per_s, burst) in buckets:
-            interval = 1.0 / per_s
-            earliest = limits.tat.get(bucket, now) - interval * (burst - 1)
-            if earliest > now:
-                waits.append(earliest - now)
+        waits = {}
+        count, window = limits.overall
+        limits.sent_at = [at for at in limits.sent_at if now - at < window]
+        if len(limits.sent_at) >= count:
+            waits["overall"] = limits.sent_at[-count] + window - now
+        per_s, burst = limits.group if chat_id < 0 else limits.private_chat
+        earliest = limits.tat.get(chat_id, now) - (burst - 1) / per_s
+        if earliest > now:
+            waits["chat"] = earliest - now
         if waits:
-            return max(waits)
-        for bucket, (per_s, _) in buckets:
-            limits.tat[bucket] = max(limits.tat.get(bucket, now), now) + 1.0 / per_s
+            self.limit_refused_by.update(waits.keys())
+            return max(waits.values())
+        limits.sent_at.append(now)
+        limits.tat[chat_id] = max(limits.tat.get(chat_id, now), now) + 1.0 / per_s
         return None
 
     @property
