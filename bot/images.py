@@ -113,7 +113,8 @@ async def accept_image(
     if "ack" in notes:  # the previous run's acknowledgement stands
         ack = Message(message_id=int(notes["ack"]), date=message.date, chat=chat)
         ack.set_bot(context.bot)
-    elif "slot" not in notes:  # a previous run may have sent one just before it died: never two
+    elif "acking" not in notes:  # else a previous run may have sent one just before it died: never two
+        await note(acking=1)
         budget = PACE_BUDGET_S.set(ACK_PACE_BUDGET_S)
         try:  # an acknowledgement that cannot be sent (flood control…) must not cost the user the analysis
             ack = await message.reply_text(
