@@ -3,9 +3,10 @@
 The fake Bot API behaves like Telegram: once a ``getUpdates`` with a higher offset has confirmed
 updates, it never hands them out again. Users send their images while the bot is down; the bot
 starts, fetches them all in one batch, confirms them with its next long poll, and is killed with
-SIGKILL as soon as it begins to acknowledge. A new bot process (same host, so the same intake
-consumer) must finish every one of them: the durable intake (bot.intake) kept them in Redis, and
-the handlers resume an update whose first run was cut short instead of answering it twice.
+SIGKILL as soon as Telegram has forgotten the batch and the first acknowledgement went out. A new
+bot process (same host, so the same intake consumer) must finish every one of them: the durable
+intake (bot.intake) kept them in Redis, and the handlers resume an update whose first run was cut
+short instead of answering it twice.
 ``XSO_FAULT_REQUESTS`` users (the issue measured 30).
 """
 
@@ -35,14 +36,15 @@ def test_bot_sigkilled_mid_intake_answers_every_image_exactly_once(fake, redis_d
             fake.inject_photo(user, CHEST)
         first = BotProcess(env, tmp_path / "bot-1.log").start(fake)
         try:
-            fake.wait_for(lambda: any(chat_summary(fake, u).acks for u in users), timeout=30, interval=0.005)
+            # As soon as it answers and Telegram has forgotten the batch (the next getUpdates confirmed it).
+            fake.wait_for(lambda: not fake._get_updates({"offset": 0, "timeout": 0})
+                          and any(chat_summary(fake, u).acks for u in users), timeout=30, interval=0.005)
             first.kill()  # SIGKILL: no shutdown, nothing flushed
             killed_at = time.monotonic()
         finally:
             first.stop()
         acknowledged_before = sum(bool(chat_summary(fake, u).acks) for u in users)
-        # Telegram has forgotten every one of them: only what the bot stored can still be answered.
-        assert not fake._get_updates({"offset": 0, "timeout": 0}), "the dead bot had not confirmed the batch"
+        answered_before = sum(bool(chat_summary(fake, u).results) for u in users)
 
         second = BotProcess(env, tmp_path / "bot-2.log").start(fake)
         try:
@@ -57,8 +59,9 @@ def test_bot_sigkilled_mid_intake_answers_every_image_exactly_once(fake, redis_d
         worker.stop()
     summaries = {user: chat_summary(fake, user) for user in users}
     once = sum(len(s.results) == 1 and s.photos == 1 for s in summaries.values())
-    print(f"\nbot SIGKILL mid-intake: {once}/{len(users)} answered exactly once; "
-          f"{acknowledged_before} acknowledged before the kill; last answer {recovered_in:.1f}s after the kill; "
+    print(f"\nbot SIGKILL mid-intake: {once}/{len(users)} answered exactly once; {acknowledged_before} "
+          f"acknowledged and {answered_before} answered before the kill; "
+          f"last answer {recovered_in:.1f}s after the kill; "
           f"acknowledgements per user: {sorted(s.acks for s in summaries.values())}")
     assert acknowledged_before < len(users), "the kill came after every image was acknowledged"
     for user, summary in summaries.items():

@@ -47,18 +47,17 @@ def test_a_burst_of_replies_gets_no_429_from_telegram(fake, redis_db, redis_clie
                                        reply_to_message_id=1, language="en")
             producer.send_task(DELIVER_TASK, kwargs={"envelope": envelope.to_json(), "result": result,
                                                      "overlay_key": overlay_key}, queue=DELIVERY_QUEUE)
-        started = time.monotonic()
         fake.wait_for(lambda: all(chat_summary(fake, u).results and chat_summary(fake, u).photos for u in users),
                       timeout=60 + BURST / 5)
-        took = time.monotonic() - started
         time.sleep(1.0)  # a duplicate would arrive now
     finally:
         producer.close()
         for worker in workers:
             worker.stop()
     sends = [c for c in fake.calls if c.method in ("sendMessage", "sendPhoto")]
-    busiest = most_in_window([c.at for c in sends if c.status == 200], 1.0)
-    print(f"\ndelivery burst: {BURST} replies ({len(sends)} messages) in {took:.1f}s "
+    accepted = [c.at for c in sends if c.status == 200]
+    busiest, took = most_in_window(accepted, 1.0), max(accepted) - min(accepted)
+    print(f"\ndelivery burst: {BURST} replies ({len(sends)} messages) sent within {took:.1f}s "
           f"({len(sends) / took:.1f} messages/s, at most {busiest} within one second); "
           f"429 from the limits: {fake.limit_refusals} {dict(fake.limit_refused_by)}")
     assert fake.limit_refusals == 0
