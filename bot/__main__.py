@@ -1,4 +1,4 @@
-"""``python -m bot``: start the Telegram bot (long polling)."""
+"""``python -m bot``: start the Telegram bot (long polling, or a webhook with ``BOT_MODE=webhook``)."""
 
 from __future__ import annotations
 
@@ -20,13 +20,19 @@ def configure_logging(level: str) -> None:
 def main() -> None:
     settings = Settings()
     configure_logging(settings.LOG_LEVEL)
+    webhook = settings.webhook_options() if settings.BOT_MODE == "webhook" else None  # checked before starting
     application = build_application(settings)
     serve_metrics(settings.METRICS_PORT, settings.REDIS_URL)
-    application.run_polling(
-        allowed_updates=ALLOWED_UPDATES,
-        timeout=timedelta(seconds=settings.POLL_TIMEOUT_S),
-        drop_pending_updates=False,
-    )
+    if webhook is not None:
+        # Plain HTTP on WEBHOOK_LISTEN:WEBHOOK_PORT behind the operator's TLS proxy; registers
+        # WEBHOOK_URL with Telegram, which then sends the secret token with every update.
+        application.run_webhook(allowed_updates=ALLOWED_UPDATES, drop_pending_updates=False, **webhook)
+    else:
+        application.run_polling(
+            allowed_updates=ALLOWED_UPDATES,
+            timeout=timedelta(seconds=settings.POLL_TIMEOUT_S),
+            drop_pending_updates=False,
+        )
 
 
 if __name__ == "__main__":

@@ -22,12 +22,14 @@ from telegram.ext import (
 )
 
 from contract.i18n import DEFAULT_LANGUAGE, LANGUAGES
+from contract.pacing import AsyncPacer, Limits
 from contract.settings import Settings
 from contract.telegram import RetryingRequest
 from contract.texts import COMMANDS, translator
 
 from . import access, commands, images
 from .dispatch import Dispatcher
+from .intake import DurableApplication, DurableUpdateQueue, Intake, run_reader
 from .pending import PendingRequests
 from .services import Services
 from .store import Store
@@ -36,26 +38,40 @@ logger = logging.getLogger(__name__)
 
 ALLOWED_UPDATES = [Update.MESSAGE, Update.CALLBACK_QUERY]
 HEARTBEAT_INTERVAL_S = 15
+# An answer of the bot's own (a command, a hint) waits this long for a send slot of its chat before
+# it is given up (one user flooding the bot is then answered at Telegram's pace, ~1 message/s).
+BOT_PACE_MAX_WAIT_S = 10.0
 
 
 def build_application(settings: Settings) -> Application:
-    """Wire handlers, Redis and the Celery producer; ``run_polling`` (or a test) drives it."""
+    """Wire handlers, Redis and the Celery producer; ``run_polling``/``run_webhook`` (or a test) drives it.
+
+    Updates go through the durable intake (``bot.intake``): stored in Redis before Telegram is told
+    they arrived, acknowledged once handled. The bot's own messages wait for a send slot shared with
+    the delivery workers (``contract.pacing``).
+    """
+    store = Store(settings)
+    intake = Intake(store.redis, settings.keys, consumer=settings.INTAKE_CONSUMER,
+                    claim_idle_s=settings.INTAKE_CLAIM_IDLE_S, seen_ttl_s=settings.MARK_TTL_S)
+    pacer = AsyncPacer(store.redis, settings.keys, Limits.from_settings(settings))
     application = (
         Application.builder()
+        .application_class(DurableApplication)
+        .update_queue(DurableUpdateQueue(intake))
         .token(settings.TELEGRAM_BOT_TOKEN.get_secret_value())
         .base_url(settings.api_base_url)
         .base_file_url(settings.file_base_url)
         .concurrent_updates(8)
         # 429 with a short retry_after and 5xx are retried (an acknowledgement is not lost to them).
         .request(RetryingRequest(connection_pool_size=64, connect_timeout=10, read_timeout=30, write_timeout=30,
-                                 media_write_timeout=60))
+                                 media_write_timeout=60, pacer=pacer, max_pace_wait_s=BOT_PACE_MAX_WAIT_S))
         .post_init(on_startup)
         .post_stop(on_stop)
         .post_shutdown(on_shutdown)
         .build()
     )
-    store = Store(settings)
-    application.bot_data["services"] = Services(settings, store, Dispatcher(settings), PendingRequests(settings, store))
+    application.bot_data["services"] = Services(settings, store, Dispatcher(settings), PendingRequests(settings, store),
+                                                intake)
 
     application.add_handler(TypeHandler(Update, access.gate), group=-1)
     new_messages = filters.UpdateType.MESSAGE
@@ -81,7 +97,7 @@ def _services(application: Application) -> Services:
 
 
 async def on_startup(application: Application) -> None:
-    """Command menu per language; heartbeat for the container health check."""
+    """Command menu per language; the intake reader; heartbeat for the container health check."""
     for language in LANGUAGES:
         _, _n = translator(language)
         menu = [BotCommand(name, _(description)) for name, description in COMMANDS]
@@ -91,6 +107,8 @@ async def on_startup(application: Application) -> None:
             )
         except TelegramError as error:
             logger.warning("setMyCommands(%s) failed: %s", language, error)
+    # Stored updates → the application: what a previous run left unfinished first, then new ones.
+    application.bot_data["intake"] = asyncio.create_task(run_reader(application))
     services = _services(application)
     if services.settings.HEARTBEAT_FILE is not None:
         application.bot_data["heartbeat"] = asyncio.create_task(_heartbeat(application))
@@ -99,12 +117,15 @@ async def on_startup(application: Application) -> None:
 
 
 async def _heartbeat(application: Application) -> None:
-    """Touch HEARTBEAT_FILE while polling runs and Redis answers (read by ``python -m bot.healthcheck``)."""
+    """Touch HEARTBEAT_FILE while updates arrive (polling or webhook), the intake reader runs and Redis
+    answers (read by ``python -m bot.healthcheck``)."""
     services = _services(application)
     path = services.settings.HEARTBEAT_FILE
     while True:
         try:
-            healthy = await services.store.ping() and application.updater is not None and application.updater.running
+            reader = application.bot_data.get("intake")
+            healthy = (await services.store.ping() and application.updater is not None
+                       and application.updater.running and reader is not None and not reader.done())
             if healthy:
                 path.write_text(str(time.time()))
         except Exception as error:
@@ -113,7 +134,7 @@ async def _heartbeat(application: Application) -> None:
 
 
 async def on_stop(application: Application) -> None:
-    for name in ("heartbeat", "pending-watchdog"):
+    for name in ("intake", "heartbeat", "pending-watchdog"):
         task = application.bot_data.pop(name, None)
         if task is not None:
             task.cancel()

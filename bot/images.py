@@ -21,11 +21,16 @@ from contract import texts
 from contract.envelope import RequestEnvelope
 from contract.keys import TELEGRAM_DOWNLOAD_LIMIT
 from contract.monitoring import BOT_UPDATES
+from contract.telegram import PACE_BUDGET_S
 
 from .pending import PendingRequest
 from .services import language_of, services
 
 logger = logging.getLogger(__name__)
+
+# The acknowledgement is optional: in a burst (an album) it is skipped rather than holding up the
+# intake while the chat's send slots (about one per second) are taken.
+ACK_PACE_BUDGET_S = 1.5
 
 IMAGE_MIME_TYPES = frozenset({
     "image/jpeg", "image/jpg", "image/pjpeg", "image/png", "image/webp", "image/tiff", "image/tif",
@@ -68,34 +73,61 @@ async def on_document(update: Update, context: ContextTypes.DEFAULT_TYPE) -> Non
 async def accept_image(
     update: Update, context: ContextTypes.DEFAULT_TYPE, file_id: str, file_size: int | None
 ) -> None:
-    """Size check, rate limit, acknowledgement, download, blob in Redis, enqueue ``diagnose``."""
+    """Size check, rate limit, acknowledgement, download, blob in Redis, enqueue ``diagnose``.
+
+    An update can be handled twice: the bot stores every update before Telegram forgets it and
+    handles it again if it died midway (``bot.intake``). Notes kept per update (the request id, the
+    rate-limit slot, the acknowledgement, "enqueued") let the second run resume: same request id
+    (so the workers answer it once), no second acknowledgement, nothing enqueued twice.
+    """
     svc = services(context)
     message, user, chat = update.effective_message, update.effective_user, update.effective_chat
+    notes = await svc.intake.progress(update.update_id) if svc.intake is not None else {}
+    if notes.get("enqueued"):
+        return  # a previous run finished; it died before the update was marked done
+
+    async def note(**fields: str | int) -> None:
+        if svc.intake is not None:
+            await svc.intake.note(update.update_id, **fields)
+
     language = await language_of(update, context)
     if file_size and file_size > TELEGRAM_DOWNLOAD_LIMIT:
         BOT_UPDATES.labels("too_large").inc()
         await message.reply_text(texts.too_large(language))
         return
 
-    wait_s, slot = await svc.store.take_image_slot(user.id)
-    if wait_s > 0:
-        BOT_UPDATES.labels("rate_limited").inc()
-        if await svc.store.first_rate_notice(user.id):
-            await message.reply_text(texts.rate_limited(language, wait_s))
-        return
+    if "slot" in notes:
+        request_id, slot = notes["request_id"], notes["slot"]
+    else:
+        wait_s, slot = await svc.store.take_image_slot(user.id)
+        if wait_s > 0:
+            BOT_UPDATES.labels("rate_limited").inc()
+            if await svc.store.first_rate_notice(user.id):
+                await message.reply_text(texts.rate_limited(language, wait_s))
+            return
+        request_id = svc.store.new_request_id()
+        await note(request_id=request_id, slot=slot)
 
     waiting = await svc.store.queue_length()
-    ack: Message | None
-    try:  # an acknowledgement that cannot be sent (flood control…) must not cost the user the analysis
-        ack = await message.reply_text(
-            texts.received(language, waiting),
-            reply_parameters=ReplyParameters(message_id=message.message_id, allow_sending_without_reply=True),
-        )
-    except TelegramError as error:
-        logger.warning("acknowledgement failed: %s; analysing anyway", type(error).__name__)
-        ack = None
-    with suppress(TelegramError):
-        await context.bot.send_chat_action(chat.id, ChatAction.TYPING)
+    ack: Message | None = None
+    if "ack" in notes:  # the previous run's acknowledgement stands
+        ack = Message(message_id=int(notes["ack"]), date=message.date, chat=chat)
+        ack.set_bot(context.bot)
+    elif "acking" not in notes:  # else a previous run may have sent one just before it died: never two
+        await note(acking=1)
+        budget = PACE_BUDGET_S.set(ACK_PACE_BUDGET_S)
+        try:  # an acknowledgement that cannot be sent (flood control…) must not cost the user the analysis
+            ack = await message.reply_text(
+                texts.received(language, waiting),
+                reply_parameters=ReplyParameters(message_id=message.message_id, allow_sending_without_reply=True),
+            )
+            await note(ack=ack.message_id)
+        except TelegramError as error:
+            logger.warning("acknowledgement failed: %s; analysing anyway", type(error).__name__)
+        finally:
+            PACE_BUDGET_S.reset(budget)
+        with suppress(TelegramError):
+            await context.bot.send_chat_action(chat.id, ChatAction.TYPING)
 
     try:
         telegram_file = await context.bot.get_file(file_id)
@@ -115,7 +147,7 @@ async def accept_image(
         await _edit(ack, texts.too_large(language), message)
         return
 
-    request_id, blob_key = await svc.store.put_blob(user.id, data)
+    request_id, blob_key = await svc.store.put_blob(user.id, data, request_id)
     del data
     request = RequestEnvelope(
         request_id=request_id,
@@ -134,6 +166,7 @@ async def accept_image(
         await svc.store.give_back_slot(user.id, slot)
         await _edit(ack, texts.service_unavailable(language), message)
         return
+    await note(enqueued=1)
     if svc.pending is not None:
         svc.pending.add(PendingRequest(envelope=request, user_id=user.id, accepted_at=time.monotonic()))
     BOT_UPDATES.labels("enqueued").inc()

@@ -11,6 +11,7 @@ from contract.i18n import DEFAULT_LANGUAGE
 from contract.settings import Settings
 
 from .dispatch import Dispatcher
+from .intake import Intake
 from .pending import PendingRequests
 from .store import Store
 
@@ -23,6 +24,7 @@ class Services:
     store: Store
     dispatcher: Dispatcher
     pending: PendingRequests | None = None  # accepted requests not yet seen answered (bot.pending)
+    intake: Intake | None = None  # durable intake: per-update notes let an interrupted handler resume
 
 
 def services(context: ContextTypes.DEFAULT_TYPE) -> Services:

@@ -105,9 +105,16 @@ class Store:
         return bool(await self.redis.set(self.keys.rate_notice(user_id), 1, nx=True, ex=within_s))
 
     # ------------------------------------------------------------- blobs
-    async def put_blob(self, user_id: int, data: bytes) -> tuple[str, str]:
-        """Store image bytes under a random key with the blob TTL; returns (request_id, blob_key)."""
-        request_id = secrets.token_urlsafe(16)
+    @staticmethod
+    def new_request_id() -> str:
+        return secrets.token_urlsafe(16)
+
+    async def put_blob(self, user_id: int, data: bytes, request_id: str | None = None) -> tuple[str, str]:
+        """Store image bytes under a random key with the blob TTL; returns (request_id, blob_key).
+
+        ``request_id``: the id a first, interrupted run of the same update chose (``bot.intake``).
+        """
+        request_id = request_id or self.new_request_id()
         blob_key = self.keys.blob(request_id)
         ttl = self.settings.BLOB_TTL_S
         index = self.keys.user_requests(user_id)

@@ -26,6 +26,10 @@ class Keys:
     ``rate-notice:<uid>``, ``requests:<uid>`` (ids of the user's requests in flight, so /forget can
     delete their blobs). Per request: ``blob:<id>`` (image bytes), ``overlay:<id>`` (PNG),
     ``sent:<id>:<part>`` (delivery marks), ``attempts:<id>``, ``lock:<id>``, ``done:<id>``.
+    Intake (``bot.intake``): the stream ``intake`` of received updates, ``intake-seen:<update_id>``
+    (stored once), ``update:<update_id>`` (a handler's notes while the update is in progress).
+    Telegram's send limits (``contract.pacing``): ``pace:overall``, ``pace:chat:<chat_id>``.
+    Delayed tasks (``worker.scheduler``): the sorted set ``scheduled``.
     """
 
     def __init__(self, prefix: str):
@@ -60,6 +64,24 @@ class Keys:
 
     def done(self, request_id: str) -> str:
         return f"{self.prefix}done:{request_id}"
+
+    def intake_stream(self) -> str:
+        return f"{self.prefix}intake"
+
+    def intake_seen(self, update_id: int) -> str:
+        return f"{self.prefix}intake-seen:{update_id}"
+
+    def update_notes(self, update_id: int) -> str:
+        return f"{self.prefix}update:{update_id}"
+
+    def pace_overall(self) -> str:
+        return f"{self.prefix}pace:overall"
+
+    def pace_chat(self, chat_id: int) -> str:
+        return f"{self.prefix}pace:chat:{chat_id}"
+
+    def scheduled(self) -> str:
+        return f"{self.prefix}scheduled"
 
     def request_keys(self, request_id: str) -> list[str]:
         """Every per-request key except the delivery marks (use ``sent_pattern`` for those)."""

@@ -9,13 +9,19 @@ Each process builds one settings object. Queue/task names and the Redis key layo
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from .keys import Keys
+
+# Retry countdowns up to this stay with Celery (an ETA message, held unacknowledged by the worker);
+# longer ones are parked in Redis (worker.scheduler). Part of the visibility timeout below.
+CELERY_COUNTDOWN_MAX_S = 5.0
 
 
 class ServiceSettings(BaseSettings):
@@ -56,14 +62,37 @@ class ServiceSettings(BaseSettings):
     BATCH_WAIT_MS: float = Field(10.0, ge=0, le=1000)
     METRICS_PORT: int | None = Field(None, ge=1, le=65535)  # Prometheus /metrics of this process
 
-    # Celery time limits (seconds). The broker's visibility timeout is derived from them.
-    DIAGNOSE_SOFT_TIME_LIMIT_S: int = Field(90, ge=1)
-    DIAGNOSE_TIME_LIMIT_S: int = Field(120, ge=2)
-    DELIVER_SOFT_TIME_LIMIT_S: int = Field(60, ge=1)
-    DELIVER_TIME_LIMIT_S: int = Field(90, ge=2)
+    # Celery time limits (seconds). The broker's visibility timeout is derived from them, and with it
+    # how soon a task whose worker died is run by another: keep them short. Model loading does not
+    # count (workers load before they take tasks); one analysis takes well under a second on a CPU,
+    # one delivery a few seconds at most (waits for Telegram's limits included).
+    DIAGNOSE_SOFT_TIME_LIMIT_S: int = Field(20, ge=1)
+    DIAGNOSE_TIME_LIMIT_S: int = Field(30, ge=2)
+    DELIVER_SOFT_TIME_LIMIT_S: int = Field(25, ge=1)
+    DELIVER_TIME_LIMIT_S: int = Field(30, ge=2)
     MAX_ATTEMPTS: int = Field(3, ge=1)  # diagnose attempts (incl. redeliveries) before the apology
     DELIVER_MAX_RETRIES: int = Field(8, ge=0)
     MAX_RETRY_DELAY_S: int = Field(120, ge=1)  # cap on one countdown (429 retry_after, backoff)
+
+    # Telegram's send limits, shared through Redis by every process that sends (contract.pacing):
+    # under Telegram's ~30 messages/s per bot (with room for jitter), ~1/s per chat, ~20/min per group.
+    TELEGRAM_MESSAGES_PER_S: float = Field(20.0, gt=0)
+    TELEGRAM_CHAT_MESSAGES_PER_S: float = Field(1.0, gt=0)
+    TELEGRAM_GROUP_MESSAGES_PER_MIN: float = Field(19.0, gt=0)
+    PACE_MAX_WAIT_S: float = Field(3.0, ge=0)  # a longer wait for a send slot reschedules the delivery
+
+    # How the bot receives updates: long polling, or a webhook behind the operator's TLS proxy
+    # (WEBHOOK_URL is the public https URL the proxy forwards to WEBHOOK_LISTEN:WEBHOOK_PORT, same
+    # path; Telegram sends WEBHOOK_SECRET_TOKEN with every update and the bot refuses others).
+    BOT_MODE: Literal["polling", "webhook"] = "polling"
+    WEBHOOK_URL: str | None = None
+    WEBHOOK_LISTEN: str = "127.0.0.1"  # in a container behind a proxy: 0.0.0.0 (deploy/k8s sets it)
+    WEBHOOK_PORT: int = Field(8443, ge=1, le=65535)
+    WEBHOOK_SECRET_TOKEN: SecretStr | None = None
+    # Durable intake (bot.intake): the consumer name (default: the host name, so a restarted bot
+    # finds what it had taken) and when a bot takes over updates another consumer left pending.
+    INTAKE_CONSUMER: str | None = None
+    INTAKE_CLAIM_IDLE_S: float = Field(60.0, gt=0)
 
     POLL_TIMEOUT_S: int = Field(30, ge=0)  # getUpdates long-poll timeout of `python -m bot`
     PENDING_CHECK_S: float = Field(5.0, gt=0)  # how often the bot looks for accepted requests that were lost
@@ -83,7 +112,8 @@ class ServiceSettings(BaseSettings):
         return value
 
     @field_validator("HEARTBEAT_FILE", "TORCH_THREADS", "CELERY_BROKER_URL", "METRICS_PORT", "MODELS_DIR", "DEVICE",
-                     "BACKEND", "HEATMAP", "XRAY_CACHE_DIR", mode="before")
+                     "BACKEND", "HEATMAP", "XRAY_CACHE_DIR", "WEBHOOK_URL", "WEBHOOK_SECRET_TOKEN", "INTAKE_CONSUMER",
+                     mode="before")
     @classmethod
     def _empty_is_none(cls, value: object) -> object:
         return None if isinstance(value, str) and not value.strip() else value
@@ -107,12 +137,13 @@ class ServiceSettings(BaseSettings):
 
     @property
     def visibility_timeout_s(self) -> int:
-        """Redis broker: when an unacknowledged task is handed to another worker.
+        """Redis broker: when an unacknowledged task is handed to another worker (its worker died).
 
-        Just above the longest time a message is legitimately unacknowledged: a retry countdown
-        (the worker holds ETA messages unacked) plus the task's hard time limit.
+        Just above the longest time a message is legitimately unacknowledged: one task run (the hard
+        time limit) plus a short Celery countdown (the worker holds an ETA message unacknowledged;
+        longer countdowns are parked in Redis by ``worker.scheduler``, not held).
         """
-        return max(self.DIAGNOSE_TIME_LIMIT_S, self.DELIVER_TIME_LIMIT_S) + self.MAX_RETRY_DELAY_S + 10
+        return max(self.DIAGNOSE_TIME_LIMIT_S, self.DELIVER_TIME_LIMIT_S) + int(CELERY_COUNTDOWN_MAX_S) + 10
 
     @property
     def lost_grace_s(self) -> int:
@@ -146,11 +177,19 @@ class Settings(ServiceSettings):
 
     TELEGRAM_BOT_TOKEN: SecretStr
 
+    def webhook_options(self) -> dict[str, object]:
+        """``Application.run_webhook`` arguments for BOT_MODE=webhook; ValueError when incomplete."""
+        secret = self.WEBHOOK_SECRET_TOKEN.get_secret_value() if self.WEBHOOK_SECRET_TOKEN else ""
+        if not self.WEBHOOK_URL or urlsplit(self.WEBHOOK_URL).scheme != "https":
+            raise ValueError("BOT_MODE=webhook needs WEBHOOK_URL, the public https:// URL of your TLS proxy")
+        if not re.fullmatch(r"[A-Za-z0-9_-]{1,256}", secret):
+            raise ValueError("BOT_MODE=webhook needs WEBHOOK_SECRET_TOKEN: 1-256 characters A-Z, a-z, 0-9, _ and -")
+        return {"listen": self.WEBHOOK_LISTEN, "port": self.WEBHOOK_PORT, "webhook_url": self.WEBHOOK_URL,
+                "url_path": urlsplit(self.WEBHOOK_URL).path.lstrip("/"), "secret_token": secret}
+
     @field_validator("TELEGRAM_BOT_TOKEN")
     @classmethod
     def _token_shape(cls, value: SecretStr) -> SecretStr:
-        import re
-
         if not re.fullmatch(r"\d+:[\w-]+", value.get_secret_value().strip()):
             raise ValueError("TELEGRAM_BOT_TOKEN must look like 123456:ABC-DEF… (from @BotFather)")
         return SecretStr(value.get_secret_value().strip())

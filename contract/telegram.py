@@ -12,8 +12,11 @@ URLs are never logged: they contain the bot token.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import contextvars
 import json
 import logging
+import math
 import os
 import random
 import warnings
@@ -64,25 +67,64 @@ def _retry_after(payload: bytes) -> float | None:
         return None
 
 
-class RetryingRequest(HTTPXRequest):
-    """``HTTPXRequest`` that retries a Bot API call on 429 (short ``retry_after``) and on 5xx.
+# How long a send may wait for its slot in the current task (None: the request's default). A
+# message that is optional (the bot's "Received, analysing…") waits less than an answer.
+PACE_BUDGET_S: contextvars.ContextVar[float | None] = contextvars.ContextVar("pace_budget_s", default=None)
 
-    ``getUpdates`` is left alone (the updater has its own retry loop).
+# Calls that send a message count against Telegram's send limits (contract.pacing).
+PACED_METHODS = frozenset({"sendMessage", "sendPhoto", "sendDocument", "editMessageText", "editMessageCaption"})
+
+
+def paced_chat(endpoint: str, request_data: RequestData | None) -> int | None:
+    """The chat a paced call sends to (None: not paced, or a chat given by @username)."""
+    if endpoint not in PACED_METHODS or request_data is None:
+        return None
+    chat_id = request_data.parameters.get("chat_id")
+    return chat_id if isinstance(chat_id, int) else None
+
+
+class RetryingRequest(HTTPXRequest):
+    """``HTTPXRequest`` that retries a Bot API call on 429 (short ``retry_after``) and on 5xx, and
+    with a ``pacer`` waits for a send slot first (Telegram's limits, shared with the workers).
+
+    ``getUpdates`` is left alone (the updater has its own retry loop). A send slot further away than
+    ``max_pace_wait_s`` raises ``RetryAfter`` without calling Telegram, as Telegram would have.
     """
 
     def __init__(self, *args: Any, attempts: int = ATTEMPTS, max_inline_wait_s: float = MAX_INLINE_RETRY_AFTER_S,
-                 **kwargs: Any):
+                 pacer: Any = None, max_pace_wait_s: float = 3.0, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self._attempts = max(1, attempts)
         self._max_inline_wait_s = max_inline_wait_s
+        self._pacer = pacer  # contract.pacing.AsyncPacer
+        self._max_pace_wait_s = max_pace_wait_s
+
+    async def _wait_for_slot(self, chat_id: int | None) -> None:
+        from redis.exceptions import RedisError
+
+        from .pacing import TooLong
+
+        try:
+            budget = PACE_BUDGET_S.get()
+            await self._pacer.wait_turn(chat_id, self._max_pace_wait_s if budget is None else budget)
+        except TooLong as too_long:
+            raise RetryAfter(max(1, math.ceil(too_long.wait_s))) from None
+        except RedisError as error:  # no shared pace without Redis: send, Telegram's 429s still apply
+            logger.warning("send pacing unavailable (%s)", type(error).__name__)
 
     async def do_request(self, url: str, method: str, request_data: RequestData | None = None,
                          **timeouts: Any) -> tuple[int, bytes]:
         endpoint = url.rsplit("/", 1)[-1]
+        chat_id = paced_chat(endpoint, request_data) if self._pacer is not None else None
         attempt = 0
         while True:
+            if chat_id is not None:
+                await self._wait_for_slot(chat_id)
             code, payload = await super().do_request(url, method, request_data, **timeouts)
             attempt += 1
+            if code == 429 and chat_id is not None:
+                with contextlib.suppress(Exception):  # every sender honours Telegram's retry_after
+                    await self._pacer.penalise(chat_id, _retry_after(payload) or 1.0)
             if code < 429 or attempt >= self._attempts or endpoint == "getUpdates":
                 return code, payload
             if code == 429:

@@ -41,16 +41,20 @@ app.conf.update(
     worker_cancel_long_running_tasks_on_connection_loss=True,
     # Limits (enforced by the prefork pool; solo ignores them). Unacked messages come back after the
     # visibility timeout: just above the longest a message may legitimately stay unacknowledged
-    # (a retry countdown plus a hard limit), not Redis' default of one hour.
+    # (a hard limit plus a short countdown; long countdowns are parked by worker.scheduler), not
+    # Redis' default of one hour.
     task_soft_time_limit=settings.DIAGNOSE_SOFT_TIME_LIMIT_S,
     task_time_limit=settings.DIAGNOSE_TIME_LIMIT_S,
     # kombu scans for expired unacknowledged messages every interval × throttle seconds (default
-    # 10 × 10): scan every 10 s so a dead worker's task returns soon after the visibility timeout.
+    # 10 × 10): scan every 5 s so a dead worker's task returns soon after the visibility timeout.
     broker_transport_options={
         "visibility_timeout": settings.visibility_timeout_s,
-        "unacked_restore_interval": 10,
+        "unacked_restore_interval": 5,
         "unacked_restore_throttle": 1,
     },
+    # A prefork child loads the models before it takes a task (worker_process_init, see
+    # worker.resources), so that loading never counts against a task's time limit; give it time.
+    worker_proc_alive_timeout=600,
     broker_connection_retry_on_startup=True,
     # Monitoring (Flower): task events.
     worker_send_task_events=True,

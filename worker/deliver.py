@@ -17,13 +17,13 @@ from celery.utils.log import get_task_logger
 
 from contract import texts
 from contract.envelope import RequestEnvelope
-from contract.keys import DELIVER_TASK, TELEGRAM_CAPTION_LIMIT, TELEGRAM_TEXT_LIMIT, Keys
+from contract.keys import DELIVER_TASK, DELIVERY_QUEUE, TELEGRAM_CAPTION_LIMIT, TELEGRAM_TEXT_LIMIT, Keys
 from contract.monitoring import DELIVERIES
 from contract.settings import Settings
 
 from .celery_app import app
 from .celery_app import settings as service_settings
-from .resources import REDIS_UNAVAILABLE, get_out, get_redis, get_settings, retry_while_redis_is_down
+from .resources import REDIS_UNAVAILABLE, get_out, get_redis, get_settings, retry_later, retry_while_redis_is_down
 from .telegram_out import Deferred, TelegramOut, Undeliverable
 
 logger = get_task_logger(__name__)
@@ -63,7 +63,7 @@ def deliver(
         countdown = min(max(deferred.delay, 0.5), settings.MAX_RETRY_DELAY_S)
         logger.info("request %s: delivery deferred (%s), retry in %.1fs", request.request_id, deferred.reason,
                     countdown)
-        raise self.retry(countdown=countdown) from None
+        return retry_later(self, DELIVERY_QUEUE, countdown)
     except REDIS_UNAVAILABLE as error:  # raised before anything was sent (see send_reply)
         raise retry_while_redis_is_down(self, settings, request.request_id, error) from None
     except Undeliverable as error:

@@ -15,14 +15,14 @@ from celery.exceptions import SoftTimeLimitExceeded
 from celery.utils.log import get_task_logger
 
 from contract.envelope import RequestEnvelope
-from contract.keys import DELIVER_TASK, DELIVERY_QUEUE, DIAGNOSE_TASK
+from contract.keys import DELIVER_TASK, DELIVERY_QUEUE, DIAGNOSE_TASK, INFERENCE_QUEUE
 from contract.monitoring import ERRORS, REQUESTS, observe_result
 from contract.telegram import backoff
 
 from . import resources
 from .celery_app import app
 from .celery_app import settings as service_settings
-from .resources import REDIS_UNAVAILABLE, get_redis, get_settings, retry_while_redis_is_down
+from .resources import REDIS_UNAVAILABLE, get_redis, get_settings, retry_later, retry_while_redis_is_down
 
 logger = get_task_logger(__name__)
 
@@ -75,7 +75,8 @@ def diagnose(self: Task, envelope: dict[str, Any]) -> dict[str, Any]:
         logger.exception("request %s: analysis failed (attempt %d)", request.request_id, attempt)
         ERRORS.labels("inference").inc()
         if attempt < settings.MAX_ATTEMPTS:
-            raise self.retry(countdown=min(backoff(attempt, base=2.0), settings.MAX_RETRY_DELAY_S), exc=error) from None
+            countdown = min(backoff(attempt, base=2.0), settings.MAX_RETRY_DELAY_S)
+            return retry_later(self, INFERENCE_QUEUE, countdown, exc=error)
         return give_up(request, "apology")
     del data
 

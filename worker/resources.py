@@ -1,8 +1,11 @@
-"""Per-process resources of a worker: settings, Redis, the Telegram sender and the inference pipeline.
+"""Per-process resources of a worker: settings, Redis, the Telegram sender, the delayed-task
+scheduler and the inference pipeline.
 
-Everything is created lazily in the process that runs the tasks (never in a prefork parent), once
-per process: the models are loaded in the background as soon as a process that consumes the
-``inference`` queue starts, and the first task waits for them. Delivery-only workers load nothing.
+Everything is created in the process that runs the tasks (never in a prefork parent), once per
+process. A process that consumes the ``inference`` queue loads the models before it takes its first
+task (``worker_process_init``; the pool waits for it), so loading never counts against a task's
+time limit. Delivery-only workers load nothing. Every task process runs the loop that publishes
+delayed tasks when they are due (``worker.scheduler``); ``retry_later`` parks long countdowns there.
 """
 
 from __future__ import annotations
@@ -14,16 +17,18 @@ import time
 from typing import Any
 
 import redis
-from celery.signals import worker_process_init, worker_process_shutdown
+from celery.signals import worker_process_init, worker_process_shutdown, worker_ready
 
 from contract.keys import INFERENCE_QUEUE
 from contract.monitoring import serve_metrics
+from contract.pacing import Limits, Pacer
 from contract.redis_client import connect
-from contract.settings import Settings
+from contract.settings import CELERY_COUNTDOWN_MAX_S, Settings
 from contract.telegram import backoff
 
 from .celery_app import app
 from .celery_app import settings as process_settings
+from .scheduler import Scheduler
 from .telegram_out import TelegramOut
 
 process_logger = logging.getLogger(__name__)  # outside tasks (model loading)
@@ -51,11 +56,48 @@ def get_redis() -> redis.Redis:
 
 
 def get_out() -> TelegramOut:
+    """The Telegram sender of this process; its messages wait for the shared send slots (contract.pacing)."""
     global _out
+    redis_client = get_redis()
     with _resources_lock:
         if _out is None or _out[0] != os.getpid():
-            _out = (os.getpid(), TelegramOut(get_settings()))
+            settings = get_settings()
+            pacer = Pacer(redis_client, settings.keys, Limits.from_settings(settings))
+            _out = (os.getpid(), TelegramOut(settings, pacer=pacer))
         return _out[1]
+
+
+_scheduler: tuple[int, Scheduler] | None = None
+
+
+def get_scheduler() -> Scheduler:
+    """The delayed-task store of this process; its publishing loop runs once per process."""
+    global _scheduler
+    redis_client = get_redis()
+    with _resources_lock:
+        if _scheduler is None or _scheduler[0] != os.getpid():
+            scheduler = Scheduler(redis_client, app, get_settings().keys.scheduled())
+            scheduler.start_loop()
+            _scheduler = (os.getpid(), scheduler)
+        return _scheduler[1]
+
+
+def retry_later(task: Any, queue: str, countdown: float, exc: Exception | None = None) -> dict[str, Any]:
+    """Run ``task`` again with the same arguments in ``countdown`` seconds, as its next retry.
+
+    Short countdowns stay with Celery (the worker holds the message, unacknowledged, for a moment);
+    longer ones are parked in Redis and this run ends, so no message waits unacknowledged for long
+    and the broker's visibility timeout can stay short (``ServiceSettings.visibility_timeout_s``).
+    """
+    if countdown <= CELERY_COUNTDOWN_MAX_S:
+        raise task.retry(countdown=countdown, exc=exc)
+    try:
+        get_scheduler().later(task.name, dict(task.request.kwargs), queue, countdown, task.request.retries + 1)
+    except REDIS_UNAVAILABLE:
+        raise task.retry(countdown=CELERY_COUNTDOWN_MAX_S, exc=exc) from None
+    process_logger.info("%s[%s]: retry %d parked for %.1fs", task.name, task.request.id, task.request.retries + 1,
+                        countdown)
+    return {"retry_in": countdown}
 
 
 _pipeline: Any = None
@@ -119,18 +161,34 @@ def _preload() -> None:
 
 
 @worker_process_init.connect
-def _start_preload(**_: Any) -> None:
-    """In the process that runs tasks (prefork child or solo): load the models in the background.
-
-    Returns at once (Celery kills a child whose init blocks > 4 s); the first task waits for the
-    load through ``get_pipeline``'s lock. Workers that do not consume ``inference`` load nothing.
-    """
+def _prepare_process(**_: Any) -> None:
+    """In the process that runs tasks (prefork child or solo), before it takes one: load the models
+    (``worker_proc_alive_timeout`` gives a prefork child the time), start the scheduler loop, serve
+    metrics. Workers that do not consume ``inference`` load no models."""
     if INFERENCE_QUEUE in app.amqp.queues.consume_from:
-        threading.Thread(target=_preload, name="load-models", daemon=True).start()
+        _preload()
+    _start_scheduler()
     try:  # metrics live in the process that runs the tasks (one child per worker: one port)
         serve_metrics(get_settings().METRICS_PORT, get_settings().REDIS_URL)
     except OSError:
         process_logger.warning("metrics port %s busy; this process serves no metrics", get_settings().METRICS_PORT)
+
+
+@worker_ready.connect
+def _scheduler_for_thread_pools(sender: Any = None, **_: Any) -> None:
+    """Pools without ``worker_process_init`` (threads, gevent) run their tasks in the main process:
+    it publishes the delayed tasks. A prefork parent does not (it forks children; no threads there)."""
+    pool = getattr(sender, "pool", None)
+    if pool is not None and type(pool).__module__.endswith(("prefork", "solo")):
+        return
+    _start_scheduler()
+
+
+def _start_scheduler() -> None:
+    try:
+        get_scheduler()
+    except Exception as error:  # e.g. no bot token (celery inspect); tasks start it on first use
+        process_logger.debug("scheduler not started: %s", type(error).__name__)
 
 
 @worker_process_shutdown.connect
@@ -146,7 +204,8 @@ def retry_while_redis_is_down(task: Any, settings: Settings, request_id: str, er
     """A failed task is acknowledged and gone: while Redis is unreachable, retry it a few times instead."""
     if task.request.retries >= REDIS_DOWN_RETRIES:
         return error
-    countdown = min(backoff(task.request.retries + 1), settings.MAX_RETRY_DELAY_S)
+    # A short countdown, held by Celery: the scheduler lives in Redis too.
+    countdown = min(backoff(task.request.retries + 1), settings.MAX_RETRY_DELAY_S, CELERY_COUNTDOWN_MAX_S)
     process_logger.warning("request %s: Redis unavailable (%s), retry in %.1fs", request_id, type(error).__name__,
                            countdown)
     return task.retry(countdown=countdown, throw=False)

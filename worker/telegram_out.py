@@ -9,6 +9,11 @@ fork. Errors are sorted for the caller, with the retry policy shared with the bo
 * 5xx / ``NetworkError`` / ``TimedOut``: up to ``ATTEMPTS`` tries with exponential backoff and jitter,
   then ``Deferred`` with a longer backoff;
 * ``Forbidden`` (bot blocked), ``BadRequest`` (chat gone…), ``InvalidToken``: ``Undeliverable``.
+
+With a ``pacer`` (``contract.pacing``) every message first waits for its send slot, shared by all
+delivery workers and the bot, so a burst stays under Telegram's limits instead of meeting 429s; a
+slot further away than ``PACE_MAX_WAIT_S`` raises ``Deferred`` (the task is rescheduled), and a 429
+that gets through anyway holds every sender to that chat for its ``retry_after``.
 """
 
 from __future__ import annotations
@@ -22,11 +27,13 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
+from redis.exceptions import RedisError
 from telegram import Bot, InputFile, LinkPreviewOptions, ReplyParameters
 from telegram.constants import ChatAction
 from telegram.error import BadRequest, ChatMigrated, Forbidden, InvalidToken, NetworkError, RetryAfter, TelegramError
 from telegram.request import HTTPXRequest
 
+from contract.pacing import Pacer, TooLong
 from contract.settings import Settings
 from contract.telegram import ATTEMPTS, MAX_INLINE_RETRY_AFTER_S, backoff, quiet_http_logging, retry_after_seconds
 
@@ -54,9 +61,10 @@ class Undeliverable(Exception):
 class TelegramOut:
     """Synchronous facade over an async ``Bot``; safe to create before a fork (everything is lazy)."""
 
-    def __init__(self, settings: Settings, sleep: Callable[[float], None] = time.sleep):
+    def __init__(self, settings: Settings, sleep: Callable[[float], None] = time.sleep, pacer: Pacer | None = None):
         self.settings = settings
         self._sleep = sleep
+        self._pacer = pacer
         self._pid: int | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._bot: Bot | None = None
@@ -94,14 +102,32 @@ class TelegramOut:
 
         return asyncio.run_coroutine_threadsafe(call(), loop).result(timeout=CALL_TIMEOUT_S)
 
-    def call(self, what: str, make_call: Callable[[Bot], Awaitable[T]]) -> T:
-        """Run one Bot API call with the retry policy described in the module docstring."""
+    def _wait_for_slot(self, what: str, chat_id: int | None) -> None:
+        if self._pacer is None or chat_id is None:
+            return
+        try:
+            self._pacer.wait_turn(chat_id, self.settings.PACE_MAX_WAIT_S)
+        except TooLong as too_long:
+            raise Deferred(too_long.wait_s, f"{what}: waiting for a send slot") from None
+        except RedisError as error:  # no shared pace without Redis: send, Telegram's 429s still apply
+            logger.warning("%s: send pacing unavailable (%s)", what, type(error).__name__)
+
+    def _penalise(self, chat_id: int | None, wait: float) -> None:
+        if self._pacer is not None and chat_id is not None:
+            with contextlib.suppress(RedisError):
+                self._pacer.penalise(chat_id, wait)
+
+    def call(self, what: str, make_call: Callable[[Bot], Awaitable[T]], chat_id: int | None = None) -> T:
+        """Run one Bot API call with the retry policy described in the module docstring; a message to
+        ``chat_id`` waits for its send slot first (``None``: not a message, not paced)."""
         network_failures = 0
         while True:
+            self._wait_for_slot(what, chat_id)
             try:
                 return self._run(make_call)
             except RetryAfter as error:
                 wait = retry_after_seconds(error)
+                self._penalise(chat_id, wait)
                 if wait > MAX_INLINE_RETRY_AFTER_S:
                     raise Deferred(wait, f"{what}: flood control") from None
                 logger.info("%s: 429, waiting %.1fs as told", what, wait)
@@ -132,7 +158,7 @@ class TelegramOut:
             text=text,
             reply_parameters=self._reply_to(reply_to),
             link_preview_options=LinkPreviewOptions(is_disabled=True),
-        ))
+        ), chat_id=chat_id)
         return message.message_id
 
     def send_photo(self, chat_id: int, image: bytes, caption: str | None = None, reply_to: int | None = None) -> int:
@@ -141,7 +167,7 @@ class TelegramOut:
             photo=InputFile(image, filename="heatmap.jpg"),
             caption=caption,
             reply_parameters=self._reply_to(reply_to),
-        ))
+        ), chat_id=chat_id)
         return message.message_id
 
     def delete_message(self, chat_id: int, message_id: int) -> bool:

@@ -7,7 +7,10 @@ editMessageText, deleteMessage, setMyCommands, answerCallbackQuery; any other me
 ``{"ok": true, "result": true}``. Every call is recorded (``calls``) for assertions; tests inject
 updates (``inject_*``) and faults (``fail_next``: 429 with retry_after, 5xx; ``chaos``: a random
 share of the calls of some methods fails). Like Telegram, it refuses to edit or delete a message
-that was deleted ("message to edit not found").
+that was deleted ("message to edit not found"), forgets updates once a later ``getUpdates`` offset
+has confirmed them, and, after ``enforce_limits()``, answers 429 (counted in ``limit_refusals``) to
+messages beyond Telegram's send limits: about 30 per second overall, one per second per chat, 20
+per minute per group.
 
 Point the service at it with ``TELEGRAM_API_URL=fake.url`` (the bot appends ``/bot`` and
 ``/file/bot`` itself).
@@ -15,10 +18,12 @@ Point the service at it with ``TELEGRAM_API_URL=fake.url`` (the bot appends ``/b
 
 from __future__ import annotations
 
+import collections
 import email.parser
 import email.policy
 import itertools
 import json
+import math
 import random
 import threading
 import time
@@ -56,6 +61,21 @@ class _Fault:
 
 
 @dataclass
+class _Limits:
+    """All chats: at most ``overall[0]`` messages within any ``overall[1]`` seconds. One private chat
+    or one group: a token bucket (GCRA), ``(messages per second, burst)``."""
+
+    overall: tuple[int, float]
+    private_chat: tuple[float, int]
+    group: tuple[float, int]
+    sent_at: list[float] = field(default_factory=list)  # accepted messages, for the overall window
+    tat: dict[int, float] = field(default_factory=dict)  # chat → theoretical arrival time of its next message
+
+
+LIMITED_METHODS = frozenset({"sendMessage", "sendPhoto", "sendDocument", "editMessageText"})
+
+
+@dataclass
 class _Chaos:
     methods: frozenset[str]
     rate: float
@@ -84,6 +104,9 @@ class FakeTelegram:
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
         self.confirmed_offset = 0
+        self._limits: _Limits | None = None
+        self.limit_refusals = 0
+        self.limit_refused_by: collections.Counter = collections.Counter()  # "overall" / "chat"
 
     # ----------------------------------------------------------------- lifecycle
     def start(self) -> FakeTelegram:
@@ -124,6 +147,9 @@ class FakeTelegram:
             self._faults.clear()
             self._updates.clear()
             self._chaos = None
+            self._limits = None
+            self.limit_refusals = 0
+            self.limit_refused_by.clear()
 
     # ----------------------------------------------------------------- injection
     def add_file(self, data: bytes, path_hint: str = "documents/file.bin") -> tuple[str, str]:
@@ -257,6 +283,39 @@ class FakeTelegram:
         with self._cond:
             self._chaos = _Chaos(frozenset(methods), rate, statuses, retry_after, random.Random(seed)) if rate else None
 
+    def enforce_limits(self, overall: tuple[int, float] = (30, 1.0), private_chat: tuple[float, int] = (1.0, 3),
+                       group: tuple[float, int] = (20 / 60, 3)) -> None:
+        """From now on refuse, like Telegram, messages over the send limits: 429 with ``retry_after``
+        (counted in ``limit_refusals`` and, by limit, ``limit_refused_by``). Defaults: no more than
+        30 messages within any second overall; per private chat one per second, per group 20 per
+        minute, each with a burst of 3 tolerated (Telegram does not publish exact figures)."""
+        with self._cond:
+            self._limits = _Limits(overall, private_chat, group)
+            self.limit_refusals = 0
+            self.limit_refused_by.clear()
+
+    def _over_limit(self, method: str, params: dict[str, Any], now: float) -> float | None:
+        """Seconds until this message would conform, or None when it does and was counted (lock held)."""
+        limits = self._limits
+        if limits is None or method not in LIMITED_METHODS or params.get("chat_id") is None:
+            return None
+        chat_id = int(params["chat_id"])
+        waits = {}
+        count, window = limits.overall
+        limits.sent_at = [at for at in limits.sent_at if now - at < window]
+        if len(limits.sent_at) >= count:
+            waits["overall"] = limits.sent_at[-count] + window - now
+        per_s, burst = limits.group if chat_id < 0 else limits.private_chat
+        earliest = limits.tat.get(chat_id, now) - (burst - 1) / per_s
+        if earliest > now:
+            waits["chat"] = earliest - now
+        if waits:
+            self.limit_refused_by.update(waits.keys())
+            return max(waits.values())
+        limits.sent_at.append(now)
+        limits.tat[chat_id] = max(limits.tat.get(chat_id, now), now) + 1.0 / per_s
+        return None
+
     @property
     def chaos_injected(self) -> int:
         with self._cond:
@@ -316,6 +375,11 @@ class FakeTelegram:
             fault = self._take_fault(method) if method != "getUpdates" else None
             call = Call(method, params, files)
             self.calls.append(call)
+            if fault is None:
+                wait = self._over_limit(method, params, call.at)
+                if wait is not None:
+                    self.limit_refusals += 1
+                    fault = _Fault(method, 429, max(1, math.ceil(wait)), 1)
             if fault is not None:
                 call.status = fault.status
                 body: dict[str, Any] = {"ok": False, "error_code": fault.status}

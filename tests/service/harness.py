@@ -214,7 +214,8 @@ class BotProcess:
         self.log_path = log_path
         self.process: subprocess.Popen | None = None
 
-    def start(self, fake: Any, timeout: float = 60.0) -> BotProcess:
+    def start(self, fake: Any, timeout: float = 60.0, ready: Any = None) -> BotProcess:
+        """Ready once it long-polls (or once ``ready()`` is true, e.g. a webhook was registered)."""
         started = time.monotonic()
         env = {**os.environ, "HEARTBEAT_FILE": "", "POLL_TIMEOUT_S": "1", **self.env, "PYTHONUNBUFFERED": "1"}
         self._log = self.log_path.open("ab")
@@ -222,7 +223,7 @@ class BotProcess:
                                         stderr=subprocess.STDOUT)
         deadline = started + timeout
         while time.monotonic() < deadline:
-            if any(call.at >= started for call in fake.calls_of("getUpdates")):
+            if ready() if ready is not None else any(call.at >= started for call in fake.calls_of("getUpdates")):
                 return self
             if self.process.poll() is not None:
                 break

@@ -12,6 +12,9 @@ pipeline unchanged.
 * ``hang``     – sleeps: the soft time limit interrupts it and the task apologises;
 * ``stuck``    – ignores the soft limit like a hang in native code: only the hard time limit ends
   it (the child is killed); the request is requeued and MAX_ATTEMPTS end it with an apology.
+
+``slow(image)`` is no poison: the worker sleeps ``SLOW_S`` and then analyses ``image`` as usual, so a
+test can kill a worker that is surely in the middle of a task.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from worker import resources
 
 MARKER = b"XSO-POISON:"
 KINDS = ("raise", "segfault", "hang", "stuck")
+SLOW_S = 3.0
 
 _real_analyse = resources.analyse
 
@@ -36,10 +40,18 @@ def poison(kind: str) -> bytes:
     return MARKER + kind.encode() + b":" + os.urandom(8).hex().encode()
 
 
+def slow(image: bytes) -> bytes:
+    """``image``, analysed only after ``SLOW_S`` seconds by the patched worker."""
+    return MARKER + b"slow:" + image
+
+
 def _analyse(data: bytes):
     if data.startswith(MARKER):
         kind = data[len(MARKER):].split(b":", 1)[0].decode()
         resources.process_logger.warning("poison plugin: %s", kind)
+        if kind == "slow":
+            time.sleep(SLOW_S)
+            return _real_analyse(data[len(MARKER) + len(b"slow:"):])
         if kind == "raise":
             raise RuntimeError("poisoned input: the model run crashed")
         if kind == "segfault":

@@ -1,9 +1,12 @@
 """A worker SIGKILLed while ``XSO_FAULT_REQUESTS`` requests are in flight: every one is answered exactly once.
 
-Real bot, real Redis, real Celery workers (solo pool, the whole worker dies as in an OOM kill).
-The killed worker's unacknowledged task comes back through the broker's visibility timeout
-(21 s with these limits, see ``ServiceSettings.visibility_timeout_s``), the queued ones are taken by
-the replacement worker at once, and delivery is idempotent, so nothing is lost and nothing is sent twice.
+Real bot, real Redis, real Celery workers (solo pool, the whole worker dies as in an OOM kill), with
+the production time limits. The killed worker's unacknowledged task comes back through the broker's
+visibility timeout (45 s by default: hard limit 30 s + the longest countdown Celery holds, 5 s,
++ 10 s; see ``ServiceSettings.visibility_timeout_s``; longer retry countdowns are parked in Redis by
+``worker.scheduler``), the queued ones are taken by the replacement worker at once, and delivery is
+idempotent, so nothing is lost and nothing is sent twice. The last answer must come at most 90 s
+after the kill (the goal is 60 s); the measured time is printed (``pytest -s``).
 """
 
 from __future__ import annotations
@@ -20,8 +23,6 @@ from .harness import WorkerProcess, chat_summary, sample_image
 pytestmark = pytest.mark.slow
 
 CHEST = sample_image("chest")
-SHORT_LIMITS = {"DIAGNOSE_SOFT_TIME_LIMIT_S": "5", "DIAGNOSE_TIME_LIMIT_S": "8", "DELIVER_SOFT_TIME_LIMIT_S": "4",
-                "DELIVER_TIME_LIMIT_S": "6", "MAX_RETRY_DELAY_S": "3"}
 TASK_LINE = re.compile(r"Task (diagnose|deliver)\[([0-9a-f-]+)\] (received|succeeded|retry)")
 
 
@@ -37,10 +38,11 @@ def test_sigkill_with_requests_in_flight_answers_each_exactly_once(fake, redis_d
                                                                   tmp_path):
     users = [1400 + i for i in range(max(FAULT_REQUESTS, 2))]
     models = make_models_dir(tmp_path / "models")
-    env = {**worker_env(fake.url, redis_db[0], models), **SHORT_LIMITS}
+    env = worker_env(fake.url, redis_db[0], models)
     first = WorkerProcess(env, tmp_path / "first.log").start()
-    with start_bot(**SHORT_LIMITS) as bot:
-        assert bot.settings.visibility_timeout_s == 21
+    with start_bot() as bot:
+        visibility_timeout = bot.settings.visibility_timeout_s
+        assert visibility_timeout == 45
         try:
             for user in users:
                 fake.inject_photo(user, CHEST)
@@ -61,10 +63,13 @@ def test_sigkill_with_requests_in_flight_answers_each_exactly_once(fake, redis_d
             time.sleep(2.0)  # a duplicate would arrive now
         finally:
             second.stop()
+    once = sum(len(chat_summary(fake, u).results) == 1 and chat_summary(fake, u).photos == 1 for u in users)
+    print(f"\nworker SIGKILL: {once}/{len(users)} answered exactly once, {len(answered_before)} before the kill; "
+          f"last answer {waited:.1f}s after the kill (visibility timeout {visibility_timeout}s)")
     for user in users:
         summary = chat_summary(fake, user)
         assert len(summary.results) == 1 and summary.photos == 1, (user, summary)
     # The task that was running when the worker died came back and was run by the second worker.
     assert set(killed) <= {task_id for _, task_id, event in TASK_LINE.findall(second.log()) if event == "received"}
-    assert waited >= 21 - 2  # through the visibility timeout, not by luck
+    assert visibility_timeout - 2 <= waited <= 90  # through the visibility timeout, and soon after it
     assert not list(redis_client.scan_iter("xso:blob:*"))  # every image deleted once answered
