@@ -44,9 +44,13 @@ logger = logging.getLogger(__name__)
 GROUP = "bot"
 
 # Once per update id: the "seen" mark and the stream entry are written together or not at all.
+# The stream expires like the marks (every service key has a TTL): it only goes when no update at
+# all arrived for that long, and Telegram would not send an older one again either.
 _STORE_LUA = """
 if redis.call('SET', KEYS[1], '1', 'NX', 'EX', tonumber(ARGV[1])) then
-  return redis.call('XADD', KEYS[2], '*', 'update_id', ARGV[2], 'update', ARGV[3])
+  local entry = redis.call('XADD', KEYS[2], '*', 'update_id', ARGV[2], 'update', ARGV[3])
+  redis.call('EXPIRE', KEYS[2], tonumber(ARGV[1]))
+  return entry
 end
 return false
 """
@@ -93,6 +97,7 @@ class Intake:
     async def ensure_group(self) -> None:
         try:
             await self.redis.xgroup_create(self.stream, GROUP, id="0", mkstream=True)
+            await self.redis.expire(self.stream, self.seen_ttl_s)
         except ResponseError as error:
             if "BUSYGROUP" not in str(error):
                 raise

@@ -29,10 +29,15 @@ CELERY_COUNTDOWN_MAX_S = 5.0  # shorter countdowns stay with Celery (held unackn
 LEASE_S = 30.0  # a leased entry not removed within this is published again
 POLL_INTERVAL_S = 0.5
 
+# The set expires an hour after its latest entry is due (every service key has a TTL).
 _ADD_LUA = """
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) * 1000 + tonumber(clock[2]) / 1000
 redis.call('ZADD', KEYS[1], now + tonumber(ARGV[1]), ARGV[2])
+local keep = math.ceil(tonumber(ARGV[1]) / 1000) + 3600
+if redis.call('TTL', KEYS[1]) < keep then
+  redis.call('EXPIRE', KEYS[1], keep)
+end
 return 1
 """
 

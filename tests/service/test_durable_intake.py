@@ -84,6 +84,7 @@ def test_storing_is_idempotent_by_update_id(fake, redis_db, redis_client):
 
     assert asyncio.run(scenario()) == [True, False]  # a batch fetched again after a crash is stored once
     assert redis_client.xlen("xso:intake") == 1
+    assert 0 < redis_client.ttl("xso:intake") <= 24 * 3600  # every service key expires
 
 
 def test_put_refuses_with_a_telegram_error_when_redis_is_down():

@@ -33,6 +33,7 @@ def queued(redis_client) -> list[dict]:
 def test_a_parked_task_is_published_when_due_and_only_then(producer, redis_client):
     parked = Scheduler(redis_client, producer, "xso:scheduled")
     parked.later("deliver", {"request_id": "r1", "chat_id": 5}, QUEUE, delay_s=1.0, retries=3)
+    assert 3600 < redis_client.ttl("xso:scheduled") <= 3601  # every service key expires
     assert parked.publish_due() == 0 and not queued(redis_client)
     time.sleep(1.1)
     assert parked.publish_due() == 1
@@ -61,7 +62,7 @@ def test_the_loop_publishes_in_the_background(producer, redis_client):
     try:
         parked.later("deliver", {"request_id": "r3"}, QUEUE, delay_s=0.3, retries=1)
         deadline = time.monotonic() + 5
-        while not queued(redis_client) and time.monotonic() < deadline:
+        while (not queued(redis_client) or parked.pending()) and time.monotonic() < deadline:
             time.sleep(0.05)
     finally:
         stop.set()

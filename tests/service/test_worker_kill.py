@@ -19,6 +19,7 @@ from model_factory import make_models_dir
 
 from .conftest import FAULT_REQUESTS, worker_env
 from .harness import WorkerProcess, chat_summary, sample_image
+from .poison_plugin import slow
 
 pytestmark = pytest.mark.slow
 
@@ -39,15 +40,18 @@ def test_sigkill_with_requests_in_flight_answers_each_exactly_once(fake, redis_d
     users = [1400 + i for i in range(max(FAULT_REQUESTS, 2))]
     models = make_models_dir(tmp_path / "models")
     env = worker_env(fake.url, redis_db[0], models)
-    first = WorkerProcess(env, tmp_path / "first.log").start()
+    plugin = ("--include", "tests.service.poison_plugin")  # slow(): the first image keeps the worker busy
+    first = WorkerProcess(env, tmp_path / "first.log", extra_args=plugin).start()
     with start_bot() as bot:
         visibility_timeout = bot.settings.visibility_timeout_s
         assert visibility_timeout == 45
         try:
             for user in users:
-                fake.inject_photo(user, CHEST)
+                fake.inject_photo(user, slow(CHEST) if user == users[0] else CHEST)
             # Kill while a task runs (received, not finished), with more requests still queued.
-            killed = fake.wait_for(lambda: in_flight(first.log()), timeout=60, interval=0.01)
+            fake.wait_for(lambda: "poison plugin: slow" in first.log(), timeout=60, interval=0.01)
+            killed = in_flight(first.log())
+            assert killed, first.log()[-2000:]
             first.kill()
             killed_at = time.monotonic()
         finally:
@@ -55,7 +59,7 @@ def test_sigkill_with_requests_in_flight_answers_each_exactly_once(fake, redis_d
         answered_before = [u for u in users if chat_summary(fake, u).results]
         assert len(answered_before) < len(users), "every request was answered before the kill"
 
-        second = WorkerProcess(env, tmp_path / "second.log").start()
+        second = WorkerProcess(env, tmp_path / "second.log", extra_args=plugin).start()
         try:
             fake.wait_for(lambda: all(chat_summary(fake, u).results and chat_summary(fake, u).photos for u in users),
                           timeout=90 + 5 * len(users))
