@@ -34,6 +34,69 @@ class WeightsSpec(BaseModel):
     dtype: str = "float32"
 
 
+class Platt(BaseModel):
+    """Platt scaling of one output: calibrated p = sigmoid(a · logit + b)."""
+
+    a: float
+    b: float
+
+
+class Calibration(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    method: str = "Platt scaling per output on the logit"
+    fitted_on: str = ""
+    params: dict[str, Platt] = Field(default_factory=dict)  # output name → parameters
+
+
+class PointFigures(BaseModel):
+    """What an operating point does on one split (NIH films with all 14 labels known)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    n: int
+    positives: int
+    prevalence: float | None = None  # positives / n on this split: the prevalence the PPV assumes
+    sensitivity: float | None = None
+    specificity: float | None = None
+    ppv: float | None = None
+    auc: float | None = None
+
+
+class LabelPoint(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    eligible: bool = True  # screening: the model is good enough at this label to flag it at all
+    threshold: float | None = None  # on the calibrated scale; None: never flagged
+    urgent: bool = False  # its PPV at this point justifies urgent wording
+    val: PointFigures | None = None
+    test: PointFigures | None = None
+
+
+class VerdictPoint(BaseModel):
+    """The overall "worth showing a doctor soon" point on a normal-vs-abnormal score."""
+
+    model_config = ConfigDict(extra="allow")
+
+    # "abnormal": the card's calibrated extra output; "findings_score": sigmoid(weights · calibrated
+    # logits of the labels + bias), fitted on val for cards without such an output.
+    output: str
+    threshold: float
+    weights: list[float] | None = None
+    bias: float | None = None
+    val: PointFigures | None = None  # of the verdict as shown (score point or any screening flag)
+    test: PointFigures | None = None
+
+
+class OperatingPoints(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    screening: dict[str, LabelPoint] = Field(default_factory=dict)
+    clinician: dict[str, LabelPoint] = Field(default_factory=dict)
+    verdict: VerdictPoint | None = None
+    method: dict[str, Any] = Field(default_factory=dict)  # how each was chosen, in words and numbers
+
+
 class ModelCard(BaseModel):
     """Card schema (MONAI network_data_format + torchxrayvision labels/op-thresholds, combined)."""
 
@@ -59,6 +122,11 @@ class ModelCard(BaseModel):
     heatmap_layer: str = "relu (post-ReLU output of features.norm5)"
     flip_average: bool = False  # test-time augmentation: logits averaged with the mirror image's
     metrics: dict[str, Any] = Field(default_factory=dict)
+    # Written by ``python -m training calibrate``; absent on older cards (diagnosis.operating then
+    # flags nothing in screening mode and says it is unsure).
+    calibration: Calibration | None = None
+    operating_points: OperatingPoints | None = None
+    ece: dict[str, Any] = Field(default_factory=dict)
     data_sources: list[dict[str, Any]] = Field(default_factory=list)
     training: dict[str, Any] = Field(default_factory=dict)
     weights: WeightsSpec
@@ -80,6 +148,17 @@ class ModelCard(BaseModel):
         unknown = set(self.thresholds) - set(self.labels)
         if unknown:
             raise ValueError(f"thresholds for unknown labels: {sorted(unknown)}")
+        if self.calibration and set(self.calibration.params) - set(self.outputs):
+            raise ValueError("calibration for unknown outputs")
+        points = self.operating_points
+        if points and (set(points.screening) | set(points.clinician)) - set(self.labels):
+            raise ValueError("operating points for unknown labels")
+        if points and points.verdict:
+            verdict = points.verdict
+            if verdict.output == "abnormal" and "abnormal" not in self.extra_outputs:
+                raise ValueError("verdict on an 'abnormal' output the card does not have")
+            if verdict.output == "findings_score" and len(verdict.weights or []) != len(self.labels):
+                raise ValueError("a findings_score verdict needs one weight per label")
         return self
 
     @property

@@ -8,6 +8,7 @@ model cards; each needs an entry below and in every catalog (``diagnosis/locales
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from contract.i18n import N_, load_catalog, pick_language
@@ -27,13 +28,17 @@ FINDINGS = {
     "Mass": (N_("Mass"), N_("a larger spot (over 3 cm) may be visible in the chest")),
     "Nodule": (N_("Nodule"), N_("a small round spot may be visible in a lung")),
     "Pneumonia": (N_("Pneumonia"), N_("signs that can go with a lung infection")),
-    "Pneumothorax": (N_("Pneumothorax"), N_("air may be outside the lung; urgent if you are short of breath")),
+    "Pneumothorax": (N_("Pneumothorax"), N_("air may be outside the lung")),
     "Consolidation": (N_("Consolidation"), N_("part of the lung may be filled with fluid or tissue")),
     "Edema": (N_("Pulmonary oedema"), N_("there may be extra fluid in the lungs")),
     "Emphysema": (N_("Emphysema"), N_("signs of damaged, over-inflated air sacs")),
     "Fibrosis": (N_("Fibrosis"), N_("signs of scarring in the lung tissue")),
     "Pleural_Thickening": (N_("Pleural thickening"), N_("the lining around a lung may be thickened")),
     "Hernia": (N_("Hiatal hernia"), N_("part of the stomach may reach up into the chest")),
+}
+# Urgent wording, used only for a label whose card point allows it (``urgent``: its PPV justifies it).
+URGENT_MEANING = {
+    "Pneumothorax": N_("air may be outside the lung; urgent if you are short of breath"),
 }
 # Body parts, in the form that fits "X-ray of the …" (genitive in Russian and Kazakh).
 BODY_PARTS = {
@@ -133,18 +138,11 @@ def render_reply(result: DiagnosisResult, language: str = "en") -> str:
                                .format(part=part, p=_percent(result.body_part_probability))))
     else:
         lines.append(analysed_heading(result.body_part or "", language))
-        positives = result.positive_findings
-        if positives:
-            lines.append(_("Findings above the model's alert threshold:"))
-            for finding in positives:
-                meaning = _(FINDINGS[finding.label][1]) if finding.label in FINDINGS else ""
-                lines.append(f"• {finding_name(finding.label, language)} — {_percent(finding.probability)}: {meaning}")
+        lines.extend(verdict_lines(result, language))
+        if result.mode == "clinician":
+            lines.extend(clinician_lines(result, language))
         else:
-            lines.append(_("No finding is above the model's alert thresholds. This does not rule out disease."))
-        others = [f for f in result.findings if not f.positive][:5]
-        if others:
-            listed = ", ".join(f"{finding_name(f.label, language)} {_percent(f.probability)}" for f in others)
-            lines.append(_("Highest other estimates: {list}.").format(list=listed))
+            lines.extend(screening_lines(result, language))
         if result.heatmap_labels:
             names = ", ".join(finding_name(label, language) for label in result.heatmap_labels)
             lines.append(_("The heatmap shows where the model looked for: {names}.").format(names=names))
@@ -155,10 +153,94 @@ def render_reply(result: DiagnosisResult, language: str = "en") -> str:
     return "\n".join(lines)
 
 
+def verdict_lines(result: DiagnosisResult, language: str) -> list[str]:
+    """The verdict first, in plain words, with the check's honest error rate."""
+    _ = gettext_for(language)
+    point = result.verdict_point or {}
+    sensitivity, ppv = point.get("sensitivity"), point.get("ppv")
+    misses = _of_ten(None if sensitivity is None else 1 - sensitivity)
+    if result.verdict == "urgent":
+        lines = [_("Verdict: urgent signs. Please see a doctor today, or call emergency services if you "
+                   "feel short of breath or unwell.")]
+    elif result.verdict == "see_doctor":
+        lines = [_("Verdict: signs worth showing a doctor soon.")]
+        if ppv is not None:
+            lines.append(_("This check often raises false alarms: of 10 films it points out, about {n} turn out "
+                           "to have a finding.").format(n=_of_ten(ppv)))
+    elif result.verdict == "no_strong_sign":
+        lines = [_("Verdict: no strong sign of the findings this model checks reliably.")]
+    else:
+        return [_("Verdict: unsure. This model's answers have not been checked against a validated operating "
+                  "point, so I cannot say whether the film looks normal.")]
+    if misses is not None:
+        lines.append(_("This check is far from perfect: it misses about {n} of 10 abnormal films, so it does "
+                       "not rule out disease.").format(n=misses))
+    return lines
+
+
+def screening_lines(result: DiagnosisResult, language: str) -> list[str]:
+    """Only flagged labels the model is good enough at, in neutral words; else "looks normal for …"."""
+    _ = gettext_for(language)
+    checked = [f for f in result.findings if f.eligible]
+    flagged = [f for f in result.positive_findings if f.eligible]
+    lines: list[str] = []
+    if flagged:
+        lines.append(_("What the model points out (for a doctor to check):"))
+        for finding in flagged:
+            urgent = finding.urgent and finding.label in URGENT_MEANING
+            meaning = _(URGENT_MEANING[finding.label]) if urgent else \
+                _(FINDINGS[finding.label][1]) if finding.label in FINDINGS else ""
+            line = f"• {finding_name(finding.label, language)}" + (f": {meaning}" if meaning else "")
+            if finding.ppv is not None:
+                line += " " + _("(about {n} of 10 films flagged for this have it)").format(n=_of_ten(finding.ppv))
+            lines.append(line)
+    elif checked:
+        names = ", ".join(finding_name(f.label, language) for f in checked)
+        lines.append(_("Looks normal for what this model checks reliably: {names}.").format(names=names))
+    if result.verdict == "unsure":
+        top = result.findings[:3]
+        if top:
+            listed = ", ".join(f"{finding_name(f.label, language)} {_percent(f.probability)}" for f in top)
+            lines.append(_("Highest model estimates (not checked for reliability): {list}.").format(list=listed))
+    elif checked:
+        lines.append(_("The other findings are not flagged: the model is not reliable enough at them. "
+                       "Clinician mode lists all of them with their error rates."))
+    return lines
+
+
+def clinician_lines(result: DiagnosisResult, language: str) -> list[str]:
+    """All labels compactly: calibrated probability, the label's point, sensitivity/specificity/AUC (val)."""
+    _ = gettext_for(language)
+    lines = [_("All findings (calibrated probability; operating point; sensitivity / specificity / AUC on "
+               "the validation films; ▲ = at or above the point):")]
+    for finding in result.findings:
+        mark = "▲ " if finding.positive else ""
+        facts = [_percent(finding.probability)]
+        if finding.threshold is not None:
+            facts.append(_("point {p}").format(p=_percent(finding.threshold, 1)))
+        if finding.sensitivity is not None and finding.specificity is not None:
+            facts.append(_("sens {sens} / spec {spec}").format(sens=_percent(finding.sensitivity),
+                                                               spec=_percent(finding.specificity)))
+        if finding.auc is not None:
+            facts.append(f"AUC {finding.auc:.2f}")
+        lines.append(f"• {mark}{finding_name(finding.label, language)}: " + "; ".join(facts))
+    if result.abnormal_probability is not None:
+        point = result.verdict_point or {}
+        line = _("Any finding (abnormal score): {p}").format(p=_percent(result.abnormal_probability))
+        if point.get("threshold") is not None:
+            line += "; " + _("point {p}").format(p=_percent(point["threshold"], 1))
+        lines.append(line)
+    return lines
+
+
+def _of_ten(share: float | None) -> int | None:
+    return None if share is None else math.floor(10 * share + 0.5)  # half up, not to even
+
+
 def _sentence(text: str) -> str:
     """A sentence that may start with a body part's name: capital first letter."""
     return text[:1].upper() + text[1:]
 
 
-def _percent(value: float | None) -> str:
-    return "?" if value is None else f"{value:.0%}"
+def _percent(value: float | None, digits: int = 0) -> str:
+    return "?" if value is None else f"{value:.{digits}%}"

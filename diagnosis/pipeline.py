@@ -25,11 +25,12 @@ from .config import PipelineConfig
 from .heatmap import class_activation_map, grad_cam
 from .intake import DecodedImage, ImageRejected, decode
 from .network import DenseNetClassifier, load_model
+from .operating import MODES, assess, verdict_point
 from .overlay import encode_jpeg, render_overlay
 from .photo import rectify
 from .preprocess import to_model_input
 from .quality import check_quality
-from .report import DiagnosisResult, Finding
+from .report import DiagnosisResult
 
 MAX_HEATMAP_PANELS = 3
 
@@ -124,15 +125,23 @@ class Pipeline:
         return cls(load_one(by_role["gate"][0]), load_one(by_role["body_part"][0]), abnormality, config.heatmap,
                    config.photo_step)
 
-    def run(self, data: bytes, file: str | None = None, make_overlay: bool = True) -> Analysis:
-        """Analyse one image. Never raises for bad input: that becomes outcome "rejected"."""
-        return self.run_batch([data], [file], make_overlay)[0]
+    def run(self, data: bytes, file: str | None = None, make_overlay: bool = True,
+            mode: str = "screening") -> Analysis:
+        """Analyse one image. Never raises for bad input: that becomes outcome "rejected".
+
+        ``mode``: "screening" (flags only what the model is good enough at, at a high-specificity
+        point) or "clinician" (all labels at their per-label point); see ``diagnosis.operating``."""
+        return self.run_batch([data], [file], make_overlay, [mode])[0]
 
     def run_batch(self, datas: list[bytes], files: list[str | None] | None = None,
-                  make_overlay: bool = True) -> list[Analysis]:
+                  make_overlay: bool = True, modes: list[str] | None = None) -> list[Analysis]:
         started = time.perf_counter()
-        items = [_Item(DiagnosisResult(file=f, outcome="analysed", models=self.versions))
-                 for f in (files or [None] * len(datas))]
+        modes = modes or ["screening"] * len(datas)
+        unknown = set(modes) - set(MODES)
+        if unknown:
+            raise ValueError(f"unknown mode(s) {sorted(unknown)}: choose one of {MODES}")
+        items = [_Item(DiagnosisResult(file=f, outcome="analysed", models=self.versions, mode=m))
+                 for f, m in zip(files or [None] * len(datas), modes, strict=True)]
         for item, data in zip(items, datas, strict=True):
             clock = time.perf_counter()
             try:
@@ -218,16 +227,11 @@ class Pipeline:
     def _abnormality(self, model: LoadedModel, items: list[_Item], part: str, make_overlay: bool) -> None:
         card = model.card
         probs, features = self._infer(model, items, part)
-        abnormal = card.outputs.index("abnormal") if "abnormal" in card.extra_outputs else None
         for item, row, feature_map in zip(items, probs, features, strict=True):
             result = item.result
-            if abnormal is not None:
-                result.abnormal_probability = float(row[abnormal])
-            result.findings = sorted(
-                (Finding(label=label, probability=float(p), positive=bool(p >= card.threshold(label)),
-                         threshold=card.threshold(label))  # the findings come first; extra outputs follow
-                 for label, p in zip(card.labels, row[: len(card.labels)], strict=True)),
-                key=lambda f: f.probability, reverse=True)
+            # Calibrated probabilities, flags of the chosen mode, the verdict (diagnosis.operating).
+            result.findings, result.abnormal_probability, result.verdict = assess(card, row, result.mode)
+            result.verdict_point = verdict_point(card)
             if not make_overlay:
                 continue
             clock = time.perf_counter()
@@ -239,6 +243,25 @@ class Pipeline:
             clock = time.perf_counter()
             item.overlay_jpeg = encode_jpeg(render_overlay(item.image, maps))  # the straightened film, if any
             result.timings_ms["overlay"] = _ms(clock)
+
+    def model_probabilities(self, part: str, datas: list[bytes]) -> np.ndarray:
+        """Raw outputs (sigmoid/softmax of the logits, before any calibration) of the abnormality
+        model for ``part`` on images, run exactly as ``run_batch`` runs it (intake, photo step, the
+        card's preprocessing, the same runner with its mirror averaging), without gate and body part:
+        for fitting operating points on labelled films. An undecodable image gives a row of NaN."""
+        model = self.abnormality[part]
+        items = [_Item(DiagnosisResult(outcome="analysed")) for _ in datas]
+        for item, data in zip(items, datas, strict=True):
+            try:
+                item.decoded = decode(data)
+            except ImageRejected:
+                continue
+            self._photo(item)
+        out = np.full((len(items), len(model.card.outputs)), np.nan)
+        ready = [i for i, item in enumerate(items) if item.image is not None]
+        if ready:
+            out[ready] = self._infer(model, [items[i] for i in ready], part)[0]
+        return out
 
     def _heatmap(self, model: LoadedModel, item: _Item, feature_map: np.ndarray, label: str) -> np.ndarray:
         index = model.card.labels.index(label)

@@ -9,11 +9,24 @@ from pydantic import BaseModel, Field
 Outcome = Literal["analysed", "not_xray", "body_part_not_analysed", "body_part_uncertain", "retake", "rejected"]
 
 
+Mode = Literal["screening", "clinician"]
+# no_strong_sign: nothing the model checks reliably crossed its point; see_doctor: signs worth showing
+# a doctor soon; urgent: a flagged label whose PPV justifies it; unsure: the card has no validated points.
+Verdict = Literal["no_strong_sign", "see_doctor", "urgent", "unsure"]
+
+
 class Finding(BaseModel):
     label: str
-    probability: float
-    positive: bool  # probability ≥ the card's operating threshold for this label
-    threshold: float
+    probability: float  # calibrated (Platt, fitted on val) when the card has a calibration
+    positive: bool  # flagged in the result's mode: probability ≥ this label's operating point
+    threshold: float | None  # the mode's operating point; None: never flagged in this mode
+    # Figures of that point, measured on the val split (card ``operating_points``); None when unknown.
+    sensitivity: float | None = None
+    specificity: float | None = None
+    ppv: float | None = None  # at the val prevalence of the label
+    auc: float | None = None
+    eligible: bool = False  # screening: the model is good enough at this label to flag it to anyone
+    urgent: bool = False  # flagged, and its PPV at the point justifies urgent wording (card rule)
 
 
 class DiagnosisResult(BaseModel):
@@ -30,7 +43,11 @@ class DiagnosisResult(BaseModel):
     body_part: str | None = None
     body_part_probability: float | None = None
     findings: list[Finding] = Field(default_factory=list)  # all labels, highest probability first
-    abnormal_probability: float | None = None  # the model's "any finding" output; None when it has none
+    abnormal_probability: float | None = None  # calibrated "any finding" score; None when the card has none
+    mode: Mode = "screening"
+    verdict: Verdict | None = None  # set for analysed results (diagnosis.operating)
+    # The verdict's point and its val figures: threshold, sensitivity, specificity, ppv.
+    verdict_point: dict[str, float | None] = Field(default_factory=dict)
     heatmap_labels: list[str] = Field(default_factory=list)  # findings drawn in the overlay
     rejection: str | None = None  # ImageRejected.code when outcome == "rejected"
     retake: list[str] = Field(default_factory=list)  # quality problem codes when outcome == "retake"

@@ -10,7 +10,16 @@ from pathlib import Path
 
 import torch
 
-from diagnosis.cards import InputSpec, ModelCard, WeightsSpec, write_card
+from diagnosis.cards import (
+    InputSpec,
+    LabelPoint,
+    ModelCard,
+    OperatingPoints,
+    PointFigures,
+    VerdictPoint,
+    WeightsSpec,
+    write_card,
+)
 from diagnosis.network import DenseNetClassifier, save_weights
 
 CHEST_LABELS = [
@@ -34,9 +43,26 @@ def make_model(folder: Path, *, role: str, labels: list[str], activation: str, b
     return card
 
 
+def stand_in_points(labels: list[str], threshold: float = 0.5) -> OperatingPoints:
+    """Operating points of the shape ``python -m training calibrate`` writes, with made-up figures:
+    every label eligible at ``threshold`` in both modes, a verdict on a score of the labels."""
+    figures = PointFigures(n=100, positives=10, prevalence=0.1, sensitivity=0.6, specificity=0.95, ppv=0.57, auc=0.85)
+
+    def point() -> LabelPoint:
+        return LabelPoint(eligible=True, threshold=threshold, val=figures, test=figures)
+
+    verdict = VerdictPoint(output="findings_score", threshold=0.5, weights=[1.0] * len(labels), bias=0.0,
+                           val=figures, test=figures)
+    return OperatingPoints(screening={label: point() for label in labels},
+                           clinician={label: point() for label in labels}, verdict=verdict)
+
+
 def make_models_dir(root: Path, *, xray: bool = True, body_part: str = "chest", positives: tuple[str, ...] = (
-        "Effusion", "Cardiomegaly"), body_part_confidence: float = 8.0, size: int = 64) -> Path:
-    """gate + body_part (chest/hand/knee) + chest models under ``root``; returns ``root``."""
+        "Effusion", "Cardiomegaly"), body_part_confidence: float = 8.0, size: int = 64,
+        operating_points: bool = True) -> Path:
+    """gate + body_part (chest/hand/knee) + chest models under ``root``; returns ``root``.
+
+    ``operating_points=False`` gives a chest card as written before calibration (no points)."""
     root = Path(root)
     make_model(root / "gate", role="gate", labels=["not_xray", "xray"], activation="softmax",
                biases=[-8.0, 8.0] if xray else [8.0, -8.0], positive_label="xray",
@@ -47,5 +73,6 @@ def make_models_dir(root: Path, *, xray: bool = True, body_part: str = "chest", 
     chest_biases = [3.0 - i * 0.5 if label in positives else -4.0 - i * 0.1
                     for i, label in enumerate(CHEST_LABELS)]
     make_model(root / "chest", role="abnormality", body_part="chest", labels=CHEST_LABELS,
-               activation="sigmoid", biases=chest_biases, thresholds=dict.fromkeys(CHEST_LABELS, 0.5), size=size)
+               activation="sigmoid", biases=chest_biases, thresholds=dict.fromkeys(CHEST_LABELS, 0.5), size=size,
+               operating_points=stand_in_points(CHEST_LABELS) if operating_points else None)
     return root

@@ -25,8 +25,10 @@ RESULTS = [
     DiagnosisResult(outcome="body_part_not_analysed", is_xray=True, body_part="hand", body_part_probability=0.97),
     DiagnosisResult(outcome="rejected", rejection="corrupt"),
     DiagnosisResult(outcome="analysed", is_xray=True, body_part="chest", findings=[
-        Finding(label="Effusion", probability=0.81, positive=True, threshold=0.4),
-        Finding(label="Nodule", probability=0.2, positive=False, threshold=0.3)], heatmap_labels=["Effusion"]),
+        Finding(label="Effusion", probability=0.81, positive=True, threshold=0.4, eligible=True, ppv=0.36,
+                sensitivity=0.25, specificity=0.95, auc=0.79),
+        Finding(label="Nodule", probability=0.2, positive=False, threshold=None)], heatmap_labels=["Effusion"],
+        verdict="see_doctor", verdict_point={"threshold": 0.58, "sensitivity": 0.24, "specificity": 0.85, "ppv": 0.65}),
 ]
 
 
@@ -37,10 +39,37 @@ def test_every_reply_ends_with_the_physician_prompt(result, language):
     assert PHYSICIAN[language] in text.splitlines()[-1]
 
 
-def test_positive_findings_come_first_with_meaning():
-    text = render_reply(RESULTS[-1], "en")
-    assert text.index("Pleural effusion — 81%") < text.index("Nodule 20%")
-    assert "fluid around a lung" in text
+def test_screening_reply_gives_the_verdict_first_and_only_flagged_reliable_labels():
+    lines = render_reply(RESULTS[-1], "en").splitlines()
+    assert lines[1] == "Verdict: signs worth showing a doctor soon."
+    text = "\n".join(lines)
+    assert "misses about 8 of 10 abnormal films" in text  # 1 − sensitivity 0.24, in plain words
+    assert "of 10 films it points out, about 7 turn out to have a finding" in text  # PPV 0.65
+    assert "Pleural effusion: there may be fluid around a lung (about 4 of 10" in text
+    assert "Nodule" not in text and "urgent" not in text.lower()
+
+
+def test_clinician_reply_lists_every_label_with_its_point():
+    result = RESULTS[-1].model_copy(update={"mode": "clinician"})
+    text = render_reply(result, "en")
+    assert "• ▲ Pleural effusion: 81%; point 40.0%; sens 25% / spec 95%; AUC 0.79" in text
+    assert "• Nodule: 20%" in text
+    assert text.index("Verdict") < text.index("Pleural effusion")
+
+
+def test_normal_screening_reply_says_what_it_checked_and_what_it_cannot_rule_out():
+    normal = RESULTS[-1].model_copy(update={"verdict": "no_strong_sign", "findings": [
+        Finding(label="Effusion", probability=0.1, positive=False, threshold=0.4, eligible=True),
+        Finding(label="Nodule", probability=0.05, positive=False, threshold=None)]})
+    text = render_reply(normal, "en")
+    assert "Verdict: no strong sign" in text
+    assert "Looks normal for what this model checks reliably: Pleural effusion." in text
+    assert "does not rule out disease" in text and "Nodule" not in text
+
+
+def test_card_without_operating_points_is_unsure():
+    unsure = RESULTS[-1].model_copy(update={"verdict": "unsure", "verdict_point": {}})
+    assert "Verdict: unsure" in render_reply(unsure, "en")
 
 
 def test_russian_and_kazakh_replies_are_translated():

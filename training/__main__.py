@@ -1,4 +1,4 @@
-"""`python -m training {train,export,evaluate,import-torchxrayvision}`."""
+"""`python -m training {train,export,evaluate,calibrate,measure-replies,import-torchxrayvision}`."""
 
 from __future__ import annotations
 
@@ -69,6 +69,36 @@ def main(argv: list[str] | None = None) -> int:
                    help="how images are run (onnx: ONNX Runtime on the CPU, as the worker can)")
     e.add_argument("--bootstrap-rounds", type=int, default=1000, help="chest: resamples for the 95 %% intervals")
 
+    c = commands.add_parser("calibrate", help="chest: Platt calibration + screening/clinician/verdict operating "
+                                              "points chosen on val, written into the card")
+    c.add_argument("--model", required=True, type=Path)
+    data_args(c)
+    c.add_argument("--cache", type=Path,
+                   help="folder for the cached raw outputs (.npz; default: calibrate/ in $XRAY_CACHE_DIR or "
+                        "~/.cache/xray-second-opinion)")
+    c.add_argument("--backend", choices=["torch", "onnx"], default="onnx")
+    c.add_argument("--threads", type=int)
+    c.add_argument("--auc-floor", type=float, default=0.70,
+                   help="screening: a label is eligible when its val AUC's 95 %% bootstrap lower bound exceeds this")
+    c.add_argument("--normal-flag-rate", type=float, default=0.10,
+                   help="screening: at most this share of val normal films may get any flag")
+    c.add_argument("--verdict-normal-rate", type=float, default=0.15,
+                   help="verdict: at most this share of val normal films hear 'worth showing a doctor soon'")
+    c.add_argument("--urgent-ppv", type=float, default=0.5,
+                   help="urgent wording only when the val PPV's 95 %% Wilson lower bound reaches this")
+    c.add_argument("--bootstrap-rounds", type=int, default=1000)
+    c.add_argument("--dry-run", action="store_true", help="print, do not write the card")
+
+    r = commands.add_parser("measure-replies", help="chest: what the real pipeline flags in screening mode")
+    data_args(r)
+    r.add_argument("--models", type=Path, help="models folder (default: the repository's models/)")
+    r.add_argument("--split", default="test", choices=["val", "test"])
+    r.add_argument("--mode", default="screening", choices=["screening", "clinician"])
+    r.add_argument("--backend", choices=["torch", "onnx"], default="onnx")
+    r.add_argument("--threads", type=int)
+    r.add_argument("--limit", type=int, help="first N films only (a quick look)")
+    r.add_argument("--json", type=Path, help="write the figures here")
+
     i = commands.add_parser("import-torchxrayvision", help="convert torchxrayvision DenseNet weights to a card")
     i.add_argument("--weights", required=True, help="e.g. densenet121-res224-nih, or a local weights file")
     i.add_argument("--out", required=True, type=Path)
@@ -90,6 +120,28 @@ def main(argv: list[str] | None = None) -> int:
 
     records = load_sources(args.manifest, args.chestxray14, args.mura, args.folders)
     data_name = ", ".join(args.manifest + args.chestxray14 + args.mura + args.folders)
+    if args.command == "calibrate":
+        from diagnosis.config import cache_dir_from_environment
+
+        from .operating_points import calibrate, summary
+
+        cache = args.cache or cache_dir_from_environment() / "calibrate"
+        data = " + ".join(f"{Path(m).parent.name}/{Path(m).name}" for m in args.manifest) or data_name
+        card = calibrate(args.model, records, data, cache, args.backend, args.threads,
+                         write=not args.dry_run, auc_floor=args.auc_floor, normal_flag_rate=args.normal_flag_rate,
+                         verdict_normal_rate=args.verdict_normal_rate, urgent_ppv=args.urgent_ppv,
+                         bootstrap_rounds=args.bootstrap_rounds)
+        print(json.dumps(summary(card), indent=1))
+        return 0
+    if args.command == "measure-replies":
+        from .measure_replies import measure, print_table
+
+        report = measure(records, args.models, args.split, args.mode, args.backend, args.threads, args.limit)
+        print_table(report)
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(report, indent=1) + "\n")
+        return 0
     if args.command == "train":
         from .tasks import make_task
         from .train import RECIPES, TrainConfig, train

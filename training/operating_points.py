@@ -1,0 +1,355 @@
+"""`python -m training calibrate`: calibration and operating points of a chest model, chosen on val.
+
+The model runs exactly as the service runs it (``Pipeline.model_probabilities``: intake, photo
+step, the card's preprocessing, the same runner with its mirror averaging; ONNX Runtime by default)
+on the NIH films of the val and test splits whose 14 labels are all known. Its raw outputs are cached
+(``--cache``, NumPy ``.npz`` without pickle, keyed by the weights' sha256 and the films). Then, on
+val only:
+
+- **calibration**: Platt scaling per output on the logit (scikit-learn ``LogisticRegression``); ECE
+  (15 equal-width bins) before and after, on val and test;
+- **screening** points: a label is eligible only when the 95 % bootstrap lower bound of its val AUC
+  is above ``--auc-floor``; the eligible labels share a false-flag budget on val normal films (no
+  finding at all): each gets a point flagging at most ``--normal-flag-rate`` / (number eligible) of
+  them, so at most that share of normal films gets any flag and flags per normal film stay below it;
+- **clinician** points: every label at Youden's J on val;
+- **verdict**: a point on the normal-vs-abnormal score (the calibrated ``abnormal`` output, or a
+  logistic regression on the 14 calibrated logits for a card without one) chosen so that, together
+  with any screening flag, at most ``--verdict-normal-rate`` of val normal films hear "worth showing a
+  doctor soon";
+- **urgent** wording: only for an eligible label whose val PPV at its screening point has a 95 %
+  Wilson lower bound of at least ``--urgent-ppv`` (and whose name implies urgency).
+
+Test figures are reported next to each point and never used to choose one. Everything is written
+into the card (``calibration``, ``ece``, ``operating_points``); the weights are not touched.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import roc_auc_score
+
+from diagnosis.cards import (
+    Calibration,
+    LabelPoint,
+    ModelCard,
+    OperatingPoints,
+    Platt,
+    PointFigures,
+    VerdictPoint,
+    read_card,
+    write_card,
+)
+from diagnosis.operating import calibrated as apply_calibration
+from diagnosis.operating import logit, screening_flags
+
+from .datasets import CHEST_LABELS, NIH_SOURCES, Record
+from .metrics import bootstrap_auc_intervals, youden_threshold
+
+log = logging.getLogger(__name__)
+ECE_BINS = 15
+URGENT_CAPABLE = ("Pneumothorax",)  # labels whose plain meaning may say "urgent" when the PPV allows
+
+
+# ----------------------------------------------------------------------------- films and raw outputs
+def labelled_films(records: list[Record], split: str) -> list[Record]:
+    """NIH chest films of ``split`` with all 14 labels known (as ``training evaluate`` reports them)."""
+    return [r for r in records if r.split == split and r.source in NIH_SOURCES and r.body_part == "chest"
+            and r.chest_labels is not None and all(v is not None for v in r.chest_labels)]
+
+
+def targets(records: list[Record]) -> np.ndarray:
+    """(N, 14) 0/1 labels in CHEST_LABELS order."""
+    return np.asarray([r.chest_labels for r in records], dtype=np.float64).reshape(len(records), len(CHEST_LABELS))
+
+
+def raw_outputs(model: Path, records: list[Record], cache: Path | None, backend: str = "onnx",
+                batch: int = 32, threads: int | None = None) -> np.ndarray:
+    """Raw (uncalibrated) outputs of the model on records, run through the service's own pipeline."""
+    card = read_card(model, verify=True)
+    key = hashlib.sha256("\n".join(str(r.path.resolve()) for r in records).encode()).hexdigest()[:16]
+    path = Path(cache) / f"{card.name}-{card.weights.sha256[:16]}-{card.flip_average}-{key}.npz" if cache else None
+    if path is not None and path.is_file():
+        with np.load(path, allow_pickle=False) as stored:
+            return stored["outputs"]
+    from diagnosis.config import PipelineConfig
+    from diagnosis.pipeline import Pipeline
+
+    model = Path(model).resolve()
+    config = PipelineConfig(models_dir=model.parent, backend=backend, threads=threads,
+                            abnormality_models={card.body_part: str(model)})
+    pipeline = Pipeline.load(config)
+    started, chunks = time.monotonic(), []
+    for start in range(0, len(records), batch):
+        datas = [r.path.read_bytes() for r in records[start:start + batch]]
+        chunks.append(pipeline.model_probabilities(card.body_part, datas))
+        log.info("%d / %d films (%.0f s)", start + len(datas), len(records), time.monotonic() - started)
+    outputs = np.concatenate(chunks) if chunks else np.zeros((0, len(card.outputs)))
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(path, outputs=outputs)
+    return outputs
+
+
+# ----------------------------------------------------------------------------- metrics
+def ece(truth: np.ndarray, probs: np.ndarray, bins: int = ECE_BINS) -> float | None:
+    """Expected calibration error with equal-width bins: Σ (n_bin / n) · |mean p − observed rate|."""
+    if len(truth) == 0:
+        return None
+    index = np.minimum((probs * bins).astype(int), bins - 1)
+    total = 0.0
+    for b in range(bins):
+        mine = index == b
+        if mine.any():
+            total += mine.sum() / len(truth) * abs(probs[mine].mean() - truth[mine].mean())
+    return float(total)
+
+
+def figures(truth: np.ndarray, scores: np.ndarray, threshold: float | None) -> PointFigures:
+    """Sensitivity, specificity and PPV (at this split's prevalence) of ``scores ≥ threshold``, and AUC."""
+    positives = int(truth.sum())
+    n = len(truth)
+    auc = float(roc_auc_score(truth, scores)) if 0 < positives < n else None
+    result = PointFigures(n=n, positives=positives, prevalence=positives / n if n else None, auc=auc)
+    if threshold is None:
+        return result
+    flagged = scores >= threshold
+    true_pos = int((flagged & (truth == 1)).sum())
+    result.sensitivity = true_pos / positives if positives else None
+    result.specificity = float((~flagged & (truth == 0)).sum() / (n - positives)) if n > positives else None
+    result.ppv = true_pos / int(flagged.sum()) if flagged.any() else None
+    result.flagged = int(flagged.sum())  # extra field: how many films the point flags
+    return result
+
+
+def wilson_lower(successes: int, n: int, z: float = 1.96) -> float:
+    if n == 0:
+        return 0.0
+    p = successes / n
+    centre = p + z * z / (2 * n)
+    margin = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return float((centre - margin) / (1 + z * z / n))
+
+
+def _r(value: float | None, digits: int = 4) -> float | None:
+    return None if value is None else round(float(value), digits)
+
+
+# ----------------------------------------------------------------------------- fitting (val only)
+def fit_platt(raw: np.ndarray, truth: np.ndarray) -> Platt:
+    """Platt scaling on the logit: a nearly unregularised logistic regression of truth on logit(p)."""
+    z = logit(raw).reshape(-1, 1)
+    if truth.min() == truth.max():
+        return Platt(a=1.0, b=0.0)
+    regression = LogisticRegression(C=1e4, max_iter=1000).fit(z, truth.astype(int))
+    return Platt(a=float(regression.coef_[0, 0]), b=float(regression.intercept_[0]))
+
+
+def high_specificity_threshold(normal_scores: np.ndarray, rate: float) -> float:
+    """The lowest threshold at which at most ``rate`` of these (normal films') scores reach it."""
+    ordered = np.sort(normal_scores)[::-1]
+    allowed = int(np.floor(rate * len(ordered)))  # films that may be flagged
+    if allowed >= len(ordered):
+        return float(ordered[-1])
+    # just above the (allowed+1)-th highest score: exactly `allowed` films (fewer on ties) reach it
+    return float(np.nextafter(ordered[allowed], np.inf))
+
+
+def budget_share(normal_scores: np.ndarray, rate: float, max_flags: float) -> float:
+    """The largest per-label share of normal films each eligible label may flag (the same for all)
+    such that, on these normal films, at most ``rate`` get any flag and at most ``max_flags`` flags
+    fall on a normal film on average. Starts at ``rate / k`` (always within both) and grows."""
+    k = normal_scores.shape[1]
+    if k == 0 or len(normal_scores) == 0:
+        return 0.0
+    best = rate / k
+    for share in np.linspace(rate / k, rate, 200):
+        thresholds = [high_specificity_threshold(normal_scores[:, j], share) for j in range(k)]
+        flags = normal_scores >= np.asarray(thresholds)
+        if flags.any(axis=1).mean() > rate or flags.sum(axis=1).mean() > max_flags:
+            break
+        best = float(share)
+    return best
+
+
+def calibrate_card(card: ModelCard, val_raw: np.ndarray, val_truth: np.ndarray, test_raw: np.ndarray,
+                   test_truth: np.ndarray, *, auc_floor: float = 0.7, normal_flag_rate: float = 0.10,
+                   max_flags_per_normal: float = 0.2,
+                   verdict_normal_rate: float = 0.15, urgent_ppv: float = 0.5, bootstrap_rounds: int = 1000,
+                   data: str = "") -> ModelCard:
+    """A copy of ``card`` with ``calibration``, ``ece`` and ``operating_points`` fitted on val."""
+    labels, n_labels = card.labels, len(card.labels)
+    has_abnormal = "abnormal" in card.extra_outputs
+    abnormal_index = card.outputs.index("abnormal") if has_abnormal else None
+    val_abnormal = (val_truth.sum(axis=1) > 0).astype(float)
+    test_abnormal = (test_truth.sum(axis=1) > 0).astype(float)
+
+    # Calibration: Platt per output (labels, then "abnormal" against "any of the 14").
+    params = {label: fit_platt(val_raw[:, i], val_truth[:, i]) for i, label in enumerate(labels)}
+    if has_abnormal:
+        params["abnormal"] = fit_platt(val_raw[:, abnormal_index], val_abnormal)
+    card = card.model_copy(deep=True)
+    card.calibration = Calibration(fitted_on=f"val split: {len(val_truth)} NIH films with all 14 labels ({data})",
+                                   params=params)
+    val_cal, test_cal = apply_calibration(card, val_raw), apply_calibration(card, test_raw)
+
+    # ECE before / after, per output and the mean over the labels.
+    def ece_block(raw: np.ndarray, cal: np.ndarray, truth: np.ndarray, abnormal: np.ndarray) -> dict:
+        block = {"n": len(truth), "before": {}, "after": {}}
+        for i, label in enumerate(labels):
+            block["before"][label] = _r(ece(truth[:, i], raw[:, i]))
+            block["after"][label] = _r(ece(truth[:, i], cal[:, i]))
+        for when, values in (("before", raw), ("after", cal)):
+            block[f"mean_{when}"] = _r(np.mean([block[when][label] for label in labels]))
+            if has_abnormal:
+                block[when]["abnormal"] = _r(ece(abnormal, values[:, abnormal_index]))
+        return block
+
+    card.ece = {"bins": ECE_BINS, "binning": "equal width on [0, 1]",
+                "val": ece_block(val_raw, val_cal, val_truth, val_abnormal),
+                "test": ece_block(test_raw, test_cal, test_truth, test_abnormal)}
+
+    # Screening: eligible labels, then a share of the false-flag budget each.
+    intervals = bootstrap_auc_intervals(labels, val_truth, val_cal[:, :n_labels], bootstrap_rounds)["auc_ci"]
+    eligible = [label for label in labels if (intervals.get(label) or [0, 0])[0] > auc_floor]
+    normal = val_abnormal == 0
+    share = budget_share(val_cal[normal][:, [labels.index(label) for label in eligible]], normal_flag_rate,
+                         max_flags_per_normal)
+    screening: dict[str, LabelPoint] = {}
+    for i, label in enumerate(labels):
+        threshold = high_specificity_threshold(val_cal[normal, i], share) if label in eligible else None
+        val_fig = figures(val_truth[:, i], val_cal[:, i], threshold)
+        if threshold is not None and not val_fig.sensitivity:
+            threshold = None  # flags no val positive at all: nothing a user could gain from it
+            val_fig = figures(val_truth[:, i], val_cal[:, i], None)
+        val_fig.auc_ci95 = [_r(v) for v in intervals.get(label, [])] or None
+        urgent = bool(threshold is not None and label in URGENT_CAPABLE
+                      and wilson_lower(round(val_fig.ppv * val_fig.flagged), val_fig.flagged) >= urgent_ppv)
+        screening[label] = LabelPoint(eligible=threshold is not None, threshold=_r(threshold, 6), urgent=urgent,
+                                      val=_round(val_fig), test=_round(figures(test_truth[:, i], test_cal[:, i],
+                                                                                threshold)))
+
+    clinician: dict[str, LabelPoint] = {}
+    for i, label in enumerate(labels):
+        threshold = youden_threshold(val_truth[:, i], val_cal[:, i])
+        clinician[label] = LabelPoint(eligible=True, threshold=_r(threshold, 6),
+                                      val=_round(figures(val_truth[:, i], val_cal[:, i], threshold)),
+                                      test=_round(figures(test_truth[:, i], test_cal[:, i], threshold)))
+
+    # Verdict: the score, then the point that keeps "see a doctor soon" for ≤ verdict_normal_rate of val normals.
+    points = OperatingPoints(screening=screening, clinician=clinician)
+    card.operating_points = points
+    if has_abnormal:
+        verdict = VerdictPoint(output="abnormal", threshold=0.5)
+    else:
+        regression = LogisticRegression(C=1.0, max_iter=2000).fit(logit(val_cal[:, :n_labels]), val_abnormal)
+        verdict = VerdictPoint(output="findings_score", threshold=0.5, weights=regression.coef_[0].tolist(),
+                               bias=float(regression.intercept_[0]))
+    points.verdict = verdict
+    from diagnosis.operating import abnormal_score
+
+    def scores_and_flags(cal: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return (np.asarray([abnormal_score(card, row) for row in cal]),
+                np.asarray([bool(screening_flags(card, row)) for row in cal]))
+
+    val_score, val_flag = scores_and_flags(val_cal)
+    test_score, test_flag = scores_and_flags(test_cal)
+    budget = max(0.0, verdict_normal_rate - val_flag[normal].mean())  # what the flags leave to the score
+    candidates = val_score[normal & ~val_flag]
+    verdict.threshold = _r(high_specificity_threshold(candidates, budget * normal.sum() / max(1, len(candidates))), 6)
+
+    def verdict_figures(score: np.ndarray, flag: np.ndarray, truth: np.ndarray) -> PointFigures:
+        shown = (score >= verdict.threshold) | flag
+        fig = figures(truth, np.where(shown, 1.0, 0.0) + 0.5 * score, 1.0)  # AUC below is of the score alone
+        fig.auc = float(roc_auc_score(truth, score)) if 0 < truth.sum() < len(truth) else None
+        fig.misses_per_10 = round(10 * (1 - fig.sensitivity)) if fig.sensitivity is not None else None
+        fig.normal_films_told_see_doctor = _r(shown[truth == 0].mean())
+        return _round(fig)
+
+    verdict.val = verdict_figures(val_score, val_flag, val_abnormal)
+    verdict.test = verdict_figures(test_score, test_flag, test_abnormal)
+
+    def flag_summary(cal: np.ndarray, abnormal: np.ndarray) -> dict:
+        counts = np.asarray([len(screening_flags(card, row)) for row in cal])
+        return {"normal_films": int((abnormal == 0).sum()),
+                "normal_with_a_flag": _r((counts[abnormal == 0] > 0).mean()),
+                "flags_per_normal_film": _r(counts[abnormal == 0].mean()),
+                "abnormal_films": int((abnormal == 1).sum()),
+                "abnormal_with_a_flag": _r((counts[abnormal == 1] > 0).mean())}
+
+    points.method = {
+        "data": f"chosen on the val split only (NIH films with all 14 labels; {data}); test only reports",
+        "calibration": "Platt scaling per output on the logit (scikit-learn LogisticRegression, C=1e4); "
+                       "probabilities and thresholds are on the calibrated scale",
+        "screening": f"eligible when the 95 % bootstrap lower bound ({bootstrap_rounds} resamples) of the val "
+                     f"AUC exceeds {auc_floor}; each eligible label gets the same share ({_r(share)}) of val normal "
+                     f"films (no finding) it may flag, the largest share with at most {normal_flag_rate} of "
+                     f"normal films flagged at all and at most {max_flags_per_normal} flags per normal film; "
+                     "a point that flags no val positive is dropped",
+        "screening_share_per_label": _r(share), "max_flags_per_normal": max_flags_per_normal,
+        "clinician": "Youden's J per label on val",
+        "verdict": f"'see a doctor soon' when the {verdict.output} score reaches its threshold or any screening "
+                   f"flag is raised; threshold chosen so at most {verdict_normal_rate} of val normal films hear it",
+        "urgent": f"only for {', '.join(URGENT_CAPABLE)} when eligible and the 95 % Wilson lower bound of its val "
+                  f"PPV at the screening point is ≥ {urgent_ppv}",
+        "auc_floor": auc_floor, "normal_flag_rate": normal_flag_rate,
+        "verdict_normal_rate": verdict_normal_rate, "urgent_ppv": urgent_ppv,
+        "flags": {"val": flag_summary(val_cal, val_abnormal), "test": flag_summary(test_cal, test_abnormal)},
+        "command": "python -m training calibrate --model models/chest --manifest ../shared/data/xray-pack/manifest.csv "
+                   "--manifest ../shared/data/xray-pack/manifest-extra.csv",
+    }
+    return card
+
+
+def _round(fig: PointFigures) -> PointFigures:
+    data = fig.model_dump()
+    return PointFigures.model_validate({k: _r(v) if isinstance(v, float) else v for k, v in data.items()})
+
+
+def calibrate(model: Path, records: list[Record], data: str, cache: Path | None = None, backend: str = "onnx",
+              threads: int | None = None, write: bool = True, **options) -> ModelCard:
+    card = read_card(model, verify=True)
+    if card.body_part != "chest" or not set(card.labels) <= set(CHEST_LABELS):
+        raise SystemExit("calibrate needs a chest model with ChestX-ray14 labels")
+    order = [CHEST_LABELS.index(label) for label in card.labels]
+    splits = {}
+    for split in ("val", "test"):
+        films = labelled_films(records, split)
+        if not films:
+            raise SystemExit(f"no NIH films with all 14 labels in split {split!r}")
+        splits[split] = (raw_outputs(model, films, cache, backend, threads=threads), targets(films)[:, order])
+        log.info("%s: %d films", split, len(films))
+    for split, (raw, _) in splits.items():
+        if np.isnan(raw).any():
+            raise SystemExit(f"{split}: some films could not be read")
+    card = calibrate_card(card, *splits["val"], *splits["test"], data=data, **options)
+    if write:
+        write_card(model, card)
+    return card
+
+
+def summary(card: ModelCard) -> dict:
+    """The figures a person reads: ECE, flags, screening points, verdict."""
+    points = card.operating_points
+    return {
+        "ece_mean": {split: {"before": card.ece[split]["mean_before"], "after": card.ece[split]["mean_after"]}
+                     for split in ("val", "test")},
+        "ece_abnormal": {split: {w: card.ece[split][w].get("abnormal") for w in ("before", "after")}
+                         for split in ("val", "test")},
+        "flags": points.method["flags"],
+        "screening": {label: {"threshold": p.threshold, "urgent": p.urgent,
+                              "val": p.val.model_dump(include={"sensitivity", "specificity", "ppv", "prevalence",
+                                                               "auc", "auc_ci95"}),
+                              "test": p.test.model_dump(include={"sensitivity", "specificity", "ppv",
+                                                                 "prevalence", "auc"})}
+                      for label, p in points.screening.items() if p.eligible},
+        "not_eligible": [label for label, p in points.screening.items() if not p.eligible],
+        "verdict": {"output": points.verdict.output, "threshold": points.verdict.threshold,
+                    "val": points.verdict.val.model_dump(), "test": points.verdict.test.model_dump()},
+    }
