@@ -80,6 +80,7 @@ def build_application(settings: Settings) -> Application:
     application.add_handler(CommandHandler("privacy", commands.privacy, filters=new_messages))
     application.add_handler(CommandHandler("forget", commands.forget, filters=new_messages))
     application.add_handler(CommandHandler("language", commands.language_menu, filters=new_messages))
+    application.add_handler(CommandHandler("mode", commands.mode, filters=new_messages))
     application.add_handler(CallbackQueryHandler(commands.language_chosen, pattern=f"^{commands.LANGUAGE_CALLBACK}"))
     application.add_handler(MessageHandler(new_messages & filters.PHOTO, images.on_photo))
     application.add_handler(MessageHandler(new_messages & filters.Document.ALL, images.on_document))

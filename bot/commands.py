@@ -1,4 +1,4 @@
-"""The commands (/start, /help, /privacy, /forget, /language), other messages and errors.
+"""The commands (/start, /help, /privacy, /forget, /language, /mode), other messages and errors.
 
 Texts live in ``contract.texts`` (gettext domain ``bot``); here only what each command does.
 """
@@ -13,6 +13,7 @@ from telegram.error import TelegramError
 from telegram.ext import ContextTypes
 
 from contract import texts
+from contract.envelope import MODES
 from contract.i18n import DEFAULT_LANGUAGE, LANGUAGES
 from contract.monitoring import BOT_UPDATES, ERRORS
 
@@ -75,6 +76,24 @@ async def language_chosen(update: Update, context: ContextTypes.DEFAULT_TYPE) ->
     await query.answer(text)
     with suppress(TelegramError):  # the menu message may be too old to edit
         await query.edit_message_text(text)
+
+
+async def mode(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+    """/mode [screening|clinician]: set the chat's reply mode (no argument: switch to the other one),
+    remembered in Redis with a TTL; the reply says what each mode means."""
+    language = await language_of(update, context)
+    chat = update.effective_chat
+    store = services(context).store
+    wanted = (context.args or [""])[0].lower() if context.args else ""
+    if wanted and wanted not in MODES:
+        await update.effective_message.reply_text(texts.mode_unknown(language))
+        return
+    if not wanted:
+        current = await store.mode(chat.id)
+        wanted = MODES[1] if current == MODES[0] else MODES[0]
+    await store.set_mode(chat.id, wanted)
+    days = max(1, services(context).settings.MODE_TTL_S // 86400)
+    await update.effective_message.reply_text(texts.mode_set(language, wanted, days))
 
 
 async def on_other(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:

@@ -156,6 +156,7 @@ async def accept_image(
         reply_to_message_id=message.message_id,
         language=language,
         ack_message_id=ack.message_id if ack is not None else None,
+        mode=await svc.store.mode(chat.id),
     )
     try:
         await svc.dispatcher.enqueue(request)

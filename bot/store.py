@@ -12,6 +12,7 @@ from urllib.parse import urlsplit
 
 import redis.asyncio as aioredis
 
+from contract.envelope import MODES
 from contract.i18n import LANGUAGES, pick_language
 from contract.keys import INFERENCE_QUEUE
 from contract.redis_client import connect_async
@@ -85,6 +86,18 @@ class Store:
             raise ValueError(f"unsupported language {language!r}")
         await self.redis.set(self.keys.language(user_id), language, ex=self.settings.LANGUAGE_TTL_S)
 
+    # ------------------------------------------------------------- reply mode
+    async def mode(self, chat_id: int) -> str:
+        """The chat's /mode choice (TTL refreshed on use), else "screening"."""
+        stored = await self.redis.getex(self.keys.mode(chat_id), ex=self.settings.MODE_TTL_S)
+        mode = stored.decode() if stored else ""
+        return mode if mode in MODES else MODES[0]
+
+    async def set_mode(self, chat_id: int, mode: str) -> None:
+        if mode not in MODES:
+            raise ValueError(f"unknown mode {mode!r}")
+        await self.redis.set(self.keys.mode(chat_id), mode, ex=self.settings.MODE_TTL_S)
+
     # ------------------------------------------------------------- rate limit
     async def take_image_slot(self, user_id: int) -> tuple[float, str]:
         """Count one image against the user's window: (seconds to wait or 0 when admitted, slot id)."""
@@ -150,7 +163,8 @@ class Store:
         """Delete everything held about the user; returns how many keys existed."""
         index = self.keys.user_requests(user_id)
         request_ids = [member.decode() for member in await self.redis.smembers(index)]
-        keys = [index, self.keys.language(user_id), self.keys.rate(user_id), self.keys.rate_notice(user_id)]
+        keys = [index, self.keys.language(user_id), self.keys.rate(user_id), self.keys.rate_notice(user_id),
+                self.keys.mode(user_id)]  # a private chat's id is the user's id
         for request_id in request_ids:
             keys += [self.keys.blob(request_id), self.keys.overlay(request_id)]
         return int(await self.redis.delete(*keys))

@@ -7,7 +7,11 @@ JSON only (Celery refuses pickle); the image itself stays in Redis under ``blob_
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict
+
+MODES = ("screening", "clinician")  # the reply's audience (diagnosis.operating); /mode in the bot
 
 
 class RequestEnvelope(BaseModel):
@@ -19,6 +23,8 @@ class RequestEnvelope(BaseModel):
     reply_to_message_id: int | None  # the user's message with the image
     language: str  # en / ru / kk: the language of the answer
     ack_message_id: int | None = None  # "Received, analysing…", replaced by the answer
+    # screening (default, for anyone) or clinician (all findings with their operating points): /mode
+    mode: Literal["screening", "clinician"] = "screening"
 
     def to_json(self) -> dict:
         return self.model_dump(mode="json")

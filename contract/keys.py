@@ -22,6 +22,7 @@ TELEGRAM_CAPTION_LIMIT = 1024  # characters per photo caption
 class Keys:
     """Redis key layout. ``request`` ids are random (``secrets.token_urlsafe``), never derived from users.
 
+    Per chat: ``mode:<chat_id>`` (/mode: screening or clinician replies).
     Per user: ``lang:<uid>`` (language choice), ``rate:<uid>`` (timestamps of recent images),
     ``rate-notice:<uid>``, ``requests:<uid>`` (ids of the user's requests in flight, so /forget can
     delete their blobs). Per request: ``blob:<id>`` (image bytes), ``overlay:<id>`` (PNG),
@@ -37,6 +38,9 @@ class Keys:
 
     def language(self, user_id: int) -> str:
         return f"{self.prefix}lang:{user_id}"
+
+    def mode(self, chat_id: int) -> str:
+        return f"{self.prefix}mode:{chat_id}"
 
     def rate(self, user_id: int) -> str:
         return f"{self.prefix}rate:{user_id}"

@@ -42,6 +42,7 @@ class ServiceSettings(BaseSettings):
 
     BLOB_TTL_S: int = Field(3600, ge=30, le=3600)  # image and overlay bytes: at most one hour
     LANGUAGE_TTL_S: int = Field(365 * 24 * 3600, ge=60)  # remembered /language choice, refreshed on use
+    MODE_TTL_S: int = Field(30 * 24 * 3600, ge=60)  # remembered /mode choice per chat, refreshed on use
     MARK_TTL_S: int = Field(24 * 3600, ge=60)  # "reply sent" marks (idempotent delivery)
 
     # Inference workers. Unset (or empty) = the default of ``diagnosis.config.PipelineConfig``, the one

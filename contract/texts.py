@@ -23,6 +23,7 @@ COMMANDS = (
     ("start", N_("What this bot does and does not do")),
     ("help", N_("How to send an image")),
     ("language", N_("Choose the language")),
+    ("mode", N_("Screening or clinician replies")),
     ("privacy", N_("What is stored and for how long")),
     ("forget", N_("Delete everything the service holds about you")),
 )
@@ -53,7 +54,7 @@ def start(language: str) -> str:
         "Other body parts are not analysed yet. Always discuss your images and any result with a physician.\n\n"
         "Privacy: your image is held in memory for at most one hour and deleted once you have the answer; "
         "nothing is written to disk. Details: /privacy. Language: /language. Help: /help."
-    ).format(limit_mb=TELEGRAM_DOWNLOAD_LIMIT_MB)
+    ).format(limit_mb=TELEGRAM_DOWNLOAD_LIMIT_MB) + "\n\n" + _(MODE_HINT)
 
 
 def help_text(language: str, images: int, window_s: int) -> str:
@@ -78,7 +79,8 @@ def help_text(language: str, images: int, window_s: int) -> str:
         "/privacy – what is stored and for how long\n"
         "/forget – delete everything the service holds about you\n"
         "/help – this message"
-    ).format(limit_line=limit_line, limit_mb=TELEGRAM_DOWNLOAD_LIMIT_MB)
+    ).format(limit_line=limit_line, limit_mb=TELEGRAM_DOWNLOAD_LIMIT_MB) + "\n" + _(
+        "/mode – screening replies (default) or clinician replies with every finding")
 
 
 def privacy(language: str) -> str:
@@ -116,6 +118,30 @@ def language_set(language: str) -> str:
     """Confirmation, said in the newly chosen language."""
     _, _n = translator(language)
     return _("Done: I will answer in English.")
+
+
+# --------------------------------------------------------------------------- reply mode
+MODE_HINT = N_("Replies come in screening mode: a verdict first and only the findings the model checks "
+               "reliably. /mode switches to clinician mode, with every finding and its error rates.")
+MODE_MEANING = N_(
+    "Screening (default): a verdict first, in plain words, with how often the check is wrong; only the findings "
+    "this model checks reliably are pointed out, at points chosen so that few normal films raise an alarm.\n"
+    "Clinician: every finding with its calibrated probability, its operating point and the sensitivity, "
+    "specificity and AUC behind it.\n"
+    "Switch with /mode, or choose with /mode screening or /mode clinician. The choice is kept for {days} days.")
+
+
+def mode_set(language: str, mode: str, days: int = 30) -> str:
+    """/mode: the mode now in force, then what each mode means."""
+    _, _n = translator(language)
+    now = _("Replies in this chat are now in clinician mode.") if mode == "clinician" else \
+        _("Replies in this chat are now in screening mode.")
+    return now + "\n\n" + _(MODE_MEANING).format(days=days)
+
+
+def mode_unknown(language: str) -> str:
+    _, _n = translator(language)
+    return _("Unknown mode. Use /mode screening or /mode clinician (or /mode alone to switch).")
 
 
 # --------------------------------------------------------------------------- images

@@ -25,6 +25,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, help="folder for heatmap overlays (JPEG)")
     parser.add_argument("--models", type=Path,
                         help="folder of model folders (default: $MODELS_DIR, else the repo's models/)")
+    parser.add_argument("--mode", default="screening", choices=["screening", "clinician"],
+                        help="screening: a verdict and only the findings the model checks reliably (default); "
+                             "clinician: every finding with its operating point and sensitivity/specificity/AUC")
     parser.add_argument("--language", default="en", choices=list(LANGUAGES), help="language of the report")
     parser.add_argument("--backend", default=PipelineConfig.backend, choices=["torch", "onnx", "eager"],
                         help="torch (CPU or CUDA), onnx (ONNX Runtime, CPU) or eager (naive baseline)")
@@ -72,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         if data is None:  # a missing file is reported like any other unreadable input
             analysis = Analysis(DiagnosisResult(file=str(path), outcome="rejected", rejection="unreadable"))
         else:
-            analysis = pipeline.run(data, file=str(path), make_overlay=args.out is not None)
+            analysis = pipeline.run(data, file=str(path), make_overlay=args.out is not None, mode=args.mode)
         result = analysis.result
         if result.outcome == "rejected":
             failures += 1
@@ -99,6 +102,8 @@ def _readable(result) -> str:
         facts.append(f"X-ray: {'yes' if result.is_xray else 'no'} ({result.xray_probability:.1%})")
     if result.body_part_probability is not None:
         facts.append(f"body part: {result.body_part or 'uncertain'} ({result.body_part_probability:.1%})")
+    if result.verdict:
+        facts.append(f"mode: {result.mode}, verdict: {result.verdict}")
     if result.findings:
         facts.append("findings: " + ", ".join(
             f"{f.label} {f.probability:.1%}{' *' if f.positive else ''}" for f in result.findings))

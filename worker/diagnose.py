@@ -66,7 +66,7 @@ def diagnose(self: Task, envelope: dict[str, Any]) -> dict[str, Any]:
         return {"outcome": "expired"}
     try:
         resources.configure_torch_threads()
-        analysis = resources.analyse(data)  # looked up at call time: a test plugin may wrap it
+        analysis = resources.analyse(data, request.mode)  # looked up at call time: a test plugin may wrap it
     except SoftTimeLimitExceeded:
         logger.error("request %s: soft time limit exceeded", request.request_id)
         return give_up(request, "apology")

@@ -126,18 +126,24 @@ def get_pipeline() -> Any:
 _batcher: Any = None
 
 
-def analyse(data: bytes) -> Any:
-    """One image through the pipeline; with BATCH_MAX > 1 through the shared micro-batcher."""
+def analyse(data: bytes, mode: str = "screening") -> Any:
+    """One image through the pipeline in the request's reply ``mode``; with BATCH_MAX > 1 through the
+    shared micro-batcher (each image keeps its own mode)."""
     global _batcher
     settings = get_settings()
     if settings.BATCH_MAX <= 1:
-        return get_pipeline().run(data)
+        return get_pipeline().run(data, mode=mode)
     with _pipeline_lock:
         if _batcher is None:
             from diagnosis.batching import MicroBatcher
 
-            _batcher = MicroBatcher(get_pipeline().run_batch, settings.BATCH_MAX, settings.BATCH_WAIT_MS)
-    return _batcher.submit(data)
+            pipeline = get_pipeline()
+
+            def run_batch(items: list[tuple[bytes, str]]) -> list[Any]:
+                return pipeline.run_batch([d for d, _ in items], modes=[m for _, m in items])
+
+            _batcher = MicroBatcher(run_batch, settings.BATCH_MAX, settings.BATCH_WAIT_MS)
+    return _batcher.submit((data, mode))
 
 
 _thread_state = threading.local()

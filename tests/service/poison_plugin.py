@@ -45,13 +45,13 @@ def slow(image: bytes) -> bytes:
     return MARKER + b"slow:" + image
 
 
-def _analyse(data: bytes):
+def _analyse(data: bytes, mode: str = "screening"):
     if data.startswith(MARKER):
         kind = data[len(MARKER):].split(b":", 1)[0].decode()
         resources.process_logger.warning("poison plugin: %s", kind)
         if kind == "slow":
             time.sleep(SLOW_S)
-            return _real_analyse(data[len(MARKER) + len(b"slow:"):])
+            return _real_analyse(data[len(MARKER) + len(b"slow:"):], mode)
         if kind == "raise":
             raise RuntimeError("poisoned input: the model run crashed")
         if kind == "segfault":
@@ -66,7 +66,7 @@ def _analyse(data: bytes):
                     time.sleep(1)
                 except SoftTimeLimitExceeded:
                     continue
-    return _real_analyse(data)
+    return _real_analyse(data, mode)
 
 
 resources.analyse = _analyse

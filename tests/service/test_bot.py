@@ -97,7 +97,9 @@ def test_photo_is_acknowledged_stored_and_enqueued_with_json_args(start_bot, fak
     assert task["task"] == "diagnose" and task["args"] == []
     assert set(task["kwargs"]) == {"envelope"}  # the request envelope, one JSON field
     kwargs = task["kwargs"]["envelope"]
-    assert set(kwargs) == {"request_id", "blob_key", "chat_id", "reply_to_message_id", "language", "ack_message_id"}
+    assert set(kwargs) == {"request_id", "blob_key", "chat_id", "reply_to_message_id", "language", "ack_message_id",
+                           "mode"}
+    assert kwargs["mode"] == "screening"  # no /mode choice: the default
     assert kwargs["chat_id"] == user and kwargs["reply_to_message_id"] == message["message_id"]
     assert kwargs["language"] == "en"
     assert kwargs["ack_message_id"] == ack.result["message_id"]
@@ -164,11 +166,31 @@ def test_allowlist_refuses_others_but_privacy_and_forget_stay_open(start_bot, fa
     assert "How to use" in fake.texts_to(group)[0]
 
 
+def test_mode_is_remembered_per_chat_and_travels_with_the_request(start_bot, fake, redis_client):
+    user = 512
+    with start_bot():
+        fake.inject_text(user, "/mode clinician")
+        fake.wait_for(lambda: redis_client.get(f"xso:mode:{user}") == b"clinician")
+        fake.wait_for(lambda: fake.texts_to(user))
+        assert "now in clinician mode" in fake.texts_to(user)[0] and "Screening (default)" in fake.texts_to(user)[0]
+        assert 0 < redis_client.ttl(f"xso:mode:{user}") <= 30 * 24 * 3600
+        fake.inject_photo(user, CHEST)
+        fake.wait_for(lambda: len(queued_tasks(redis_client)) == 1)
+        assert queued_tasks(redis_client)[0]["kwargs"]["envelope"]["mode"] == "clinician"
+        fake.inject_text(user, "/mode")  # no argument: switch to the other mode
+        fake.wait_for(lambda: redis_client.get(f"xso:mode:{user}") == b"screening")
+        fake.inject_text(user, "/mode banana")
+        fake.wait_for(lambda: any("Unknown mode" in t for t in fake.texts_to(user)))
+    assert redis_client.get(f"xso:mode:{user}") == b"screening"
+
+
 def test_forget_removes_every_key_of_the_user(start_bot, fake, redis_client):
     user, other = 509, 510
     with start_bot():
+        fake.inject_text(user, "/mode clinician")
+        fake.wait_for(lambda: redis_client.exists(f"xso:mode:{user}") and fake.calls_of("sendMessage", user))
         fake.inject_text(user, "/language")
-        menu = fake.wait_for(lambda: fake.calls_of("sendMessage", user))[0]
+        menu = fake.wait_for(lambda: fake.calls_of("sendMessage", user)[1:])[0]
         fake.inject_callback(user, "lang:ru", menu.result)
         fake.wait_for(lambda: redis_client.get(f"xso:lang:{user}") == b"ru")
         fake.inject_photo(user, CHEST)  # no worker runs: the image stays in Redis, "in flight"
