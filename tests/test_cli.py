@@ -51,3 +51,22 @@ def test_cli_readable_report_in_russian(fake_models, tmp_path):
 def test_cli_refuses_a_broken_models_folder(tmp_path):
     proc = run_cli(str(tmp_path / "x.png"), "--models", str(tmp_path / "nothing"))
     assert proc.returncode == 2 and "cannot load models" in proc.stderr
+
+
+def test_cli_mode_and_operating_point_figures(fake_models, tmp_path):
+    image = tmp_path / "chest.png"
+    image.write_bytes(encode(Image.fromarray(gradient(texture=True)), "PNG"))
+    lines = {}
+    for mode in ("screening", "clinician"):
+        args = [str(image), "--json", "--models", str(fake_models)] + (["--mode", mode] if mode != "screening" else [])
+        proc = run_cli(*args)
+        assert proc.returncode == 0, proc.stderr
+        lines[mode] = json.loads(proc.stdout)
+    assert lines["screening"]["mode"] == "screening" and lines["clinician"]["mode"] == "clinician"
+    for line in lines.values():
+        assert line["verdict"] == "see_doctor" and line["verdict_point"]["threshold"] == 0.5
+        finding = line["findings"][0]
+        assert {"label", "probability", "positive", "threshold", "sensitivity", "specificity", "ppv", "auc",
+                "eligible"} <= finding.keys()
+    assert {f["label"] for f in lines["screening"]["findings"] if f["positive"]} == {"Effusion", "Cardiomegaly"}
+    assert "All findings" in lines["clinician"]["message"] and "All findings" not in lines["screening"]["message"]

@@ -151,14 +151,20 @@ def fit_platt(raw: np.ndarray, truth: np.ndarray) -> Platt:
     return Platt(a=float(regression.coef_[0, 0]), b=float(regression.intercept_[0]))
 
 
+def _up(threshold: float) -> float:
+    """A threshold as written in the card: 6 decimals, rounded up so it never flags more than chosen."""
+    return float(np.ceil(threshold * 1e6) / 1e6)
+
+
 def high_specificity_threshold(normal_scores: np.ndarray, rate: float) -> float:
-    """The lowest threshold at which at most ``rate`` of these (normal films') scores reach it."""
+    """The lowest card threshold (6 decimals) at which at most ``rate`` of these (normal films')
+    scores reach it."""
     ordered = np.sort(normal_scores)[::-1]
-    allowed = int(np.floor(rate * len(ordered)))  # films that may be flagged
+    allowed = int(np.floor(rate * len(ordered) + 1e-9))  # films that may be flagged
     if allowed >= len(ordered):
-        return float(ordered[-1])
-    # just above the (allowed+1)-th highest score: exactly `allowed` films (fewer on ties) reach it
-    return float(np.nextafter(ordered[allowed], np.inf))
+        return float(ordered[-1])  # every film may be flagged
+    # above the (allowed+1)-th highest score: at most `allowed` films (fewer on ties) reach it
+    return _up(float(np.nextafter(ordered[allowed], np.inf)))
 
 
 def budget_share(normal_scores: np.ndarray, rate: float, max_flags: float) -> float:
@@ -231,14 +237,14 @@ def calibrate_card(card: ModelCard, val_raw: np.ndarray, val_truth: np.ndarray, 
         val_fig.auc_ci95 = [_r(v) for v in intervals.get(label, [])] or None
         urgent = bool(threshold is not None and label in URGENT_CAPABLE
                       and wilson_lower(round(val_fig.ppv * val_fig.flagged), val_fig.flagged) >= urgent_ppv)
-        screening[label] = LabelPoint(eligible=threshold is not None, threshold=_r(threshold, 6), urgent=urgent,
+        screening[label] = LabelPoint(eligible=threshold is not None, threshold=threshold, urgent=urgent,
                                       val=_round(val_fig), test=_round(figures(test_truth[:, i], test_cal[:, i],
                                                                                 threshold)))
 
     clinician: dict[str, LabelPoint] = {}
     for i, label in enumerate(labels):
-        threshold = youden_threshold(val_truth[:, i], val_cal[:, i])
-        clinician[label] = LabelPoint(eligible=True, threshold=_r(threshold, 6),
+        threshold = _up(youden_threshold(val_truth[:, i], val_cal[:, i]))
+        clinician[label] = LabelPoint(eligible=True, threshold=threshold,
                                       val=_round(figures(val_truth[:, i], val_cal[:, i], threshold)),
                                       test=_round(figures(test_truth[:, i], test_cal[:, i], threshold)))
 
@@ -262,7 +268,7 @@ def calibrate_card(card: ModelCard, val_raw: np.ndarray, val_truth: np.ndarray, 
     test_score, test_flag = scores_and_flags(test_cal)
     budget = max(0.0, verdict_normal_rate - val_flag[normal].mean())  # what the flags leave to the score
     candidates = val_score[normal & ~val_flag]
-    verdict.threshold = _r(high_specificity_threshold(candidates, budget * normal.sum() / max(1, len(candidates))), 6)
+    verdict.threshold = high_specificity_threshold(candidates, budget * normal.sum() / max(1, len(candidates)))
 
     def verdict_figures(score: np.ndarray, flag: np.ndarray, truth: np.ndarray) -> PointFigures:
         shown = (score >= verdict.threshold) | flag

@@ -1,0 +1,154 @@
+"""Calibration, operating points and verdicts: fitting on val (synthetic outputs), applying them at inference."""
+
+import json
+
+import numpy as np
+import pytest
+from conftest import ROOT, encode, gradient
+from model_factory import CHEST_LABELS, make_models_dir
+from PIL import Image
+
+from diagnosis.cards import ModelCard, read_card
+from diagnosis.messages import render_reply
+from diagnosis.operating import assess, calibrated, logit, sigmoid
+from diagnosis.pipeline import Pipeline
+from training.operating_points import calibrate_card, ece, high_specificity_threshold
+
+IMAGE = encode(Image.fromarray(gradient(300, 260, texture=True)), "JPEG")
+STRONG = ("Effusion", "Cardiomegaly")  # the synthetic model separates these well, the rest barely
+
+
+def synthetic_split(n: int, seed: int, abnormal_output: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Raw outputs of an over-confident model: strong labels well separated, the others almost noise."""
+    rng = np.random.default_rng(seed)
+    truth = (rng.random((n, len(CHEST_LABELS))) < 0.06).astype(float)
+    separation = np.asarray([2.5 if label in STRONG else 0.2 for label in CHEST_LABELS])
+    z = -3 + separation * truth + rng.normal(0, 1, truth.shape)
+    raw = sigmoid(2.0 * z + 1.5)  # miscalibrated: too steep and too high
+    if abnormal_output:
+        any_finding = truth.max(axis=1)
+        raw = np.column_stack([raw, sigmoid(1.5 * any_finding - 1 + rng.normal(0, 1, n) + 1.0)])
+    return raw, truth
+
+
+def card_for(abnormal_output: bool = True) -> ModelCard:
+    return ModelCard(name="chest", version="t", role="abnormality", body_part="chest", labels=CHEST_LABELS,
+                     extra_outputs=["abnormal"] if abnormal_output else [], activation="sigmoid",
+                     input={"size": 64}, weights={"sha256": "0" * 64},
+                     thresholds=dict.fromkeys(CHEST_LABELS, 0.3))
+
+
+@pytest.fixture(scope="module")
+def fitted():
+    val, test = synthetic_split(3000, 0), synthetic_split(2000, 1)
+    return calibrate_card(card_for(), *val, *test, bootstrap_rounds=100), val, test
+
+
+def test_only_labels_the_model_is_good_at_are_eligible_and_normal_films_are_rarely_flagged(fitted):
+    card, (val_raw, val_truth), _ = fitted
+    points = card.operating_points
+    assert {label for label, p in points.screening.items() if p.eligible} == set(STRONG)
+    assert all(p.threshold is None for label, p in points.screening.items() if label not in STRONG)
+    normal = val_truth.sum(axis=1) == 0
+    flags = np.asarray([[f.positive for f in assess(card, row)[0]] for row in val_raw[normal]])
+    assert flags.any(axis=1).mean() <= 0.10 and flags.sum(axis=1).mean() <= 0.2
+    assert points.method["flags"]["val"]["normal_with_a_flag"] <= 0.10
+    for label in STRONG:  # high specificity, and its figures are written for val and test
+        point = points.screening[label]
+        assert point.val.specificity >= 0.9 and point.val.sensitivity > 0.2 and point.test.ppv is not None
+        assert point.val.prevalence == pytest.approx(val_truth[:, CHEST_LABELS.index(label)].mean(), abs=1e-4)
+
+
+def test_platt_scaling_lowers_the_calibration_error(fitted):
+    card, _, (test_raw, test_truth) = fitted
+    for split in ("val", "test"):
+        assert card.ece[split]["mean_after"] < card.ece[split]["mean_before"]
+    i = CHEST_LABELS.index("Effusion")
+    assert ece(test_truth[:, i], calibrated(card, test_raw)[:, i]) < ece(test_truth[:, i], test_raw[:, i])
+
+
+def test_clinician_points_cover_every_label_and_the_verdict_respects_its_budget(fitted):
+    card, (val_raw, val_truth), _ = fitted
+    points = card.operating_points
+    assert set(points.clinician) == set(CHEST_LABELS)
+    assert all(p.threshold is not None and p.val.auc is not None for p in points.clinician.values())
+    verdicts = [assess(card, row)[2] for row in val_raw[val_truth.sum(axis=1) == 0]]
+    assert set(verdicts) <= {"no_strong_sign", "see_doctor"}  # urgent needs a label allowed to say it
+    assert verdicts.count("see_doctor") / len(verdicts) <= 0.15 + 1e-9
+    assert 0 < points.verdict.val.sensitivity < 1 and points.verdict.val.misses_per_10 is not None
+
+
+def test_a_card_without_an_abnormal_output_gets_a_score_fitted_on_the_labels():
+    val, test = synthetic_split(2000, 2, abnormal_output=False), synthetic_split(1000, 3, abnormal_output=False)
+    card = calibrate_card(card_for(abnormal_output=False), *val, *test, bootstrap_rounds=50)
+    verdict = card.operating_points.verdict
+    assert verdict.output == "findings_score" and len(verdict.weights) == len(CHEST_LABELS)
+    _, score, _ = assess(card, val[0][0])
+    assert score is not None and 0 < score < 1
+
+
+def test_the_fitted_card_round_trips_through_json(fitted):
+    card = fitted[0]
+    again = ModelCard.model_validate(json.loads(json.dumps(card.model_dump(mode="json"))))
+    effusion = card.operating_points.screening["Effusion"]
+    assert again.operating_points.screening["Effusion"].threshold == effusion.threshold
+    assert again.calibration.params["abnormal"] == card.calibration.params["abnormal"]
+
+
+def test_high_specificity_threshold_flags_at_most_the_share():
+    scores = np.random.default_rng(0).random(1000)
+    for rate in (0.0, 0.01, 0.05, 0.3):
+        assert (scores >= high_specificity_threshold(scores, rate)).mean() <= rate
+
+
+def test_modes_decide_what_is_flagged(fitted):
+    card = fitted[0]
+    row = np.full(len(card.outputs), 0.5)
+    row[CHEST_LABELS.index("Nodule")] = 0.999  # not eligible: never flagged in screening
+    screening, _, _ = assess(card, row, "screening")
+    clinician, _, _ = assess(card, row, "clinician")
+    assert "Nodule" not in {f.label for f in screening if f.positive}
+    assert "Nodule" in {f.label for f in clinician if f.positive}
+    nodule = next(f for f in clinician if f.label == "Nodule")
+    assert nodule.threshold == card.operating_points.clinician["Nodule"].threshold and nodule.auc is not None
+    probabilities = [f.probability for f in screening]
+    assert probabilities == sorted(probabilities, reverse=True)
+    assert logit(sigmoid(np.asarray([-3.0, 0.0, 4.0]))) == pytest.approx([-3.0, 0.0, 4.0])
+    with pytest.raises(ValueError, match="mode"):
+        assess(card, row, "oracle")
+
+
+def test_an_old_card_flags_nothing_in_screening_and_is_unsure(tmp_path):
+    pipeline = Pipeline.load(make_models_dir(tmp_path, operating_points=False))
+    screening, clinician = (a.result for a in pipeline.run_batch([IMAGE, IMAGE], modes=["screening", "clinician"]))
+    assert screening.verdict == "unsure" and not screening.positive_findings
+    assert screening.heatmap_labels == [screening.findings[0].label]  # nothing flagged: the top one is drawn
+    assert "Verdict: unsure" in render_reply(screening) and "Highest model estimates" in render_reply(screening)
+    # clinician mode falls back on the card's own thresholds (0.5 here)
+    assert {f.label for f in clinician.positive_findings} == {"Effusion", "Cardiomegaly"}
+    assert clinician.mode == "clinician" and "All findings" in render_reply(clinician)
+
+
+def test_pipeline_modes_per_image_and_verdict(fake_models):
+    pipeline = Pipeline.load(fake_models)
+    screening, clinician = (a.result for a in pipeline.run_batch([IMAGE, IMAGE], modes=["screening", "clinician"],
+                                                                 make_overlay=False))
+    assert screening.mode == "screening" and clinician.mode == "clinician"
+    assert screening.verdict == clinician.verdict == "see_doctor"  # flags raised
+    assert {f.label for f in screening.positive_findings} == {"Effusion", "Cardiomegaly"}
+    assert all(f.eligible and f.sensitivity == 0.6 for f in screening.findings)
+    with pytest.raises(ValueError, match="mode"):
+        pipeline.run_batch([IMAGE], modes=["oracle"])
+
+
+def test_shipped_chest_card_is_calibrated_with_points_chosen_on_val():
+    card = read_card(ROOT / "models" / "chest", verify=False)
+    points = card.operating_points
+    assert card.calibration and set(card.calibration.params) == set(card.outputs)
+    assert "val split" in points.method["data"] and points.verdict.output == "abnormal"
+    assert points.method["flags"]["val"]["normal_with_a_flag"] <= 0.10
+    assert points.method["flags"]["val"]["flags_per_normal_film"] <= 0.2
+    for label, point in points.screening.items():
+        if point.eligible:  # the floor on the bootstrap lower bound of val AUC
+            assert point.val.auc_ci95[0] > points.method["auc_floor"], label
+    assert card.ece["val"]["mean_after"] < card.ece["val"]["mean_before"]
