@@ -82,6 +82,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="screening: a label is eligible when its val AUC's 95 %% bootstrap lower bound exceeds this")
     c.add_argument("--normal-flag-rate", type=float, default=0.10,
                    help="screening: at most this share of val normal films may get any flag")
+    c.add_argument("--min-ppv", type=float, default=0.10,
+                   help="screening: a label whose val PPV at its point is below this is not flagged")
     c.add_argument("--verdict-normal-rate", type=float, default=0.15,
                    help="verdict: at most this share of val normal films hear 'worth showing a doctor soon'")
     c.add_argument("--urgent-ppv", type=float, default=0.5,
@@ -129,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         data = " + ".join(f"{Path(m).parent.name}/{Path(m).name}" for m in args.manifest) or data_name
         card = calibrate(args.model, records, data, cache, args.backend, args.threads,
                          write=not args.dry_run, auc_floor=args.auc_floor, normal_flag_rate=args.normal_flag_rate,
+                         min_ppv=args.min_ppv,
                          verdict_normal_rate=args.verdict_normal_rate, urgent_ppv=args.urgent_ppv,
                          bootstrap_rounds=args.bootstrap_rounds)
         print(json.dumps(summary(card), indent=1))

@@ -73,7 +73,7 @@ def measure(records: list[Record], models: Path | None = None, split: str = "tes
         "per_label": per_label,
         "ece_mean_calibrated": float(np.mean([e for e in eces if e is not None])),
         "ece_calibrated": dict(zip(CHEST_LABELS, eces, strict=True)),
-        "verdicts": {v: verdicts.count(v) for v in sorted(set(map(str, verdicts)))},
+        "verdicts": {str(v): verdicts.count(v) for v in sorted(set(verdicts), key=str)},
         "verdict_sensitivity": float(shown[abnormal].mean()) if abnormal.any() else None,
         "verdict_specificity": float((~shown[~abnormal]).mean()) if (~abnormal).any() else None,
         "verdict_ppv": float(abnormal[shown].mean()) if shown.any() else None,

@@ -10,8 +10,9 @@ val only:
   (15 equal-width bins) before and after, on val and test;
 - **screening** points: a label is eligible only when the 95 % bootstrap lower bound of its val AUC
   is above ``--auc-floor``; the eligible labels share a false-flag budget on val normal films (no
-  finding at all): each gets a point flagging at most ``--normal-flag-rate`` / (number eligible) of
-  them, so at most that share of normal films gets any flag and flags per normal film stay below it;
+  finding at all): each may flag the same share of them, the largest with at most
+  ``--normal-flag-rate`` of normal films flagged at all and at most 0.2 flags per normal film; a
+  label whose val PPV at its point stays below ``--min-ppv`` is dropped and the others share again;
 - **clinician** points: every label at Youden's J on val;
 - **verdict**: a point on the normal-vs-abnormal score (the calibrated ``abnormal`` output, or a
   logistic regression on the 14 calibrated logits for a card without one) chosen so that, together
@@ -186,7 +187,7 @@ def budget_share(normal_scores: np.ndarray, rate: float, max_flags: float) -> fl
 
 def calibrate_card(card: ModelCard, val_raw: np.ndarray, val_truth: np.ndarray, test_raw: np.ndarray,
                    test_truth: np.ndarray, *, auc_floor: float = 0.7, normal_flag_rate: float = 0.10,
-                   max_flags_per_normal: float = 0.2,
+                   max_flags_per_normal: float = 0.2, min_ppv: float = 0.1,
                    verdict_normal_rate: float = 0.15, urgent_ppv: float = 0.5, bootstrap_rounds: int = 1000,
                    data: str = "") -> ModelCard:
     """A copy of ``card`` with ``calibration``, ``ece`` and ``operating_points`` fitted on val."""
@@ -225,15 +226,20 @@ def calibrate_card(card: ModelCard, val_raw: np.ndarray, val_truth: np.ndarray, 
     intervals = bootstrap_auc_intervals(labels, val_truth, val_cal[:, :n_labels], bootstrap_rounds)["auc_ci"]
     eligible = [label for label in labels if (intervals.get(label) or [0, 0])[0] > auc_floor]
     normal = val_abnormal == 0
-    share = budget_share(val_cal[normal][:, [labels.index(label) for label in eligible]], normal_flag_rate,
-                         max_flags_per_normal)
+    while True:  # a label whose point is right too rarely (val PPV < min_ppv) leaves; the others share again
+        share = budget_share(val_cal[normal][:, [labels.index(label) for label in eligible]], normal_flag_rate,
+                             max_flags_per_normal)
+        weak = [label for label in eligible
+                if (figures(val_truth[:, labels.index(label)], val_cal[:, labels.index(label)],
+                            high_specificity_threshold(val_cal[normal, labels.index(label)], share)).ppv or 0)
+                < min_ppv]
+        if not weak:
+            break
+        eligible = [label for label in eligible if label not in weak]
     screening: dict[str, LabelPoint] = {}
     for i, label in enumerate(labels):
         threshold = high_specificity_threshold(val_cal[normal, i], share) if label in eligible else None
         val_fig = figures(val_truth[:, i], val_cal[:, i], threshold)
-        if threshold is not None and not val_fig.sensitivity:
-            threshold = None  # flags no val positive at all: nothing a user could gain from it
-            val_fig = figures(val_truth[:, i], val_cal[:, i], None)
         val_fig.auc_ci95 = [_r(v) for v in intervals.get(label, [])] or None
         urgent = bool(threshold is not None and label in URGENT_CAPABLE
                       and wilson_lower(round(val_fig.ppv * val_fig.flagged), val_fig.flagged) >= urgent_ppv)
@@ -297,7 +303,9 @@ def calibrate_card(card: ModelCard, val_raw: np.ndarray, val_truth: np.ndarray, 
                      f"AUC exceeds {auc_floor}; each eligible label gets the same share ({_r(share)}) of val normal "
                      f"films (no finding) it may flag, the largest share with at most {normal_flag_rate} of "
                      f"normal films flagged at all and at most {max_flags_per_normal} flags per normal film; "
-                     "a point that flags no val positive is dropped",
+                     f"a label whose val PPV at its point is below {min_ppv} (fewer than 1 in "
+                     f"{round(1 / min_ppv) if min_ppv else '∞'} flags right) is dropped and the others share again",
+        "min_ppv": min_ppv,
         "screening_share_per_label": _r(share), "max_flags_per_normal": max_flags_per_normal,
         "clinician": "Youden's J per label on val",
         "verdict": f"'see a doctor soon' when the {verdict.output} score reaches its threshold or any screening "
