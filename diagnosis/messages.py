@@ -215,7 +215,7 @@ def clinician_lines(result: DiagnosisResult, language: str) -> list[str]:
                "the validation films; ▲ = at or above the point):")]
     for finding in result.findings:
         mark = "▲ " if finding.positive else ""
-        facts = [_percent(finding.probability)]
+        facts = [_percent(finding.probability, 1 if finding.probability < 0.1 else 0)]
         if finding.threshold is not None:
             facts.append(_("point {p}").format(p=_percent(finding.threshold, 1)))
         if finding.sensitivity is not None and finding.specificity is not None:

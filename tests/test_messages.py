@@ -54,6 +54,9 @@ def test_clinician_reply_lists_every_label_with_its_point():
     text = render_reply(result, "en")
     assert "• ▲ Pleural effusion: 81%; point 40.0%; sens 25% / spec 95%; AUC 0.79" in text
     assert "• Nodule: 20%" in text
+    low = result.model_copy(update={"findings": [Finding(label="Hernia", probability=0.004, positive=False,
+                                                         threshold=0.001)]})
+    assert "• Hiatal hernia: 0.4%; point 0.1%" in render_reply(low, "en")  # small values keep a decimal
     assert text.index("Verdict") < text.index("Pleural effusion")
 
 
