@@ -24,7 +24,8 @@ class Keys:
 
     Per user: ``lang:<uid>`` (language choice), ``rate:<uid>`` (timestamps of recent images),
     ``rate-notice:<uid>``, ``requests:<uid>`` (ids of the user's requests in flight, so /forget can
-    delete their blobs). Per request: ``blob:<id>`` (image bytes), ``overlay:<id>`` (PNG),
+    delete their blobs). Per request: ``blob:<id>`` (image bytes), ``overlay:<id>`` (hash: finding label →
+    overlay JPEG),
     ``sent:<id>:<part>`` (delivery marks), ``attempts:<id>``, ``lock:<id>``, ``done:<id>``.
     Intake (``bot.intake``): the stream ``intake`` of received updates, ``intake-seen:<update_id>``
     (stored once), ``update:<update_id>`` (a handler's notes while the update is in progress).
