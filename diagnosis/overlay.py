@@ -6,9 +6,9 @@ are enlarged, large films reduced) and the legend is sized as a share of the ima
 keeps it the same size on screen whatever the film's resolution.
 
 Colours (the maps come from ``diagnosis.heatmap.class_evidence``, in [-1, 1]): red where a region
-raised the finding's estimate, blue where it lowered it; the colour's strength is proportional to
-the region's share (the strongest region of the film at ``ALPHA`` opacity), and regions that did
-not matter keep the plain film. The legend under the film is a bar from blue ("−") through the
+raised the finding's estimate, blue where it lowered it; the colour's strength grows with the
+region's share (opacity ALPHA·|evidence|^GAMMA: the strongest region of the film at ``ALPHA``),
+and regions that did not matter keep the plain film. The legend under the film is a bar from blue ("−") through the
 grey film to red ("+"). No words are drawn into the image: its title and the meaning of the
 colours go in the caption, in the user's language (``diagnosis.messages.overlay_caption``).
 
@@ -25,9 +25,11 @@ import numpy as np
 
 MAX_SIDE = 1280  # Telegram shows photos at ≤ 1280 px; larger overlays only cost time and bytes
 MIN_SIDE = 768  # small digital images (e.g. 256 px) are enlarged so a phone screen shows the map
-ALPHA = 0.6  # opacity of the colour where the evidence is strongest
+ALPHA = 0.5  # opacity of the colour where the evidence is strongest: the film stays readable under it
+GAMMA = 1.5  # opacity ∝ |evidence|^GAMMA: weak evidence stays faint, so the film is not washed in colour
 JPEG_QUALITY = 88
 LEGEND_SHARE = 0.075  # legend strip height as a share of the image width (≈ 5 mm on a phone)
+LEGEND_MIN_PX = 36
 RED_BGR = (40, 40, 235)
 BLUE_BGR = (235, 110, 20)
 
@@ -36,22 +38,31 @@ BLUE_BGR = (235, 110, 20)
 def evidence_lut() -> np.ndarray:
     """256-entry BGR look-up table for ``cv2.applyColorMap``: index 0 = −1 (blue) … 255 = +1 (red).
 
-    The hue carries the sign; the strength comes from the blend weight (|evidence|), so each half
-    of the table holds one saturated hue, a little lighter near zero."""
+    The hue carries the sign; the strength comes from the blend weight (``opacity_lut``), so each
+    half of the table is one saturated hue."""
     lut = np.zeros((256, 1, 3), np.uint8)
-    for index in range(256):
-        value = index / 127.5 - 1.0
-        colour = np.array(RED_BGR if value >= 0 else BLUE_BGR, np.float32)
-        lighten = 0.25 * (1.0 - abs(value))
-        lut[index, 0] = np.clip(colour + (255 - colour) * lighten, 0, 255).astype(np.uint8)
+    lut[:128, 0] = BLUE_BGR
+    lut[128:, 0] = RED_BGR
     return lut
 
 
+@cache
+def opacity_lut() -> np.ndarray:
+    """|index − 128| (0…128) → blend weight · 255 for ``cv2.LUT``: (|evidence|)^GAMMA, monotone."""
+    magnitude = np.minimum(np.arange(256) / 127.5, 1.0)
+    return np.round(255 * magnitude ** GAMMA).astype(np.uint8)
+
+
+def legend_height(width: int) -> int:
+    return max(LEGEND_MIN_PX, round(width * LEGEND_SHARE))
+
+
 def display_size(width: int, height: int) -> tuple[int, int]:
-    """(width, height) with the longest side clamped into [MIN_SIDE, MAX_SIDE], aspect kept."""
+    """The film's (width, height) on the overlay: longest side clamped into [MIN_SIDE, MAX_SIDE],
+    aspect kept, and small enough that the film plus the legend strip stays within MAX_SIDE."""
     longest = max(width, height)
-    target = min(max(longest, MIN_SIDE), MAX_SIDE)
-    scale = target / longest
+    scale = min(max(longest, MIN_SIDE), MAX_SIDE) / longest
+    scale = min(scale, MAX_SIDE / (height + LEGEND_SHARE * width), (MAX_SIDE - LEGEND_MIN_PX) / height)
     return max(1, round(width * scale)), max(1, round(height * scale))
 
 
@@ -77,7 +88,7 @@ def _upsample(heatmap: np.ndarray, width: int, height: int) -> np.ndarray:
 
 def _legend(width: int, background: int = 128) -> np.ndarray:
     """A strip: "−" sign, the colour bar as it looks on a mid-grey film (−1 … 0 … +1), "+" sign."""
-    strip_h = max(36, round(width * LEGEND_SHARE))
+    strip_h = legend_height(width)
     strip = np.zeros((strip_h, width, 3), np.uint8)
     margin = strip_h  # room for the signs
     bar_w, bar_h = width - 2 * margin, max(10, strip_h // 2)
@@ -89,7 +100,7 @@ def _legend(width: int, background: int = 128) -> np.ndarray:
     thick = max(2, strip_h // 12)
     cv2.line(strip, (centre, top - thick), (centre, top + bar_h + thick), (255, 255, 255), max(1, thick // 2))
     # The signs drawn as strokes (no font, no words): "−" left of the bar, "+" right of it.
-    arm, mid_y = strip_h // 4, strip_h // 2
+    arm, mid_y = strip_h // 3, strip_h // 2
     for x_mid in (margin // 2, width - margin // 2):
         cv2.line(strip, (x_mid - arm, mid_y), (x_mid + arm, mid_y), (255, 255, 255), thick, cv2.LINE_AA)
     x_plus = width - margin // 2
@@ -101,7 +112,7 @@ def _blend(film: np.ndarray, index: np.ndarray) -> np.ndarray:
     """Colour by sign (look-up table), opacity ALPHA·|evidence| per pixel over the film (uint8 index)."""
     coloured = cv2.applyColorMap(index, evidence_lut())
     tinted = cv2.addWeighted(coloured, ALPHA, film, 1.0 - ALPHA, 0.0)  # full-strength colour
-    weight = cv2.convertScaleAbs(cv2.absdiff(index, 128), alpha=2.0)  # |evidence| · 255
+    weight = cv2.LUT(cv2.absdiff(index, 128), opacity_lut())  # |evidence|^GAMMA · 255
     weight = cv2.merge([weight, weight, weight])
     return cv2.add(cv2.multiply(tinted, weight, scale=1 / 255),
                    cv2.multiply(film, cv2.bitwise_not(weight), scale=1 / 255))
