@@ -17,6 +17,7 @@ TELEGRAM_DOWNLOAD_LIMIT = 20 * 1024 * 1024  # bots may download at most 20 MB pe
 TELEGRAM_DOWNLOAD_LIMIT_MB = TELEGRAM_DOWNLOAD_LIMIT // (1024 * 1024)  # the same limit, for texts
 TELEGRAM_TEXT_LIMIT = 4096  # characters per message
 TELEGRAM_CAPTION_LIMIT = 1024  # characters per photo caption
+TELEGRAM_ALBUM_LIMIT = 10  # photos per album (sendMediaGroup takes 2-10)
 
 
 class Keys:

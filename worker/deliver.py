@@ -19,7 +19,14 @@ from celery.utils.log import get_task_logger
 
 from contract import texts
 from contract.envelope import RequestEnvelope
-from contract.keys import DELIVER_TASK, DELIVERY_QUEUE, TELEGRAM_CAPTION_LIMIT, TELEGRAM_TEXT_LIMIT, Keys
+from contract.keys import (
+    DELIVER_TASK,
+    DELIVERY_QUEUE,
+    TELEGRAM_ALBUM_LIMIT,
+    TELEGRAM_CAPTION_LIMIT,
+    TELEGRAM_TEXT_LIMIT,
+    Keys,
+)
 from contract.monitoring import DELIVERIES
 from contract.settings import Settings
 
@@ -187,7 +194,7 @@ def load_overlays(r: redis.Redis, key: str, result: dict[str, Any] | None) -> li
         return []
     stored = {(k.decode() if isinstance(k, bytes) else k): v for k, v in r.hgetall(key).items()}
     ordered = [label for label in labels if label in stored] + sorted(set(stored) - set(labels))
-    return [(label, stored[label]) for label in ordered]
+    return [(label, stored[label]) for label in ordered][:TELEGRAM_ALBUM_LIMIT]
 
 
 def overlay_caption(label: str | None, result: dict[str, Any] | None, language: str) -> str:
