@@ -17,6 +17,7 @@ TELEGRAM_DOWNLOAD_LIMIT = 20 * 1024 * 1024  # bots may download at most 20 MB pe
 TELEGRAM_DOWNLOAD_LIMIT_MB = TELEGRAM_DOWNLOAD_LIMIT // (1024 * 1024)  # the same limit, for texts
 TELEGRAM_TEXT_LIMIT = 4096  # characters per message
 TELEGRAM_CAPTION_LIMIT = 1024  # characters per photo caption
+TELEGRAM_ALBUM_LIMIT = 10  # photos per album (sendMediaGroup takes 2-10)
 
 
 class Keys:
@@ -25,7 +26,8 @@ class Keys:
     Per chat: ``mode:<chat_id>`` (/mode: screening or clinician replies).
     Per user: ``lang:<uid>`` (language choice), ``rate:<uid>`` (timestamps of recent images),
     ``rate-notice:<uid>``, ``requests:<uid>`` (ids of the user's requests in flight, so /forget can
-    delete their blobs). Per request: ``blob:<id>`` (image bytes), ``overlay:<id>`` (PNG),
+    delete their blobs). Per request: ``blob:<id>`` (image bytes), ``overlay:<id>`` (hash: finding label →
+    overlay JPEG),
     ``sent:<id>:<part>`` (delivery marks), ``attempts:<id>``, ``lock:<id>``, ``done:<id>``.
     Intake (``bot.intake``): the stream ``intake`` of received updates, ``intake-seen:<update_id>``
     (stored once), ``update:<update_id>`` (a handler's notes while the update is in progress).

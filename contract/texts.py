@@ -217,8 +217,3 @@ def expired(language: str) -> str:
     _, _n = translator(language)
     return _("Your image is no longer available (it expired or was deleted with /forget). "
              "Please send it again.")
-
-
-def overlay_caption(language: str) -> str:
-    _, _n = translator(language)
-    return _("Heat map: the regions that most influenced the findings above. It is not a diagnosis.")

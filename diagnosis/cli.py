@@ -1,5 +1,10 @@
 """`xray-diagnose IMAGE... [--json] [--out DIR] [--models DIR]` — the pipeline offline, no token, no Redis.
 
+With ``--out DIR`` one JPEG per drawn finding (at most three: the flagged ones, else the top one) is
+written as ``DIR/<image stem>_heatmap_<n>_<label>.jpg`` (n = 1, 2, 3 in the order drawn, label as in
+the model card, e.g. ``film_heatmap_1_Effusion.jpg``); ``overlays`` in ``--json`` lists them and
+``overlay`` is the first.
+
 The reply is rendered here, in ``--language``; ``--json`` carries it as ``message``.
 """
 
@@ -22,7 +27,8 @@ def _parser() -> argparse.ArgumentParser:
                     "A decision aid, not a diagnosis.")
     parser.add_argument("images", nargs="+", type=Path, metavar="IMAGE")
     parser.add_argument("--json", action="store_true", help="one JSON object per input line")
-    parser.add_argument("--out", type=Path, help="folder for heatmap overlays (JPEG)")
+    parser.add_argument("--out", type=Path, help="folder for heatmap overlays: one JPEG per drawn finding, "
+                        "<stem>_heatmap_<n>_<label>.jpg")
     parser.add_argument("--models", type=Path,
                         help="folder of model folders (default: $MODELS_DIR, else the repo's models/)")
     parser.add_argument("--mode", default="screening", choices=["screening", "clinician"],
@@ -79,13 +85,21 @@ def main(argv: list[str] | None = None) -> int:
         result = analysis.result
         if result.outcome == "rejected":
             failures += 1
-        if analysis.overlay_jpeg and args.out:
-            target = args.out / f"{path.stem}_heatmap.jpg"
-            target.write_bytes(analysis.overlay_jpeg)
-            result.overlay = str(target)
+        if args.out:
+            for number, (label, jpeg) in enumerate(analysis.overlays, start=1):
+                target = args.out / overlay_name(path, number, label)
+                target.write_bytes(jpeg)
+                result.overlays.append(str(target))
+            result.overlay = result.overlays[0] if result.overlays else None
         result.message = render_reply(result, args.language)
         _emit(args, result.model_dump(mode="json"), _readable(result))
     return 1 if failures else 0
+
+
+def overlay_name(image: Path, number: int, label: str) -> str:
+    """``<image stem>_heatmap_<n>_<label>.jpg``: n in drawn order, the label made safe for a file name."""
+    safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in label)
+    return f"{image.stem}_heatmap_{number}_{safe}.jpg"
 
 
 def _emit(args: argparse.Namespace, record: dict, text: str) -> None:
@@ -107,8 +121,8 @@ def _readable(result) -> str:
     if result.findings:
         facts.append("findings: " + ", ".join(
             f"{f.label} {f.probability:.1%}{' *' if f.positive else ''}" for f in result.findings))
-    if result.overlay:
-        facts.append(f"overlay: {result.overlay}")
+    if result.overlays:
+        facts.append("overlays: " + ", ".join(result.overlays))
     facts.append("time: " + ", ".join(f"{k} {v:.0f} ms" for k, v in result.timings_ms.items()))
     return "\n".join([head, *facts, "", result.message])
 

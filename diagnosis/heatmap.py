@@ -1,10 +1,25 @@
-"""Module IV: where the model looked.
+"""Module IV: where the model looked, and which way each region pushed the estimate.
 
-For DenseNet-121's global-average-pool + linear head, Grad-CAM on the final post-ReLU feature map
-reduces to CAM: the gradient of logit c w.r.t. A_k(i, j) is W[c, k] / (H·W) everywhere, so
-Grad-CAM = ReLU(Σ_k W[c,k]·A_k) up to a positive scale. ``class_activation_map`` computes it from
-the features of the same forward pass (no backward pass); ``grad_cam`` is pytorch-grad-cam's
-GradCAM on the same layer and serves as the reference (and as a setting, ``heatmap="gradcam"``).
+For DenseNet-121's global-average-pool + linear head the logit of class c is
+
+    z_c = mean_ij( Σ_k W[c,k]·A_k(i,j) ) + b_c
+
+so the signed map ``S_c = Σ_k W[c,k]·A_k`` (A: the final post-ReLU feature map) is an exact
+decomposition of the estimate over the image: each cell adds S_c(i,j)/(h·w) to the logit.
+
+* ``class_evidence`` returns S_c before any ReLU, scaled symmetrically to [-1, 1] by its largest
+  magnitude. This is what the overlays show (``diagnosis.overlay``): red where a region raised this
+  estimate, blue where it lowered it, colour strength ∝ the region's share. Why symmetric and not
+  min-max: min-max would paint the least negative region "hot" on a film where every region
+  lowered the estimate, i.e. claim evidence that is not there; with zero kept at zero the colour's
+  sign is always true, and because the map is divided by its largest |value| the strongest region
+  always reaches full colour, so a panel is never blank (only an exactly-zero map would be, see
+  ``is_flat``). Zero is a natural reference here: A is post-ReLU, so "0" is "no feature fired".
+* ``class_activation_map`` is ReLU(S_c) min-max normalised: Grad-CAM's map. Grad-CAM on this layer
+  reduces to it (the gradient of z_c w.r.t. A_k(i,j) is W[c,k]/(h·w) everywhere), which the tests
+  check against pytorch-grad-cam's ``GradCAM`` (``grad_cam``, also the ``heatmap="gradcam"``
+  reference path). It is blank whenever S_c ≤ 0 everywhere, which is the common case for a
+  finding the model does not see (63–70 % of the panels sent before this change were blank).
 """
 
 from __future__ import annotations
@@ -14,6 +29,8 @@ import torch
 
 from .network import DenseNetClassifier
 
+FLAT = 1e-12  # a signed map whose largest |value| is below this has no structure to show
+
 
 def normalise_map(cam: np.ndarray) -> np.ndarray:
     """Same normalisation as pytorch-grad-cam's ``scale_cam_image``: shift to 0, divide by max."""
@@ -21,12 +38,34 @@ def normalise_map(cam: np.ndarray) -> np.ndarray:
     return (cam / (1e-7 + cam.max())).astype(np.float32)
 
 
-def class_activation_map(class_weights: np.ndarray, features: np.ndarray) -> np.ndarray:
-    """ReLU(Σ_k W[c,k]·A_k) at feature-map resolution, normalised to [0, 1].
+def signed_map(class_weights: np.ndarray, features: np.ndarray) -> np.ndarray:
+    """Σ_k W[c,k]·A_k at feature-map resolution, no ReLU: each cell's contribution (× h·w) to the logit.
 
     class_weights: the classifier row W[c] (K,); features: one image's post-ReLU map (K, h, w)."""
-    cam = np.tensordot(class_weights.astype(np.float32), features.astype(np.float32), axes=(0, 0))
-    return normalise_map(np.maximum(cam, 0.0))
+    return np.tensordot(class_weights.astype(np.float32), features.astype(np.float32), axes=(0, 0))
+
+
+def symmetric_scale(cam: np.ndarray) -> np.ndarray:
+    """Divide by the largest magnitude: [-1, 1], zero stays zero, the strongest cell reaches ±1."""
+    peak = float(np.abs(cam).max()) if cam.size else 0.0
+    if peak < FLAT:
+        return np.zeros_like(cam, dtype=np.float32)
+    return (cam / peak).astype(np.float32)
+
+
+def class_evidence(class_weights: np.ndarray, features: np.ndarray) -> np.ndarray:
+    """The displayed map: signed class evidence in [-1, 1] (positive raised the estimate)."""
+    return symmetric_scale(signed_map(class_weights, features))
+
+
+def class_activation_map(class_weights: np.ndarray, features: np.ndarray) -> np.ndarray:
+    """ReLU(Σ_k W[c,k]·A_k) normalised to [0, 1]: Grad-CAM's map (blank when the evidence is ≤ 0)."""
+    return normalise_map(np.maximum(signed_map(class_weights, features), 0.0))
+
+
+def is_flat(heatmap: np.ndarray, min_range: float = 0.05) -> bool:
+    """A map with (almost) nothing to show: its values span less than ``min_range``."""
+    return heatmap.size == 0 or float(heatmap.max() - heatmap.min()) < min_range
 
 
 def grad_cam(model: DenseNetClassifier, input_tensor: torch.Tensor, class_index: int) -> np.ndarray:

@@ -76,6 +76,13 @@ ADVICE: dict[str, str] = {
 RETAKE_HEADING = N_("The photo is not good enough to analyse:")  # followed by the advice, one per line
 RECTIFIED_NOTE = N_("The photo was straightened and cropped to the film before analysis.")
 
+# Overlay captions (diagnosis/overlay.py draws no words: the title and the colours' meaning are here).
+OVERLAY_TITLE = N_("Heat map: {name} (model estimate {p}).")
+OVERLAY_TITLE_UNNAMED = N_("Heat map of the model's estimate.")
+OVERLAY_COLOURS = N_("Red: areas that raised this estimate. Blue: areas that lowered it. The stronger the "
+                     "colour, the larger the effect.")
+OVERLAY_NOT_A_DIAGNOSIS = N_("This is not a diagnosis: only a physician can interpret the image.")
+
 PHYSICIAN = N_("This is an automated second opinion, not a diagnosis. Please show the image and this "
                "result to a physician, who can examine you and decide what it means.")
 
@@ -93,6 +100,14 @@ def finding_name(label: str, language: str) -> str:
 def body_part_name(part: str, language: str) -> str:
     _ = gettext_for(language)
     return _(BODY_PARTS[part]) if part in BODY_PARTS else part
+
+
+def overlay_caption(label: str | None, probability: float | None, language: str) -> str:
+    """Caption of one overlay photo: the finding in words, its estimate, what red and blue mean."""
+    _ = gettext_for(language)
+    title = (_(OVERLAY_TITLE).format(name=finding_name(label, language), p=_percent(probability))
+             if label else _(OVERLAY_TITLE_UNNAMED))
+    return "\n".join([title, _(OVERLAY_COLOURS), _(OVERLAY_NOT_A_DIAGNOSIS)])
 
 
 def rejection_text(code: str, language: str) -> str:

@@ -22,17 +22,17 @@ import torch
 from .backends import make_runner
 from .cards import CardError, ModelCard, discover
 from .config import PipelineConfig
-from .heatmap import class_activation_map, grad_cam
+from .heatmap import class_evidence, grad_cam
 from .intake import DecodedImage, ImageRejected, decode
 from .network import DenseNetClassifier, load_model
 from .operating import MODES, assess, verdict_point
-from .overlay import encode_jpeg, render_overlay
+from .overlay import render_overlays
 from .photo import rectify
 from .preprocess import to_model_input
 from .quality import check_quality
 from .report import DiagnosisResult
 
-MAX_HEATMAP_PANELS = 3
+MAX_HEATMAP_PANELS = 3  # overlays per film (one finding each; an album of up to three)
 
 
 @dataclass
@@ -62,7 +62,12 @@ class LoadedModel:
 @dataclass
 class Analysis:
     result: DiagnosisResult
-    overlay_jpeg: bytes | None = None
+    overlays: list[tuple[str, bytes]] = field(default_factory=list)  # (label, JPEG), one per drawn finding
+
+    @property
+    def overlay_jpeg(self) -> bytes | None:
+        """The first overlay (the flagged finding with the highest estimate), for older callers."""
+        return self.overlays[0][1] if self.overlays else None
 
 
 @dataclass
@@ -72,7 +77,7 @@ class _Item:
     image: np.ndarray | None = None  # what the models see: the decoded image, or the straightened film
     problems: list[str] = field(default_factory=list)  # quality problems: a retake if the gate says X-ray
     inputs: dict = field(default_factory=dict)  # one resized array per input contract
-    overlay_jpeg: bytes | None = None
+    overlays: list[tuple[str, bytes]] = field(default_factory=list)
 
 
 class Pipeline:
@@ -168,7 +173,7 @@ class Pipeline:
                 item.result.outcome = "body_part_not_analysed"
         for item in items:
             item.result.timings_ms["total"] = _ms(started)
-        return [Analysis(i.result, i.overlay_jpeg) for i in items]
+        return [Analysis(i.result, i.overlays) for i in items]
 
     def _photo(self, item: _Item) -> None:
         """Straighten a photographed film; refuse shots too poor to analyse (ask for a retake)."""
@@ -234,15 +239,20 @@ class Pipeline:
             result.verdict_point = verdict_point(card)
             if not make_overlay:
                 continue
-            clock = time.perf_counter()
-            drawn = result.positive_findings[:MAX_HEATMAP_PANELS] or result.findings[:1]
-            result.heatmap_labels = [f.label for f in drawn]
-            maps = [(f"{f.label} {f.probability:.0%}", self._heatmap(model, item, feature_map, f.label))
-                    for f in drawn]
-            result.timings_ms["heatmap"] = _ms(clock)
-            clock = time.perf_counter()
-            item.overlay_jpeg = encode_jpeg(render_overlay(item.image, maps))  # the straightened film, if any
-            result.timings_ms["overlay"] = _ms(clock)
+            self._overlays(model, item, feature_map)
+
+    def _overlays(self, model: LoadedModel, item: _Item, feature_map: np.ndarray) -> None:
+        """One overlay per drawn finding: what the reply flags (at most three), else the top finding."""
+        result = item.result
+        clock = time.perf_counter()
+        drawn = result.positive_findings[:MAX_HEATMAP_PANELS] or result.findings[:1]
+        result.heatmap_labels = [f.label for f in drawn]
+        maps = [self._heatmap(model, item, feature_map, f.label) for f in drawn]
+        result.timings_ms["heatmap"] = _ms(clock)
+        clock = time.perf_counter()
+        jpegs = render_overlays(item.image, maps)  # over the straightened film, if any
+        item.overlays = list(zip(result.heatmap_labels, jpegs, strict=True))
+        result.timings_ms["overlay"] = _ms(clock)
 
     def model_probabilities(self, part: str, datas: list[bytes]) -> np.ndarray:
         """Raw outputs (sigmoid/softmax of the logits, before any calibration) of the abnormality
@@ -265,11 +275,11 @@ class Pipeline:
 
     def _heatmap(self, model: LoadedModel, item: _Item, feature_map: np.ndarray, label: str) -> np.ndarray:
         index = model.card.labels.index(label)
-        if self.heatmap == "gradcam":  # the reference path: pytorch-grad-cam with a backward pass
+        if self.heatmap == "gradcam":  # the reference path: pytorch-grad-cam (post-ReLU, red only, may be blank)
             tensor = torch.from_numpy(item.inputs[model.input_key])[None]
             return grad_cam(model.network, tensor.to(next(model.network.parameters()).device), index)
         weights = model.network.classifier.weight[index].detach().float().cpu().numpy()
-        return class_activation_map(weights, feature_map)
+        return class_evidence(weights, feature_map)  # signed, never blank: see diagnosis.heatmap
 
 
 def _ms(since: float) -> float:

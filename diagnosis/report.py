@@ -54,7 +54,8 @@ class DiagnosisResult(BaseModel):
     rectified: bool = False  # a photo of a film/screen was straightened and cropped before analysis
     input_format: str | None = None
     message: str = ""
-    overlay: str | None = None  # path of the written overlay (CLI); None when none was made
+    overlay: str | None = None  # path of the first written overlay (CLI); None when none was made
+    overlays: list[str] = Field(default_factory=list)  # paths of every written overlay, one per drawn finding (CLI)
     timings_ms: dict[str, float] = Field(default_factory=dict)
     models: dict[str, str] = Field(default_factory=dict)  # model name → version
 

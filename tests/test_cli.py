@@ -1,6 +1,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 from conftest import ROOT, encode, gradient
 from PIL import Image
@@ -32,7 +33,11 @@ def test_cli_json_lines_overlays_and_failures(fake_models, tmp_path):
     first = lines[0]
     assert first["is_xray"] is True and first["body_part"] == "chest"
     assert {"label", "probability", "positive"} <= first["findings"][0].keys()
-    assert (out / "good_heatmap.jpg").is_file() and first["overlay"] == str(out / "good_heatmap.jpg")
+    # One file per drawn finding, in drawn order, named <stem>_heatmap_<n>_<label>.jpg.
+    expected = [str(out / f"good_heatmap_{n}_{label}.jpg") for n, label in enumerate(first["heatmap_labels"], 1)]
+    assert 1 <= len(expected) <= 3 and first["overlays"] == expected and first["overlay"] == expected[0]
+    assert all((out / name).is_file() for name in expected)
+    assert sorted(p.name for p in out.glob("good_*")) == sorted(Path(e).name for e in expected)
     assert lines[1]["findings"] == [] and lines[1]["overlay"] is None
     assert "damaged" in lines[1]["message"] or "recognise" in lines[1]["message"]
     assert lines[2]["body_part"] == "chest"  # no extension: content decides

@@ -50,3 +50,38 @@ def test_cam_equals_grad_cam(chest_model, seed):
 def test_relu_target_is_post_relu(chest_model):
     features = chest_model.forward_features(torch.randn(1, 1, 96, 96))
     assert features.min() >= 0
+
+
+# --------------------------------------------------------------------------- the displayed map
+def test_evidence_is_the_signed_map_scaled_by_its_largest_magnitude(chest_model):
+    from diagnosis.heatmap import class_evidence, signed_map
+
+    features = chest_model.forward_features(torch.randn(1, 1, 96, 96))[0].detach().numpy()
+    for label in range(14):
+        weights = chest_model.classifier.weight[label].detach().numpy()
+        raw = signed_map(weights, features)
+        shown = class_evidence(weights, features)
+        assert np.abs(shown).max() == pytest.approx(1.0)  # the strongest cell reaches full colour
+        assert np.array_equal(np.sign(shown), np.sign(raw))  # the sign (red / blue) is never changed
+        np.testing.assert_allclose(shown * np.abs(raw).max(), raw, rtol=1e-5, atol=1e-6)
+        # The map decomposes the logit: its mean plus the bias is the class score.
+        logit = chest_model.classifier(torch.from_numpy(features.mean(axis=(1, 2)))[None])[0, label].item()
+        assert raw.mean() + chest_model.classifier.bias[label].item() == pytest.approx(logit, rel=1e-4, abs=1e-4)
+
+
+def test_negative_evidence_everywhere_is_blank_for_grad_cam_but_not_for_the_displayed_map(chest_model):
+    """The case that blanked most panels: every cell lowered the estimate (CAM ≤ 0 → ReLU → 0)."""
+    from diagnosis.heatmap import class_evidence, is_flat
+
+    features = np.abs(np.random.default_rng(0).normal(size=(1024, 3, 3))).astype(np.float32)
+    weights = -np.abs(np.random.default_rng(1).normal(size=1024)).astype(np.float32)  # all cells < 0
+    assert is_flat(class_activation_map(weights, features))  # Grad-CAM's map: nothing to show
+    shown = class_evidence(weights, features)
+    assert not is_flat(shown) and shown.max() < 0 and shown.min() == pytest.approx(-1.0)
+
+
+def test_a_zero_map_stays_zero_instead_of_dividing_by_zero():
+    from diagnosis.heatmap import class_evidence
+
+    shown = class_evidence(np.zeros(8, np.float32), np.ones((8, 4, 4), np.float32))
+    assert shown.shape == (4, 4) and not shown.any() and np.isfinite(shown).all()

@@ -27,8 +27,13 @@ def test_chest_route_gives_findings_heatmap_and_timings(chest_pipeline):
     assert probabilities == sorted(probabilities, reverse=True)
     assert {f.label for f in result.positive_findings} == {"Effusion", "Cardiomegaly"}
     assert result.heatmap_labels == [f.label for f in result.positive_findings]
-    overlay = Image.open(io.BytesIO(analysis.overlay_jpeg))
-    assert overlay.mode == "RGB" and overlay.width > 2 * 300  # two panels side by side
+    # One overlay per drawn finding, in the same order, each the film alone (not panels side by side).
+    assert [label for label, _ in analysis.overlays] == result.heatmap_labels
+    assert analysis.overlay_jpeg == analysis.overlays[0][1]
+    for _, jpeg in analysis.overlays:
+        overlay = Image.open(io.BytesIO(jpeg))
+        assert overlay.mode == "RGB" and overlay.format == "JPEG"
+        assert max(overlay.size) == 768 and overlay.width < 1.3 * 768 * 300 / 260  # enlarged, one film wide
     for stage in ("decode", "preprocess", "gate", "body_part", "chest", "heatmap", "overlay", "total"):
         assert result.timings_ms[stage] >= 0
     assert result.message == ""  # the pipeline returns data; the reply is rendered at the edge
@@ -99,8 +104,11 @@ def test_gradcam_setting_uses_pytorch_grad_cam(fake_models):
 
 def test_large_image_overlay_is_capped(chest_pipeline):
     big = encode(Image.fromarray(np.tile(gradient(400, 300, texture=True), (8, 8))), "JPEG")  # 3200×2400
-    overlay = Image.open(io.BytesIO(chest_pipeline.run(big).overlay_jpeg))
-    assert max(overlay.size) < 2 * 3200
+    analysis = chest_pipeline.run(big)
+    assert analysis.overlays
+    for _, jpeg in analysis.overlays:
+        overlay = Image.open(io.BytesIO(jpeg))
+        assert overlay.width == 1280 and overlay.height <= 1280  # 1280×960 film + the legend strip
 
 
 def test_poor_photo_of_an_xray_is_refused_with_advice(chest_pipeline):

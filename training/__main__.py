@@ -1,4 +1,4 @@
-"""`python -m training {train,export,evaluate,calibrate,measure-replies,import-torchxrayvision}`."""
+"""`python -m training {train,export,evaluate,calibrate,measure-replies,measure-heatmaps,import-torchxrayvision}`."""
 
 from __future__ import annotations
 
@@ -106,6 +106,11 @@ def main(argv: list[str] | None = None) -> int:
     i.add_argument("--out", required=True, type=Path)
     i.add_argument("--cache-dir", help="torchxrayvision weights folder (default: its own cache)")
 
+    h = commands.add_parser("measure-heatmaps", help="blank heatmap panels, panels per film, overlay size and time")
+    from .measure_heatmaps import add_arguments as heatmap_arguments
+
+    heatmap_arguments(h)
+
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
 
@@ -115,6 +120,11 @@ def main(argv: list[str] | None = None) -> int:
         card = import_torchxrayvision(args.weights, args.out, args.cache_dir)
         print(f"wrote {args.out} ({len(card.labels)} labels)")
         return 0
+
+    if args.command == "measure-heatmaps":
+        from .measure_heatmaps import run
+
+        return run(args)
 
     import torch
 

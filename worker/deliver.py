@@ -1,9 +1,11 @@
 """Celery task ``deliver`` (queue ``delivery``): the reply, rendered once in the user's language, sent once.
 
-The text (from the JSON result, ``diagnosis.messages.render_reply``) and the overlay photo are sent
+The text (from the JSON result, ``diagnosis.messages.render_reply``) and then the overlays (one per
+drawn finding, each with its own localized caption: one as a photo, several as one album) are sent
 exactly once: each part is marked in Redis *after* Telegram accepted it and the mark is checked
-before sending, so retried or redelivered tasks never send twice. Then the image and the overlay
-are deleted. No models and no torch here: delivery-only workers stay light.
+before sending, so retried or redelivered tasks never send twice. An album is one Bot API call
+(``sendMediaGroup``) and one part (``album``): Telegram accepts or refuses it as a whole. Then the
+image and the overlays are deleted. No models and no torch here: delivery-only workers stay light.
 """
 
 from __future__ import annotations
@@ -17,7 +19,14 @@ from celery.utils.log import get_task_logger
 
 from contract import texts
 from contract.envelope import RequestEnvelope
-from contract.keys import DELIVER_TASK, DELIVERY_QUEUE, TELEGRAM_CAPTION_LIMIT, TELEGRAM_TEXT_LIMIT, Keys
+from contract.keys import (
+    DELIVER_TASK,
+    DELIVERY_QUEUE,
+    TELEGRAM_ALBUM_LIMIT,
+    TELEGRAM_CAPTION_LIMIT,
+    TELEGRAM_TEXT_LIMIT,
+    Keys,
+)
 from contract.monitoring import DELIVERIES
 from contract.settings import Settings
 
@@ -47,7 +56,7 @@ def deliver(
     overlay_key: str | None = None,
     failure: str | None = None,
 ) -> dict[str, Any]:
-    """Send the reply (text, then overlay photo) exactly once, then clean up."""
+    """Send the reply (text, then the overlay photo or album) exactly once, then clean up."""
     request = RequestEnvelope.model_validate(envelope)
     settings = get_settings()
     try:
@@ -139,9 +148,9 @@ def send_reply(
         parts: list[tuple[str, str]] = [
             (f"text{index}", text) for index, text in enumerate(compose_texts(request.language, result, failure))
         ]
-        overlay = r.get(overlay_key) if overlay_key and failure is None else None
-        if overlay is not None:  # None: expired or forgotten; the text is enough
-            parts.append(("photo", overlay_key))
+        overlays = load_overlays(r, overlay_key, result) if overlay_key and failure is None else []
+        if overlays:  # none: expired or forgotten; the text is enough
+            parts.append(("photo" if len(overlays) == 1 else "album", overlay_key))
         marks = [keys.sent(request_id, part) for part, _ in parts]
         already = [bool(flag) for flag in r.mget(marks)]
         # From here on Telegram is the record: once a part is accepted, a Redis failure (a restart)
@@ -150,14 +159,17 @@ def send_reply(
         for (part, payload), mark, done_before in zip(parts, marks, already, strict=True):
             if done_before:
                 continue
-            if part == "photo":
-                caption = texts.overlay_caption(request.language)[:TELEGRAM_CAPTION_LIMIT]
-                out.send_photo(chat_id, overlay, caption=caption, reply_to=request.reply_to_message_id)
+            if part in ("photo", "album"):
+                photos = [(jpeg, overlay_caption(label, result, request.language)) for label, jpeg in overlays]
+                if part == "photo":
+                    out.send_photo(chat_id, photos[0][0], caption=photos[0][1], reply_to=request.reply_to_message_id)
+                else:
+                    out.send_media_group(chat_id, photos, reply_to=request.reply_to_message_id)
             else:
                 out.send_text(chat_id, payload, reply_to=request.reply_to_message_id)
             sent.append(part)
             _best_effort(r.set, mark, "1", ex=settings.MARK_TTL_S)  # only after Telegram accepted it
-        del overlay
+        del overlays
         _best_effort(r.set, keys.done(request_id), "1", ex=settings.MARK_TTL_S)
         if request.ack_message_id is not None:
             out.delete_message(chat_id, request.ack_message_id)  # the answer replaces the acknowledgement
@@ -165,6 +177,33 @@ def send_reply(
     finally:
         _best_effort(r.eval, LOCK_RELEASE_LUA, 1, keys.lock(request_id), token)
     return sent
+
+
+def load_overlays(r: redis.Redis, key: str, result: dict[str, Any] | None) -> list[tuple[str | None, bytes]]:
+    """(label, JPEG) per overlay, in the order drawn (``result["heatmap_labels"]``); [] when gone.
+
+    The key holds a hash (finding label → JPEG); a plain string (one overlay, written by an older
+    worker during a rolling update) is read as a single overlay of the first drawn label."""
+    labels = list((result or {}).get("heatmap_labels") or [])
+    kind = r.type(key)
+    kind = kind.decode() if isinstance(kind, bytes) else kind
+    if kind == "string":
+        data = r.get(key)
+        return [(labels[0] if labels else None, data)] if data is not None else []
+    if kind != "hash":
+        return []
+    stored = {(k.decode() if isinstance(k, bytes) else k): v for k, v in r.hgetall(key).items()}
+    ordered = [label for label in labels if label in stored] + sorted(set(stored) - set(labels))
+    return [(label, stored[label]) for label in ordered][:TELEGRAM_ALBUM_LIMIT]
+
+
+def overlay_caption(label: str | None, result: dict[str, Any] | None, language: str) -> str:
+    """The localized caption of one overlay: the finding in words, its estimate, what the colours mean."""
+    from diagnosis.messages import overlay_caption as caption
+
+    probability = next((f.get("probability") for f in (result or {}).get("findings", [])
+                        if f.get("label") == label), None)
+    return caption(label, probability, language)[:TELEGRAM_CAPTION_LIMIT]
 
 
 def _best_effort(call: Any, *args: Any, **kwargs: Any) -> None:

@@ -1,7 +1,9 @@
 """Celery task ``diagnose`` (queue ``inference``): image bytes (Redis) → pipeline → ``deliver``.
 
 Reads the image from Redis, runs the inference pipeline of this process (``worker.resources``) and
-hands the JSON result, the request envelope and the Redis key of the overlay JPEG to ``deliver``.
+hands the JSON result, the request envelope and the Redis key of the overlays to ``deliver``: one
+hash ``overlay:<id>`` (finding label → JPEG, one per drawn finding, in ``result.heatmap_labels``
+order), so the short TTL, /forget and the clean-up cover every overlay with one key.
 A request that keeps failing (errors, a worker dying on it, time limits) ends with an apology, never
 silence. Image bytes never go through the broker, to disk or to the logs.
 """
@@ -83,9 +85,13 @@ def diagnose(self: Task, envelope: dict[str, Any]) -> dict[str, Any]:
     result = analysis.result
     observe_result(result)
     overlay_key = None
-    if analysis.overlay_jpeg:
+    if analysis.overlays:
         overlay_key = keys.overlay(request.request_id)
-        r.set(overlay_key, analysis.overlay_jpeg, ex=settings.BLOB_TTL_S)
+        with r.pipeline(transaction=True) as pipe:  # never a hash without its TTL
+            pipe.delete(overlay_key)  # a retried task replaces, never adds
+            pipe.hset(overlay_key, mapping=dict(analysis.overlays))
+            pipe.expire(overlay_key, settings.BLOB_TTL_S)
+            pipe.execute()
     hand_over(request, result=result.model_dump(mode="json"), overlay_key=overlay_key)
     logger.info("request %s: %s", request.request_id, result.outcome)
     return {"outcome": result.outcome}

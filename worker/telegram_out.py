@@ -28,7 +28,7 @@ from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 from redis.exceptions import RedisError
-from telegram import Bot, InputFile, LinkPreviewOptions, ReplyParameters
+from telegram import Bot, InputFile, InputMediaPhoto, LinkPreviewOptions, ReplyParameters
 from telegram.constants import ChatAction
 from telegram.error import BadRequest, ChatMigrated, Forbidden, InvalidToken, NetworkError, RetryAfter, TelegramError
 from telegram.request import HTTPXRequest
@@ -169,6 +169,18 @@ class TelegramOut:
             reply_parameters=self._reply_to(reply_to),
         ), chat_id=chat_id)
         return message.message_id
+
+    def send_media_group(self, chat_id: int, photos: list[tuple[bytes, str | None]],
+                         reply_to: int | None = None) -> list[int]:
+        """An album (2–10 photos, each with its own caption) in one call: accepted or refused as a whole."""
+        media = [InputMediaPhoto(media=image, filename=f"heatmap{index}.jpg", caption=caption)
+                 for index, (image, caption) in enumerate(photos)]
+        messages = self.call("sendMediaGroup", lambda bot: bot.send_media_group(
+            chat_id=chat_id,
+            media=media,
+            reply_parameters=self._reply_to(reply_to),
+        ), chat_id=chat_id)
+        return [message.message_id for message in messages]
 
     def delete_message(self, chat_id: int, message_id: int) -> bool:
         """Best effort (the acknowledgement may be gone already): never raises."""

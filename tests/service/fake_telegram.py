@@ -2,7 +2,8 @@
 
 Standard library only (``http.server`` in a thread). It speaks the parts of the Bot API the service
 uses: getMe, deleteWebhook, getUpdates (long poll honouring ``timeout``), getFile and file download
-under ``/file/bot<token>/<path>``, sendMessage, sendPhoto (multipart), sendChatAction,
+under ``/file/bot<token>/<path>``, sendMessage, sendPhoto (multipart), sendMediaGroup (multipart,
+``attach://`` files; answers a list of messages), sendChatAction,
 editMessageText, deleteMessage, setMyCommands, answerCallbackQuery; any other method answers
 ``{"ok": true, "result": true}``. Every call is recorded (``calls``) for assertions; tests inject
 updates (``inject_*``) and faults (``fail_next``: 429 with retry_after, 5xx; ``chaos``: a random
@@ -72,7 +73,7 @@ class _Limits:
     tat: dict[int, float] = field(default_factory=dict)  # chat → theoretical arrival time of its next message
 
 
-LIMITED_METHODS = frozenset({"sendMessage", "sendPhoto", "sendDocument", "editMessageText"})
+LIMITED_METHODS = frozenset({"sendMessage", "sendPhoto", "sendMediaGroup", "sendDocument", "editMessageText"})
 
 
 @dataclass
@@ -275,7 +276,8 @@ class FakeTelegram:
         with self._cond:
             self._faults.append(_Fault(method, status, retry_after, times))
 
-    def chaos(self, rate: float, methods: tuple[str, ...] = ("sendMessage", "sendPhoto", "editMessageText"), *,
+    def chaos(self, rate: float, methods: tuple[str, ...] = ("sendMessage", "sendPhoto", "sendMediaGroup",
+                                                            "editMessageText"), *,
               statuses: tuple[int, ...] = (429, 500, 502, 503), retry_after: tuple[int, ...] = (1, 2, 3),
               seed: int = 0) -> None:
         """From now on a share ``rate`` of the calls of ``methods`` fails with a random status of
@@ -460,6 +462,29 @@ class FakeTelegram:
         if params.get("caption"):
             fields["caption"] = params["caption"]
         return self._bot_message(params, **fields)
+
+    def _api_sendMediaGroup(self, params, files):
+        """An album: ``media`` is a JSON list of InputMediaPhoto, each ``attach://<name>`` of a file part."""
+        media = params.get("media")
+        if not isinstance(media, list) or not 2 <= len(media) <= 10:
+            return 400, {"ok": False, "error_code": 400, "description": "Bad Request: wrong number of media"}
+        messages, group = [], f"G{next(self._bot_message_ids)}"
+        for item in media:
+            name = str(item.get("media", "")).removeprefix("attach://")
+            if item.get("type") != "photo" or name not in files:
+                return 400, {"ok": False, "error_code": 400, "description": "Bad Request: wrong file in media"}
+            fields: dict[str, Any] = {"media_group_id": group, "photo": [{
+                "file_id": "SENT", "file_unique_id": "SENT", "width": 224, "height": 224,
+                "file_size": len(files[name])}]}
+            if item.get("caption"):
+                fields["caption"] = item["caption"]
+            messages.append(self._bot_message(params, **fields))
+        return messages
+
+    def album_photos(self, chat_id: int) -> list[tuple[bytes, str]]:
+        """(JPEG, caption) of every photo of every accepted album to ``chat_id``, in order."""
+        return [(call.files[str(item["media"]).removeprefix("attach://")], str(item.get("caption", "")))
+                for call in self.calls_of("sendMediaGroup", chat_id) for item in call.params["media"]]
 
     def _gone(self, params, what: str):
         key = (int(params["chat_id"]), int(params["message_id"]))

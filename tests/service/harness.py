@@ -322,7 +322,8 @@ class PrivateRedis:
 @dataclass
 class ChatSummary:
     results: list[str]  # final answers: findings, early exits, rejections, apologies (physician prompt)
-    photos: int  # overlays
+    photos: int  # overlays: sendPhoto calls plus every photo of an album (sendMediaGroup)
+    overlay_sends: int  # overlay deliveries: one per sendPhoto or sendMediaGroup (an album is one part)
     acks: int  # "Received, analysing…"
     notices: list[str]  # "please send it again"-style texts (edited acknowledgement or a new message)
 
@@ -344,7 +345,9 @@ def chat_summary(fake: Any, chat_id: int, language: str = "en") -> ChatSummary:
     acks = [t for t in texts if t.startswith(translator(language)[0]("Received, analysing…"))]
     edits = [str(c.params.get("text", "")) for c in fake.calls_of("editMessageText", chat_id)]
     notices = [t for t in texts + edits if t not in results and any(h in t for h in RESEND_HINTS)]
-    return ChatSummary(results, len(fake.calls_of("sendPhoto", chat_id)), len(acks), notices)
+    singles, albums = fake.calls_of("sendPhoto", chat_id), fake.calls_of("sendMediaGroup", chat_id)
+    photos = len(singles) + len(fake.album_photos(chat_id))
+    return ChatSummary(results, photos, len(singles) + len(albums), len(acks), notices)
 
 
 # --------------------------------------------------------------------------- images

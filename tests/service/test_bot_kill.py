@@ -58,12 +58,12 @@ def test_bot_sigkilled_mid_intake_answers_every_image_exactly_once(fake, redis_d
     finally:
         worker.stop()
     summaries = {user: chat_summary(fake, user) for user in users}
-    once = sum(len(s.results) == 1 and s.photos == 1 for s in summaries.values())
+    once = sum(len(s.results) == 1 and s.overlay_sends == 1 for s in summaries.values())
     print(f"\nbot SIGKILL mid-intake: {once}/{len(users)} answered exactly once; {acknowledged_before} "
           f"acknowledged and {answered_before} answered before the kill; "
           f"last answer {recovered_in:.1f}s after the kill; "
           f"acknowledgements per user: {sorted(s.acks for s in summaries.values())}")
     assert acknowledged_before < len(users), "the kill came after every image was acknowledged"
     for user, summary in summaries.items():
-        assert len(summary.results) == 1 and summary.photos == 1, (user, summary)
+        assert len(summary.results) == 1 and summary.overlay_sends == 1, (user, summary)
         assert summary.acks <= 1 and not summary.notices, (user, summary)

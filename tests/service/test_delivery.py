@@ -15,6 +15,7 @@ from worker.telegram_out import Deferred, TelegramOut, Undeliverable
 pytestmark = pytest.mark.slow
 
 PNG = b"\x89PNG\r\n\x1a\n" + b"overlay" * 10
+JPEG = b"\xff\xd8\xff\xe0" + b"overlay" * 10
 CHAT = 601
 
 
@@ -40,10 +41,10 @@ def telegram(make_settings, fake):
     out.close()
 
 
-def deliver(redis_client, out, settings, request_id, **extra):
+def deliver(redis_client, out, settings, request_id, language="en", **extra):
     keys = settings.keys
     redis_client.set(keys.blob(request_id), b"image bytes", ex=60)
-    request = RequestEnvelope(request_id=request_id, chat_id=CHAT, reply_to_message_id=7, language="en",
+    request = RequestEnvelope(request_id=request_id, chat_id=CHAT, reply_to_message_id=7, language=language,
                               ack_message_id=99, blob_key=keys.blob(request_id))
     arguments = {"result": analysed_result(), **extra}
     return send_reply(redis_client, out, settings, request, **arguments)
@@ -83,6 +84,65 @@ def test_a_part_accepted_before_a_failure_is_not_sent_again(telegram, fake, redi
     assert deliver(redis_client, out, settings, "r2", overlay_key=keys.overlay("r2")) == ["photo"]
     assert len(fake.texts_to(CHAT)) == 1
     assert len(fake.calls_of("sendPhoto", CHAT)) == 1
+
+
+def album_result() -> dict:
+    """Two flagged findings drawn: the overlays go out as one album."""
+    findings = [Finding(label="Effusion", probability=0.81, positive=True, threshold=0.5),
+                Finding(label="Pleural_Thickening", probability=0.64, positive=True, threshold=0.5),
+                Finding(label="Mass", probability=0.12, positive=False, threshold=0.5)]
+    result = DiagnosisResult(outcome="analysed", is_xray=True, xray_probability=0.99, body_part="chest",
+                             body_part_probability=0.97, findings=findings,
+                             heatmap_labels=["Effusion", "Pleural_Thickening"])
+    return result.model_dump(mode="json")
+
+
+def store_album(redis_client, key: str) -> dict[str, bytes]:
+    """As the diagnose task stores them: one hash, finding label → JPEG, with the blob TTL."""
+    overlays = {"Pleural_Thickening": JPEG + b"thickening", "Effusion": JPEG + b"effusion"}
+    redis_client.hset(key, mapping=overlays)
+    redis_client.expire(key, 60)
+    return overlays
+
+
+def test_album_is_sent_once_in_drawn_order_with_localized_captions(telegram, fake, redis_client):
+    out, settings, _ = telegram
+    keys = settings.keys
+    overlays = store_album(redis_client, keys.overlay("a1"))
+    arguments = {"overlay_key": keys.overlay("a1"), "result": album_result()}
+    assert deliver(redis_client, out, settings, "a1", language="ru", **arguments) == ["text0", "album"]
+    assert deliver(redis_client, out, settings, "a1", language="ru", **arguments) == []  # redelivered
+
+    assert not fake.calls_of("sendPhoto", CHAT)
+    [album] = fake.calls_of("sendMediaGroup", CHAT)
+    assert album.at > fake.calls_of("sendMessage", CHAT)[0].at  # after the text reply
+    assert album.params["reply_parameters"] == {"message_id": 7, "allow_sending_without_reply": True}
+    photos = fake.album_photos(CHAT)
+    assert [jpeg for jpeg, _ in photos] == [overlays["Effusion"], overlays["Pleural_Thickening"]]
+    assert [len(message["photo"]) for message in album.result] == [1, 1]  # the fake answers a message per photo
+    first, second = (caption for _, caption in photos)
+    assert first.startswith("Тепловая карта: Плевральный выпот (оценка модели 81%)")
+    assert "Утолщение плевры" in second and "64%" in second and "Pleural_Thickening" not in second
+    assert all("Красный" in caption and "не диагноз" in caption for _, caption in photos)
+    assert not redis_client.exists(keys.blob("a1"), keys.overlay("a1"))
+    assert redis_client.exists(keys.done("a1"), keys.sent("a1", "text0"), keys.sent("a1", "album")) == 3
+
+
+def test_an_album_refused_once_is_sent_once_on_retry(telegram, fake, redis_client):
+    out, settings, sleeps = telegram
+    keys = settings.keys
+    store_album(redis_client, keys.overlay("a2"))
+    arguments = {"overlay_key": keys.overlay("a2"), "result": album_result()}
+    fake.fail_next("sendMediaGroup", 429, retry_after=30)
+    with pytest.raises(Deferred):
+        deliver(redis_client, out, settings, "a2", **arguments)
+    assert not sleeps  # a long flood wait is not slept through: the task is retried later
+    assert redis_client.exists(keys.sent("a2", "text0")) and not redis_client.exists(keys.sent("a2", "album"))
+    assert redis_client.exists(keys.overlay("a2"))  # not delivered yet: the overlays stay (with their TTL)
+    assert deliver(redis_client, out, settings, "a2", **arguments) == ["album"]
+    assert deliver(redis_client, out, settings, "a2", **arguments) == []
+    assert len(fake.texts_to(CHAT)) == 1 and len(fake.calls_of("sendMediaGroup", CHAT)) == 1
+    assert len(fake.album_photos(CHAT)) == 2 and not redis_client.exists(keys.overlay("a2"))
 
 
 def test_short_retry_after_is_honoured(telegram, fake, redis_client):

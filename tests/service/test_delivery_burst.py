@@ -54,7 +54,7 @@ def test_a_burst_of_replies_gets_no_429_from_telegram(fake, redis_db, redis_clie
         producer.close()
         for worker in workers:
             worker.stop()
-    sends = [c for c in fake.calls if c.method in ("sendMessage", "sendPhoto")]
+    sends = [c for c in fake.calls if c.method in ("sendMessage", "sendPhoto", "sendMediaGroup")]
     accepted = [c.at for c in sends if c.status == 200]
     busiest, took = most_in_window(accepted, 1.0), max(accepted) - min(accepted)
     print(f"\ndelivery burst: {BURST} replies ({len(sends)} messages) sent within {took:.1f}s "
@@ -64,4 +64,4 @@ def test_a_burst_of_replies_gets_no_429_from_telegram(fake, redis_db, redis_clie
     assert all(call.status == 200 for call in sends)
     for user in users:
         summary = chat_summary(fake, user)
-        assert len(summary.results) == 1 and summary.photos == 1, (user, summary)
+        assert len(summary.results) == 1 and summary.overlay_sends == 1, (user, summary)

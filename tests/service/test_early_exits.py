@@ -44,7 +44,7 @@ def test_early_exit_reply_has_reason_physician_prompt_and_no_overlay(scenario, s
         time.sleep(0.5)
     results = [t for t in fake.texts_to(user) if physician in t]
     assert len(results) == 1 and results[0].startswith(expected)
-    assert not fake.calls_of("sendPhoto")
+    assert not fake.calls_of("sendPhoto") and not fake.calls_of("sendMediaGroup")
     assert not list(redis_client.scan_iter("xso:blob:*"))
     log = worker.log()
     assert TOKEN not in log  # request URLs (with the token) are not logged

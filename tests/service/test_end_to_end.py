@@ -7,12 +7,14 @@ the trained models are. One worker serves the whole module.
 
 from __future__ import annotations
 
+import io
 import time
 
 import numpy as np
 import pytest
 from dicom_factory import make_dicom
 from model_factory import make_models_dir
+from PIL import Image
 
 from bot.dispatch import Dispatcher, diagnose_kwargs
 from contract.envelope import RequestEnvelope
@@ -49,20 +51,31 @@ def replies(fake, chat_id: int, language: str = "en") -> list[str]:
     return [t for t in fake.texts_to(chat_id) if physician(language) in t]
 
 
-def settle(fake, chat_id: int, texts: int, photos: int, language: str = "en", timeout: float = 60) -> None:
-    """Wait for the expected replies, then a little longer to catch any duplicate."""
+def overlay_sends(fake, chat_id: int) -> list:
+    """Overlay deliveries to a chat: one sendPhoto (one finding drawn) or one sendMediaGroup (several)."""
+    return sorted(fake.calls_of("sendPhoto", chat_id) + fake.calls_of("sendMediaGroup", chat_id), key=lambda c: c.at)
+
+
+def overlay_photos(fake, chat_id: int) -> list[tuple[bytes, str]]:
+    """(JPEG, caption) of every overlay photo sent to a chat, single or in an album."""
+    singles = [(c.files["photo"], str(c.params.get("caption", ""))) for c in fake.calls_of("sendPhoto", chat_id)]
+    return singles + fake.album_photos(chat_id)
+
+
+def settle(fake, chat_id: int, texts: int, overlays: int, language: str = "en", timeout: float = 60) -> None:
+    """Wait for the expected replies and overlay deliveries, then a little longer to catch any duplicate."""
     fake.wait_for(lambda: len(replies(fake, chat_id, language)) >= texts
-                  and len(fake.calls_of("sendPhoto", chat_id)) >= photos, timeout=timeout)
+                  and len(overlay_sends(fake, chat_id)) >= overlays, timeout=timeout)
     time.sleep(0.5)
     assert len(replies(fake, chat_id, language)) == texts, fake.texts_to(chat_id)
-    assert len(fake.calls_of("sendPhoto", chat_id)) == photos
+    assert len(overlay_sends(fake, chat_id)) == overlays
 
 
 def test_chest_photo_gets_one_findings_text_and_one_overlay(worker, start_bot, fake, redis_client):
     user = 701
     with start_bot():
         message = fake.inject_photo(user, CHEST, forwarded=True)
-        settle(fake, user, texts=1, photos=1)
+        settle(fake, user, texts=1, overlays=1)
         fake.wait_for(lambda: fake.calls_of("deleteMessage", user))
     ack, *_ = fake.calls_of("sendMessage", user)
     assert ack.params["text"].startswith("Received, analysing…")
@@ -70,9 +83,20 @@ def test_chest_photo_gets_one_findings_text_and_one_overlay(worker, start_bot, f
     assert text.startswith(analysed_line("en"))
     assert "Pleural effusion" in text and "Cardiomegaly" in text
     assert text.rstrip().endswith(physician("en"))
-    photo = fake.calls_of("sendPhoto", user)[0]
-    assert photo.files["photo"].startswith(JPEG_MAGIC)
-    for call in (fake.calls_of("sendMessage", user)[-1], photo):
+    # One image per drawn finding (both flagged findings here: an album), after the text, each with
+    # a caption naming its finding in words, with its estimate and what the colours mean.
+    drawn = text.split("looked for: ")[1].split(".\n")[0].split(", ")
+    assert drawn == ["Pleural effusion", "Cardiomegaly"] or drawn == ["Cardiomegaly", "Pleural effusion"]
+    [album] = overlay_sends(fake, user)
+    assert album.method == "sendMediaGroup" and album.at > fake.calls_of("sendMessage", user)[-1].at
+    photos = overlay_photos(fake, user)
+    assert [caption.split(" (")[0] for _, caption in photos] == [f"Heat map: {name}" for name in drawn]
+    for jpeg, caption in photos:
+        image = Image.open(io.BytesIO(jpeg))
+        assert jpeg.startswith(JPEG_MAGIC) and max(image.size) <= 1280
+        assert "Red: areas that raised this estimate" in caption and "not a diagnosis" in caption
+    assert len({jpeg for jpeg, _ in photos}) == len(photos)  # a different map per finding
+    for call in (fake.calls_of("sendMessage", user)[-1], album):
         assert call.params["reply_parameters"]["message_id"] == message["message_id"]
     assert fake.calls_of("deleteMessage", user)[0].params["message_id"] == ack.result["message_id"]
     fake.wait_for(lambda: not list(redis_client.scan_iter("xso:blob:*")))  # deleted once answered
@@ -85,7 +109,7 @@ def test_dicom_document_without_extension(worker, start_bot, fake):
     with start_bot():
         fake.inject_document(user, make_dicom(ramp, bits=12), file_name="IM0001", mime_type="application/octet-stream")
         fake.inject_document(user, make_dicom(ramp, bits=12), file_name="study.dcm", mime_type="application/dicom")
-        settle(fake, user, texts=2, photos=2)
+        settle(fake, user, texts=2, overlays=2)
     assert all(t.startswith(analysed_line("en")) for t in replies(fake, user))
 
 
@@ -99,7 +123,7 @@ def test_corrupt_file_gets_the_clear_error_and_no_overlay(worker, start_bot, fak
         expected = rejection_text(rejected.code, "en")
     with start_bot():
         fake.inject_document(user, truncated, file_name="xray.jpg", mime_type="image/jpeg")
-        settle(fake, user, texts=1, photos=0)
+        settle(fake, user, texts=1, overlays=0)
     assert replies(fake, user)[0].startswith(expected)
 
 
@@ -107,8 +131,8 @@ def test_album_of_three_gets_three_answers(worker, start_bot, fake):
     user = 704
     with start_bot():
         sent = [fake.inject_photo(user, CHEST, media_group_id="album-1") for _ in range(3)]
-        settle(fake, user, texts=3, photos=3)
-    answered = {c.params["reply_parameters"]["message_id"] for c in fake.calls_of("sendPhoto", user)}
+        settle(fake, user, texts=3, overlays=3)
+    answered = {c.params["reply_parameters"]["message_id"] for c in overlay_sends(fake, user)}
     assert answered == {m["message_id"] for m in sent}
 
 
@@ -121,14 +145,16 @@ def test_russian_and_kazakh_replies(worker, start_bot, fake):
         fake.inject_callback(kazakh, "lang:kk", menu.result)
         fake.wait_for(lambda: fake.calls_of("editMessageText", kazakh))
         fake.inject_photo(kazakh, CHEST, language_code="en")
-        settle(fake, russian, texts=1, photos=1, language="ru")
-        settle(fake, kazakh, texts=1, photos=1, language="kk")
+        settle(fake, russian, texts=1, overlays=1, language="ru")
+        settle(fake, kazakh, texts=1, overlays=1, language="kk")
     assert fake.texts_to(russian)[0].startswith("Получено, анализирую…")
     assert replies(fake, russian, "ru")[0].startswith(analysed_line("ru"))
     assert replies(fake, kazakh, "kk")[0].startswith(analysed_line("kk"))
     assert analysed_line("ru") != analysed_line("en") != analysed_line("kk")
-    assert "Тепловая карта" in fake.calls_of("sendPhoto", russian)[0].params["caption"]
-    assert "Жылу картасы" in fake.calls_of("sendPhoto", kazakh)[0].params["caption"]
+    for _, caption in overlay_photos(fake, russian):
+        assert caption.startswith("Тепловая карта: ") and "Красный" in caption and "Effusion" not in caption
+    for _, caption in overlay_photos(fake, kazakh):
+        assert caption.startswith("Жылу картасы: ") and "Қызыл" in caption and "Effusion" not in caption
 
 
 # ----------------------------------------------------------------------- tasks sent directly (no bot)
@@ -151,10 +177,10 @@ def dispatch(make_settings, redis_client, chat_id: int, request_id: str, data: b
 def test_redelivered_diagnose_does_not_reply_twice(worker, fake, make_settings, redis_client):
     chat = 707
     request = dispatch(make_settings, redis_client, chat, "redelivered")
-    settle(fake, chat, texts=1, photos=1)
+    settle(fake, chat, texts=1, overlays=1)
     dispatch(make_settings, redis_client, chat, request.request_id)  # the same request again
     time.sleep(2.0)
-    assert len(replies(fake, chat)) == 1 and len(fake.calls_of("sendPhoto", chat)) == 1
+    assert len(replies(fake, chat)) == 1 and len(overlay_sends(fake, chat)) == 1
     assert "skipped" in worker.log()
 
 
@@ -162,7 +188,7 @@ def test_request_that_keeps_failing_gets_an_apology(worker, fake, make_settings,
     chat = 708
     redis_client.set("xso:attempts:doomed", 3, ex=600)  # three workers already died on it
     dispatch(make_settings, redis_client, chat, "doomed", language="ru")
-    settle(fake, chat, texts=1, photos=0, language="ru")
+    settle(fake, chat, texts=1, overlays=0, language="ru")
     assert replies(fake, chat, "ru")[0].startswith("Извините")
     assert not redis_client.exists("xso:blob:doomed")
 
@@ -178,7 +204,7 @@ def test_flood_control_retries_the_task_after_retry_after(worker, fake, make_set
     chat = 710
     fake.fail_next("sendMessage", 429, retry_after=6)  # longer than the inline wait: Celery retry
     dispatch(make_settings, redis_client, chat, "flood")
-    settle(fake, chat, texts=1, photos=1, timeout=90)
+    settle(fake, chat, texts=1, overlays=1, timeout=90)
     attempts = fake.calls_of("sendMessage", chat, ok_only=False)
     assert [c.status for c in attempts] == [429, 200]
     assert attempts[1].at - attempts[0].at >= 6.0

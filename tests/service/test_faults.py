@@ -80,7 +80,7 @@ def test_poison_input_gets_an_apology_and_the_next_request_is_served(kind, worke
                       timeout=90)
         time.sleep(1.0)  # a duplicate would arrive now
     summary = chat_summary(fake, user)
-    assert len(summary.results) == 2 and summary.photos == 1, summary
+    assert len(summary.results) == 2 and summary.overlay_sends == 1, summary
     assert summary.results[0].startswith(APOLOGY)
     assert summary.results[1].startswith(ANALYSED)
     assert worker.process is not None and worker.process.poll() is None  # the worker stayed up
@@ -95,7 +95,8 @@ def test_telegram_answering_429_or_5xx_to_30_percent_of_sends_loses_and_duplicat
     with start_bot(**SHORT):
         fake.wait_for(lambda: models_ready(worker), timeout=120)
         fake.fail_next("sendMessage", 429, retry_after=1)  # at least one of each, whatever the dice say
-        fake.fail_next("sendPhoto", 502)
+        fake.fail_next("sendPhoto", 502)  # a single overlay…
+        fake.fail_next("sendMediaGroup", 502)  # …or an album, whichever the findings give
         # 429s carry retry_after 1-3 s (waited out inline) or 7 s (the bot gives up on the acknowledgement
         # and analyses anyway; the worker retries the delivery task later).
         fake.chaos(0.3, statuses=(429, 429, 500, 502, 503), retry_after=(1, 2, 3, 7), seed=FAULT_REQUESTS)
@@ -104,11 +105,11 @@ def test_telegram_answering_429_or_5xx_to_30_percent_of_sends_loses_and_duplicat
         fake.wait_for(lambda: answered(fake, users), timeout=60 + 15 * len(users))
         time.sleep(2.0)
         fake.chaos(0)
-    refused = [c for c in fake.calls if c.status != 200 and c.method in ("sendMessage", "sendPhoto")]
+    refused = [c for c in fake.calls if c.status != 200 and c.method in ("sendMessage", "sendPhoto", "sendMediaGroup")]
     assert len(refused) >= 2
     for user in users:
         summary = chat_summary(fake, user)
-        assert len(summary.results) == 1 and summary.photos == 1, (user, summary, fake.summary())
+        assert len(summary.results) == 1 and summary.overlay_sends == 1, (user, summary, fake.summary())
         assert summary.acks <= 1
         assert summary.results[0].startswith(ANALYSED)
 
@@ -145,6 +146,6 @@ def test_bot_killed_while_requests_are_queued_results_still_arrive_once(worker, 
         second.stop()
     for user in users:
         summary = chat_summary(fake, user)
-        assert len(summary.results) == 1 and summary.photos == 1 and summary.acks == 1, (user, summary)
+        assert len(summary.results) == 1 and summary.overlay_sends == 1 and summary.acks == 1, (user, summary)
     assert chat_summary(fake, blocker).results[0].startswith(APOLOGY)
     assert second.log().count(" enqueued (") == 1  # the new bot handled only the new request, no old update again

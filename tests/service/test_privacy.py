@@ -246,6 +246,6 @@ def test_bad_files_get_the_clear_message_end_to_end(worker, start_bot, fake):
         assert len(summary.results) == 1, (name, summary)
         start = ANALYSED if expected == "analysed" else rejection_text(expected, "en")
         assert summary.results[0].startswith(start), (name, summary.results[0][:200])
-        assert summary.photos == (1 if expected == "analysed" else 0), name
+        assert summary.overlay_sends == (1 if expected == "analysed" else 0), name  # a photo or an album
     assert worker.process is not None and worker.process.poll() is None
 

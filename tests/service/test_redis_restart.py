@@ -71,11 +71,11 @@ def test_redis_restart_under_load(fake, tmp_path):
     lost = 0
     for user in [*before, during]:
         summary = chat_summary(fake, user)
-        assert len(summary.results) <= 1 and summary.photos <= 1, (user, summary)
+        assert len(summary.results) <= 1 and summary.overlay_sends <= 1, (user, summary)
         assert bool(summary.results) != bool(summary.notices), (user, summary)  # answered xor told to resend
         lost += bool(summary.notices)
     for user in after:
         summary = chat_summary(fake, user)
-        assert len(summary.results) == 1 and summary.photos == 1 and not summary.notices, (user, summary)
+        assert len(summary.results) == 1 and summary.overlay_sends == 1 and not summary.notices, (user, summary)
     assert answered_before_restart < len(before), "the restart came after everything was answered"
     assert lost >= 1, "no request was caught by the restart"

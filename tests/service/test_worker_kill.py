@@ -67,12 +67,12 @@ def test_sigkill_with_requests_in_flight_answers_each_exactly_once(fake, redis_d
             time.sleep(2.0)  # a duplicate would arrive now
         finally:
             second.stop()
-    once = sum(len(chat_summary(fake, u).results) == 1 and chat_summary(fake, u).photos == 1 for u in users)
+    once = sum(len(chat_summary(fake, u).results) == 1 and chat_summary(fake, u).overlay_sends == 1 for u in users)
     print(f"\nworker SIGKILL: {once}/{len(users)} answered exactly once, {len(answered_before)} before the kill; "
           f"last answer {waited:.1f}s after the kill (visibility timeout {visibility_timeout}s)")
     for user in users:
         summary = chat_summary(fake, user)
-        assert len(summary.results) == 1 and summary.photos == 1, (user, summary)
+        assert len(summary.results) == 1 and summary.overlay_sends == 1, (user, summary)
     # The task that was running when the worker died came back and was run by the second worker.
     assert set(killed) <= {task_id for _, task_id, event in TASK_LINE.findall(second.log()) if event == "received"}
     assert visibility_timeout - 2 <= waited <= 90  # through the visibility timeout, and soon after it
