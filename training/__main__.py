@@ -1,4 +1,4 @@
-"""`python -m training {train,export,evaluate,import-torchxrayvision}`."""
+"""`python -m training {train,export,evaluate,import-torchxrayvision,open-set}`."""
 
 from __future__ import annotations
 
@@ -74,6 +74,11 @@ def main(argv: list[str] | None = None) -> int:
     i.add_argument("--out", required=True, type=Path)
     i.add_argument("--cache-dir", help="torchxrayvision weights folder (default: its own cache)")
 
+    from . import open_set
+
+    o = commands.add_parser("open-set", help="body part: fit the unknown-part check and the chest floor")
+    open_set.add_arguments(o)
+
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
 
@@ -83,6 +88,9 @@ def main(argv: list[str] | None = None) -> int:
         card = import_torchxrayvision(args.weights, args.out, args.cache_dir)
         print(f"wrote {args.out} ({len(card.labels)} labels)")
         return 0
+
+    if args.command == "open-set":
+        return open_set.main(args)
 
     import torch
 
