@@ -1,4 +1,4 @@
-"""`python -m training {train,export,evaluate,import-torchxrayvision,open-set}`."""
+"""`python -m training {train,export,evaluate,import-torchxrayvision,open-set,modality}`."""
 
 from __future__ import annotations
 
@@ -74,10 +74,12 @@ def main(argv: list[str] | None = None) -> int:
     i.add_argument("--out", required=True, type=Path)
     i.add_argument("--cache-dir", help="torchxrayvision weights folder (default: its own cache)")
 
-    from . import open_set
+    from . import modality, open_set
 
     o = commands.add_parser("open-set", help="body part: fit the unknown-part check and the chest floor")
     open_set.add_arguments(o)
+    m = commands.add_parser("modality", help="gate: fit the head that names CT / MRI / ultrasound / not medical")
+    modality.add_arguments(m)
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
@@ -91,6 +93,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.command == "open-set":
         return open_set.main(args)
+    if args.command == "modality":
+        return modality.main(args)
 
     import torch
 

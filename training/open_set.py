@@ -113,6 +113,8 @@ def run(model: Path, records: list[Record], cache: Path, keep: float, chest_keep
     chosen = choose_records(records, labels, max_train_per_part)
     store = FeatureStore(model, cache)
     logits, pooled = store.outputs([r.path for r in chosen])
+    read = np.isfinite(pooled[:, 0])  # files the service's intake refuses never reach the models
+    chosen, logits, pooled = [r for r, ok in zip(chosen, read, strict=True) if ok], logits[read], pooled[read]
     logits = logits[:, : len(labels)].astype(np.float64)
     probs = softmax(logits, axis=1)
     parts = np.array([r.body_part for r in chosen])
@@ -192,6 +194,7 @@ def run(model: Path, records: list[Record], cache: Path, keep: float, chest_keep
     if write:
         save_file({"means": means.astype(np.float32), "precision": precision.astype(np.float32)},
                   str(Path(model) / ARRAYS_FILE))
+        (Path(model) / ARRAYS_FILE).chmod(0o644)
         spec.arrays = AuxiliaryFile(file=ARRAYS_FILE, sha256=sha256_of(Path(model) / ARRAYS_FILE))
         card.open_set = spec
         write_card(model, card)

@@ -18,7 +18,7 @@ import torch
 from safetensors.numpy import load_file, save_file
 
 from diagnosis.backends import make_runner
-from diagnosis.intake import decode
+from diagnosis.intake import ImageRejected, decode
 from diagnosis.network import load_model
 from diagnosis.photo import rectify
 from diagnosis.preprocess import to_model_input
@@ -26,14 +26,20 @@ from diagnosis.preprocess import to_model_input
 log = logging.getLogger(__name__)
 
 
-def service_view(path: Path) -> np.ndarray:
-    """The grayscale image the models see for the file at ``path`` (decode, then the photo step)."""
-    decoded = decode(Path(path).read_bytes())
+def service_view(path: Path) -> np.ndarray | None:
+    """The grayscale image the models see for the file at ``path`` (decode, then the photo step);
+    None when the service's intake refuses the file (it never reaches the models)."""
+    try:
+        decoded = decode(Path(path).read_bytes())
+    except ImageRejected:
+        return None
     return decoded.gray if decoded.format == "DICOM" else rectify(decoded.gray).gray
 
 
 class FeatureStore:
-    """``outputs(paths)`` → (logits (N, outputs), pooled features (N, 1024)); missing rows are computed."""
+    """``outputs(paths)`` → (logits (N, outputs), pooled features (N, 1024)); missing rows are computed.
+
+    Rows of files the intake refuses are NaN (callers drop them: the service never runs them)."""
 
     def __init__(self, model_folder: Path | str, cache: Path | str, threads: int = 2):
         self.card, self.network = load_model(model_folder, "cpu")
@@ -64,22 +70,26 @@ class FeatureStore:
         """Rows for ``paths``; ``views`` (path → gray image) replaces reading the file (synthetic images)."""
         keys = [str(p) for p in paths]
         missing = [k for k in dict.fromkeys(keys) if k not in self.rows]
-        if missing:
-            log.info("%s: %d forward passes (%d cached)", self.card.name, len(missing), len(self.rows))
-            new_logits, new_pooled = [], []
-            for start in range(0, len(missing), 32):
-                chunk = missing[start:start + 32]
-                images = [views(k) if views else service_view(Path(k)) for k in chunk]
-                logits, pooled = self._run(images)
-                new_logits.append(logits)
-                new_pooled.append(pooled)
-                if start % 1024 == 0:
-                    log.info("  %d / %d", start + len(chunk), len(missing))
+        for start in range(0, len(missing), 32):
+            chunk = missing[start:start + 32]
+            images = [views(k) if views else service_view(Path(k)) for k in chunk]
+            logits = np.full((len(chunk), self.logits.shape[1]), np.nan, np.float32)
+            pooled = np.full((len(chunk), self.pooled.shape[1]), np.nan, np.float32)
+            ok = [i for i, image in enumerate(images) if image is not None]
+            if ok:
+                logits[ok], pooled[ok] = self._run([images[i] for i in ok])
             offset = len(self.rows)
-            self.rows.update({k: offset + i for i, k in enumerate(missing)})
-            self.logits = np.concatenate([self.logits, *new_logits])
-            self.pooled = np.concatenate([self.pooled, *new_pooled])
-            save_file({"logits": self.logits, "pooled": self.pooled}, str(self.file))
-            self.file.with_suffix(".json").write_text(json.dumps(list(self.rows)))
+            self.rows.update({k: offset + i for i, k in enumerate(chunk)})
+            self.logits = np.concatenate([self.logits, logits])
+            self.pooled = np.concatenate([self.pooled, pooled])
+            if start % 1024 == 0:
+                log.info("%s: %d / %d forward passes", self.card.name, start + len(chunk), len(missing))
+                self._save()
+        if missing:
+            self._save()
         index = np.asarray([self.rows[k] for k in keys], dtype=np.int64)
         return self.logits[index], self.pooled[index]
+
+    def _save(self) -> None:
+        save_file({"logits": self.logits, "pooled": self.pooled}, str(self.file))
+        self.file.with_suffix(".json").write_text(json.dumps(list(self.rows)))
