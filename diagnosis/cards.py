@@ -69,6 +69,9 @@ class ModalitySpec(BaseModel):
 
     classes: list[Literal["xray", "ct", "mri", "ultrasound", "other_medical", "non_medical"]]
     arrays: AuxiliaryFile
+    # "non_medical" (a reply without the physician footer) only at this probability or above;
+    # below it the image is not named (the plain refusal, with the footer).
+    non_medical_min_probability: float = 0.5
     method_notes: str = ""
     metrics: dict[str, Any] = Field(default_factory=dict)
 

@@ -57,24 +57,35 @@ class ModalityHead:
     def __init__(self, folder: Path, spec: ModalitySpec):
         arrays = load_arrays(folder, spec.arrays)
         self.classes, self.weight, self.bias = spec.classes, arrays["weight"], arrays["bias"]
+        self.non_medical_floor = spec.non_medical_min_probability
         if self.weight.shape[0] != len(self.classes) or self.bias.shape != (len(self.classes),):
             raise CardError(f"modality arrays in {Path(folder).name!r} do not fit its {len(self.classes)} classes")
 
     def logits(self, feature_maps: np.ndarray) -> np.ndarray:
         return pool(feature_maps) @ self.weight.T + self.bias
 
-    def name(self, feature_maps: np.ndarray, is_xray: np.ndarray) -> list[str]:
+    def name(self, feature_maps: np.ndarray, is_xray: np.ndarray) -> list[str | None]:
         """The most likely class per image, consistent with the gate's decision: "xray" exactly when
-        the gate accepted the image, otherwise the most likely of the other classes."""
-        logits = self.logits(feature_maps)
-        xray = self.classes.index("xray") if "xray" in self.classes else None
-        named = []
-        for row, accepted in zip(logits, is_xray, strict=True):
-            if xray is not None:
-                if accepted:
-                    named.append("xray")
-                    continue
-                row = row.copy()
-                row[xray] = -np.inf
-            named.append(self.classes[int(row.argmax())])
-        return named
+        the gate accepted the image, otherwise the most likely of the other classes; None for a
+        "non_medical" below the card's floor (not sure enough to leave out the physician footer)."""
+        return [self.classes[i] if i is not None else None
+                for i in decide(self.logits(feature_maps), is_xray, self.classes, self.non_medical_floor)]
+
+
+def decide(logits: np.ndarray, is_xray: np.ndarray, classes: list[str], non_medical_floor: float) -> list[int | None]:
+    """Class index per row (see ``ModalityHead.name``); shared with training.modality."""
+    xray = classes.index("xray") if "xray" in classes else None
+    non_medical = classes.index("non_medical") if "non_medical" in classes else None
+    chosen: list[int | None] = []
+    for row, accepted in zip(logits, is_xray, strict=True):
+        if xray is not None and accepted:
+            chosen.append(xray)
+            continue
+        row = row.astype(np.float64).copy()
+        if xray is not None:
+            row[xray] = -np.inf
+        probs = np.exp(row - row.max())
+        probs /= probs.sum()
+        top = int(probs.argmax())
+        chosen.append(None if top == non_medical and probs[top] < non_medical_floor else top)
+    return chosen

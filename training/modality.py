@@ -31,6 +31,7 @@ from sklearn.metrics import balanced_accuracy_score, confusion_matrix
 from sklearn.preprocessing import StandardScaler
 
 from diagnosis.cards import AuxiliaryFile, ModalitySpec, read_card, sha256_of, write_card
+from diagnosis.openset import decide
 
 from .datasets import Record
 from .pipeline_features import FeatureStore
@@ -69,7 +70,8 @@ def confusion(truth: list[str], said: list[str], classes: list[str]) -> dict:
             "recall": {c: round(float(matrix[i, i] / max(matrix[i].sum(), 1)), 4) for i, c in enumerate(classes)}}
 
 
-def run(model: Path, records: list[Record], cache: Path, max_train_xray_per_part: int, write: bool = True) -> dict:
+def run(model: Path, records: list[Record], cache: Path, max_train_xray_per_part: int, write: bool = True,
+        max_medical_unfootered: float = 0.01) -> dict:
     card = read_card(model)
     chosen = choose_records(records, max_train_xray_per_part)
     logits, pooled = FeatureStore(model, cache).outputs([r.path for r in chosen])
@@ -84,7 +86,7 @@ def run(model: Path, records: list[Record], cache: Path, max_train_xray_per_part
     scaler = StandardScaler().fit(pooled[train])
     x = scaler.transform(pooled)
     searched = {}
-    for c in (0.001, 0.01, 0.1, 1.0):
+    for c in (0.01, 0.1, 1.0):
         fitted = LogisticRegression(C=c, class_weight="balanced", max_iter=3000).fit(x[train], y[train])
         searched[c] = (balanced_accuracy_score(y[val], fitted.predict(x[val])), fitted)
         log.info("C=%g val balanced accuracy %.4f", c, searched[c][0])
@@ -97,21 +99,33 @@ def run(model: Path, records: list[Record], cache: Path, max_train_xray_per_part
     accepted = gate_probs[:, card.labels.index(card.positive_label)] >= card.threshold(card.positive_label)
     raw = pooled.astype(np.float64) @ weight.T + bias
     head_said = np.array([CLASSES[i] for i in raw.argmax(axis=1)])
-    masked = raw.copy()
-    masked[:, CLASSES.index("xray")] = -np.inf
-    told = np.where(accepted, "xray", np.array([CLASSES[i] for i in masked.argmax(axis=1)]))
+    # The "non_medical" floor: the lowest probability at which at most --max-medical-unfootered of the
+    # val medical images the gate refuses (X-rays included) would be told "not medical".
+    medical_refused = val & ~accepted & (truth != "non_medical")
+    floor = 0.5
+    for candidate in np.round(np.arange(0.5, 1.0, 0.01), 2):
+        told_val = decide(raw[medical_refused], accepted[medical_refused], CLASSES, candidate)
+        wrong = sum(i == CLASSES.index("non_medical") for i in told_val)
+        floor = float(candidate)
+        if wrong <= max_medical_unfootered * max(int(medical_refused.sum()), 1):
+            break
+    told = np.array([CLASSES[i] if i is not None else "not_named"
+                     for i in decide(raw, accepted, CLASSES, floor)])
+    named_classes = [*CLASSES, "not_named"]
 
     def figures(mask: np.ndarray) -> dict:
         refused = mask & ~accepted
         return {"n": int(mask.sum()),
                 "head_balanced_accuracy": round(float(balanced_accuracy_score(truth[mask], head_said[mask])), 4),
                 "head_confusion": confusion(list(truth[mask]), list(head_said[mask]), CLASSES),
-                "told_confusion": confusion(list(truth[mask]), list(told[mask]), CLASSES),
+                "told_confusion": confusion(list(truth[mask]), list(told[mask]), named_classes),
                 "refused_by_gate": int(refused.sum()),
                 "refused_named_right": round(float(np.mean(told[refused] == truth[refused])), 4) if refused.any()
                 else None,
                 "medical_refused_told_non_medical": int(np.sum(refused & (truth != "non_medical")
                                                                & (told == "non_medical"))),
+                "non_medical_not_named_keeps_footer": int(np.sum(refused & (truth == "non_medical")
+                                                                 & (told == "not_named"))),
                 "non_medical_told_medical": int(np.sum(refused & (truth == "non_medical")
                                                        & (told != "non_medical")))}
 
@@ -121,9 +135,12 @@ def run(model: Path, records: list[Record], cache: Path, max_train_xray_per_part
                "val": figures(val), "test": figures(test)}
     spec = ModalitySpec(
         classes=CLASSES, arrays=AuxiliaryFile(file=ARRAYS_FILE, sha256=""), metrics=metrics,
+        non_medical_min_probability=floor,
         method_notes=(f"multinomial logistic regression (balanced class weights, standardised features folded "
                       f"into the weights, C={best_c} chosen by val balanced accuracy) on the gate's pooled "
-                      f"features; {int(train.sum())} train images; command: python -m training modality --model "
+                      f"features; non_medical floor {floor} keeps at most {max_medical_unfootered:.0%} of the val "
+                      f"medical images the gate refuses from being told 'not medical'; "
+                      f"{int(train.sum())} train images; command: python -m training modality --model "
                       "models/gate --manifest ../shared/data/xray-pack/manifest.csv"))
     if write:
         save_file({"weight": weight.astype(np.float32), "bias": bias.astype(np.float32)},

@@ -201,12 +201,61 @@ def run(model: Path, records: list[Record], cache: Path, keep: float, chest_keep
     return spec.model_dump(mode="json")
 
 
+def photo_routing(model: Path, records: list[Record], cache: Path, split: str, limit: int | None,
+                  seed: int = 0) -> dict:
+    """Synthetic phone photos (``training.synthetic_photos``, one generator per image seeded by
+    (seed, index)) of the chest films of ``split``, straightened by the service's photo step: how
+    often is the body part "chest" before (top-1 + min_confidence) and after (the card's open-set
+    check and chest floor)? The photos are made in memory only."""
+    from diagnosis.photo import rectify
+
+    from .synthetic_photos import synthesise_with_corners, to_gray
+
+    card = read_card(model)
+    chest = sorted((r for r in records if r.split == split and r.body_part == "chest" and r.kind == "radiograph"
+                    and not r.synthetic), key=_stable)[:limit]
+    paths = {f"synthetic-photo:{seed}:{i}:{r.path}": r.path for i, r in enumerate(chest)}
+
+    def view(key: str) -> np.ndarray | None:
+        from .pipeline_features import service_view
+
+        index = int(key.split(":")[2])
+        gray = service_view(paths[key])
+        if gray is None:
+            return None
+        photo = to_gray(synthesise_with_corners(gray, np.random.default_rng([seed, index]))[0])
+        return rectify(photo).gray
+
+    logits, pooled = FeatureStore(model, cache).outputs(list(paths), views=view)
+    read = np.isfinite(pooled[:, 0])
+    logits, pooled = logits[read, : len(card.labels)].astype(np.float64), pooled[read]
+    probs = softmax(logits, axis=1)
+    min_confidence = card.min_confidence or 0.0
+    before = outcomes(probs, None, None, card.labels, min_confidence, {})
+    entry = {"split": split, "photos": int(read.sum()), "seed": seed,
+             "chest_before": round(before.count("chest") / max(len(before), 1), 4)}
+    if card.open_set:
+        spec = card.open_set
+        from diagnosis.openset import BodyPartNovelty
+
+        novelty = BodyPartNovelty(Path(model), spec, len(card.labels))
+        score = mahalanobis(pooled, novelty.means, novelty.precision, spec.normalise).min(axis=1)
+        after = outcomes(probs, score, spec.threshold, card.labels, min_confidence, spec.label_min_confidence)
+        entry.update(chest_after=round(after.count("chest") / max(len(after), 1), 4),
+                     after=dict(Counter(after)))
+    entry["before"] = dict(Counter(before))
+    return entry
+
+
 def main(args) -> int:
     from .datasets import load_sources
 
     records = load_sources(args.manifest)
     result = run(args.model, records, args.cache, args.keep, args.chest_keep, args.max_train_per_part,
                  write=not args.dry_run)
+    if args.photos:
+        result["synthetic_chest_photos"] = [photo_routing(args.model, records, args.cache, split, args.photos)
+                                            for split in ("val", "test")]
     text = json.dumps(result, indent=1)
     if args.json:
         Path(args.json).write_text(text + "\n")
@@ -224,3 +273,5 @@ def add_arguments(parser) -> None:
     parser.add_argument("--max-train-per-part", type=int, default=1500)
     parser.add_argument("--json", type=Path)
     parser.add_argument("--dry-run", action="store_true", help="measure only; leave the card alone")
+    parser.add_argument("--photos", type=int, default=0,
+                        help="also measure body part = chest on synthetic photos of N val and N test chest films")
