@@ -70,6 +70,24 @@ async def on_document(update: Update, context: ContextTypes.DEFAULT_TYPE) -> Non
     await accept_image(update, context, document.file_id, document.file_size)
 
 
+async def _rate_notice(svc, context: ContextTypes.DEFAULT_TYPE, message: Message, user_id: int, language: str,
+                       wait_s: float) -> None:
+    """One notice per burst saying how many images were accepted and how many were not; later
+    refusals of the same burst edit it."""
+    refused, accepted, notice = await svc.store.note_refused(user_id)
+    if refused == 1:
+        sent = await message.reply_text(texts.rate_limited(language, wait_s, accepted, refused))
+        latest = await svc.store.set_rate_notice(user_id, sent.message_id)
+        if latest == refused:
+            return
+        notice, refused = sent.message_id, latest  # more were refused while it was being sent
+    if notice is None:
+        return  # the first refusal's notice is still being sent; it reads the count once sent
+    with suppress(TelegramError):
+        await context.bot.edit_message_text(texts.rate_limited(language, wait_s, accepted, refused),
+                                            chat_id=message.chat_id, message_id=notice)
+
+
 async def accept_image(
     update: Update, context: ContextTypes.DEFAULT_TYPE, file_id: str, file_size: int | None
 ) -> None:
@@ -102,8 +120,7 @@ async def accept_image(
         wait_s, slot = await svc.store.take_image_slot(user.id)
         if wait_s > 0:
             BOT_UPDATES.labels("rate_limited").inc()
-            if await svc.store.first_rate_notice(user.id):
-                await message.reply_text(texts.rate_limited(language, wait_s))
+            await _rate_notice(svc, context, message, user.id, language, wait_s)
             return
         request_id = svc.store.new_request_id()
         await note(request_id=request_id, slot=slot)

@@ -113,9 +113,30 @@ class Store:
         """An image we could not even download does not count."""
         await self.redis.zrem(self.keys.rate(user_id), slot)
 
-    async def first_rate_notice(self, user_id: int, within_s: int = 10) -> bool:
-        """True once per burst (e.g. an album over the limit gets one notice, not ten)."""
-        return bool(await self.redis.set(self.keys.rate_notice(user_id), 1, nx=True, ex=within_s))
+    async def note_refused(self, user_id: int, within_s: int = 10) -> tuple[int, int, int | None]:
+        """Count one refused image of the current burst (refusals less than ``within_s`` apart).
+
+        Returns (images refused in this burst, images accepted in the limit window, the message id
+        of this burst's notice or None): one notice per burst (an album over the limit gets one
+        notice, not ten), edited as more images are refused.
+        """
+        key = self.keys.rate_notice(user_id)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hincrby(key, "refused", 1)
+            pipe.expire(key, within_s)
+            pipe.hget(key, "message")
+            pipe.zcard(self.keys.rate(user_id))
+            refused, _, message, accepted = await pipe.execute()
+        return int(refused), int(accepted), int(message) if message else None
+
+    async def set_rate_notice(self, user_id: int, message_id: int) -> int:
+        """Remember the burst's notice; returns how many images the burst has refused by now."""
+        key = self.keys.rate_notice(user_id)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hset(key, "message", message_id)
+            pipe.hget(key, "refused")
+            _, refused = await pipe.execute()
+        return int(refused or 0)
 
     # ------------------------------------------------------------- blobs
     @staticmethod

@@ -158,14 +158,24 @@ def too_large(language: str) -> str:
         limit_mb=TELEGRAM_DOWNLOAD_LIMIT_MB)
 
 
-def rate_limited(language: str, wait_s: float) -> str:
+def rate_limited(language: str, wait_s: float, accepted: int | None = None, refused: int | None = None) -> str:
+    """When to try again and, when known, how many images of the window were accepted and how many
+    of this burst were not."""
     _, ngettext = translator(language)
     minutes = max(1, math.ceil(wait_s / 60))
-    return ngettext(
+    text = ngettext(
         "You have sent many images in a short time. Please try again in {minutes} minute.",
         "You have sent many images in a short time. Please try again in {minutes} minutes.",
         minutes,
     ).format(minutes=minutes)
+    if accepted is not None:
+        text += "\n" + ngettext("{count} image was accepted for analysis.",
+                                "{count} images were accepted for analysis.", accepted).format(count=accepted)
+    if refused:
+        text += "\n" + ngettext("{count} image was not accepted; please send it again then.",
+                                "{count} images were not accepted; please send them again then.",
+                                refused).format(count=refused)
+    return text
 
 
 def received(language: str, waiting: int) -> str:

@@ -97,6 +97,48 @@ class OperatingPoints(BaseModel):
     method: dict[str, Any] = Field(default_factory=dict)  # how each was chosen, in words and numbers
 
 
+class AuxiliaryFile(BaseModel):
+    """Arrays fitted beside the weights (safetensors, never pickle), checked by sha256 when loaded."""
+
+    file: str
+    sha256: str
+
+
+class OpenSetSpec(BaseModel):
+    """Body part: is the film a part the model knows at all? (diagnosis.openset)
+
+    Mahalanobis distance of the pooled features to the nearest known part (class means and one
+    shared covariance fitted on train films, Lee et al. 2018); above ``threshold`` the film is a
+    body part the model cannot read. ``label_min_confidence`` raises the top-1 floor for single
+    parts, e.g. chest, so that only a confident chest reaches the chest model.
+    """
+
+    method: Literal["mahalanobis"] = "mahalanobis"
+    arrays: AuxiliaryFile  # "means" (parts × features) and "precision" (features × features)
+    normalise: bool = True  # L2-normalise the pooled features first
+    threshold: float
+    label_min_confidence: dict[str, float] = Field(default_factory=dict)
+    method_notes: str = ""
+    metrics: dict[str, Any] = Field(default_factory=dict)
+
+
+class ModalitySpec(BaseModel):
+    """Gate: what a non-X-ray image is (CT, MRI, ultrasound, another medical image, or not medical).
+
+    A multinomial logistic regression on the gate network's pooled features: ``arrays`` holds
+    "weight" (classes × features) and "bias" (classes). The gate's own threshold still decides
+    X-ray or not; this only names what a refused image seems to be.
+    """
+
+    classes: list[Literal["xray", "ct", "mri", "ultrasound", "other_medical", "non_medical"]]
+    arrays: AuxiliaryFile
+    # "non_medical" (a reply without the physician footer) only at this probability or above;
+    # below it the image is not named (the plain refusal, with the footer).
+    non_medical_min_probability: float = 0.5
+    method_notes: str = ""
+    metrics: dict[str, Any] = Field(default_factory=dict)
+
+
 class ModelCard(BaseModel):
     """Card schema (MONAI network_data_format + torchxrayvision labels/op-thresholds, combined)."""
 
@@ -121,6 +163,8 @@ class ModelCard(BaseModel):
     min_confidence: float | None = None  # body_part: below this we ask for a clearer image
     heatmap_layer: str = "relu (post-ReLU output of features.norm5)"
     flip_average: bool = False  # test-time augmentation: logits averaged with the mirror image's
+    open_set: OpenSetSpec | None = None  # body_part: recognise parts it was not trained on
+    modality: ModalitySpec | None = None  # gate: name CT / MRI / ultrasound when refusing an image
     metrics: dict[str, Any] = Field(default_factory=dict)
     # Written by ``python -m training calibrate``; absent on older cards (diagnosis.operating then
     # flags nothing in screening mode and says it is unsure).
@@ -145,6 +189,10 @@ class ModelCard(BaseModel):
             raise ValueError("extra_outputs need independent (sigmoid) outputs")
         if self.activation == "softmax" and len(self.labels) < 2:
             raise ValueError("softmax needs at least two labels")
+        if self.open_set and (self.role != "body_part" or set(self.open_set.label_min_confidence) - set(self.labels)):
+            raise ValueError("open_set belongs on a body_part card and names only its labels")
+        if self.modality and (self.role != "gate" or len(set(self.modality.classes)) != len(self.modality.classes)):
+            raise ValueError("modality belongs on a gate card, with unique classes")
         unknown = set(self.thresholds) - set(self.labels)
         if unknown:
             raise ValueError(f"thresholds for unknown labels: {sorted(unknown)}")

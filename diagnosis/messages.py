@@ -73,6 +73,18 @@ ADVICE: dict[str, str] = {
                          "the frame, and hold the phone parallel to the film."),
 }
 
+# Non-X-ray images the gate card's modality head can name: one whole sentence each (translations
+# need the noun's own grammar). Medical images keep the physician footer; non-medical ones do not.
+MODALITIES = {
+    "ct": N_("This looks like a CT scan; I can only read X-ray radiographs."),
+    "mri": N_("This looks like an MRI scan; I can only read X-ray radiographs."),
+    "ultrasound": N_("This looks like an ultrasound image; I can only read X-ray radiographs."),
+    "other_medical": N_("This looks like a medical image, but not an X-ray radiograph; I can only read X-ray "
+                        "radiographs."),
+}
+SEND_RADIOGRAPH = N_("Please send a radiograph: a file from the clinic, or a straight, sharp photo of the whole "
+                     "film or screen.")
+
 RETAKE_HEADING = N_("The photo is not good enough to analyse:")  # followed by the advice, one per line
 RECTIFIED_NOTE = N_("The photo was straightened and cropped to the film before analysis.")
 
@@ -137,11 +149,23 @@ def render_reply(result: DiagnosisResult, language: str = "en") -> str:
     elif result.outcome == "retake":
         lines.append(_(RETAKE_HEADING))
         lines.extend(f"• {_(ADVICE[code])}" for code in result.retake if code in ADVICE)
+    elif result.outcome == "not_xray" and result.modality in MODALITIES:
+        lines.append(_(MODALITIES[result.modality]))
+        lines.append(_(SEND_RADIOGRAPH))
+    elif result.outcome == "not_xray" and result.modality == "non_medical":
+        lines.append(_("Sorry, this does not look like an X-ray image, and X-ray radiographs are all I can "
+                       "read."))
+        lines.append(_("If you meant to send one, please send a file from the clinic, or a straight, sharp "
+                       "photo of the whole film or screen."))
+        return "\n".join(lines)  # not a medical image: no physician footer
     elif result.outcome == "not_xray":
         lines.append(_("This does not look like an X-ray image (X-ray likelihood {p}).").format(
             p=_percent(result.xray_probability)))
-        lines.append(_("Please send a radiograph: a file from the clinic, or a straight, sharp photo of the "
-                       "whole film or screen."))
+        lines.append(_(SEND_RADIOGRAPH))
+    elif result.outcome == "body_part_unknown":
+        lines.append(_("This looks like an X-ray of a body part I cannot read yet, so I will not guess which "
+                       "part it is or analyse it."))
+        lines.append(_("For now I can analyse chest X-rays only."))
     elif result.outcome == "body_part_uncertain":
         lines.append(_("This looks like an X-ray, but I cannot tell which body part it shows."))
         lines.append(_("Please send a clearer image: the whole film, photographed straight on, in even light, "

@@ -25,6 +25,7 @@ from .config import PipelineConfig
 from .heatmap import class_evidence, grad_cam
 from .intake import DecodedImage, ImageRejected, decode
 from .network import DenseNetClassifier, load_model
+from .openset import BodyPartNovelty, ModalityHead
 from .operating import MODES, assess, verdict_point
 from .overlay import render_overlays
 from .photo import rectify
@@ -41,6 +42,8 @@ class LoadedModel:
     card: ModelCard
     network: DenseNetClassifier
     runner: object  # backends.TorchRunner / OnnxRunner: batch → (logits, features)
+    novelty: BodyPartNovelty | None = None  # body part: the card's open-set check, when it has one
+    modality: ModalityHead | None = None  # gate: names what a refused image is, when the card has one
 
     @property
     def input_key(self) -> tuple:
@@ -106,7 +109,9 @@ class Pipeline:
         def load_one(folder: Path) -> LoadedModel:
             card, network = load_model(folder, torch_device)
             runner = make_runner(config.backend, network, card, torch_device, config.cache_dir, config.threads)
-            return LoadedModel(folder, card, network, runner)
+            novelty = BodyPartNovelty(folder, card.open_set, len(card.labels)) if card.open_set else None
+            modality = ModalityHead(folder, card.modality) if card.modality else None
+            return LoadedModel(folder, card, network, runner, novelty, modality)
 
         folders = discover(models_dir)
         by_role: dict[str, list[Path]] = {"gate": [], "body_part": [], "abnormality": []}
@@ -206,11 +211,14 @@ class Pipeline:
 
     def _gate(self, items: list[_Item]) -> None:
         card = self.gate.card
-        probs, _ = self._infer(self.gate, items, "gate")
+        probs, features = self._infer(self.gate, items, "gate")
         index, threshold = card.labels.index(card.positive_label), card.threshold(card.positive_label)
-        for item, row in zip(items, probs, strict=True):
+        accepted = probs[:, index] >= threshold
+        modalities = self.gate.modality.name(features, accepted) if self.gate.modality else [None] * len(items)
+        for item, row, modality in zip(items, probs, modalities, strict=True):
             item.result.xray_probability = float(row[index])
             item.result.is_xray = bool(row[index] >= threshold)
+            item.result.modality = modality
             if not item.result.is_xray:
                 item.result.outcome = "not_xray"
             elif item.problems:
@@ -219,15 +227,29 @@ class Pipeline:
                 item.result.outcome, item.result.retake = "retake", item.problems
 
     def _body_part(self, items: list[_Item]) -> None:
-        card = self.body_part.card
-        probs, _ = self._infer(self.body_part, items, "body_part")
-        for item, row in zip(items, probs, strict=True):
+        """Name the part only when the film looks like a known part and the model is sure enough.
+
+        With an open-set check in the card: far from every known part → ``body_part_unknown``; a part
+        with its own stricter floor (chest: only a confident chest reaches the chest model) below
+        it → ``body_part_uncertain``.
+        """
+        model = self.body_part
+        card = model.card
+        probs, features = self._infer(model, items, "body_part")
+        novelty = model.novelty.scores(features) if model.novelty is not None else [None] * len(items)
+        floors = card.open_set.label_min_confidence if card.open_set else {}
+        for item, row, distance in zip(items, probs, novelty, strict=True):
             top = int(row.argmax())
+            label = card.labels[top]
             item.result.body_part_probability = float(row[top])
-            if row[top] < (card.min_confidence or 0.0):
+            if distance is not None:
+                item.result.body_part_novelty = round(float(distance), 3)
+            if distance is not None and distance > card.open_set.threshold:
+                item.result.outcome = "body_part_unknown"
+            elif row[top] < max(card.min_confidence or 0.0, floors.get(label, 0.0)):
                 item.result.outcome = "body_part_uncertain"
             else:
-                item.result.body_part = card.labels[top]
+                item.result.body_part = label
 
     def _abnormality(self, model: LoadedModel, items: list[_Item], part: str, make_overlay: bool) -> None:
         card = model.card

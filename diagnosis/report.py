@@ -6,7 +6,11 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-Outcome = Literal["analysed", "not_xray", "body_part_not_analysed", "body_part_uncertain", "retake", "rejected"]
+Outcome = Literal["analysed", "not_xray", "body_part_not_analysed", "body_part_uncertain", "body_part_unknown",
+                  "retake", "rejected"]
+# What a non-X-ray image seems to be (the gate card's modality head): named in the refusal; a
+# non-medical image gets no physician footer.
+Modality = Literal["xray", "ct", "mri", "ultrasound", "other_medical", "non_medical"]
 
 
 Mode = Literal["screening", "clinician"]
@@ -42,6 +46,10 @@ class DiagnosisResult(BaseModel):
     xray_probability: float | None = None
     body_part: str | None = None
     body_part_probability: float | None = None
+    # Open-set distance of the film to the nearest body part the model knows (body-part card's
+    # open_set); above the card's threshold the outcome is "body_part_unknown". None without one.
+    body_part_novelty: float | None = None
+    modality: Modality | None = None  # gate card's modality head, when it has one
     findings: list[Finding] = Field(default_factory=list)  # all labels, highest probability first
     abnormal_probability: float | None = None  # calibrated "any finding" score; None when the card has none
     mode: Mode = "screening"

@@ -8,16 +8,23 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
+from safetensors.numpy import save_file
 
 from diagnosis.cards import (
+    AuxiliaryFile,
     InputSpec,
     LabelPoint,
+    ModalitySpec,
     ModelCard,
+    OpenSetSpec,
     OperatingPoints,
     PointFigures,
     VerdictPoint,
     WeightsSpec,
+    read_card,
+    sha256_of,
     write_card,
 )
 from diagnosis.network import DenseNetClassifier, save_weights
@@ -57,19 +64,53 @@ def stand_in_points(labels: list[str], threshold: float = 0.5) -> OperatingPoint
                            clinician={label: point() for label in labels}, verdict=verdict)
 
 
+def _arrays(folder: Path, name: str, arrays: dict[str, np.ndarray]) -> AuxiliaryFile:
+    save_file({k: v.astype(np.float32) for k, v in arrays.items()}, str(folder / name))
+    return AuxiliaryFile(file=name, sha256=sha256_of(folder / name))
+
+
+def add_open_set(folder: Path, threshold: float, chest_floor: float | None = None) -> None:
+    """Open-set arrays whose distance is exactly 1 for every image (zero means, identity precision,
+    L2-normalised features): a threshold below 1 makes every film "unknown", above 1 none."""
+    card = read_card(folder)
+    features = 1024
+    spec = _arrays(folder, "open_set.safetensors", {"means": np.zeros((len(card.labels), features)),
+                                                    "precision": np.eye(features)})
+    card.open_set = OpenSetSpec(arrays=spec, threshold=threshold,
+                                label_min_confidence={"chest": chest_floor} if chest_floor is not None else {})
+    write_card(folder, card)
+
+
+def add_modality(folder: Path, modality: str) -> None:
+    """A modality head that names ``modality`` for every image the gate refuses (zero weights, its bias)."""
+    card = read_card(folder)
+    classes = ["xray", "ct", "mri", "ultrasound", "other_medical", "non_medical"]
+    spec = _arrays(folder, "modality.safetensors", {"weight": np.zeros((len(classes), 1024)),
+                                                    "bias": np.array([8.0 if c == modality else 0.0 for c in classes])})
+    card.modality = ModalitySpec(classes=classes, arrays=spec)
+    write_card(folder, card)
+
+
 def make_models_dir(root: Path, *, xray: bool = True, body_part: str = "chest", positives: tuple[str, ...] = (
         "Effusion", "Cardiomegaly"), body_part_confidence: float = 8.0, size: int = 64,
-        operating_points: bool = True) -> Path:
+        operating_points: bool = True, open_set_threshold: float | None = None,
+        chest_floor: float | None = None, modality: str | None = None) -> Path:
     """gate + body_part (chest/hand/knee) + chest models under ``root``; returns ``root``.
 
-    ``operating_points=False`` gives a chest card as written before calibration (no points)."""
+    ``operating_points=False`` gives a chest card as written before calibration (no points).
+    ``open_set_threshold`` (< 1: every film an unknown part; > 1: none) and ``chest_floor`` add the
+    body-part card's open-set check; ``modality`` adds a gate modality head naming that class."""
     root = Path(root)
     make_model(root / "gate", role="gate", labels=["not_xray", "xray"], activation="softmax",
                biases=[-8.0, 8.0] if xray else [8.0, -8.0], positive_label="xray",
                thresholds={"xray": 0.5}, size=size)
+    if modality:
+        add_modality(root / "gate", modality)
     make_model(root / "body_part", role="body_part", labels=PARTS, activation="softmax",
                biases=[body_part_confidence if p == body_part else 0.0 for p in PARTS],
                min_confidence=0.5, size=size)
+    if open_set_threshold is not None or chest_floor is not None:
+        add_open_set(root / "body_part", 1e9 if open_set_threshold is None else open_set_threshold, chest_floor)
     chest_biases = [3.0 - i * 0.5 if label in positives else -4.0 - i * 0.1
                     for i, label in enumerate(CHEST_LABELS)]
     make_model(root / "chest", role="abnormality", body_part="chest", labels=CHEST_LABELS,

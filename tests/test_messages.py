@@ -24,6 +24,9 @@ RESULTS = [
     DiagnosisResult(outcome="body_part_uncertain", is_xray=True, body_part_probability=0.3),
     DiagnosisResult(outcome="body_part_not_analysed", is_xray=True, body_part="hand", body_part_probability=0.97),
     DiagnosisResult(outcome="rejected", rejection="corrupt"),
+    DiagnosisResult(outcome="not_xray", xray_probability=0.01, modality="ct"),
+    DiagnosisResult(outcome="not_xray", xray_probability=0.01, modality="other_medical"),
+    DiagnosisResult(outcome="body_part_unknown", is_xray=True, body_part_probability=0.9, body_part_novelty=5000.0),
     DiagnosisResult(outcome="analysed", is_xray=True, body_part="chest", findings=[
         Finding(label="Effusion", probability=0.81, positive=True, threshold=0.4, eligible=True, ppv=0.36,
                 sensitivity=0.25, specificity=0.95, auc=0.79),
@@ -33,7 +36,7 @@ RESULTS = [
 
 
 @pytest.mark.parametrize("language", list(LANGUAGES))
-@pytest.mark.parametrize("result", RESULTS, ids=lambda r: r.outcome)
+@pytest.mark.parametrize("result", RESULTS, ids=lambda r: f"{r.outcome}-{r.modality}")
 def test_every_reply_ends_with_the_physician_prompt(result, language):
     text = render_reply(result, language)
     assert PHYSICIAN[language] in text.splitlines()[-1]
@@ -73,6 +76,28 @@ def test_normal_screening_reply_says_what_it_checked_and_what_it_cannot_rule_out
 def test_card_without_operating_points_is_unsure():
     unsure = RESULTS[-1].model_copy(update={"verdict": "unsure", "verdict_point": {}})
     assert "Verdict: unsure" in render_reply(unsure, "en")
+
+
+@pytest.mark.parametrize("language", list(LANGUAGES))
+def test_non_medical_refusal_is_polite_and_has_no_physician_footer(language):
+    text = render_reply(DiagnosisResult(outcome="not_xray", xray_probability=0.01, modality="non_medical"), language)
+    assert PHYSICIAN[language] not in text and "⚕" not in text
+    assert text.splitlines()[0] == gettext_for(language)(
+        "Sorry, this does not look like an X-ray image, and X-ray radiographs are all I can read.")
+
+
+@pytest.mark.parametrize(("modality", "name"), [("ct", "CT scan"), ("mri", "MRI scan"), ("ultrasound", "ultrasound")])
+def test_ct_mri_and_ultrasound_are_named(modality, name):
+    text = render_reply(DiagnosisResult(outcome="not_xray", xray_probability=0.01, modality=modality))
+    assert name in text.splitlines()[0] and "only read X-ray" in text
+    assert "КТ" in render_reply(DiagnosisResult(outcome="not_xray", modality="ct"), "ru")
+
+
+def test_unknown_body_part_is_not_named():
+    result = DiagnosisResult(outcome="body_part_unknown", is_xray=True, body_part_probability=0.99)
+    text = render_reply(result, "en")
+    assert "body part I cannot read yet" in text and "99%" not in text
+    assert "не умею читать" in render_reply(result, "ru")
 
 
 def test_russian_and_kazakh_replies_are_translated():

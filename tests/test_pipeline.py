@@ -7,6 +7,7 @@ from conftest import encode, gradient
 from model_factory import CHEST_LABELS, make_model, make_models_dir
 from PIL import Image
 
+from diagnosis.cards import CardError
 from diagnosis.messages import render_reply
 from diagnosis.pipeline import Pipeline
 
@@ -133,3 +134,45 @@ def test_poor_photo_that_is_not_an_xray_hears_not_an_xray(tmp_path):
     dark = encode(Image.fromarray((gradient(300, 260, texture=True) * 0.1).astype(np.uint8)), "PNG")
     result = Pipeline.load(make_models_dir(tmp_path, xray=False)).run(dark).result
     assert result.outcome == "not_xray" and result.retake == []
+
+
+@pytest.mark.parametrize(("threshold", "outcome"), [(0.5, "body_part_unknown"), (2.0, "analysed")])
+def test_open_set_check_says_unknown_part_only_above_its_threshold(tmp_path, threshold, outcome):
+    # The factory's open-set arrays put every image at distance exactly 1 from the known parts.
+    result = Pipeline.load(make_models_dir(tmp_path, open_set_threshold=threshold)).run(IMAGE).result
+    assert result.outcome == outcome and result.body_part_novelty == pytest.approx(1.0, abs=1e-3)
+    if outcome == "body_part_unknown":
+        assert result.body_part is None and result.findings == []
+        reply = render_reply(result)
+        assert reply.startswith("This looks like an X-ray of a body part I cannot read yet") and "physician" in reply
+
+
+def test_chest_reaches_the_chest_model_only_above_its_stricter_floor(tmp_path):
+    # body_part_confidence 3: chest top-1 ≈ 0.91, above min_confidence 0.5 but below a 0.95 chest floor.
+    strict = Pipeline.load(make_models_dir(tmp_path / "strict", body_part_confidence=3.0, chest_floor=0.95))
+    assert strict.run(IMAGE).result.outcome == "body_part_uncertain"
+    lenient = Pipeline.load(make_models_dir(tmp_path / "lenient", body_part_confidence=3.0, chest_floor=0.8))
+    assert lenient.run(IMAGE).result.outcome == "analysed"
+
+
+def test_open_set_arrays_are_checked_by_hash(tmp_path):
+    models = make_models_dir(tmp_path, open_set_threshold=2.0)
+    (models / "body_part" / "open_set.safetensors").write_bytes(b"tampered")
+    with pytest.raises(CardError, match="sha256"):
+        Pipeline.load(models)
+
+
+@pytest.mark.parametrize(("modality", "start", "footer"), [
+    ("ct", "This looks like a CT scan", True), ("ultrasound", "This looks like an ultrasound image", True),
+    ("non_medical", "Sorry, this does not look like an X-ray image", False)])
+def test_modality_head_names_what_the_gate_refused(tmp_path, modality, start, footer):
+    result = Pipeline.load(make_models_dir(tmp_path, xray=False, modality=modality)).run(IMAGE).result
+    assert result.outcome == "not_xray" and result.modality == modality
+    reply = render_reply(result)
+    assert reply.startswith(start) and ("physician" in reply) is footer
+
+
+def test_modality_head_says_xray_when_the_gate_accepts(tmp_path):
+    # Its bias prefers CT, but the gate decides X-ray or not; the head only names refused images.
+    result = Pipeline.load(make_models_dir(tmp_path, xray=True, modality="ct")).run(IMAGE).result
+    assert result.outcome == "analysed" and result.modality == "xray"

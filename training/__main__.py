@@ -1,4 +1,5 @@
-"""`python -m training {train,export,evaluate,calibrate,measure-replies,measure-heatmaps,import-torchxrayvision}`."""
+"""`python -m training COMMAND`: train, export, evaluate, calibrate, measure-replies, measure-heatmaps,
+open-set, modality, import-torchxrayvision."""
 
 from __future__ import annotations
 
@@ -111,6 +112,13 @@ def main(argv: list[str] | None = None) -> int:
 
     heatmap_arguments(h)
 
+    from . import modality, open_set
+
+    o = commands.add_parser("open-set", help="body part: fit the unknown-part check and the chest floor")
+    open_set.add_arguments(o)
+    m = commands.add_parser("modality", help="gate: fit the head that names CT / MRI / ultrasound / not medical")
+    modality.add_arguments(m)
+
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
 
@@ -125,6 +133,11 @@ def main(argv: list[str] | None = None) -> int:
         from .measure_heatmaps import run
 
         return run(args)
+
+    if args.command == "open-set":
+        return open_set.main(args)
+    if args.command == "modality":
+        return modality.main(args)
 
     import torch
 

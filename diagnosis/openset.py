@@ -1,0 +1,91 @@
+"""Open-set checks and small heads on pooled features: arrays fitted beside a model's weights (safetensors), numpy only.
+
+``BodyPartNovelty`` scores how far a film's pooled DenseNet features lie from every body part the
+model was trained on (Mahalanobis distance with class means and one shared covariance, Lee et al.
+2018, "A simple unified framework for detecting out-of-distribution samples"). The arrays are
+fitted by ``python -m training open-set`` and referenced from the card with their sha256.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from safetensors.numpy import load_file
+
+from .cards import AuxiliaryFile, CardError, ModalitySpec, OpenSetSpec, sha256_of
+
+
+def load_arrays(folder: Path, spec: AuxiliaryFile) -> dict[str, np.ndarray]:
+    path = Path(folder) / spec.file
+    if not path.is_file():
+        raise CardError(f"file {spec.file!r} missing in {Path(folder).name!r}")
+    if sha256_of(path) != spec.sha256:
+        raise CardError(f"sha256 mismatch for {spec.file!r} in {Path(folder).name!r}; refusing to load")
+    return {key: value.astype(np.float64) for key, value in load_file(str(path)).items()}
+
+
+def pool(feature_maps: np.ndarray) -> np.ndarray:
+    """(N, C, H, W) post-ReLU maps → (N, C) pooled features, as the classifier sees them."""
+    return feature_maps.reshape(*feature_maps.shape[:2], -1).mean(axis=2)
+
+
+def mahalanobis(pooled: np.ndarray, means: np.ndarray, precision: np.ndarray, normalise: bool) -> np.ndarray:
+    """(N, parts) squared Mahalanobis distances of each row to each part's mean."""
+    x = np.asarray(pooled, dtype=np.float64)
+    if normalise:
+        x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    centred = x[:, None, :] - means[None, :, :]
+    return np.einsum("npi,ij,npj->np", centred, precision, centred)
+
+
+class BodyPartNovelty:
+    def __init__(self, folder: Path, spec: OpenSetSpec, parts: int):
+        arrays = load_arrays(folder, spec.arrays)
+        self.spec, self.means, self.precision = spec, arrays["means"], arrays["precision"]
+        if self.means.shape[0] != parts or self.precision.shape != (self.means.shape[1],) * 2:
+            raise CardError(f"open-set arrays in {Path(folder).name!r} do not fit the card's {parts} labels")
+
+    def scores(self, feature_maps: np.ndarray) -> np.ndarray:
+        """Distance to the nearest known part per image; above ``spec.threshold``: an unknown part."""
+        return mahalanobis(pool(feature_maps), self.means, self.precision, self.spec.normalise).min(axis=1)
+
+
+class ModalityHead:
+    """Gate card's modality head: pooled gate features → one of ``spec.classes``."""
+
+    def __init__(self, folder: Path, spec: ModalitySpec):
+        arrays = load_arrays(folder, spec.arrays)
+        self.classes, self.weight, self.bias = spec.classes, arrays["weight"], arrays["bias"]
+        self.non_medical_floor = spec.non_medical_min_probability
+        if self.weight.shape[0] != len(self.classes) or self.bias.shape != (len(self.classes),):
+            raise CardError(f"modality arrays in {Path(folder).name!r} do not fit its {len(self.classes)} classes")
+
+    def logits(self, feature_maps: np.ndarray) -> np.ndarray:
+        return pool(feature_maps) @ self.weight.T + self.bias
+
+    def name(self, feature_maps: np.ndarray, is_xray: np.ndarray) -> list[str | None]:
+        """The most likely class per image, consistent with the gate's decision: "xray" exactly when
+        the gate accepted the image, otherwise the most likely of the other classes; None for a
+        "non_medical" below the card's floor (not sure enough to leave out the physician footer)."""
+        return [self.classes[i] if i is not None else None
+                for i in decide(self.logits(feature_maps), is_xray, self.classes, self.non_medical_floor)]
+
+
+def decide(logits: np.ndarray, is_xray: np.ndarray, classes: list[str], non_medical_floor: float) -> list[int | None]:
+    """Class index per row (see ``ModalityHead.name``); shared with training.modality."""
+    xray = classes.index("xray") if "xray" in classes else None
+    non_medical = classes.index("non_medical") if "non_medical" in classes else None
+    chosen: list[int | None] = []
+    for row, accepted in zip(logits, is_xray, strict=True):
+        if xray is not None and accepted:
+            chosen.append(xray)
+            continue
+        row = row.astype(np.float64).copy()
+        if xray is not None:
+            row[xray] = -np.inf
+        probs = np.exp(row - row.max())
+        probs /= probs.sum()
+        top = int(probs.argmax())
+        chosen.append(None if top == non_medical and probs[top] < non_medical_floor else top)
+    return chosen

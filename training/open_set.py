@@ -1,0 +1,277 @@
+"""Open-set body part: say "a body part I cannot read yet" instead of naming a wrong part.
+
+    python -m training open-set --model models/body_part --manifest ../shared/data/xray-pack/manifest.csv \\
+        [--cache /tmp/open-set] [--keep 0.97] [--chest-keep 0.98] [--json OUT] [--dry-run]
+
+1. Pooled 1024-d features and logits of the body-part model on every radiograph of a part the card
+   knows (train: at most ``--max-train-per-part`` per part), seen as the service sees them
+   (``training.pipeline_features``).
+2. Candidate scores, each "higher = less like a known part": 1 − max softmax, energy (−logsumexp of the
+   logits), −max logit, and the Mahalanobis distance to the nearest part mean (one shared covariance,
+   Ledoit–Wolf shrinkage; on raw or L2-normalised features), means and covariance fitted on train.
+3. Every threshold keeps ``--keep`` of the known-part val films. The score shipped is the one with
+   the highest val AUROC of known-part films against the val films of parts the card does not know
+   (the hold-out: the pack's hip and wrist films, never fitted on; only their 6 val films take part in
+   this choice, all 33 are reported).
+4. Chest floor: only a confident chest reaches the chest model; the floor keeps ``--chest-keep`` of
+   the val chest films that pass the open-set check (never below the card's ``min_confidence``).
+
+Writes ``open_set.safetensors`` (means, precision) beside the weights and the ``open_set`` entry of
+the card (with its measured figures: val and test coverage cost, test accuracy before/after, and
+wrong-part naming on the hold-out before/after).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import tempfile
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import numpy as np
+from safetensors.numpy import save_file
+from scipy.special import logsumexp, softmax
+from sklearn.covariance import LedoitWolf
+from sklearn.metrics import roc_auc_score
+
+from diagnosis.cards import AuxiliaryFile, OpenSetSpec, read_card, sha256_of, write_card
+from diagnosis.openset import mahalanobis
+
+from .datasets import Record
+from .pipeline_features import FeatureStore
+
+log = logging.getLogger(__name__)
+ARRAYS_FILE = "open_set.safetensors"
+
+
+def _stable(record: Record) -> str:
+    return hashlib.sha256(str(record.path.name).encode()).hexdigest()
+
+
+def choose_records(records: list[Record], labels: list[str], max_train_per_part: int) -> list[Record]:
+    """Known-part radiographs (train capped per part, chosen by a hash of the file name) + every film
+    of a part the card does not know (the hold-out, all splits)."""
+    xrays = [r for r in records if r.is_xray and r.body_part]
+    train: dict[str, list[Record]] = defaultdict(list)
+    for record in sorted((r for r in xrays if r.split == "train" and r.body_part in labels), key=_stable):
+        train[record.body_part].append(record)
+    chosen = [r for part in labels for r in train[part][:max_train_per_part]]
+    return chosen + [r for r in xrays if r.split != "train" or r.body_part not in labels]
+
+
+def fit_mahalanobis(pooled: np.ndarray, parts: np.ndarray, count: int,
+                    normalise: bool) -> tuple[np.ndarray, np.ndarray]:
+    x = pooled.astype(np.float64)
+    if normalise:
+        x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    means = np.stack([x[parts == c].mean(axis=0) for c in range(count)])
+    precision = LedoitWolf().fit(x - means[parts]).precision_
+    return means, precision
+
+
+def outcomes(probs: np.ndarray, score: np.ndarray | None, threshold: float | None, labels: list[str],
+             min_confidence: float, floors: dict[str, float]) -> list[str]:
+    """What the pipeline says per film: a part's name, "unknown" or "uncertain" (as diagnosis.pipeline)."""
+    said = []
+    for i, row in enumerate(probs):
+        top = int(row.argmax())
+        if score is not None and score[i] > threshold:
+            said.append("unknown")
+        elif row[top] < max(min_confidence, floors.get(labels[top], 0.0)):
+            said.append("uncertain")
+        else:
+            said.append(labels[top])
+    return said
+
+
+def summary(said: list[str], truth: list[str], known: bool) -> dict:
+    n = len(said)
+    named = [s for s in said if s not in ("unknown", "uncertain")]
+    entry = {"n": n, "unknown": said.count("unknown"), "uncertain": said.count("uncertain"), "named": len(named)}
+    if known:
+        correct = sum(s == t for s, t in zip(said, truth, strict=True))
+        entry.update(correct=correct, accuracy=round(correct / max(n, 1), 4),
+                     accuracy_when_named=round(correct / max(len(named), 1), 4),
+                     not_named_rate=round((n - len(named)) / max(n, 1), 4))
+        per_part = defaultdict(Counter)
+        for s, t in zip(said, truth, strict=True):
+            per_part[t]["n"] += 1
+            per_part[t]["not_named"] += s in ("unknown", "uncertain")
+        entry["not_named_by_part"] = {p: dict(c) for p, c in sorted(per_part.items())}
+    else:
+        entry.update(wrong_part_rate=round(len(named) / max(n, 1), 4), named_chest=named.count("chest"),
+                     named_as=dict(Counter(named)))
+    return entry
+
+
+def run(model: Path, records: list[Record], cache: Path, keep: float, chest_keep: float, max_train_per_part: int,
+        write: bool = True) -> dict:
+    card = read_card(model)
+    labels = card.labels
+    chosen = choose_records(records, labels, max_train_per_part)
+    store = FeatureStore(model, cache)
+    logits, pooled = store.outputs([r.path for r in chosen])
+    read = np.isfinite(pooled[:, 0])  # files the service's intake refuses never reach the models
+    chosen, logits, pooled = [r for r, ok in zip(chosen, read, strict=True) if ok], logits[read], pooled[read]
+    logits = logits[:, : len(labels)].astype(np.float64)
+    probs = softmax(logits, axis=1)
+    parts = np.array([r.body_part for r in chosen])
+    splits = np.array([r.split for r in chosen])
+    known = np.isin(parts, labels)
+    index = np.array([labels.index(p) if p in labels else -1 for p in parts])
+    train, val, test = known & (splits == "train"), known & (splits == "val"), known & (splits == "test")
+    unknown = ~known
+    val_unknown = unknown & (splits == "val")
+    log.info("train %d, val %d, test %d known-part films; %d hold-out films (%s)", train.sum(), val.sum(),
+             test.sum(), unknown.sum(), dict(Counter(parts[unknown])))
+
+    fitted = {normalise: fit_mahalanobis(pooled[train], index[train], len(labels), normalise)
+              for normalise in (False, True)}
+    candidates = {
+        "max_softmax": 1 - probs.max(axis=1),
+        "energy": -logsumexp(logits, axis=1),
+        "max_logit": -logits.max(axis=1),
+        "mahalanobis": mahalanobis(pooled, *fitted[False], normalise=False).min(axis=1),
+        "mahalanobis_normalised": mahalanobis(pooled, *fitted[True], normalise=True).min(axis=1),
+    }
+    min_confidence = card.min_confidence or 0.0
+    truth = list(parts)
+    comparison = {}
+    for name, score in candidates.items():
+        threshold = float(np.quantile(score[val], keep))
+        said = outcomes(probs, score, threshold, labels, min_confidence, {})
+        comparison[name] = {
+            "threshold": threshold,
+            "val_auroc_vs_val_holdout": round(float(roc_auc_score(
+                np.r_[np.zeros(val.sum()), np.ones(val_unknown.sum())], np.r_[score[val], score[val_unknown]])), 4)
+            if val_unknown.any() else None,
+            "auroc_val_vs_all_holdout": round(float(roc_auc_score(
+                np.r_[np.zeros(val.sum()), np.ones(unknown.sum())], np.r_[score[val], score[unknown]])), 4),
+            "holdout_wrong_part_rate": summary([said[i] for i in np.flatnonzero(unknown)], [],
+                                               False)["wrong_part_rate"],
+            "test_not_named_rate": summary([said[i] for i in np.flatnonzero(test)],
+                                           [truth[i] for i in np.flatnonzero(test)], True)["not_named_rate"],
+        }
+    best = max(("mahalanobis", "mahalanobis_normalised"),
+               key=lambda n: comparison[n]["val_auroc_vs_val_holdout"] or 0.0)
+    # The shipped score must be computable from card arrays: a Mahalanobis variant (the logit scores are
+    # reported for comparison). If a logit score were better, that would be reported here too.
+    normalise = best == "mahalanobis_normalised"
+    score, threshold = candidates[best], comparison[best]["threshold"]
+
+    passed_chest = val & (parts == "chest") & (score <= threshold)
+    chest_floor = float(max(min_confidence, np.quantile(probs[passed_chest, labels.index("chest")], 1 - chest_keep)))
+    floors = {"chest": round(chest_floor, 4)} if "chest" in labels else {}
+
+    def report(mask: np.ndarray, with_open_set: bool, is_known: bool) -> dict:
+        said = outcomes(probs, score if with_open_set else None, threshold, labels, min_confidence,
+                        floors if with_open_set else {})
+        rows = np.flatnonzero(mask)
+        return summary([said[i] for i in rows], [truth[i] for i in rows], is_known)
+
+    metrics = {
+        "data": "pack manifest; known parts: train films (fit), val films (threshold, chest floor), test films "
+                "(report); hold-out: every hip and wrist film, all splits, never fitted on",
+        "val_known": {"before": report(val, False, True), "after": report(val, True, True)},
+        "test_known": {"before": report(test, False, True), "after": report(test, True, True)},
+        "holdout_unknown_parts": {"before": report(unknown, False, False), "after": report(unknown, True, False)},
+        "score_comparison": comparison,
+    }
+    spec_arrays = AuxiliaryFile(file=ARRAYS_FILE, sha256="")
+    means, precision = fitted[normalise]
+    spec = OpenSetSpec(
+        arrays=spec_arrays, normalise=normalise, threshold=round(threshold, 4), label_min_confidence=floors,
+        method_notes=(f"{best}: squared Mahalanobis distance of the pooled features to the nearest part mean "
+                      f"(shared Ledoit-Wolf covariance, fitted on {int(train.sum())} train films); threshold keeps "
+                      f"{keep:.0%} of {int(val.sum())} known-part val films; chest floor keeps {chest_keep:.0%} of "
+                      f"the val chest films that pass it (not below min_confidence); score chosen by val AUROC "
+                      f"against the {int(val_unknown.sum())} val hold-out films; "
+                      "command: python -m training open-set --model models/body_part --manifest "
+                      "../shared/data/xray-pack/manifest.csv"),
+        metrics=metrics)
+    if write:
+        save_file({"means": means.astype(np.float32), "precision": precision.astype(np.float32)},
+                  str(Path(model) / ARRAYS_FILE))
+        (Path(model) / ARRAYS_FILE).chmod(0o644)
+        spec.arrays = AuxiliaryFile(file=ARRAYS_FILE, sha256=sha256_of(Path(model) / ARRAYS_FILE))
+        card.open_set = spec
+        write_card(model, card)
+    return spec.model_dump(mode="json")
+
+
+def photo_routing(model: Path, records: list[Record], cache: Path, split: str, limit: int | None,
+                  seed: int = 0) -> dict:
+    """Synthetic phone photos (``training.synthetic_photos``, one generator per image seeded by
+    (seed, index)) of the chest films of ``split``, straightened by the service's photo step: how
+    often is the body part "chest" before (top-1 + min_confidence) and after (the card's open-set
+    check and chest floor)? The photos are made in memory only."""
+    from diagnosis.photo import rectify
+
+    from .synthetic_photos import synthesise_with_corners, to_gray
+
+    card = read_card(model)
+    chest = sorted((r for r in records if r.split == split and r.body_part == "chest" and r.kind == "radiograph"
+                    and not r.synthetic), key=_stable)[:limit]
+    paths = {f"synthetic-photo:{seed}:{i}:{r.path}": r.path for i, r in enumerate(chest)}
+
+    def view(key: str) -> np.ndarray | None:
+        from .pipeline_features import service_view
+
+        index = int(key.split(":")[2])
+        gray = service_view(paths[key])
+        if gray is None:
+            return None
+        photo = to_gray(synthesise_with_corners(gray, np.random.default_rng([seed, index]))[0])
+        return rectify(photo).gray
+
+    logits, pooled = FeatureStore(model, cache).outputs(list(paths), views=view)
+    read = np.isfinite(pooled[:, 0])
+    logits, pooled = logits[read, : len(card.labels)].astype(np.float64), pooled[read]
+    probs = softmax(logits, axis=1)
+    min_confidence = card.min_confidence or 0.0
+    before = outcomes(probs, None, None, card.labels, min_confidence, {})
+    entry = {"split": split, "photos": int(read.sum()), "seed": seed,
+             "chest_before": round(before.count("chest") / max(len(before), 1), 4)}
+    if card.open_set:
+        spec = card.open_set
+        from diagnosis.openset import BodyPartNovelty
+
+        novelty = BodyPartNovelty(Path(model), spec, len(card.labels))
+        score = mahalanobis(pooled, novelty.means, novelty.precision, spec.normalise).min(axis=1)
+        after = outcomes(probs, score, spec.threshold, card.labels, min_confidence, spec.label_min_confidence)
+        entry.update(chest_after=round(after.count("chest") / max(len(after), 1), 4),
+                     after=dict(Counter(after)))
+    entry["before"] = dict(Counter(before))
+    return entry
+
+
+def main(args) -> int:
+    from .datasets import load_sources
+
+    records = load_sources(args.manifest)
+    result = run(args.model, records, args.cache, args.keep, args.chest_keep, args.max_train_per_part,
+                 write=not args.dry_run)
+    if args.photos:
+        result["synthetic_chest_photos"] = [photo_routing(args.model, records, args.cache, split, args.photos)
+                                            for split in ("val", "test")]
+    text = json.dumps(result, indent=1)
+    if args.json:
+        Path(args.json).write_text(text + "\n")
+    print(text)
+    return 0
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--model", required=True, type=Path)
+    parser.add_argument("--manifest", action="append", required=True)
+    parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "open-set",
+                        help="forward-pass cache (not the repository)")
+    parser.add_argument("--keep", type=float, default=0.97, help="share of known-part val films kept")
+    parser.add_argument("--chest-keep", type=float, default=0.98, help="share of passing val chest films routed")
+    parser.add_argument("--max-train-per-part", type=int, default=1500)
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("--dry-run", action="store_true", help="measure only; leave the card alone")
+    parser.add_argument("--photos", type=int, default=0,
+                        help="also measure body part = chest on synthetic photos of N val and N test chest films")

@@ -1,0 +1,95 @@
+"""Logits and pooled features of one model folder, on images seen exactly as the service sees them.
+
+Each image goes through ``diagnosis.intake.decode``, the photo step (``diagnosis.photo.rectify``,
+skipped for DICOM as in ``diagnosis.pipeline``), ``diagnosis.preprocess.to_model_input`` and the
+model's ONNX Runtime runner (``diagnosis.backends``), so what is fitted here on pooled features is
+what the pipeline computes at inference. Results are cached per (weights hash, image path) in a
+safetensors file under ``cache`` (never in the repository); no pickle.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.numpy import load_file, save_file
+
+from diagnosis.backends import make_runner
+from diagnosis.intake import ImageRejected, decode
+from diagnosis.network import load_model
+from diagnosis.photo import rectify
+from diagnosis.preprocess import to_model_input
+
+log = logging.getLogger(__name__)
+
+
+def service_view(path: Path) -> np.ndarray | None:
+    """The grayscale image the models see for the file at ``path`` (decode, then the photo step);
+    None when the service's intake refuses the file (it never reaches the models)."""
+    try:
+        decoded = decode(Path(path).read_bytes())
+    except ImageRejected:
+        return None
+    return decoded.gray if decoded.format == "DICOM" else rectify(decoded.gray).gray
+
+
+class FeatureStore:
+    """``outputs(paths)`` → (logits (N, outputs), pooled features (N, 1024)); missing rows are computed.
+
+    Rows of files the intake refuses are NaN (callers drop them: the service never runs them)."""
+
+    def __init__(self, model_folder: Path | str, cache: Path | str, threads: int = 2):
+        self.card, self.network = load_model(model_folder, "cpu")
+        self.cache = Path(cache)
+        self.cache.mkdir(parents=True, exist_ok=True)
+        self.file = self.cache / f"{self.card.name}-{self.card.weights.sha256[:16]}.safetensors"
+        self.threads = threads
+        self.rows: dict[str, int] = {}
+        self.logits = np.zeros((0, len(self.card.outputs)), np.float32)
+        self.pooled = np.zeros((0, 1024), np.float32)
+        if self.file.is_file():
+            tensors = load_file(str(self.file))
+            self.logits, self.pooled = tensors["logits"], tensors["pooled"]
+            keys = json.loads(self.file.with_suffix(".json").read_text())
+            self.rows = {key: i for i, key in enumerate(keys)}
+        self._runner = None
+
+    def _run(self, images: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        if self._runner is None:
+            self._runner = make_runner("onnx", self.network, self.card, torch.device("cpu"),
+                                       self.cache / "onnx", self.threads)
+        spec = self.card.input
+        batch = np.stack([to_model_input(g, spec.size, spec.mean, spec.std) for g in images])
+        logits, maps = self._runner(batch)
+        return logits.astype(np.float32), maps.mean(axis=(2, 3)).astype(np.float32)
+
+    def outputs(self, paths: list[Path], views=None) -> tuple[np.ndarray, np.ndarray]:
+        """Rows for ``paths``; ``views`` (path → gray image) replaces reading the file (synthetic images)."""
+        keys = [str(p) for p in paths]
+        missing = [k for k in dict.fromkeys(keys) if k not in self.rows]
+        for start in range(0, len(missing), 32):
+            chunk = missing[start:start + 32]
+            images = [views(k) if views else service_view(Path(k)) for k in chunk]
+            logits = np.full((len(chunk), self.logits.shape[1]), np.nan, np.float32)
+            pooled = np.full((len(chunk), self.pooled.shape[1]), np.nan, np.float32)
+            ok = [i for i, image in enumerate(images) if image is not None]
+            if ok:
+                logits[ok], pooled[ok] = self._run([images[i] for i in ok])
+            offset = len(self.rows)
+            self.rows.update({k: offset + i for i, k in enumerate(chunk)})
+            self.logits = np.concatenate([self.logits, logits])
+            self.pooled = np.concatenate([self.pooled, pooled])
+            if start % 1024 == 0:
+                log.info("%s: %d / %d forward passes", self.card.name, start + len(chunk), len(missing))
+                self._save()
+        if missing:
+            self._save()
+        index = np.asarray([self.rows[k] for k in keys], dtype=np.int64)
+        return self.logits[index], self.pooled[index]
+
+    def _save(self) -> None:
+        save_file({"logits": self.logits, "pooled": self.pooled}, str(self.file))
+        self.file.with_suffix(".json").write_text(json.dumps(list(self.rows)))
