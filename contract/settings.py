@@ -49,10 +49,11 @@ class ServiceSettings(BaseSettings):
     # package, not the working directory), backend "torch", device "cpu", heatmap "cam".
     MODELS_DIR: Path | None = None
     DEVICE: str | None = None  # "cpu", "cuda", "cuda:1"
-    TORCH_THREADS: int | None = Field(None, ge=1)  # torch and ONNX Runtime threads per worker process
-    # "onnx" (ONNX Runtime, CPU; exported from the weights at start, cached by hash), "torch" (CPU or
+    TORCH_THREADS: int | None = Field(None, ge=1)  # intra-op threads of every backend, per worker process
+    # "onnx" (ONNX Runtime, CPU; exported from the weights at start, cached by hash), "openvino"
+    # (OpenVINO, CPU, from the same export; compiled blob cached too), "torch" (CPU or
     # CUDA: channels_last, bf16 autocast on CUDA) or "eager" (naive fp32, the benchmark's baseline).
-    BACKEND: Literal["onnx", "torch", "eager"] | None = None
+    BACKEND: Literal["onnx", "openvino", "torch", "eager"] | None = None
     HEATMAP: Literal["cam", "gradcam"] | None = None  # cam = Grad-CAM from the forward pass (identical here)
     # Body part → model folder (name under MODELS_DIR or absolute), e.g. {"chest": "chest_xrv"}.
     ABNORMALITY_MODELS: dict[str, str] = Field(default_factory=dict)

@@ -1,9 +1,10 @@
-"""How a DenseNet runs: eager PyTorch (CPU or CUDA) or ONNX Runtime (CPU).
+"""How a DenseNet runs: eager PyTorch (CPU or CUDA), ONNX Runtime (CPU) or OpenVINO (CPU).
 
 Every runner takes a float32 batch (N, 1, S, S) and returns (logits, post-ReLU feature maps) as
 float32 numpy arrays: the features of the same forward pass give the heatmap (CAM) for free.
 ONNX files are exported from the verified safetensors weights and cached by their sha256, so a
-changed model never reuses a stale export.
+changed model never reuses a stale export. OpenVINO reads the same cached ONNX file and keeps its
+compiled blob in the same cache folder (its ``CACHE_DIR``), so a restart skips compilation.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import copy
 import io
 import logging
 import os
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +24,7 @@ from .config import DEFAULT_CACHE_DIR
 from .network import DenseNetClassifier
 
 log = logging.getLogger(__name__)
-BACKENDS = ("torch", "onnx", "eager")
+BACKENDS = ("torch", "onnx", "openvino", "eager")
 
 
 class TorchRunner:
@@ -70,17 +72,28 @@ def export_onnx(network: DenseNetClassifier, card: ModelCard, path: Path) -> Pat
     return path
 
 
+def cached_onnx(network: DenseNetClassifier, card: ModelCard, cache_dir: Path) -> Path:
+    """The model's ONNX export in ``cache_dir``, named by its weights hash; exported on first use."""
+    flip = "-flip" if card.flip_average else ""
+    path = Path(cache_dir) / f"{card.name}-{card.weights.sha256[:16]}-{card.input.size}{flip}.onnx"
+    if not path.is_file():
+        log.info("exporting %s to ONNX at %s", card.name, path)
+        export_onnx(network, card, path)
+    return path
+
+
+def default_threads(threads: int | None) -> int:
+    """Intra-op threads of a CPU backend: the setting (TORCH_THREADS), else up to 2."""
+    return threads or min(2, os.cpu_count() or 1)
+
+
 class OnnxRunner:
     def __init__(self, network: DenseNetClassifier, card: ModelCard, cache_dir: Path, threads: int | None = None):
         import onnxruntime as ort
 
-        flip = "-flip" if card.flip_average else ""
-        path = Path(cache_dir) / f"{card.name}-{card.weights.sha256[:16]}-{card.input.size}{flip}.onnx"
-        if not path.is_file():
-            log.info("exporting %s to ONNX at %s", card.name, path)
-            export_onnx(network, card, path)
+        path = cached_onnx(network, card, cache_dir)
         options = ort.SessionOptions()
-        options.intra_op_num_threads = threads or min(2, os.cpu_count() or 1)
+        options.intra_op_num_threads = default_threads(threads)
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         # Three models run one after another: spinning idle threads of one session would steal the
         # cores from the next (measured: 36 → 13 ms per model at 128 px on 2 cores).
@@ -92,6 +105,40 @@ class OnnxRunner:
         return logits, features
 
 
+class OpenVinoRunner:
+    """OpenVINO on the CPU, from the cached ONNX export. ``precision`` "f32" (default) keeps the
+    torch/ONNX answers; OpenVINO's own default on CPUs with AVX-512 BF16 or AMX would be bf16, so it
+    is pinned here and changed only on purpose (``python -m training evaluate --backend`` measures it).
+    One infer request per calling thread: a compiled model is shared, requests are not thread-safe."""
+
+    def __init__(self, network: DenseNetClassifier, card: ModelCard, cache_dir: Path, threads: int | None = None,
+                 precision: str = "f32"):
+        import openvino as ov
+
+        path = cached_onnx(network, card, cache_dir)
+        core = ov.Core()
+        blobs = Path(cache_dir) / "openvino"
+        blobs.mkdir(parents=True, exist_ok=True)
+        core.set_property({"CACHE_DIR": str(blobs)})  # compiled blobs, keyed by model and settings
+        model = core.read_model(str(path))
+        self.compiled = core.compile_model(model, "CPU", {
+            "INFERENCE_NUM_THREADS": default_threads(threads),
+            "INFERENCE_PRECISION_HINT": precision,
+            "PERFORMANCE_HINT": "LATENCY",
+            "NUM_STREAMS": 1,
+        })
+        self.precision = precision
+        self._local = threading.local()
+
+    def __call__(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        request = getattr(self._local, "request", None)
+        if request is None:
+            request = self._local.request = self.compiled.create_infer_request()
+        outputs = request.infer({0: np.ascontiguousarray(batch, dtype=np.float32)})
+        # Copies: the request reuses its output buffers on the next call.
+        return np.array(outputs["logits"], copy=True), np.array(outputs["features"], copy=True)
+
+
 def make_runner(backend: str, network: DenseNetClassifier, card: ModelCard, device: torch.device,
                 cache_dir: Path = DEFAULT_CACHE_DIR, threads: int | None = None):
     if backend in ("torch", "eager"):
@@ -100,4 +147,12 @@ def make_runner(backend: str, network: DenseNetClassifier, card: ModelCard, devi
         if device.type != "cpu":
             raise ValueError("the onnx backend runs on the CPU; use backend=torch for CUDA")
         return OnnxRunner(network, card, cache_dir, threads)
+    if backend in ("openvino", "openvino-bf16"):
+        if device.type != "cpu":
+            raise ValueError("the openvino backend runs on the CPU; use backend=torch for CUDA")
+        try:
+            return OpenVinoRunner(network, card, cache_dir, threads, "bf16" if backend.endswith("bf16") else "f32")
+        except ImportError:  # the worker extra installs it; ONNX Runtime is the fallback
+            log.warning("openvino is not installed; %s runs on ONNX Runtime", card.name)
+            return OnnxRunner(network, card, cache_dir, threads)
     raise ValueError(f"unknown backend {backend!r}: choose one of {BACKENDS}")

@@ -26,12 +26,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--models", type=Path,
                         help="folder of model folders (default: $MODELS_DIR, else the repo's models/)")
     parser.add_argument("--language", default="en", choices=list(LANGUAGES), help="language of the report")
-    parser.add_argument("--backend", default=PipelineConfig.backend, choices=["torch", "onnx", "eager"],
-                        help="torch (CPU or CUDA), onnx (ONNX Runtime, CPU) or eager (naive baseline)")
+    parser.add_argument("--backend", default=PipelineConfig.backend, choices=["torch", "onnx", "openvino", "eager"],
+                        help="torch (CPU or CUDA), onnx (ONNX Runtime, CPU), openvino (CPU) or eager (naive baseline)")
     parser.add_argument("--heatmap", default=PipelineConfig.heatmap, choices=["cam", "gradcam"],
                         help="cam: from the forward pass (fast, equal to Grad-CAM here); gradcam: pytorch-grad-cam")
     parser.add_argument("--device", default=PipelineConfig.device)
-    parser.add_argument("--threads", type=int, help="torch / ONNX Runtime threads (default: theirs)")
+    parser.add_argument("--threads", type=int, help="intra-op threads of the backend (default: theirs)")
     return parser
 
 

@@ -77,3 +77,58 @@ def test_flip_average_is_the_mean_over_the_image_and_its_mirror(tmp_path):
     with_flip = grad_cam(network, x[:1], 2)
     network.flip_average = False
     assert np.abs(with_flip - grad_cam(network, x[:1], 2)).max() < 1e-4
+
+
+def test_openvino_runner_matches_torch_and_onnx(fake_models, tmp_path):
+    pytest.importorskip("openvino")
+    from diagnosis.backends import OpenVinoRunner
+
+    card, network = load_model(fake_models / "chest")
+    batch = np.random.default_rng(2).normal(size=(3, 1, 64, 64)).astype(np.float32)
+    reference = TorchRunner(network, torch.device("cpu"))(batch)
+    onnx = OnnxRunner(network, card, tmp_path)(batch)
+    runner = OpenVinoRunner(network, card, tmp_path, threads=1)
+    assert runner.precision == "f32"
+    for batch_size in (3, 1):  # dynamic batch: one compiled model serves every size
+        ours = runner(batch[:batch_size])
+        for a, b, c in zip(ours, reference, onnx, strict=True):
+            assert a.shape == b[:batch_size].shape
+            assert np.abs(a - b[:batch_size]).max() < 1e-3 and np.abs(a - c[:batch_size]).max() < 1e-3
+    assert len(list(tmp_path.glob("*.onnx"))) == 1  # reads the ONNX runner's cached export
+    assert any((tmp_path / "openvino").iterdir())  # and caches its compiled blob beside it
+
+
+def test_openvino_pipeline_matches_torch_pipeline(fake_models, tmp_path):
+    pytest.importorskip("openvino")
+    torch_result = Pipeline.load(fake_models, backend="torch").run(IMAGE).result
+    result = Pipeline.load(fake_models, backend="openvino", cache_dir=tmp_path, threads=1).run(IMAGE).result
+    assert result.outcome == torch_result.outcome == "analysed"
+    for ours, reference in zip(result.findings, torch_result.findings, strict=True):
+        assert ours.label == reference.label
+        assert ours.probability == pytest.approx(reference.probability, abs=1e-4)
+
+
+def test_openvino_requests_are_per_thread(fake_models, tmp_path):
+    pytest.importorskip("openvino")
+    import threading
+
+    from diagnosis.backends import OpenVinoRunner
+
+    card, network = load_model(fake_models / "gate")
+    runner = OpenVinoRunner(network, card, tmp_path, threads=1)
+    rng = np.random.default_rng(4)
+    batches = [rng.normal(size=(2, 1, 64, 64)).astype(np.float32) for _ in range(4)]
+    expected = [runner(b)[0] for b in batches]
+    got: dict[int, np.ndarray] = {}
+
+    def work(index: int) -> None:
+        for _ in range(5):
+            got[index] = runner(batches[index])[0]
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    for index in range(4):
+        assert np.array_equal(got[index], expected[index])
