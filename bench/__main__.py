@@ -78,8 +78,30 @@ def in_process_throughput(pipeline, data: bytes, batch: int, seconds: float) -> 
     return done / (time.perf_counter() - started)
 
 
-def worker_throughput(models: Path, data: bytes, count: int, backend: str) -> tuple[float, float]:
-    """Images/s through one real Celery worker (solo pool, queue inference) and its peak RSS in MB."""
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (from /proc; 0 where there is none)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+# One Celery worker process, as compose/k8s run it. "solo": one task at a time, the models on
+# TORCH_THREADS=2 (the behaviour before the thread pool). "threads": a thread pool feeding the
+# micro-batcher, a backlog runs as batches of 8, two batches in flight (one's decode and overlay
+# overlap the other's inference), one intra-op thread per batch.
+WORKER_CONFIGS = {
+    "solo": {"pool": ["--pool", "solo"], "env": {"TORCH_THREADS": "2"}},
+    "threads": {"pool": ["--pool", "threads", "--concurrency", "16"],
+                "env": {"TORCH_THREADS": "1", "BATCH_MAX": "8", "BATCH_WAIT_MS": "5", "BATCH_LOOPS": "2"}},
+}
+
+
+def worker_throughput(models: Path, data: bytes, count: int, backend: str, config: str = "solo",
+                      device: str = "cpu") -> dict:
+    """Images/s through one real Celery worker (queue inference), its peak RSS in MB and its CPU
+    time per image (less sensitive to other load on the machine than images/s)."""
     import redis
 
     from bot.dispatch import diagnose_kwargs
@@ -90,9 +112,11 @@ def worker_throughput(models: Path, data: bytes, count: int, backend: str) -> tu
     client = redis.Redis.from_url(url)
     client.flushdb()
     env = dict(os.environ, REDIS_URL=url, MODELS_DIR=str(models), BACKEND=backend, TELEGRAM_BOT_TOKEN="1:bench",  # noqa: S106 - dummy
-               TELEGRAM_API_URL="http://127.0.0.1:9", LOG_LEVEL="WARNING")
+               TELEGRAM_API_URL="http://127.0.0.1:9", LOG_LEVEL="WARNING", DEVICE=device,
+               **WORKER_CONFIGS[config]["env"])
     worker = subprocess.Popen([sys.executable, "-m", "celery", "-A", "worker", "worker", "-Q", INFERENCE_QUEUE,
-                               "--pool", "solo", "--loglevel", "WARNING", "--without-gossip", "--without-mingle"],
+                               *WORKER_CONFIGS[config]["pool"], "--loglevel", "WARNING", "--without-gossip",
+                               "--without-mingle"],
                               cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         from celery import Celery
@@ -111,18 +135,21 @@ def worker_throughput(models: Path, data: bytes, count: int, backend: str) -> tu
         deadline = time.time() + 300
         while client.llen("delivery") < 1 and time.time() < deadline:
             time.sleep(0.05)
-        started = time.perf_counter()
-        for index in range(count):
+        deadline = time.time() + 300
+        cpu_before, started = cpu_seconds(worker.pid), time.perf_counter()
+        for index in range(count):  # sending is far faster than the worker: it sees a backlog
             send(index)
         while client.llen("delivery") < count + 1 and time.time() < deadline:
             time.sleep(0.01)
         elapsed = time.perf_counter() - started
+        cpu = cpu_seconds(worker.pid) - cpu_before
         answered = client.llen("delivery") - 1
         rss = 0.0
         for line in Path(f"/proc/{worker.pid}/status").read_text().splitlines():
             if line.startswith("VmHWM:"):
                 rss = int(line.split()[1]) / 1024
-        return answered / elapsed, rss
+        return {"images_per_s": answered / elapsed, "rss_mb": rss, "answered": answered,
+                "cpu_ms_per_image": 1000 * cpu / max(answered, 1), "config": config}
     finally:
         worker.terminate()
         worker.wait(30)

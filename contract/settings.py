@@ -61,6 +61,9 @@ class ServiceSettings(BaseSettings):
     # Micro-batching for threaded GPU workers (--pool threads): up to BATCH_MAX images or BATCH_WAIT_MS.
     BATCH_MAX: int = Field(1, ge=1, le=256)
     BATCH_WAIT_MS: float = Field(10.0, ge=0, le=1000)
+    # Batches in flight at once (diagnosis.batching): 2 on a CPU worker overlaps one batch's decode and
+    # overlay with the other's inference; 1 on a GPU worker.
+    BATCH_LOOPS: int = Field(1, ge=1, le=8)
     METRICS_PORT: int | None = Field(None, ge=1, le=65535)  # Prometheus /metrics of this process
 
     # Celery time limits (seconds). The broker's visibility timeout is derived from them, and with it

@@ -126,18 +126,38 @@ def get_pipeline() -> Any:
 _batcher: Any = None
 
 
-def analyse(data: bytes) -> Any:
-    """One image through the pipeline; with BATCH_MAX > 1 through the shared micro-batcher."""
-    global _batcher
-    settings = get_settings()
-    if settings.BATCH_MAX <= 1:
-        return get_pipeline().run(data)
-    with _pipeline_lock:
-        if _batcher is None:
-            from diagnosis.batching import MicroBatcher
+class AnalysisTimedOut(Exception):
+    """The micro-batcher did not answer within the soft time limit (thread pools enforce none)."""
 
-            _batcher = MicroBatcher(get_pipeline().run_batch, settings.BATCH_MAX, settings.BATCH_WAIT_MS)
-    return _batcher.submit(data)
+
+def get_batcher() -> Any:
+    """The process's micro-batcher (BATCH_MAX > 1 or BATCH_LOOPS > 1), created once."""
+    global _batcher
+    if _batcher is None:
+        pipeline = get_pipeline()
+        with _pipeline_lock:
+            if _batcher is None:
+                from diagnosis.batching import MicroBatcher
+
+                settings = get_settings()
+                _batcher = MicroBatcher(pipeline.run_batch, settings.BATCH_MAX, settings.BATCH_WAIT_MS,
+                                        loops=settings.BATCH_LOOPS, on_loop_start=configure_torch_threads)
+    return _batcher
+
+
+def analyse(data: bytes) -> Any:
+    """One image through the pipeline; with BATCH_MAX > 1 or BATCH_LOOPS > 1 through the shared
+    micro-batcher (a thread pool's task threads feed it). The wait is bounded by the soft time limit,
+    which a thread pool does not enforce itself: past it the image is dropped and the task apologises."""
+    settings = get_settings()
+    if settings.BATCH_MAX <= 1 and settings.BATCH_LOOPS <= 1:
+        return get_pipeline().run(data)
+    from concurrent.futures import TimeoutError as FutureTimeout
+
+    try:
+        return get_batcher().submit(data, timeout=settings.DIAGNOSE_SOFT_TIME_LIMIT_S)
+    except FutureTimeout:
+        raise AnalysisTimedOut from None
 
 
 _thread_state = threading.local()
@@ -181,6 +201,8 @@ def _scheduler_for_thread_pools(sender: Any = None, **_: Any) -> None:
     pool = getattr(sender, "pool", None)
     if pool is not None and type(pool).__module__.endswith(("prefork", "solo")):
         return
+    if INFERENCE_QUEUE in app.amqp.queues.consume_from:  # load before the first task, as prefork does
+        _preload()
     _start_scheduler()
 
 
