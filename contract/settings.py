@@ -64,6 +64,7 @@ class ServiceSettings(BaseSettings):
     # Batches in flight at once (diagnosis.batching): 2 on a CPU worker overlaps one batch's decode and
     # overlay with the other's inference; 1 on a GPU worker.
     BATCH_LOOPS: int = Field(1, ge=1, le=8)
+    TORCH_COMPILE: bool = False  # BACKEND=torch: torch.compile per fixed batch size (CUDA graphs on CUDA)
     METRICS_PORT: int | None = Field(None, ge=1, le=65535)  # Prometheus /metrics of this process
 
     # Celery time limits (seconds). The broker's visibility timeout is derived from them, and with it

@@ -46,6 +46,10 @@ class PipelineConfig:
     abnormality_models: dict[str, str] = field(default_factory=dict)
     cache_dir: Path = DEFAULT_CACHE_DIR
     photo_step: bool = True  # find/straighten the film in phone photos, refuse bad shots
+    # backend "torch": pad batches to these fixed sizes (None: 1/8/32/128 on CUDA, none on the CPU)
+    # and torch.compile the forward pass (CUDA graphs per size on CUDA).
+    batch_buckets: tuple[int, ...] | None = None
+    compile: bool = False
 
     def __post_init__(self) -> None:
         if self.backend not in BACKEND_NAMES:
@@ -70,4 +74,5 @@ class PipelineConfig:
             heatmap=settings.HEATMAP,
             abnormality_models=dict(settings.ABNORMALITY_MODELS) or None,
             cache_dir=settings.XRAY_CACHE_DIR,
+            compile=getattr(settings, "TORCH_COMPILE", None) or None,
         )

@@ -99,7 +99,8 @@ class Pipeline:
 
         def load_one(folder: Path) -> LoadedModel:
             card, network = load_model(folder, torch_device)
-            runner = make_runner(config.backend, network, card, torch_device, config.cache_dir, config.threads)
+            runner = make_runner(config.backend, network, card, torch_device, config.cache_dir, config.threads,
+                                 config.batch_buckets, config.compile)
             return LoadedModel(folder, card, network, runner)
 
         folders = discover(models_dir)

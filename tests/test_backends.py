@@ -132,3 +132,28 @@ def test_openvino_requests_are_per_thread(fake_models, tmp_path):
         thread.join(30)
     for index in range(4):
         assert np.array_equal(got[index], expected[index])
+
+
+def test_bucketed_torch_runner_pads_and_drops_the_padding(fake_models):
+    """The GPU worker's fixed batch sizes, run on the CPU: padded batches give the unpadded answers."""
+    _, network = load_model(fake_models / "body_part")
+    plain = TorchRunner(network, torch.device("cpu"), buckets=())
+    bucketed = TorchRunner(network, torch.device("cpu"), buckets=(1, 4))
+    assert [bucketed.padded_size(n) for n in (1, 2, 4, 5)] == [1, 4, 4, 5]
+    batch = np.random.default_rng(5).normal(size=(7, 1, 64, 64)).astype(np.float32)
+    expected = plain(batch)
+    for n in (1, 3, 7):  # 3 is padded to 4; 7 runs as 4 + 3 (padded to 4)
+        logits, features = bucketed(batch[:n])
+        assert logits.shape == expected[0][:n].shape and features.shape == expected[1][:n].shape
+        assert np.abs(logits - expected[0][:n]).max() < 1e-4
+        assert np.abs(features - expected[1][:n]).max() < 1e-4
+
+
+def test_bucketed_pipeline_batch_equals_single_runs(fake_models):
+    pipeline = Pipeline.load(fake_models, backend="torch", batch_buckets=(1, 8))
+    reference = Pipeline.load(fake_models, backend="torch")
+    images = [IMAGE, encode(Image.fromarray(gradient(128, 128, texture=True)), "JPEG"), IMAGE]
+    for ours, single in zip(pipeline.run_batch(images), (reference.run(d) for d in images), strict=True):
+        assert ours.result.outcome == single.result.outcome
+        for a, b in zip(ours.result.findings, single.result.findings, strict=True):
+            assert a.label == b.label and a.probability == pytest.approx(b.probability, abs=1e-4)
