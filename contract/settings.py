@@ -51,9 +51,10 @@ class ServiceSettings(BaseSettings):
     DEVICE: str | None = None  # "cpu", "cuda", "cuda:1"
     TORCH_THREADS: int | None = Field(None, ge=1)  # intra-op threads of every backend, per worker process
     # "onnx" (ONNX Runtime, CPU; exported from the weights at start, cached by hash), "openvino"
-    # (OpenVINO, CPU, from the same export; compiled blob cached too), "torch" (CPU or
+    # (OpenVINO, CPU, from the same export; compiled blob cached too), "openvino-bf16" (the same at
+    # bf16), "torch" (CPU or
     # CUDA: channels_last, bf16 autocast on CUDA) or "eager" (naive fp32, the benchmark's baseline).
-    BACKEND: Literal["onnx", "openvino", "torch", "eager"] | None = None
+    BACKEND: Literal["onnx", "openvino", "openvino-bf16", "torch", "eager"] | None = None
     HEATMAP: Literal["cam", "gradcam"] | None = None  # cam = Grad-CAM from the forward pass (identical here)
     # Body part → model folder (name under MODELS_DIR or absolute), e.g. {"chest": "chest_xrv"}.
     ABNORMALITY_MODELS: dict[str, str] = Field(default_factory=dict)

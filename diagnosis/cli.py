@@ -12,7 +12,7 @@ from pathlib import Path
 
 from contract.i18n import LANGUAGES
 
-from .config import PipelineConfig, cache_dir_from_environment, models_dir_from_environment
+from .config import BACKEND_NAMES, PipelineConfig, cache_dir_from_environment, models_dir_from_environment
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -26,8 +26,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--models", type=Path,
                         help="folder of model folders (default: $MODELS_DIR, else the repo's models/)")
     parser.add_argument("--language", default="en", choices=list(LANGUAGES), help="language of the report")
-    parser.add_argument("--backend", default=PipelineConfig.backend, choices=["torch", "onnx", "openvino", "eager"],
-                        help="torch (CPU or CUDA), onnx (ONNX Runtime, CPU), openvino (CPU) or eager (naive baseline)")
+    parser.add_argument("--backend", default=PipelineConfig.backend, choices=list(BACKEND_NAMES),
+                        help="torch (CPU or CUDA), onnx (ONNX Runtime, CPU), openvino / openvino-bf16 (CPU) or "
+                             "eager (naive baseline)")
     parser.add_argument("--heatmap", default=PipelineConfig.heatmap, choices=["cam", "gradcam"],
                         help="cam: from the forward pass (fast, equal to Grad-CAM here); gradcam: pytorch-grad-cam")
     parser.add_argument("--device", default=PipelineConfig.device)

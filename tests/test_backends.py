@@ -157,3 +157,19 @@ def test_bucketed_pipeline_batch_equals_single_runs(fake_models):
         assert ours.result.outcome == single.result.outcome
         for a, b in zip(ours.result.findings, single.result.findings, strict=True):
             assert a.label == b.label and a.probability == pytest.approx(b.probability, abs=1e-4)
+
+
+def test_openvino_bf16_stays_close_to_torch(fake_models, tmp_path):
+    """bf16 is an accuracy trade (README: pack-test metrics measured); here only that it runs and
+    stays near the f32 answer on a small model."""
+    pytest.importorskip("openvino")
+    from diagnosis.backends import make_runner
+
+    card, network = load_model(fake_models / "chest")
+    runner = make_runner("openvino-bf16", network, card, torch.device("cpu"), tmp_path, 1)
+    assert runner.precision == "bf16"
+    batch = np.random.default_rng(6).normal(size=(2, 1, 64, 64)).astype(np.float32)
+    logits, features = runner(batch)
+    reference = TorchRunner(network, torch.device("cpu"))(batch)
+    assert np.abs(logits - reference[0]).max() < 0.1 * max(1.0, np.abs(reference[0]).max())
+    assert features.shape == reference[1].shape

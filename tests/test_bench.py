@@ -20,7 +20,7 @@ def test_bench_json_keys_on_tiny_models(fake_models, tmp_path, monkeypatch):
         assert key in report
     assert report["pipeline_p50_ms"] > 0 and report["speedup"] > 0
     assert len(report["load_average"]["start"]) == 3 and len(report["load_average"]["end"]) == 3
-    assert set(report["model_latency_ms"]) == {"torch", "onnx", "openvino"}
+    assert set(report["model_latency_ms"]) == {"torch", "onnx", "openvino", "openvino-bf16"}
     for per_model in report["model_latency_ms"].values():
         assert set(per_model) == {"gate", "body_part", "chest"}
         assert all(set(v) == {"batch 1", "batch 8"} and min(v.values()) > 0 for v in per_model.values())
