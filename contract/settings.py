@@ -50,10 +50,12 @@ class ServiceSettings(BaseSettings):
     # package, not the working directory), backend "torch", device "cpu", heatmap "cam".
     MODELS_DIR: Path | None = None
     DEVICE: str | None = None  # "cpu", "cuda", "cuda:1"
-    TORCH_THREADS: int | None = Field(None, ge=1)  # torch and ONNX Runtime threads per worker process
-    # "onnx" (ONNX Runtime, CPU; exported from the weights at start, cached by hash), "torch" (CPU or
+    TORCH_THREADS: int | None = Field(None, ge=1)  # intra-op threads of every backend, per worker process
+    # "onnx" (ONNX Runtime, CPU; exported from the weights at start, cached by hash), "openvino"
+    # (OpenVINO, CPU, from the same export; compiled blob cached too), "openvino-bf16" (the same at
+    # bf16), "torch" (CPU or
     # CUDA: channels_last, bf16 autocast on CUDA) or "eager" (naive fp32, the benchmark's baseline).
-    BACKEND: Literal["onnx", "torch", "eager"] | None = None
+    BACKEND: Literal["onnx", "openvino", "openvino-bf16", "torch", "eager"] | None = None
     HEATMAP: Literal["cam", "gradcam"] | None = None  # cam = Grad-CAM from the forward pass (identical here)
     # Body part → model folder (name under MODELS_DIR or absolute), e.g. {"chest": "chest_xrv"}.
     ABNORMALITY_MODELS: dict[str, str] = Field(default_factory=dict)
@@ -61,6 +63,10 @@ class ServiceSettings(BaseSettings):
     # Micro-batching for threaded GPU workers (--pool threads): up to BATCH_MAX images or BATCH_WAIT_MS.
     BATCH_MAX: int = Field(1, ge=1, le=256)
     BATCH_WAIT_MS: float = Field(10.0, ge=0, le=1000)
+    # Batches in flight at once (diagnosis.batching): 2 on a CPU worker overlaps one batch's decode and
+    # overlay with the other's inference; 1 on a GPU worker.
+    BATCH_LOOPS: int = Field(1, ge=1, le=8)
+    TORCH_COMPILE: bool = False  # BACKEND=torch: torch.compile per fixed batch size (CUDA graphs on CUDA)
     METRICS_PORT: int | None = Field(None, ge=1, le=65535)  # Prometheus /metrics of this process
 
     # Celery time limits (seconds). The broker's visibility timeout is derived from them, and with it

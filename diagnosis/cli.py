@@ -17,7 +17,7 @@ from pathlib import Path
 
 from contract.i18n import LANGUAGES
 
-from .config import PipelineConfig, cache_dir_from_environment, models_dir_from_environment
+from .config import BACKEND_NAMES, PipelineConfig, cache_dir_from_environment, models_dir_from_environment
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -35,12 +35,13 @@ def _parser() -> argparse.ArgumentParser:
                         help="screening: a verdict and only the findings the model checks reliably (default); "
                              "clinician: every finding with its operating point and sensitivity/specificity/AUC")
     parser.add_argument("--language", default="en", choices=list(LANGUAGES), help="language of the report")
-    parser.add_argument("--backend", default=PipelineConfig.backend, choices=["torch", "onnx", "eager"],
-                        help="torch (CPU or CUDA), onnx (ONNX Runtime, CPU) or eager (naive baseline)")
+    parser.add_argument("--backend", default=PipelineConfig.backend, choices=list(BACKEND_NAMES),
+                        help="torch (CPU or CUDA), onnx (ONNX Runtime, CPU), openvino / openvino-bf16 (CPU) or "
+                             "eager (naive baseline)")
     parser.add_argument("--heatmap", default=PipelineConfig.heatmap, choices=["cam", "gradcam"],
                         help="cam: from the forward pass (fast, equal to Grad-CAM here); gradcam: pytorch-grad-cam")
     parser.add_argument("--device", default=PipelineConfig.device)
-    parser.add_argument("--threads", type=int, help="torch / ONNX Runtime threads (default: theirs)")
+    parser.add_argument("--threads", type=int, help="intra-op threads of the backend (default: theirs)")
     return parser
 
 

@@ -108,7 +108,8 @@ class Pipeline:
 
         def load_one(folder: Path) -> LoadedModel:
             card, network = load_model(folder, torch_device)
-            runner = make_runner(config.backend, network, card, torch_device, config.cache_dir, config.threads)
+            runner = make_runner(config.backend, network, card, torch_device, config.cache_dir, config.threads,
+                                 config.batch_buckets, config.compile)
             novelty = BodyPartNovelty(folder, card.open_set, len(card.labels)) if card.open_set else None
             modality = ModalityHead(folder, card.modality) if card.modality else None
             return LoadedModel(folder, card, network, runner, novelty, modality)

@@ -77,3 +77,99 @@ def test_flip_average_is_the_mean_over_the_image_and_its_mirror(tmp_path):
     with_flip = grad_cam(network, x[:1], 2)
     network.flip_average = False
     assert np.abs(with_flip - grad_cam(network, x[:1], 2)).max() < 1e-4
+
+
+def test_openvino_runner_matches_torch_and_onnx(fake_models, tmp_path):
+    pytest.importorskip("openvino")
+    from diagnosis.backends import OpenVinoRunner
+
+    card, network = load_model(fake_models / "chest")
+    batch = np.random.default_rng(2).normal(size=(3, 1, 64, 64)).astype(np.float32)
+    reference = TorchRunner(network, torch.device("cpu"))(batch)
+    onnx = OnnxRunner(network, card, tmp_path)(batch)
+    runner = OpenVinoRunner(network, card, tmp_path, threads=1)
+    assert runner.precision == "f32"
+    for batch_size in (3, 1):  # dynamic batch: one compiled model serves every size
+        ours = runner(batch[:batch_size])
+        for a, b, c in zip(ours, reference, onnx, strict=True):
+            assert a.shape == b[:batch_size].shape
+            assert np.abs(a - b[:batch_size]).max() < 1e-3 and np.abs(a - c[:batch_size]).max() < 1e-3
+    assert len(list(tmp_path.glob("*.onnx"))) == 1  # reads the ONNX runner's cached export
+    assert any((tmp_path / "openvino").iterdir())  # and caches its compiled blob beside it
+
+
+def test_openvino_pipeline_matches_torch_pipeline(fake_models, tmp_path):
+    pytest.importorskip("openvino")
+    torch_result = Pipeline.load(fake_models, backend="torch").run(IMAGE).result
+    result = Pipeline.load(fake_models, backend="openvino", cache_dir=tmp_path, threads=1).run(IMAGE).result
+    assert result.outcome == torch_result.outcome == "analysed"
+    for ours, reference in zip(result.findings, torch_result.findings, strict=True):
+        assert ours.label == reference.label
+        assert ours.probability == pytest.approx(reference.probability, abs=1e-4)
+
+
+def test_openvino_requests_are_per_thread(fake_models, tmp_path):
+    pytest.importorskip("openvino")
+    import threading
+
+    from diagnosis.backends import OpenVinoRunner
+
+    card, network = load_model(fake_models / "gate")
+    runner = OpenVinoRunner(network, card, tmp_path, threads=1)
+    rng = np.random.default_rng(4)
+    batches = [rng.normal(size=(2, 1, 64, 64)).astype(np.float32) for _ in range(4)]
+    expected = [runner(b)[0] for b in batches]
+    got: dict[int, np.ndarray] = {}
+
+    def work(index: int) -> None:
+        for _ in range(5):
+            got[index] = runner(batches[index])[0]
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    for index in range(4):
+        assert np.array_equal(got[index], expected[index])
+
+
+def test_bucketed_torch_runner_pads_and_drops_the_padding(fake_models):
+    """The GPU worker's fixed batch sizes, run on the CPU: padded batches give the unpadded answers."""
+    _, network = load_model(fake_models / "body_part")
+    plain = TorchRunner(network, torch.device("cpu"), buckets=())
+    bucketed = TorchRunner(network, torch.device("cpu"), buckets=(1, 4))
+    assert [bucketed.padded_size(n) for n in (1, 2, 4, 5)] == [1, 4, 4, 5]
+    batch = np.random.default_rng(5).normal(size=(7, 1, 64, 64)).astype(np.float32)
+    expected = plain(batch)
+    for n in (1, 3, 7):  # 3 is padded to 4; 7 runs as 4 + 3 (padded to 4)
+        logits, features = bucketed(batch[:n])
+        assert logits.shape == expected[0][:n].shape and features.shape == expected[1][:n].shape
+        assert np.abs(logits - expected[0][:n]).max() < 1e-4
+        assert np.abs(features - expected[1][:n]).max() < 1e-4
+
+
+def test_bucketed_pipeline_batch_equals_single_runs(fake_models):
+    pipeline = Pipeline.load(fake_models, backend="torch", batch_buckets=(1, 8))
+    reference = Pipeline.load(fake_models, backend="torch")
+    images = [IMAGE, encode(Image.fromarray(gradient(128, 128, texture=True)), "JPEG"), IMAGE]
+    for ours, single in zip(pipeline.run_batch(images), (reference.run(d) for d in images), strict=True):
+        assert ours.result.outcome == single.result.outcome
+        for a, b in zip(ours.result.findings, single.result.findings, strict=True):
+            assert a.label == b.label and a.probability == pytest.approx(b.probability, abs=1e-4)
+
+
+def test_openvino_bf16_stays_close_to_torch(fake_models, tmp_path):
+    """bf16 is an accuracy trade (README: pack-test metrics measured); here only that it runs and
+    stays near the f32 answer on a small model."""
+    pytest.importorskip("openvino")
+    from diagnosis.backends import make_runner
+
+    card, network = load_model(fake_models / "chest")
+    runner = make_runner("openvino-bf16", network, card, torch.device("cpu"), tmp_path, 1)
+    assert runner.precision == "bf16"
+    batch = np.random.default_rng(6).normal(size=(2, 1, 64, 64)).astype(np.float32)
+    logits, features = runner(batch)
+    reference = TorchRunner(network, torch.device("cpu"))(batch)
+    assert np.abs(logits - reference[0]).max() < 0.1 * max(1.0, np.abs(reference[0]).max())
+    assert features.shape == reference[1].shape

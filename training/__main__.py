@@ -66,8 +66,9 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--json", type=Path, help="write the metrics here")
     e.add_argument("--plots", type=Path, help="folder for ROC / confusion PNGs")
     e.add_argument("--device", default="auto")
-    e.add_argument("--backend", choices=["torch", "onnx"], default="torch",
-                   help="how images are run (onnx: ONNX Runtime on the CPU, as the worker can)")
+    e.add_argument("--backend", choices=["torch", "onnx", "openvino", "openvino-bf16"], default="torch",
+                   help="how images are run (onnx: ONNX Runtime on the CPU, as the worker can; openvino-bf16:"
+                        " OpenVINO at bf16, to measure what bf16 costs in accuracy)")
     e.add_argument("--bootstrap-rounds", type=int, default=1000, help="chest: resamples for the 95 %% intervals")
 
     c = commands.add_parser("calibrate", help="chest: Platt calibration + screening/clinician/verdict operating "

@@ -126,24 +126,43 @@ def get_pipeline() -> Any:
 _batcher: Any = None
 
 
-def analyse(data: bytes, mode: str = "screening") -> Any:
-    """One image through the pipeline in the request's reply ``mode``; with BATCH_MAX > 1 through the
-    shared micro-batcher (each image keeps its own mode)."""
+class AnalysisTimedOut(Exception):
+    """The micro-batcher did not answer within the soft time limit (thread pools enforce none)."""
+
+
+def get_batcher() -> Any:
+    """The process's micro-batcher (BATCH_MAX > 1 or BATCH_LOOPS > 1), created once. Its items are
+    (image, reply mode) pairs: each image keeps its own mode within a batch."""
     global _batcher
+    if _batcher is None:
+        pipeline = get_pipeline()
+        with _pipeline_lock:
+            if _batcher is None:
+                from diagnosis.batching import MicroBatcher
+
+                def run_batch(items: list[tuple[bytes, str]]) -> list[Any]:
+                    return pipeline.run_batch([data for data, _ in items], modes=[mode for _, mode in items])
+
+                settings = get_settings()
+                _batcher = MicroBatcher(run_batch, settings.BATCH_MAX, settings.BATCH_WAIT_MS,
+                                        loops=settings.BATCH_LOOPS, on_loop_start=configure_torch_threads)
+    return _batcher
+
+
+def analyse(data: bytes, mode: str = "screening") -> Any:
+    """One image through the pipeline in the request's reply ``mode``; with BATCH_MAX > 1 or
+    BATCH_LOOPS > 1 through the shared micro-batcher (a thread pool's task threads feed it). The wait
+    is bounded by the soft time limit, which a thread pool does not enforce itself: past it the image
+    is dropped and the task apologises."""
     settings = get_settings()
-    if settings.BATCH_MAX <= 1:
+    if settings.BATCH_MAX <= 1 and settings.BATCH_LOOPS <= 1:
         return get_pipeline().run(data, mode=mode)
-    with _pipeline_lock:
-        if _batcher is None:
-            from diagnosis.batching import MicroBatcher
+    from concurrent.futures import TimeoutError as FutureTimeout
 
-            pipeline = get_pipeline()
-
-            def run_batch(items: list[tuple[bytes, str]]) -> list[Any]:
-                return pipeline.run_batch([d for d, _ in items], modes=[m for _, m in items])
-
-            _batcher = MicroBatcher(run_batch, settings.BATCH_MAX, settings.BATCH_WAIT_MS)
-    return _batcher.submit((data, mode))
+    try:
+        return get_batcher().submit((data, mode), timeout=settings.DIAGNOSE_SOFT_TIME_LIMIT_S)
+    except FutureTimeout:
+        raise AnalysisTimedOut from None
 
 
 _thread_state = threading.local()
@@ -187,6 +206,8 @@ def _scheduler_for_thread_pools(sender: Any = None, **_: Any) -> None:
     pool = getattr(sender, "pool", None)
     if pool is not None and type(pool).__module__.endswith(("prefork", "solo")):
         return
+    if INFERENCE_QUEUE in app.amqp.queues.consume_from:  # load before the first task, as prefork does
+        _preload()
     _start_scheduler()
 
 

@@ -145,7 +145,8 @@ class BotRunner:
 
 # --------------------------------------------------------------------------- the worker
 class WorkerProcess:
-    """A real Celery worker subprocess (solo pool), started once per module or session."""
+    """A real Celery worker subprocess (solo pool), started once per module or session.
+    ``XSO_WORKER_POOL=threads`` runs the solo ones as the batched thread-pool worker instead."""
 
     def __init__(self, env: dict[str, str], log_path: Path, queues: str = "inference,delivery",
                  pool: str = "solo", extra_args: tuple[str, ...] = ()):
@@ -158,9 +159,14 @@ class WorkerProcess:
 
     def start(self, timeout: float = 120.0, wait_for_models: bool = True) -> WorkerProcess:
         env = {**os.environ, **self.env, "PYTHONUNBUFFERED": "1"}
+        pool, concurrency = self.pool, "1"
+        if os.environ.get("XSO_WORKER_POOL") == "threads" and pool == "solo":
+            # The batched CPU worker (README, Performance): a thread pool feeding the micro-batcher.
+            pool, concurrency = "threads", "8"
+            env.update(BATCH_MAX="8", BATCH_WAIT_MS="5", BATCH_LOOPS="2", TORCH_THREADS="1")
         command = [
             sys.executable, "-m", "celery", "-A", "worker", "worker",
-            "-Q", self.queues, "--pool", self.pool, "--concurrency", "1",
+            "-Q", self.queues, "--pool", pool, "--concurrency", concurrency,
             "--without-gossip", "--without-mingle", "--without-heartbeat",
             "-n", f"test-{uuid.uuid4().hex[:8]}@%h", "--loglevel", "INFO", *self.extra_args,
         ]
