@@ -151,8 +151,13 @@ def test_pipeline_reports_abnormal_probability(abnormal_models, fake_models, bac
                                   network.head(network.forward_features(x.flip(3)))) / 2)[0, 14].item()
     assert expected == pytest.approx(mirrored, abs=1e-6)
     assert result.abnormal_probability == pytest.approx(expected, abs=1e-4)
-    old = Pipeline.load(fake_models, backend=backend, cache_dir=tmp_path).run(IMAGE).result
+    # a card with neither an abnormal output nor a fitted score (written before `calibrate`): None
+    old_models = make_models_dir(tmp_path / "old", operating_points=False)
+    old = Pipeline.load(old_models, backend=backend, cache_dir=tmp_path).run(IMAGE).result
     assert old.outcome == "analysed" and old.abnormal_probability is None
+    # with a score fitted on the 14 outputs (verdict "findings_score"), that score
+    derived = Pipeline.load(fake_models, backend=backend, cache_dir=tmp_path).run(IMAGE).result
+    assert 0 <= derived.abnormal_probability <= 1 and derived.verdict == "see_doctor"
 
 
 def test_cli_json_shows_abnormal_probability(abnormal_models, tmp_path):

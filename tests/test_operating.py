@@ -152,3 +152,20 @@ def test_shipped_chest_card_is_calibrated_with_points_chosen_on_val():
         if point.eligible:  # the floor on the bootstrap lower bound of val AUC
             assert point.val.auc_ci95[0] > points.method["auc_floor"], label
     assert card.ece["val"]["mean_after"] < card.ece["val"]["mean_before"]
+
+
+def test_measure_replies_counts_what_the_real_pipeline_flags(pack):
+    from training.datasets import load_manifest
+    from training.measure_replies import measure
+    from training.operating_points import labelled_films
+
+    films = labelled_films(load_manifest(pack / "manifest.csv"), "test")
+    normal = [r for r in films if not any(r.chest_labels)][:3]
+    abnormal = [r for r in films if r.chest_labels[2] == 1][:3]  # Effusion, a label screening can flag
+    report = measure(normal + abnormal, ROOT / "models", "test", backend="torch")
+    assert report["films"] == 6 and report["normal_films"] == 3 and report["abnormal_films"] == 3
+    assert sum(report["outcomes"].values()) == 6 and sum(report["verdicts"].values()) == 6
+    assert 0 <= report["normal_with_a_flag"] <= 1 and report["flags_per_normal_film"] >= 0
+    card = read_card(ROOT / "models" / "chest", verify=False)
+    eligible = {label for label, p in card.operating_points.screening.items() if p.eligible}
+    assert {label for label, row in report["per_label"].items() if row["flagged"]} <= eligible

@@ -66,8 +66,8 @@ def measure(records: list[Record], models: Path | None = None, split: str = "tes
     return {
         "split": split, "mode": mode, "films": len(films), "normal_films": int((~abnormal).sum()),
         "abnormal_films": int(abnormal.sum()), "outcomes": outcomes, "seconds": round(seconds, 1),
-        "normal_with_a_flag": float((counts[~abnormal] > 0).mean()),
-        "flags_per_normal_film": float(counts[~abnormal].mean()),
+        "normal_with_a_flag": float((counts[~abnormal] > 0).mean()) if (~abnormal).any() else None,
+        "flags_per_normal_film": float(counts[~abnormal].mean()) if (~abnormal).any() else None,
         "max_flags_on_a_normal_film": int(counts[~abnormal].max()) if (~abnormal).any() else 0,
         "abnormal_with_a_flag": float((counts[abnormal] > 0).mean()) if abnormal.any() else None,
         "per_label": per_label,
@@ -88,8 +88,9 @@ def print_table(report: dict) -> None:
           f"({report['normal_films']} normal, {report['abnormal_films']} abnormal); {report['seconds']} s")
     print(f"outcomes: {report['outcomes']}")
     print("| measure | value | target |\n|---|---|---|")
+    per_normal = report["flags_per_normal_film"]
     print(f"| normal films with ≥ 1 flag | {pct(report['normal_with_a_flag'])} | ≤ 10 % |")
-    print(f"| flags per normal film | {report['flags_per_normal_film']:.3f} | ≤ 0.2 |")
+    print(f"| flags per normal film | {'—' if per_normal is None else f'{per_normal:.3f}'} | ≤ 0.2 |")
     print(f"| abnormal films with ≥ 1 flag | {pct(report['abnormal_with_a_flag'])} | |")
     print(f"| mean ECE of the calibrated probabilities (15 bins) | {report['ece_mean_calibrated']:.4f} | |")
     print(f"| verdict 'see a doctor soon': sensitivity / specificity / PPV | "
