@@ -184,7 +184,8 @@ def render_reply(result: DiagnosisResult, language: str = "en") -> str:
             lines.extend(screening_lines(result, language))
         if result.heatmap_labels:
             names = ", ".join(finding_name(label, language) for label in result.heatmap_labels)
-            lines.append(_("The heatmap shows where the model looked for: {names}.").format(names=names))
+            lines.append(_("The heatmap pictures show, for {names}, the areas that raised (red) or lowered "
+                           "(blue) the model's estimate.").format(names=names))
     if result.rectified and result.outcome != "retake":
         lines.append(_(RECTIFIED_NOTE))
     lines.append("")
@@ -204,8 +205,8 @@ def verdict_lines(result: DiagnosisResult, language: str) -> list[str]:
     elif result.verdict == "see_doctor":
         lines = [_("Verdict: signs worth showing a doctor soon.")]
         if ppv is not None:
-            lines.append(_("This check often raises false alarms: of 10 films it points out, about {n} turn out "
-                           "to have a finding.").format(n=_of_ten(ppv)))
+            lines.append(_("When this check raises a concern, about {n} of 10 such films do have a "
+                           "finding.").format(n=_of_ten(ppv)))
     elif result.verdict == "no_strong_sign":
         lines = [_("Verdict: no strong sign of the findings this model checks reliably.")]
     else:

@@ -265,10 +265,14 @@ class Pipeline:
             self._overlays(model, item, feature_map)
 
     def _overlays(self, model: LoadedModel, item: _Item, feature_map: np.ndarray) -> None:
-        """One overlay per drawn finding: what the reply flags (at most three), else the top finding."""
+        """One overlay per drawn finding: what the reply flags (at most three), else the top finding
+        among those the reply speaks about (screening: the labels the model is reliable at)."""
         result = item.result
         clock = time.perf_counter()
-        drawn = result.positive_findings[:MAX_HEATMAP_PANELS] or result.findings[:1]
+        drawn = result.positive_findings[:MAX_HEATMAP_PANELS]
+        if not drawn:  # findings are sorted by probability: the first is the top one
+            reliable = [f for f in result.findings if f.eligible] if result.mode == "screening" else []
+            drawn = (reliable or result.findings)[:1]
         result.heatmap_labels = [f.label for f in drawn]
         maps = [self._heatmap(model, item, feature_map, f.label) for f in drawn]
         result.timings_ms["heatmap"] = _ms(clock)

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 from babel.messages.extract import extract_from_dir
 
@@ -47,7 +49,7 @@ def test_screening_reply_gives_the_verdict_first_and_only_flagged_reliable_label
     assert lines[1] == "Verdict: signs worth showing a doctor soon."
     text = "\n".join(lines)
     assert "misses about 8 of 10 abnormal films" in text  # 1 − sensitivity 0.24, in plain words
-    assert "of 10 films it points out, about 7 turn out to have a finding" in text  # PPV 0.65
+    assert "about 7 of 10 such films do have a finding" in text  # PPV 0.65
     assert "Pleural effusion: there may be fluid around a lung (about 4 of 10" in text
     assert "Nodule" not in text and "urgent" not in text.lower()
 
@@ -170,3 +172,15 @@ def test_every_shipped_label_and_body_part_is_in_every_catalog(language):
         elif language != "en" and (entry.fuzzy or not entry.string.strip()):
             problems.append(f"{language}: {msgid!r} is not translated ({needed_by})")
     assert not problems, "\n".join(problems)
+
+
+@pytest.mark.parametrize("path", sorted(Path(__file__).resolve().parents[1].glob("*/locales/*/LC_MESSAGES/*.po")),
+                         ids=lambda p: f"{p.parents[3].name}-{p.parents[1].name}")
+def test_every_catalog_is_well_formed(path):
+    """A malformed entry (e.g. a msgid without msgstr after a merge) makes babel print warnings to
+    stdout, which would corrupt ``xray-diagnose --json``: refuse it here."""
+    from babel.messages.pofile import read_po
+
+    with path.open("rb") as handle:
+        catalog = read_po(handle, abort_invalid=True)
+    assert len(catalog) > 10
