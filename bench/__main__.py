@@ -241,6 +241,15 @@ def batched_end_to_end(pipeline, data: bytes, producers: int, max_batch: int, lo
             "max_batch": max_batch, "loops": loops, "mean_batch": float(np.mean(sizes)) if sizes else 0.0}
 
 
+def default_cpu_backend() -> str:
+    """OpenVINO at bf16 where it is installed (the CPU worker's default), else ONNX Runtime."""
+    try:
+        import openvino  # noqa: F401
+    except ImportError:
+        return "onnx"
+    return "openvino-bf16"
+
+
 def load_average() -> list[float]:
     return [round(value, 2) for value in os.getloadavg()]
 
@@ -253,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--worker-images", type=int, default=200)
     parser.add_argument("--no-worker", action="store_true", help="skip the Celery worker measurements")
     parser.add_argument("--backend", default=None, choices=["onnx", "openvino", "openvino-bf16", "torch"],
-                        help="optimised backend (default: onnx on the CPU, torch on CUDA)")
+                        help="optimised backend (default: openvino-bf16 on the CPU, else onnx; torch on CUDA)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (CUDA runs the torch backend)")
     parser.add_argument("--seconds", type=float, default=5, help="length of each throughput measurement")
     parser.add_argument("--producers", type=int, default=None,
@@ -262,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args(argv)
     cuda = args.device.startswith("cuda")
-    backend = args.backend or ("torch" if cuda else "onnx")
+    backend = args.backend or ("torch" if cuda else default_cpu_backend())
     if args.quick:
         args.runs, args.worker_images, args.seconds = 2, 8, 0.5
     batches = (1, 8, 32, 128) if cuda else (1, 8)

@@ -168,6 +168,9 @@ class OpenVinoRunner:
         blobs = Path(cache_dir) / "openvino"
         blobs.mkdir(parents=True, exist_ok=True)
         core.set_property({"CACHE_DIR": str(blobs)})  # compiled blobs, keyed by model and settings
+        if precision == "bf16" and "BF16" not in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
+            log.warning("this CPU has no native bf16; %s runs at f32", card.name)  # emulation would be slower
+            precision = "f32"
         model = core.read_model(str(path))
         self.compiled = core.compile_model(model, "CPU", {
             "INFERENCE_NUM_THREADS": default_threads(threads),
