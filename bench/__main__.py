@@ -101,6 +101,9 @@ WORKER_CONFIGS = {
     "threads": {"pool": ["--pool", "threads", "--concurrency", "16"],
                 "env": {"TORCH_THREADS": "1", "BATCH_MAX": "8", "BATCH_WAIT_MS": "5", "BATCH_LOOPS": "2"}},
 }
+# With --device cuda the threaded worker runs as worker-gpu does (docker-compose.yml).
+GPU_THREADS = {"pool": ["--pool", "threads", "--concurrency", "128"],
+               "env": {"BATCH_MAX": "32", "BATCH_WAIT_MS": "5", "BATCH_LOOPS": "4"}}
 
 
 def worker_throughput(models: Path, data: bytes, count: int, backend: str, config: str = "solo",
@@ -116,11 +119,11 @@ def worker_throughput(models: Path, data: bytes, count: int, backend: str, confi
     url = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/13")
     client = redis.Redis.from_url(url)
     client.flushdb()
+    spec = GPU_THREADS if config == "threads" and device.startswith("cuda") else WORKER_CONFIGS[config]
     env = dict(os.environ, REDIS_URL=url, MODELS_DIR=str(models), BACKEND=backend, TELEGRAM_BOT_TOKEN="1:bench",  # noqa: S106 - dummy
-               TELEGRAM_API_URL="http://127.0.0.1:9", LOG_LEVEL="WARNING", DEVICE=device,
-               **WORKER_CONFIGS[config]["env"])
+               TELEGRAM_API_URL="http://127.0.0.1:9", LOG_LEVEL="WARNING", DEVICE=device, **spec["env"])
     worker = subprocess.Popen([sys.executable, "-m", "celery", "-A", "worker", "worker", "-Q", INFERENCE_QUEUE,
-                               *WORKER_CONFIGS[config]["pool"], "--loglevel", "WARNING", "--without-gossip",
+                               *spec["pool"], "--loglevel", "WARNING", "--without-gossip",
                                "--without-mingle"],
                               cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -241,6 +244,15 @@ def batched_end_to_end(pipeline, data: bytes, producers: int, max_batch: int, lo
             "max_batch": max_batch, "loops": loops, "mean_batch": float(np.mean(sizes)) if sizes else 0.0}
 
 
+def default_cpu_backend() -> str:
+    """OpenVINO at bf16 where it is installed (the CPU worker's default), else ONNX Runtime."""
+    try:
+        import openvino  # noqa: F401
+    except ImportError:
+        return "onnx"
+    return "openvino-bf16"
+
+
 def load_average() -> list[float]:
     return [round(value, 2) for value in os.getloadavg()]
 
@@ -250,10 +262,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", type=Path, default=models_dir_from_environment(),
                         help="default: $MODELS_DIR, else the repo's models/")
     parser.add_argument("--runs", type=int, default=30)
-    parser.add_argument("--worker-images", type=int, default=200)
+    parser.add_argument("--worker-images", type=int, default=None, help="default 200 (CPU), 3000 (CUDA)")
     parser.add_argument("--no-worker", action="store_true", help="skip the Celery worker measurements")
     parser.add_argument("--backend", default=None, choices=["onnx", "openvino", "openvino-bf16", "torch"],
-                        help="optimised backend (default: onnx on the CPU, torch on CUDA)")
+                        help="optimised backend (default: openvino-bf16 on the CPU, else onnx; torch on CUDA)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (CUDA runs the torch backend)")
     parser.add_argument("--seconds", type=float, default=5, help="length of each throughput measurement")
     parser.add_argument("--producers", type=int, default=None,
@@ -262,7 +274,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args(argv)
     cuda = args.device.startswith("cuda")
-    backend = args.backend or ("torch" if cuda else "onnx")
+    backend = args.backend or ("torch" if cuda else default_cpu_backend())
+    args.worker_images = args.worker_images or (3000 if cuda else 200)
     if args.quick:
         args.runs, args.worker_images, args.seconds = 2, 8, 0.5
     batches = (1, 8, 32, 128) if cuda else (1, 8)

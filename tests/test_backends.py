@@ -140,6 +140,7 @@ def test_bucketed_torch_runner_pads_and_drops_the_padding(fake_models):
     plain = TorchRunner(network, torch.device("cpu"), buckets=())
     bucketed = TorchRunner(network, torch.device("cpu"), buckets=(1, 4))
     assert [bucketed.padded_size(n) for n in (1, 2, 4, 5)] == [1, 4, 4, 5]
+    bucketed.warm_up(1, 64)  # what a CUDA worker runs at start, per bucket
     batch = np.random.default_rng(5).normal(size=(7, 1, 64, 64)).astype(np.float32)
     expected = plain(batch)
     for n in (1, 3, 7):  # 3 is padded to 4; 7 runs as 4 + 3 (padded to 4)

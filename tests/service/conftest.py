@@ -75,7 +75,7 @@ def worker_env(fake_url: str, redis_url: str, models_dir) -> dict[str, str]:
         "REDIS_URL": redis_url,
         "MODELS_DIR": str(models_dir),
         "DEVICE": "cpu",
-        "BACKEND": "onnx",  # what the CPU deployments run (.env.example, docker-compose.yml)
+        "BACKEND": "openvino-bf16",  # what the CPU deployments run (.env.example, docker-compose.yml)
         "TORCH_THREADS": "2",
         "LOG_LEVEL": "INFO",
     }
