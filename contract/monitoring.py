@@ -4,7 +4,7 @@ Each process serves its own /metrics on ``METRICS_PORT`` when set. Names:
 
 - ``xray_stage_seconds{stage}``: pipeline stage latency (decode, preprocess, gate, body_part, chest,
   heatmap, overlay, total) — histogram, observed in inference workers;
-- ``xray_requests_total{outcome}``: analysed, not_xray, body_part_uncertain, body_part_not_analysed,
+- ``xray_requests_total{outcome}``: analysed, not_xray, body_part_uncertain, body_part_unknown, body_part_not_analysed,
   rejected (bad input), expired, failed (apology sent) — inference workers;
 - ``xray_deliveries_total{result}``: sent, deferred (429/5xx, retried), undeliverable — delivery workers;
 - ``xray_bot_updates_total{kind}``: enqueued, rate_limited, too_large, download_failed,

@@ -31,6 +31,13 @@ DARK_P99 = 40  # 99th percentile of the film's brightness; real: 0.1 % quantile 
 BRIGHT_P1 = 170  # 1st percentile; real: 99.9 % quantile 121; washed-out copies ≥ 204
 BLUR_EFFECT = 0.65  # Crete et al. blur effect (0 sharp … 1 flat); real: 99 % 0.56, 99.9 % 0.63
 GLARE_FRACTION = 0.03  # largest blown-out (≥ 250) blob clear of the edge, fraction of the film; real: 99 % 0.001
+# Specular reflection (a lamp on glossy film): a compact saturated blob clear of the edge that is a
+# local peak (the film around it, out to twice its size, is much darker), unlike bright bone or
+# overexposed areas (plateaus) and text or markers (thin strokes). Picked on val with
+# ``python -m training.measure_glare --split val --choose`` (figures there and in README).
+SPECULAR_LEVEL = 245  # core: at least this bright after a light smoothing, opened by a 5 px disc
+SPECULAR_SURROUND = 150  # mean brightness of the annulus one to two core radii out: at most this
+SPECULAR_FRACTION = 0.0005  # core area, fraction of the film
 MIN_SIDE = 64  # px of the radiograph's short side after straightening: intake's minimum for any file
 MIN_FILM_FRACTION = 0.20  # of the photo's frame: below it the film is far away and its detail lost
 
@@ -49,7 +56,7 @@ def check_quality(gray: np.ndarray, rectified: Rectified) -> list[str]:
         problems.append("too_bright")
     if metrics["blur"] > BLUR_EFFECT and "too_dark" not in problems and "too_bright" not in problems:
         problems.append("blurred")  # a nearly flat image always looks blurred: exposure is the cause
-    if metrics["glare"] > GLARE_FRACTION:
+    if metrics["glare"] > GLARE_FRACTION or metrics["specular"] > SPECULAR_FRACTION:
         problems.append("glare")
     if metrics["short_side"] < MIN_SIDE:
         problems.append("too_small")
@@ -69,6 +76,7 @@ def quality_metrics(gray: np.ndarray, rectified: Rectified) -> dict[str, float]:
         "p99": float(np.searchsorted(cumulative, 0.99)),
         "blur": blur_effect(seen),
         "glare": _largest_blown_out_blob(raw),
+        "specular": specular_blob(raw),
         "short_side": float(min(rectified.gray.shape)),
         "film_fraction": float(rectified.film_fraction),
     }
@@ -137,4 +145,32 @@ def _largest_blown_out_blob(raw: np.ndarray) -> float:
     for left, top, box_w, box_h, area in stats[1:]:
         if left > 0 and top > 0 and left + box_w < width and top + box_h < height:
             largest = max(largest, int(area))
+    return largest / float(raw.size)
+
+
+def specular_blob(raw: np.ndarray, level: int = SPECULAR_LEVEL, surround: float = SPECULAR_SURROUND) -> float:
+    """Area (fraction of the image) of the largest specular-looking blob: a compact saturated core
+    (it survives opening by a 5 px disc, so text and thin markers do not), clear of the image's edge,
+    with a dark surround (mean of the annulus one to two core radii out ≤ ``surround``): a peak of
+    light on the film, not a bright plateau of bone. 0 when none.
+    """
+    smooth = cv2.GaussianBlur(raw, (0, 0), 1.0)
+    core = (smooth >= level).astype(np.uint8)
+    if not core.any():
+        return 0.0
+    core = cv2.morphologyEx(core, cv2.MORPH_OPEN, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (5, 5)))
+    count, labels, stats, _ = cv2.connectedComponentsWithStats(core, connectivity=8)
+    height, width = raw.shape
+    largest = 0
+    for index in range(1, count):
+        left, top, box_w, box_h, area = stats[index]
+        if area <= largest or left == 0 or top == 0 or left + box_w >= width or top + box_h >= height:
+            continue
+        radius = max(2, int(np.sqrt(area) / 2))
+        blob = (labels == index).astype(np.uint8)
+        inner = cv2.dilate(blob, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1,) * 2))
+        outer = cv2.dilate(blob, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (4 * radius + 1,) * 2))
+        annulus = outer.astype(bool) & ~inner.astype(bool)
+        if annulus.any() and float(smooth[annulus].mean()) <= surround:
+            largest = int(area)
     return largest / float(raw.size)

@@ -44,11 +44,14 @@ def synthesise(gray: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 
 def synthesise_with_corners(gray: np.ndarray, rng: np.random.Generator, scene: str | None = None,
-                            fraction: tuple[float, float] = (0.30, 0.80)) -> tuple[np.ndarray, np.ndarray]:
+                            fraction: tuple[float, float] = (0.30, 0.80),
+                            glare: bool | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The photo and the film's corners in it (float32 4×2, x/y, order TL, TR, BR, BL).
 
     ``scene`` picks the surround (default: drawn at random); ``fraction`` the range of the frame's
-    area the film covers before perspective (small values make "film too small in frame" cases).
+    area the film covers before perspective (small values make "film too small in frame" cases);
+    ``glare``: None = 0–2 soft reflections at random (the training photos), False = none, True = a
+    lamp's specular reflection on the film (a small saturated core with a soft halo) besides those.
     """
     scene = scene or SCENES[int(rng.integers(len(SCENES)))]
     film_h, film_w = gray.shape
@@ -76,8 +79,10 @@ def synthesise_with_corners(gray: np.ndarray, rng: np.random.Generator, scene: s
                                borderMode=cv2.BORDER_CONSTANT, borderValue=-1.0)
     photo = np.where(seen < 0, room, seen)
 
-    photo = _light(photo, seen >= 0, scene, rng)
+    photo = _light(photo, seen >= 0, scene, rng, glare)
     rgb = _colour(photo, scene, rng)
+    if glare:
+        rgb = _specular(rgb, corners, rng)
     rgb = _camera(rgb, rng)
     return rgb, corners
 
@@ -138,7 +143,8 @@ def _perspective_corners(flat: np.ndarray, size: tuple[int, int], rng: np.random
     return np.clip(corners + shift, lo, hi).astype(np.float32)
 
 
-def _light(photo: np.ndarray, plane: np.ndarray, scene: str, rng: np.random.Generator) -> np.ndarray:
+def _light(photo: np.ndarray, plane: np.ndarray, scene: str, rng: np.random.Generator,
+           glare: bool | None = None) -> np.ndarray:
     """Uneven lighting, exposure, glare and (on screens) moiré, in linear-ish brightness."""
     height, width = photo.shape
     yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
@@ -154,13 +160,28 @@ def _light(photo: np.ndarray, plane: np.ndarray, scene: str, rng: np.random.Gene
         beat = rng.uniform(0.95, 1.05)
         pattern = np.sin(2 * np.pi * u / period) * np.sin(2 * np.pi * u * beat / period)
         photo = photo + rng.uniform(0.02, 0.05) * pattern * plane  # only the screen / film plane
-    for _ in range(int(rng.integers(0, 3))):
+    for _ in range(int(rng.integers(0, 3)) if glare is not False else 0):
         # Reflection of a lamp or window: a soft bright spot, strong enough to clip in its centre.
         gx, gy = rng.uniform(0.1, 0.9) * width, rng.uniform(0.1, 0.9) * height
         sx, sy = rng.uniform(0.02, 0.07) * width, rng.uniform(0.02, 0.07) * height
         photo = photo + rng.uniform(0.2, 0.7) * np.exp(-(((xx - gx) / sx) ** 2 + ((yy - gy) / sy) ** 2) / 2)
     gamma = rng.uniform(0.8, 1.25)  # phone tone curves
     return np.clip(photo, 0, 1) ** gamma
+
+
+def _specular(rgb: np.ndarray, corners: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A lamp's specular reflection on the glossy film: white light added to every channel (so the
+    sensor clips to white in its core) with a soft halo, somewhere inside the film, its core 1.5–5 %
+    of the film's side."""
+    height, width = rgb.shape[:2]
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    gx, gy = rng.dirichlet(np.full(4, 3.0)) @ corners
+    side = float(np.hypot(*(corners[2] - corners[0]))) / np.sqrt(2)
+    sigma = rng.uniform(0.015, 0.05) * side
+    aspect = rng.uniform(0.6, 1.6)
+    spot = np.exp(-(((xx - gx) / (sigma * aspect)) ** 2 + ((yy - gy) / (sigma / aspect)) ** 2) / 2)
+    added = rgb.astype(np.float32) + rng.uniform(0.8, 1.5) * 255.0 * spot[..., None]
+    return np.clip(added, 0, 255).astype(np.uint8)
 
 
 def _colour(photo: np.ndarray, scene: str, rng: np.random.Generator) -> np.ndarray:
