@@ -88,15 +88,3 @@ def test_no_shortcut_sharp_chest_is_still_chest_blurry_gray_photo_still_not_xray
                  for r in photos]
     outcomes = [pipeline.run(_reencode(image)).result.outcome for image in soft_gray]
     assert outcomes.count("not_xray") >= 0.8 * len(photos), outcomes
-
-
-def test_hip_and_wrist_films_are_an_unknown_part_never_a_chest(pipeline, pack):
-    # Parts the body-part model was never trained on (the open-set check's hold-out, all splits).
-    with (pack / "manifest.csv").open(newline="") as handle:
-        rows = [r for r in csv.DictReader(handle) if r["body_part"] in ("hip", "wrist")][::3]
-    routed = [pipeline.run((pack / row["path"]).read_bytes(), file=row["path"]).result for row in rows]
-    assert not any(r.body_part == "chest" or r.findings for r in routed)
-    unknown = [r for r in routed if r.outcome == "body_part_unknown"]
-    assert len(unknown) >= 0.9 * len(rows), [(r.file, r.outcome, r.body_part) for r in routed]
-    assert all(r.body_part_novelty > 0 for r in unknown)
-

@@ -144,8 +144,9 @@ def run(model: Path, records: list[Record], cache: Path, max_train_xray_per_part
                       f"{int(train.sum())} train images; command: python -m training modality --model "
                       "models/gate --manifest ../shared/data/xray-pack/manifest.csv"))
     if write:
-        save_file({"weight": weight.astype(np.float32), "bias": bias.astype(np.float32),
-                   "mean": scaler.mean_.astype(np.float32), "scale": scaler.scale_.astype(np.float32)},
+        # C order: scikit-learn's coef_ can be Fortran-ordered, and safetensors writes the raw buffer.
+        arrays = {"weight": weight, "bias": bias, "mean": scaler.mean_, "scale": scaler.scale_}
+        save_file({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in arrays.items()},
                   str(Path(model) / ARRAYS_FILE))
         (Path(model) / ARRAYS_FILE).chmod(0o644)
         spec.arrays = AuxiliaryFile(file=ARRAYS_FILE, sha256=sha256_of(Path(model) / ARRAYS_FILE))

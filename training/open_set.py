@@ -250,7 +250,8 @@ def run(model: Path, records: list[Record], cache: Path, keep: float, chest_keep
                       "../shared/data/xray-pack/manifest.csv"),
         metrics=metrics)
     if write:
-        save_file({"means": means.astype(np.float32), "precision": precision.astype(np.float32)},
+        save_file({"means": np.ascontiguousarray(means, dtype=np.float32),
+                   "precision": np.ascontiguousarray(precision, dtype=np.float32)},
                   str(Path(model) / ARRAYS_FILE))
         (Path(model) / ARRAYS_FILE).chmod(0o644)
         spec.arrays = AuxiliaryFile(file=ARRAYS_FILE, sha256=sha256_of(Path(model) / ARRAYS_FILE))
