@@ -57,12 +57,16 @@ class ModalityHead:
     def __init__(self, folder: Path, spec: ModalitySpec):
         arrays = load_arrays(folder, spec.arrays)
         self.classes, self.weight, self.bias = spec.classes, arrays["weight"], arrays["bias"]
+        # Optional standardisation of the pooled features (kept apart: folded into the weights, the
+        # near-constant channels' huge weights would cancel badly in float32).
+        self.mean = arrays.get("mean", np.zeros(self.weight.shape[1]))
+        self.scale = arrays.get("scale", np.ones(self.weight.shape[1]))
         self.non_medical_floor = spec.non_medical_min_probability
         if self.weight.shape[0] != len(self.classes) or self.bias.shape != (len(self.classes),):
             raise CardError(f"modality arrays in {Path(folder).name!r} do not fit its {len(self.classes)} classes")
 
     def logits(self, feature_maps: np.ndarray) -> np.ndarray:
-        return pool(feature_maps) @ self.weight.T + self.bias
+        return ((pool(feature_maps) - self.mean) / self.scale) @ self.weight.T + self.bias
 
     def name(self, feature_maps: np.ndarray, is_xray: np.ndarray) -> list[str | None]:
         """The most likely class per image, consistent with the gate's decision: "xray" exactly when

@@ -10,8 +10,8 @@ photos of films → xray; ct, mri, ultrasound; dermoscopy and fundus photos → 
 receipts, clothing and natural photos → non_medical. Fitted on train (X-rays capped per body part),
 the regularisation C chosen by balanced accuracy on val, reported on test: the confusion of the head
 alone and of what a user is told (the gate decides X-ray or not; the head names the refused images,
-``diagnosis.openset.ModalityHead``). Writes ``modality.safetensors`` (weight, bias, with the
-standardisation folded in) beside the gate weights and the card's ``modality`` entry.
+``diagnosis.openset.ModalityHead``). Writes ``modality.safetensors`` (weight, bias and the features'
+standardisation mean and scale) beside the gate weights and the card's ``modality`` entry.
 """
 
 from __future__ import annotations
@@ -92,12 +92,12 @@ def run(model: Path, records: list[Record], cache: Path, max_train_xray_per_part
         log.info("C=%g val balanced accuracy %.4f", c, searched[c][0])
     best_c = max(searched, key=lambda c: searched[c][0])
     head = searched[best_c][1]
-    weight = head.coef_ / scaler.scale_[None, :]
-    bias = head.intercept_ - weight @ scaler.mean_
+    weight, bias = head.coef_, head.intercept_
 
     gate_probs = softmax(logits[:, : len(card.labels)].astype(np.float64), axis=1)
     accepted = gate_probs[:, card.labels.index(card.positive_label)] >= card.threshold(card.positive_label)
-    raw = pooled.astype(np.float64) @ weight.T + bias
+    raw = ((pooled.astype(np.float32) - scaler.mean_.astype(np.float32)) / scaler.scale_.astype(np.float32)
+           ) @ weight.astype(np.float32).T + bias.astype(np.float32)  # as shipped (float32 arrays)
     head_said = np.array([CLASSES[i] for i in raw.argmax(axis=1)])
     # The "non_medical" floor: the lowest probability at which at most --max-medical-unfootered of the
     # val medical images the gate refuses (X-rays included) would be told "not medical".
@@ -136,14 +136,17 @@ def run(model: Path, records: list[Record], cache: Path, max_train_xray_per_part
     spec = ModalitySpec(
         classes=CLASSES, arrays=AuxiliaryFile(file=ARRAYS_FILE, sha256=""), metrics=metrics,
         non_medical_min_probability=floor,
-        method_notes=(f"multinomial logistic regression (balanced class weights, standardised features folded "
-                      f"into the weights, C={best_c} chosen by val balanced accuracy) on the gate's pooled "
+        method_notes=(f"multinomial logistic regression (balanced class weights, standardised features: "
+                      f"mean and scale shipped beside the weights, C={best_c} chosen by val balanced accuracy) on "
+                      f"the gate's pooled "
                       f"features; non_medical floor {floor} keeps at most {max_medical_unfootered:.0%} of the val "
                       f"medical images the gate refuses from being told 'not medical'; "
                       f"{int(train.sum())} train images; command: python -m training modality --model "
                       "models/gate --manifest ../shared/data/xray-pack/manifest.csv"))
     if write:
-        save_file({"weight": weight.astype(np.float32), "bias": bias.astype(np.float32)},
+        # C order: scikit-learn's coef_ can be Fortran-ordered, and safetensors writes the raw buffer.
+        arrays = {"weight": weight, "bias": bias, "mean": scaler.mean_, "scale": scaler.scale_}
+        save_file({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in arrays.items()},
                   str(Path(model) / ARRAYS_FILE))
         (Path(model) / ARRAYS_FILE).chmod(0o644)
         spec.arrays = AuxiliaryFile(file=ARRAYS_FILE, sha256=sha256_of(Path(model) / ARRAYS_FILE))
