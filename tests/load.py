@@ -83,13 +83,13 @@ def drive(fake: Any, image: bytes, users: int, images: int, think_s: float, time
     def record(calls: list[Any]) -> bool:
         progress = False
         for call in calls:
-            if call.status != 200 or call.method not in ("sendMessage", "sendPhoto"):
+            if call.status != 200 or call.method not in ("sendMessage", "sendPhoto", "sendMediaGroup"):
                 continue
             reply = call.params.get("reply_parameters") or {}
             request = by_message.get((call.chat_id, reply.get("message_id")))
             if request is None:
                 continue
-            if call.method == "sendPhoto":
+            if call.method in ("sendPhoto", "sendMediaGroup"):  # one overlay, or an album of them
                 request.photos.append(call.at - request.sent_at)
                 progress = True
             elif physician in str(call.params.get("text", "")):

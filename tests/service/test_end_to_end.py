@@ -85,7 +85,7 @@ def test_chest_photo_gets_one_findings_text_and_one_overlay(worker, start_bot, f
     assert text.rstrip().endswith(physician("en"))
     # One image per drawn finding (both flagged findings here: an album), after the text, each with
     # a caption naming its finding in words, with its estimate and what the colours mean.
-    drawn = text.split("looked for: ")[1].split(".\n")[0].split(", ")
+    drawn = text.split("show, for ")[1].split(", the areas")[0].split(", ")
     assert drawn == ["Pleural effusion", "Cardiomegaly"] or drawn == ["Cardiomegaly", "Pleural effusion"]
     [album] = overlay_sends(fake, user)
     assert album.method == "sendMediaGroup" and album.at > fake.calls_of("sendMessage", user)[-1].at
