@@ -109,7 +109,8 @@ class OpenSetSpec(BaseModel):
 
     Mahalanobis distance of the pooled features to the nearest known part (class means and one
     shared covariance fitted on train films, Lee et al. 2018); above ``threshold`` the film is a
-    body part the model cannot read. ``label_min_confidence`` raises the top-1 floor for single
+    body part the model cannot read (``photo_threshold`` for straightened photos of films, when set).
+    ``label_min_confidence`` raises the top-1 floor for single
     parts, e.g. chest, so that only a confident chest reaches the chest model.
     """
 
@@ -117,9 +118,16 @@ class OpenSetSpec(BaseModel):
     arrays: AuxiliaryFile  # "means" (parts × features) and "precision" (features × features)
     normalise: bool = True  # L2-normalise the pooled features first
     threshold: float
+    # Photos of films that the photo step straightened (``result.rectified``) lie further from the
+    # train films than digital films: their own threshold, chosen on val photos. None: ``threshold``.
+    photo_threshold: float | None = None
     label_min_confidence: dict[str, float] = Field(default_factory=dict)
     method_notes: str = ""
     metrics: dict[str, Any] = Field(default_factory=dict)
+
+    def threshold_for(self, rectified: bool) -> float:
+        """The threshold for one input: the photo threshold when the photo step straightened it."""
+        return self.photo_threshold if rectified and self.photo_threshold is not None else self.threshold
 
 
 class ModalitySpec(BaseModel):

@@ -230,7 +230,8 @@ class Pipeline:
     def _body_part(self, items: list[_Item]) -> None:
         """Name the part only when the film looks like a known part and the model is sure enough.
 
-        With an open-set check in the card: far from every known part → ``body_part_unknown``; a part
+        With an open-set check in the card: far from every known part → ``body_part_unknown`` (a photo
+        the photo step straightened is judged by the card's photo threshold, when it has one); a part
         with its own stricter floor (chest: only a confident chest reaches the chest model) below
         it → ``body_part_uncertain``.
         """
@@ -245,7 +246,7 @@ class Pipeline:
             item.result.body_part_probability = float(row[top])
             if distance is not None:
                 item.result.body_part_novelty = round(float(distance), 3)
-            if distance is not None and distance > card.open_set.threshold:
+            if distance is not None and distance > card.open_set.threshold_for(item.result.rectified):
                 item.result.outcome = "body_part_unknown"
             elif row[top] < max(card.min_confidence or 0.0, floors.get(label, 0.0)):
                 item.result.outcome = "body_part_uncertain"
