@@ -231,7 +231,7 @@ class Pipeline:
         """Name the part only when the film looks like a known part and the model is sure enough.
 
         With an open-set check in the card: far from every known part → ``body_part_unknown`` (a photo
-        the photo step straightened is judged by the card's photo threshold, when it has one); a part
+        the photo step straightened is judged by the card's photo threshold and floors, when it has them); a part
         with its own stricter floor (chest: only a confident chest reaches the chest model) below
         it → ``body_part_uncertain``.
         """
@@ -239,8 +239,8 @@ class Pipeline:
         card = model.card
         probs, features = self._infer(model, items, "body_part")
         novelty = model.novelty.scores(features) if model.novelty is not None else [None] * len(items)
-        floors = card.open_set.label_min_confidence if card.open_set else {}
         for item, row, distance in zip(items, probs, novelty, strict=True):
+            floors = card.open_set.floors_for(item.result.rectified) if card.open_set else {}
             top = int(row.argmax())
             label = card.labels[top]
             item.result.body_part_probability = float(row[top])

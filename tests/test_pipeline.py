@@ -162,13 +162,15 @@ def test_open_set_judges_straightened_photos_by_the_photo_threshold(tmp_path, pa
     assert straightened.rectified and straightened.outcome == expected[photo]
 
 
-def test_cards_without_a_photo_threshold_use_the_film_threshold_for_photos(tmp_path):
+def test_cards_without_photo_settings_use_the_film_ones_for_photos(tmp_path):
     from diagnosis.cards import read_card
 
-    spec = read_card(make_models_dir(tmp_path, open_set_threshold=0.5) / "body_part").open_set
+    spec = read_card(make_models_dir(tmp_path, open_set_threshold=0.5, chest_floor=0.9) / "body_part").open_set
     assert spec.photo_threshold is None and spec.threshold_for(True) == spec.threshold_for(False) == 0.5
-    spec.photo_threshold = 3.0
+    assert spec.floors_for(True) == spec.floors_for(False) == {"chest": 0.9}
+    spec.photo_threshold, spec.photo_label_min_confidence = 3.0, {"chest": 0.7}
     assert spec.threshold_for(True) == 3.0 and spec.threshold_for(False) == 0.5
+    assert spec.floors_for(True) == {"chest": 0.7} and spec.floors_for(False) == {"chest": 0.9}
 
 
 def test_chest_reaches_the_chest_model_only_above_its_stricter_floor(tmp_path):

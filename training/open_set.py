@@ -95,18 +95,19 @@ def fit_mahalanobis(pooled: np.ndarray, parts: np.ndarray, count: int,
 
 
 def outcomes(probs: np.ndarray, score: np.ndarray | None, threshold, labels: list[str],
-             min_confidence: float, floors: dict[str, float]) -> list[str]:
+             min_confidence: float, floors) -> list[str]:
     """What the pipeline says per film: a part's name, "unknown" or "uncertain" (as diagnosis.pipeline).
     ``threshold``: one number, or one per row (photos straightened by the photo step get the card's
-    ``photo_threshold``)."""
+    ``photo_threshold``); ``floors``: one dict of per-part floors, or one per row (photo floors)."""
     said = []
+    per_row = floors if isinstance(floors, np.ndarray) else [floors] * len(probs)
     limits = np.broadcast_to(np.asarray(threshold if threshold is not None else np.inf, dtype=np.float64),
                              (len(probs),))
     for i, row in enumerate(probs):
         top = int(row.argmax())
         if score is not None and score[i] > limits[i]:
             said.append("unknown")
-        elif row[top] < max(min_confidence, floors.get(labels[top], 0.0)):
+        elif row[top] < max(min_confidence, per_row[i].get(labels[top], 0.0)):
             said.append("uncertain")
         else:
             said.append(labels[top])
@@ -135,7 +136,7 @@ def summary(said: list[str], truth: list[str], known: bool) -> dict:
 
 def run(model: Path, records: list[Record], cache: Path, keep: float, chest_keep: float, max_train_per_part: int,
         write: bool = True, train_photos: int = 0, seed: int = 1, val_photos: int = 0,
-        holdout_photos: int = 5) -> dict:
+        holdout_photos: int = 5, photo_keep: float = 0.95) -> dict:
     card = read_card(model)
     labels = card.labels
     chosen = choose_records(records, labels, max_train_per_part)
@@ -221,17 +222,19 @@ def run(model: Path, records: list[Record], cache: Path, keep: float, chest_keep
     def film_limits(entry: dict) -> np.ndarray:
         return np.where(film_rect, entry.get("photo_threshold", entry["threshold"]), entry["threshold"])
 
-    def photo_said(entry: dict, which: str, normalise: bool, floors: dict[str, float]) -> list[str]:
+    def photo_said(entry: dict, which: str, normalise: bool, floors: dict[str, float],
+                   photo_floors: dict[str, float] | None = None) -> list[str]:
         p = photos[which]
         limits = np.where(p["rect"], entry.get("photo_threshold", entry["threshold"]), entry["threshold"])
-        return outcomes(p["probs"], p["score"][normalise], limits, labels, min_confidence, floors)
+        per_row = np.array([photo_floors if r and photo_floors is not None else floors for r in p["rect"]])
+        return outcomes(p["probs"], p["score"][normalise], limits, labels, min_confidence, per_row)
 
     for name, normalise in (("mahalanobis", False), ("mahalanobis_normalised", True)):
         entry = comparison[name]
         if photos:
             v = photos["val_known"]
             straight = v["score"][normalise][v["rect"]]
-            entry["photo_threshold"] = max(entry["threshold"], float(np.quantile(straight, keep)))
+            entry["photo_threshold"] = max(entry["threshold"], float(np.quantile(straight, photo_keep)))
             said = photo_said(entry, "holdout", normalise, {})
             h_val = photos["holdout"]["split"] == "val"
             entry["holdout_photos_wrong_part_rate"] = summary(said, [], False)["wrong_part_rate"]
@@ -263,18 +266,23 @@ def run(model: Path, records: list[Record], cache: Path, keep: float, chest_keep
     photo_threshold = comparison[best].get("photo_threshold")
     limits = film_limits(comparison[best])
 
+    # Chest floors: films from the passing val chest films; straightened photos (less confident) from
+    # the passing straightened val chest photos.
     passed_chest = val & (parts == "chest") & (score <= limits)
-    chest_probs = probs[passed_chest, labels.index("chest")]
-    if photos:  # passing val chest photos count as much as the passing val films
-        v = photos["val_known"]
-        passing = (v["score"][normalise] <= np.where(v["rect"], photo_threshold, threshold)) & (v["part"] == "chest")
-        chest_probs = np.concatenate([chest_probs, v["probs"][passing, labels.index("chest")]])
-    chest_floor = float(max(min_confidence, np.quantile(chest_probs, 1 - chest_keep)))
+    chest_floor = float(max(min_confidence, np.quantile(probs[passed_chest, labels.index("chest")], 1 - chest_keep)))
     floors = {"chest": round(chest_floor, 4)} if "chest" in labels else {}
+    photo_floors = None
+    if photos and "chest" in labels:
+        v = photos["val_known"]
+        passing = v["rect"] & (v["part"] == "chest") & (v["score"][normalise] <= photo_threshold)
+        photo_floor = float(max(min_confidence, np.quantile(v["probs"][passing, labels.index("chest")],
+                                                            1 - chest_keep)))
+        photo_floors = {"chest": round(photo_floor, 4)}
+    film_floors = np.array([photo_floors if r and photo_floors is not None else floors for r in film_rect])
 
     def report(mask: np.ndarray, with_open_set: bool, is_known: bool) -> dict:
         said = outcomes(probs, score if with_open_set else None, limits, labels, min_confidence,
-                        floors if with_open_set else {})
+                        film_floors if with_open_set else {})
         rows = np.flatnonzero(mask)
         return summary([said[i] for i in rows], [truth[i] for i in rows], is_known)
 
@@ -282,7 +290,7 @@ def run(model: Path, records: list[Record], cache: Path, keep: float, chest_keep
         p = photos[which]
         truth_rows = list(p["part"])
         before = outcomes(p["probs"], None, None, labels, min_confidence, {})
-        after = photo_said(comparison[best], which, normalise, floors)
+        after = photo_said(comparison[best], which, normalise, floors, photo_floors)
         return {"n": len(truth_rows), "straightened": int(p["rect"].sum()),
                 "before": summary(before, truth_rows, is_known), "after": summary(after, truth_rows, is_known)}
 
@@ -304,13 +312,17 @@ def run(model: Path, records: list[Record], cache: Path, keep: float, chest_keep
     spec = OpenSetSpec(
         arrays=spec_arrays, normalise=normalise, threshold=round(threshold, 4), label_min_confidence=floors,
         photo_threshold=round(photo_threshold, 4) if photo_threshold is not None else None,
+        photo_label_min_confidence=photo_floors,
         method_notes=(f"{best}: squared Mahalanobis distance of the pooled features to the nearest part mean "
                       f"(shared Ledoit-Wolf covariance, fitted on {int(train.sum())} train films and "
                       f"{train_photos} synthetic photos of train films per part, seed {seed}); threshold keeps "
-                      f"{keep:.0%} of {int(val.sum())} known-part val films and of {val_photos} synthetic photos of "
-                      f"val chest films (seed 0); chest floor keeps {chest_keep:.0%} of the val chest films and "
-                      f"photos that pass it (not below min_confidence); score chosen on the "
-                      f"{int(val_unknown.sum())} val hold-out films (fewest named as a known part, then the "
+                      f"{keep:.0%} of {int(val.sum())} known-part val films; photo_threshold (inputs the photo step "
+                      f"straightened) keeps {photo_keep:.0%} of the straightened synthetic photos (seed 0) of at most "
+                      f"{val_photos} val films per part; chest floors keep {chest_keep:.0%} of the val chest films "
+                      "(label_min_confidence) and of the straightened val chest photos (photo_label_min_confidence) "
+                      f"that pass (not below min_confidence); score chosen on the {int(val_unknown.sum())} val "
+                      f"hold-out films and {holdout_photos} synthetic photos of each (fewest named as a known part, "
+                      "then the "
                       "widest margin to the threshold); "
                       "command: python -m training open-set --model models/body_part --manifest "
                       "../shared/data/xray-pack/manifest.csv"),
@@ -408,7 +420,8 @@ def photo_routing(model: Path, records: list[Record], cache: Path, split: str, l
         score = mahalanobis(pooled, novelty.means, novelty.precision, spec.normalise).min(axis=1)
         limits = np.where(rect, spec.photo_threshold if spec.photo_threshold is not None else spec.threshold,
                           spec.threshold)
-        after = outcomes(probs, score, limits, card.labels, min_confidence, spec.label_min_confidence)
+        floors = np.array([spec.floors_for(bool(r)) for r in rect])
+        after = outcomes(probs, score, limits, card.labels, min_confidence, floors)
         entry.update(chest_after=round(after.count("chest") / max(len(after), 1), 4),
                      after=dict(Counter(after)))
     entry["before"] = dict(Counter(before))
@@ -421,7 +434,7 @@ def main(args) -> int:
     records = load_sources(args.manifest)
     result = run(args.model, records, args.cache, args.keep, args.chest_keep, args.max_train_per_part,
                  write=not args.dry_run, train_photos=args.train_photos, val_photos=args.val_photos,
-                 holdout_photos=args.holdout_photos)
+                 holdout_photos=args.holdout_photos, photo_keep=args.photo_keep)
     if args.photos:
         result["synthetic_chest_photos"] = [photo_routing(args.model, records, args.cache, split, args.photos)
                                             for split in ("val", "test")]
@@ -447,6 +460,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--val-photos", type=int, default=300,
                         help="synthetic photos of val films per known part: the photo threshold keeps --keep of "
                              "the straightened ones (0: no photo threshold, photos get the film threshold)")
+    parser.add_argument("--photo-keep", type=float, default=0.95,
+                        help="share of straightened val photos the photo threshold keeps")
     parser.add_argument("--holdout-photos", type=int, default=5,
                         help="synthetic photos per hip/wrist film (seeds 0, 1, ...); val ones take part in the choice")
     parser.add_argument("--photos", type=int, default=0,
