@@ -109,7 +109,8 @@ class OpenSetSpec(BaseModel):
 
     Mahalanobis distance of the pooled features to the nearest known part (class means and one
     shared covariance fitted on train films, Lee et al. 2018); above ``threshold`` the film is a
-    body part the model cannot read. ``label_min_confidence`` raises the top-1 floor for single
+    body part the model cannot read (``photo_threshold`` for straightened photos of films, when set).
+    ``label_min_confidence`` raises the top-1 floor for single
     parts, e.g. chest, so that only a confident chest reaches the chest model.
     """
 
@@ -117,9 +118,23 @@ class OpenSetSpec(BaseModel):
     arrays: AuxiliaryFile  # "means" (parts × features) and "precision" (features × features)
     normalise: bool = True  # L2-normalise the pooled features first
     threshold: float
+    # Photos of films that the photo step straightened (``result.rectified``) lie further from the
+    # train films than digital films: their own threshold, chosen on val photos. None: ``threshold``.
+    photo_threshold: float | None = None
     label_min_confidence: dict[str, float] = Field(default_factory=dict)
+    # The same floors for straightened photos (chosen on val photos); None: ``label_min_confidence``.
+    photo_label_min_confidence: dict[str, float] | None = None
     method_notes: str = ""
     metrics: dict[str, Any] = Field(default_factory=dict)
+
+    def threshold_for(self, rectified: bool) -> float:
+        """The threshold for one input: the photo threshold when the photo step straightened it."""
+        return self.photo_threshold if rectified and self.photo_threshold is not None else self.threshold
+
+    def floors_for(self, rectified: bool) -> dict[str, float]:
+        """Per-part top-1 floors for one input: the photo floors when the photo step straightened it."""
+        photo = self.photo_label_min_confidence
+        return photo if rectified and photo is not None else self.label_min_confidence
 
 
 class ModalitySpec(BaseModel):
@@ -189,7 +204,8 @@ class ModelCard(BaseModel):
             raise ValueError("extra_outputs need independent (sigmoid) outputs")
         if self.activation == "softmax" and len(self.labels) < 2:
             raise ValueError("softmax needs at least two labels")
-        if self.open_set and (self.role != "body_part" or set(self.open_set.label_min_confidence) - set(self.labels)):
+        if self.open_set and (self.role != "body_part" or set(self.open_set.label_min_confidence)
+                              .union(self.open_set.photo_label_min_confidence or {}) - set(self.labels)):
             raise ValueError("open_set belongs on a body_part card and names only its labels")
         if self.modality and (self.role != "gate" or len(set(self.modality.classes)) != len(self.modality.classes)):
             raise ValueError("modality belongs on a gate card, with unique classes")

@@ -230,7 +230,8 @@ class Pipeline:
     def _body_part(self, items: list[_Item]) -> None:
         """Name the part only when the film looks like a known part and the model is sure enough.
 
-        With an open-set check in the card: far from every known part → ``body_part_unknown``; a part
+        With an open-set check in the card: far from every known part → ``body_part_unknown`` (a photo
+        the photo step straightened is judged by the card's photo threshold and floors, when it has them); a part
         with its own stricter floor (chest: only a confident chest reaches the chest model) below
         it → ``body_part_uncertain``.
         """
@@ -238,14 +239,14 @@ class Pipeline:
         card = model.card
         probs, features = self._infer(model, items, "body_part")
         novelty = model.novelty.scores(features) if model.novelty is not None else [None] * len(items)
-        floors = card.open_set.label_min_confidence if card.open_set else {}
         for item, row, distance in zip(items, probs, novelty, strict=True):
+            floors = card.open_set.floors_for(item.result.rectified) if card.open_set else {}
             top = int(row.argmax())
             label = card.labels[top]
             item.result.body_part_probability = float(row[top])
             if distance is not None:
                 item.result.body_part_novelty = round(float(distance), 3)
-            if distance is not None and distance > card.open_set.threshold:
+            if distance is not None and distance > card.open_set.threshold_for(item.result.rectified):
                 item.result.outcome = "body_part_unknown"
             elif row[top] < max(card.min_confidence or 0.0, floors.get(label, 0.0)):
                 item.result.outcome = "body_part_uncertain"

@@ -69,14 +69,16 @@ def _arrays(folder: Path, name: str, arrays: dict[str, np.ndarray]) -> Auxiliary
     return AuxiliaryFile(file=name, sha256=sha256_of(folder / name))
 
 
-def add_open_set(folder: Path, threshold: float, chest_floor: float | None = None) -> None:
+def add_open_set(folder: Path, threshold: float, chest_floor: float | None = None,
+                 photo_threshold: float | None = None) -> None:
     """Open-set arrays whose distance is exactly 1 for every image (zero means, identity precision,
-    L2-normalised features): a threshold below 1 makes every film "unknown", above 1 none."""
+    L2-normalised features): a threshold below 1 makes every film "unknown", above 1 none
+    (``photo_threshold``: the same for photos the photo step straightened)."""
     card = read_card(folder)
     features = 1024
     spec = _arrays(folder, "open_set.safetensors", {"means": np.zeros((len(card.labels), features)),
                                                     "precision": np.eye(features)})
-    card.open_set = OpenSetSpec(arrays=spec, threshold=threshold,
+    card.open_set = OpenSetSpec(arrays=spec, threshold=threshold, photo_threshold=photo_threshold,
                                 label_min_confidence={"chest": chest_floor} if chest_floor is not None else {})
     write_card(folder, card)
 
@@ -94,12 +96,14 @@ def add_modality(folder: Path, modality: str) -> None:
 def make_models_dir(root: Path, *, xray: bool = True, body_part: str = "chest", positives: tuple[str, ...] = (
         "Effusion", "Cardiomegaly"), body_part_confidence: float = 8.0, size: int = 64,
         operating_points: bool = True, open_set_threshold: float | None = None,
-        chest_floor: float | None = None, modality: str | None = None) -> Path:
+        chest_floor: float | None = None, modality: str | None = None,
+        open_set_photo_threshold: float | None = None) -> Path:
     """gate + body_part (chest/hand/knee) + chest models under ``root``; returns ``root``.
 
     ``operating_points=False`` gives a chest card as written before calibration (no points).
     ``open_set_threshold`` (< 1: every film an unknown part; > 1: none) and ``chest_floor`` add the
-    body-part card's open-set check; ``modality`` adds a gate modality head naming that class."""
+    body-part card's open-set check (``open_set_photo_threshold``: its photo threshold); ``modality``
+    adds a gate modality head naming that class."""
     root = Path(root)
     make_model(root / "gate", role="gate", labels=["not_xray", "xray"], activation="softmax",
                biases=[-8.0, 8.0] if xray else [8.0, -8.0], positive_label="xray",
@@ -110,7 +114,8 @@ def make_models_dir(root: Path, *, xray: bool = True, body_part: str = "chest", 
                biases=[body_part_confidence if p == body_part else 0.0 for p in PARTS],
                min_confidence=0.5, size=size)
     if open_set_threshold is not None or chest_floor is not None:
-        add_open_set(root / "body_part", 1e9 if open_set_threshold is None else open_set_threshold, chest_floor)
+        add_open_set(root / "body_part", 1e9 if open_set_threshold is None else open_set_threshold, chest_floor,
+                     open_set_photo_threshold)
     chest_biases = [3.0 - i * 0.5 if label in positives else -4.0 - i * 0.1
                     for i, label in enumerate(CHEST_LABELS)]
     make_model(root / "chest", role="abnormality", body_part="chest", labels=CHEST_LABELS,

@@ -147,6 +147,32 @@ def test_open_set_check_says_unknown_part_only_above_its_threshold(tmp_path, thr
         assert reply.startswith("This looks like an X-ray of a body part I cannot read yet") and "physician" in reply
 
 
+@pytest.mark.parametrize(("film", "photo"), [(0.5, 2.0), (2.0, 0.5)])
+def test_open_set_judges_straightened_photos_by_the_photo_threshold(tmp_path, pack, film, photo):
+    from training.synthetic_photos import synthesise, to_gray
+
+    # Every image lies at distance 1: below a threshold of 2 it is a known part, above 0.5 unknown.
+    pipeline = Pipeline.load(make_models_dir(tmp_path, open_set_threshold=film, open_set_photo_threshold=photo))
+    expected = {0.5: "body_part_unknown", 2.0: "analysed"}
+    digital = pipeline.run(IMAGE).result
+    assert not digital.rectified and digital.outcome == expected[film]
+    shot = to_gray(synthesise(np.asarray(Image.open(pack / "images/nih_cxr14/00001382_000.jpg").convert("L")),
+                              np.random.default_rng(3)))
+    straightened = pipeline.run(encode(Image.fromarray(shot), "JPEG")).result
+    assert straightened.rectified and straightened.outcome == expected[photo]
+
+
+def test_cards_without_photo_settings_use_the_film_ones_for_photos(tmp_path):
+    from diagnosis.cards import read_card
+
+    spec = read_card(make_models_dir(tmp_path, open_set_threshold=0.5, chest_floor=0.9) / "body_part").open_set
+    assert spec.photo_threshold is None and spec.threshold_for(True) == spec.threshold_for(False) == 0.5
+    assert spec.floors_for(True) == spec.floors_for(False) == {"chest": 0.9}
+    spec.photo_threshold, spec.photo_label_min_confidence = 3.0, {"chest": 0.7}
+    assert spec.threshold_for(True) == 3.0 and spec.threshold_for(False) == 0.5
+    assert spec.floors_for(True) == {"chest": 0.7} and spec.floors_for(False) == {"chest": 0.9}
+
+
 def test_chest_reaches_the_chest_model_only_above_its_stricter_floor(tmp_path):
     # body_part_confidence 3: chest top-1 ≈ 0.91, above min_confidence 0.5 but below a 0.95 chest floor.
     strict = Pipeline.load(make_models_dir(tmp_path / "strict", body_part_confidence=3.0, chest_floor=0.95))

@@ -1,8 +1,8 @@
 """Open-set body part: say "a body part I cannot read yet" instead of naming a wrong part.
 
     python -m training open-set --model models/body_part --manifest ../shared/data/xray-pack/manifest.csv \\
-        [--cache /tmp/open-set] [--keep 0.97] [--chest-keep 0.98] [--train-photos 300] [--val-photos 0] \\
-        [--photos 300] [--json OUT] [--dry-run]
+        [--cache /tmp/open-set] [--keep 0.97] [--chest-keep 0.98] [--train-photos 300] [--val-photos 300] \\
+        [--holdout-photos 5] [--photos 300] [--json OUT] [--dry-run]
 
 1. Pooled 1024-d features and logits of the body-part model on every radiograph of a part the card
    knows (train: at most ``--max-train-per-part`` per part), seen as the service sees them
@@ -11,14 +11,16 @@
    logits), −max logit, and the Mahalanobis distance to the nearest part mean (one shared covariance,
    Ledoit–Wolf shrinkage; on raw or L2-normalised features), means and covariance fitted on train
    films and ``--train-photos`` synthetic phone photos of train films per part.
-3. Every threshold keeps ``--keep`` of the known-part val films (Mahalanobis: and of ``--val-photos``
-   synthetic photos of val chest films, since photos of chest films must reach the chest model).
-   The Mahalanobis variant shipped is the one that names the fewest val films of parts the card does not
-   know as a known part at its threshold, then the widest margin between the threshold and the nearest
-   such film (the hold-out: the pack's hip and
-   wrist films, never fitted on; only their 6 val films take part in this choice, all 33 are reported).
+3. Every threshold keeps ``--keep`` of the known-part val films. Mahalanobis only: a second threshold
+   for photos of films that the service's photo step straightened (``result.rectified``; such photos
+   lie further from the films): it keeps ``--keep`` of the straightened synthetic photos (seed 0) of
+   at most ``--val-photos`` val films per known part. The Mahalanobis variant shipped is the one that
+   names the fewest val films of parts the card does not know, and synthetic photos of them
+   (``--holdout-photos`` per film), as a known part at its thresholds, then the widest margin between
+   the threshold and the nearest such film (the hold-out: the pack's hip and wrist films, never
+   fitted on; only their 6 val films and photos of them take part in this choice, all 33 are reported).
 4. Chest floor: only a confident chest reaches the chest model; the floor keeps ``--chest-keep`` of
-   the val chest films and photos that pass the open-set check (never below ``min_confidence``).
+   the val chest films and val chest photos that pass the open-set check (never below ``min_confidence``).
 5. ``--photos N``: body part = chest on synthetic photos of N val and N test chest films, before and
    after (val photos are the ones the threshold saw; test photos are new).
 
@@ -67,6 +69,21 @@ def choose_records(records: list[Record], labels: list[str], max_train_per_part:
     return chosen + [r for r in xrays if r.split != "train" or r.body_part not in labels]
 
 
+def _photo_set(groups: list[tuple[list[Record], tuple]], labels: list[str], fitted: dict) -> dict:
+    """Synthetic photo rows (from ``synthetic_photo_features``) the intake reads: probabilities, both
+    Mahalanobis scores, straightened or not, true part and split."""
+    logits = np.concatenate([g[1][0] for g in groups])
+    pooled = np.concatenate([g[1][1] for g in groups])
+    rect = np.concatenate([g[1][2] for g in groups])
+    films = [r for g in groups for r in g[0]]
+    ok = np.isfinite(pooled[:, 0])
+    pooled = pooled[ok]
+    return {"probs": softmax(logits[ok, : len(labels)].astype(np.float64), axis=1), "rect": rect[ok],
+            "score": {n: mahalanobis(pooled, *fitted[n], normalise=n).min(axis=1) for n in (False, True)},
+            "part": np.array([r.body_part for r, k in zip(films, ok, strict=True) if k]),
+            "split": np.array([r.split for r, k in zip(films, ok, strict=True) if k])}
+
+
 def fit_mahalanobis(pooled: np.ndarray, parts: np.ndarray, count: int,
                     normalise: bool) -> tuple[np.ndarray, np.ndarray]:
     x = pooled.astype(np.float64)
@@ -77,15 +94,20 @@ def fit_mahalanobis(pooled: np.ndarray, parts: np.ndarray, count: int,
     return means, precision
 
 
-def outcomes(probs: np.ndarray, score: np.ndarray | None, threshold: float | None, labels: list[str],
-             min_confidence: float, floors: dict[str, float]) -> list[str]:
-    """What the pipeline says per film: a part's name, "unknown" or "uncertain" (as diagnosis.pipeline)."""
+def outcomes(probs: np.ndarray, score: np.ndarray | None, threshold, labels: list[str],
+             min_confidence: float, floors) -> list[str]:
+    """What the pipeline says per film: a part's name, "unknown" or "uncertain" (as diagnosis.pipeline).
+    ``threshold``: one number, or one per row (photos straightened by the photo step get the card's
+    ``photo_threshold``); ``floors``: one dict of per-part floors, or one per row (photo floors)."""
     said = []
+    per_row = floors if isinstance(floors, np.ndarray) else [floors] * len(probs)
+    limits = np.broadcast_to(np.asarray(threshold if threshold is not None else np.inf, dtype=np.float64),
+                             (len(probs),))
     for i, row in enumerate(probs):
         top = int(row.argmax())
-        if score is not None and score[i] > threshold:
+        if score is not None and score[i] > limits[i]:
             said.append("unknown")
-        elif row[top] < max(min_confidence, floors.get(labels[top], 0.0)):
+        elif row[top] < max(min_confidence, per_row[i].get(labels[top], 0.0)):
             said.append("uncertain")
         else:
             said.append(labels[top])
@@ -113,7 +135,8 @@ def summary(said: list[str], truth: list[str], known: bool) -> dict:
 
 
 def run(model: Path, records: list[Record], cache: Path, keep: float, chest_keep: float, max_train_per_part: int,
-        write: bool = True, train_photos: int = 0, seed: int = 1, val_photos: int = 0) -> dict:
+        write: bool = True, train_photos: int = 0, seed: int = 1, val_photos: int = 0,
+        holdout_photos: int = 5, photo_keep: float = 0.95) -> dict:
     card = read_card(model)
     labels = card.labels
     chosen = choose_records(records, labels, max_train_per_part)
@@ -139,7 +162,7 @@ def run(model: Path, records: list[Record], cache: Path, keep: float, chest_keep
         # body-part network was trained on such photos too), at most ``train_photos`` per part.
         sources = [r for part in labels for r in [c for c in chosen if c.split == "train" and c.body_part == part
                                                    and c.kind == "radiograph"][:train_photos]]
-        _, photo_pooled = synthetic_photo_features(store, sources, seed)
+        _, photo_pooled, _ = synthetic_photo_features(store, sources, seed, flags=False)
         ok = np.isfinite(photo_pooled[:, 0])
         fit_pooled = np.concatenate([fit_pooled, photo_pooled[ok]])
         fit_index = np.concatenate([fit_index, np.array([labels.index(r.body_part) for r in sources])[ok]])
@@ -171,60 +194,105 @@ def run(model: Path, records: list[Record], cache: Path, keep: float, chest_keep
             "test_not_named_rate": summary([said[i] for i in np.flatnonzero(test)],
                                            [truth[i] for i in np.flatnonzero(test)], True)["not_named_rate"],
         }
-    # Val synthetic photos of val chest films (seed 0, as photo_routing): a photo of a chest film must
-    # reach the chest model too, so the threshold and the chest floor keep their share of them as well.
-    photo_probs = photo_scores = None
+    # Photos. A phone photo of a film that the service's photo step straightened
+    # (``result.rectified``) lies further from the train films in feature space than a digital film,
+    # so it gets its own threshold: the one keeping ``keep`` of the straightened val synthetic photos
+    # of known-part val films (seed 0, at most ``val_photos`` per part). Digital films keep the film
+    # threshold. Hold-out: ``holdout_photos`` synthetic photos (seeds 0, 1, ...) of every hip and
+    # wrist film, never fitted on; only the photos of the val hold-out films take part in choices.
+    film_rect = np.zeros(len(chosen), bool)
+    rows = np.flatnonzero(~train)
+    film_rect[rows] = film_rectified(store, [chosen[i] for i in rows])
+    photos: dict[str, dict] = {}
     if val_photos:
-        val_chest = sorted((r for r in records if r.split == "val" and r.body_part == "chest"
-                            and r.kind == "radiograph" and not r.synthetic), key=_stable)[:val_photos]
-        photo_logits, photo_pooled = synthetic_photo_features(store, val_chest, 0)
-        ok = np.isfinite(photo_pooled[:, 0])
-        photo_probs = softmax(photo_logits[ok, : len(labels)].astype(np.float64), axis=1)
-        photo_scores = {False: mahalanobis(photo_pooled[ok], *fitted[False], normalise=False).min(axis=1),
-                        True: mahalanobis(photo_pooled[ok], *fitted[True], normalise=True).min(axis=1)}
-        for name, normalise in (("mahalanobis", False), ("mahalanobis_normalised", True)):
-            photo_threshold = float(np.quantile(photo_scores[normalise], keep))
-            if photo_threshold > comparison[name]["threshold"]:
-                comparison[name]["threshold"] = photo_threshold
-                said = outcomes(probs, candidates[name], photo_threshold, labels, min_confidence, {})
-                comparison[name]["holdout_wrong_part_rate"] = summary(
-                    [said[i] for i in np.flatnonzero(unknown)], [], False)["wrong_part_rate"]
-                comparison[name]["test_not_named_rate"] = summary(
-                    [said[i] for i in np.flatnonzero(test)], [truth[i] for i in np.flatnonzero(test)],
-                    True)["not_named_rate"]
-            comparison[name]["threshold_from"] = "val photos" if photo_threshold >= comparison[name][
-                "threshold"] else "val films"
+        groups = []
+        for part in labels:
+            films = sorted((r for r in records if r.split == "val" and r.body_part == part and r.kind == "radiograph"
+                            and not r.synthetic), key=_stable)[:val_photos]
+            if films:
+                groups.append((films, synthetic_photo_features(store, films, 0)))
+        photos["val_known"] = _photo_set(groups, labels, fitted)
+        holdout = [chosen[i] for i in np.flatnonzero(unknown)]
+        photos["holdout"] = _photo_set([(holdout, synthetic_photo_features(store, holdout, s))
+                                        for s in range(holdout_photos)], labels, fitted)
+        log.info("val photos: %d (%d straightened); hold-out photos: %d (%d straightened)",
+                 len(photos["val_known"]["rect"]), photos["val_known"]["rect"].sum(),
+                 len(photos["holdout"]["rect"]), photos["holdout"]["rect"].sum())
+
+    def film_limits(entry: dict) -> np.ndarray:
+        return np.where(film_rect, entry.get("photo_threshold", entry["threshold"]), entry["threshold"])
+
+    def photo_said(entry: dict, which: str, normalise: bool, floors: dict[str, float],
+                   photo_floors: dict[str, float] | None = None) -> list[str]:
+        p = photos[which]
+        limits = np.where(p["rect"], entry.get("photo_threshold", entry["threshold"]), entry["threshold"])
+        per_row = np.array([photo_floors if r and photo_floors is not None else floors for r in p["rect"]])
+        return outcomes(p["probs"], p["score"][normalise], limits, labels, min_confidence, per_row)
+
+    for name, normalise in (("mahalanobis", False), ("mahalanobis_normalised", True)):
+        entry = comparison[name]
+        if photos:
+            v = photos["val_known"]
+            straight = v["score"][normalise][v["rect"]]
+            entry["photo_threshold"] = max(entry["threshold"], float(np.quantile(straight, photo_keep)))
+            said = photo_said(entry, "holdout", normalise, {})
+            h_val = photos["holdout"]["split"] == "val"
+            entry["holdout_photos_wrong_part_rate"] = summary(said, [], False)["wrong_part_rate"]
+            entry["val_holdout_photos_wrong_part_rate"] = summary(
+                [s for s, ok in zip(said, h_val, strict=True) if ok], [], False)["wrong_part_rate"]
+        said = outcomes(probs, candidates[name], film_limits(entry), labels, min_confidence, {})
+        entry["holdout_wrong_part_rate"] = summary([said[i] for i in np.flatnonzero(unknown)], [],
+                                                   False)["wrong_part_rate"]
+        entry["test_not_named_rate"] = summary([said[i] for i in np.flatnonzero(test)],
+                                               [truth[i] for i in np.flatnonzero(test)], True)["not_named_rate"]
     for name, score in candidates.items():
-        said = outcomes(probs, score, comparison[name]["threshold"], labels, min_confidence, {})
+        limits = film_limits(comparison[name])
+        said = outcomes(probs, score, limits, labels, min_confidence, {})
         comparison[name]["val_holdout_wrong_part_rate"] = summary(
             [said[i] for i in np.flatnonzero(val_unknown)], [], False)["wrong_part_rate"] if val_unknown.any() else None
         # How far beyond the threshold the nearest val hold-out film lies (> 1: all flagged, with room).
-        comparison[name]["val_holdout_margin"] = round(float(score[val_unknown].min() / comparison[name]["threshold"]),
-                                                       4) if val_unknown.any() and comparison[name]["threshold"] > 0 \
-            else None
-    # Chosen on val only: fewest val hold-out films named as a known part at the threshold, then the
+        comparison[name]["val_holdout_margin"] = round(float((score[val_unknown] / limits[val_unknown]).min()),
+                                                       4) if val_unknown.any() and limits.min() > 0 else None
+    # Chosen on val only: fewest val hold-out films and photos of them named as a known part, then the
     # widest margin between the threshold and the nearest val hold-out film.
     best = min(("mahalanobis", "mahalanobis_normalised"),
-               key=lambda n: (comparison[n]["val_holdout_wrong_part_rate"] or 0.0,
+               key=lambda n: ((comparison[n]["val_holdout_wrong_part_rate"] or 0.0)
+                              + comparison[n].get("val_holdout_photos_wrong_part_rate", 0.0),
                               -(comparison[n]["val_holdout_margin"] or 0.0)))
     # The shipped score must be computable from card arrays: a Mahalanobis variant (the logit scores are
     # reported for comparison). If a logit score were better, that would be reported here too.
     normalise = best == "mahalanobis_normalised"
     score, threshold = candidates[best], comparison[best]["threshold"]
+    photo_threshold = comparison[best].get("photo_threshold")
+    limits = film_limits(comparison[best])
 
-    passed_chest = val & (parts == "chest") & (score <= threshold)
-    chest_probs = probs[passed_chest, labels.index("chest")]
-    if photo_probs is not None:  # passing val photos count as much as the passing val films
-        passing = photo_scores[normalise] <= threshold
-        chest_probs = np.concatenate([chest_probs, photo_probs[passing, labels.index("chest")]])
-    chest_floor = float(max(min_confidence, np.quantile(chest_probs, 1 - chest_keep)))
+    # Chest floors: films from the passing val chest films; straightened photos (less confident) from
+    # the passing straightened val chest photos.
+    passed_chest = val & (parts == "chest") & (score <= limits)
+    chest_floor = float(max(min_confidence, np.quantile(probs[passed_chest, labels.index("chest")], 1 - chest_keep)))
     floors = {"chest": round(chest_floor, 4)} if "chest" in labels else {}
+    photo_floors = None
+    if photos and "chest" in labels:
+        v = photos["val_known"]
+        passing = v["rect"] & (v["part"] == "chest") & (v["score"][normalise] <= photo_threshold)
+        photo_floor = float(max(min_confidence, np.quantile(v["probs"][passing, labels.index("chest")],
+                                                            1 - chest_keep)))
+        photo_floors = {"chest": round(photo_floor, 4)}
+    film_floors = np.array([photo_floors if r and photo_floors is not None else floors for r in film_rect])
 
     def report(mask: np.ndarray, with_open_set: bool, is_known: bool) -> dict:
-        said = outcomes(probs, score if with_open_set else None, threshold, labels, min_confidence,
-                        floors if with_open_set else {})
+        said = outcomes(probs, score if with_open_set else None, limits, labels, min_confidence,
+                        film_floors if with_open_set else {})
         rows = np.flatnonzero(mask)
         return summary([said[i] for i in rows], [truth[i] for i in rows], is_known)
+
+    def report_photos(which: str, is_known: bool) -> dict:
+        p = photos[which]
+        truth_rows = list(p["part"])
+        before = outcomes(p["probs"], None, None, labels, min_confidence, {})
+        after = photo_said(comparison[best], which, normalise, floors, photo_floors)
+        return {"n": len(truth_rows), "straightened": int(p["rect"].sum()),
+                "before": summary(before, truth_rows, is_known), "after": summary(after, truth_rows, is_known)}
 
     metrics = {
         "data": "pack manifest; known parts: train films (fit), val films (threshold, chest floor), test films "
@@ -232,19 +300,29 @@ def run(model: Path, records: list[Record], cache: Path, keep: float, chest_keep
         "val_known": {"before": report(val, False, True), "after": report(val, True, True)},
         "test_known": {"before": report(test, False, True), "after": report(test, True, True)},
         "holdout_unknown_parts": {"before": report(unknown, False, False), "after": report(unknown, True, False)},
+        "straightened_films": {"val": int(film_rect[val].sum()), "test": int(film_rect[test].sum()),
+                               "holdout": int(film_rect[unknown].sum())},
         "score_comparison": comparison,
     }
+    if photos:
+        metrics["val_photos_known"] = report_photos("val_known", True)
+        metrics["holdout_photos"] = report_photos("holdout", False)
     spec_arrays = AuxiliaryFile(file=ARRAYS_FILE, sha256="")
     means, precision = fitted[normalise]
     spec = OpenSetSpec(
         arrays=spec_arrays, normalise=normalise, threshold=round(threshold, 4), label_min_confidence=floors,
+        photo_threshold=round(photo_threshold, 4) if photo_threshold is not None else None,
+        photo_label_min_confidence=photo_floors,
         method_notes=(f"{best}: squared Mahalanobis distance of the pooled features to the nearest part mean "
                       f"(shared Ledoit-Wolf covariance, fitted on {int(train.sum())} train films and "
                       f"{train_photos} synthetic photos of train films per part, seed {seed}); threshold keeps "
-                      f"{keep:.0%} of {int(val.sum())} known-part val films and of {val_photos} synthetic photos of "
-                      f"val chest films (seed 0); chest floor keeps {chest_keep:.0%} of the val chest films and "
-                      f"photos that pass it (not below min_confidence); score chosen on the "
-                      f"{int(val_unknown.sum())} val hold-out films (fewest named as a known part, then the "
+                      f"{keep:.0%} of {int(val.sum())} known-part val films; photo_threshold (inputs the photo step "
+                      f"straightened) keeps {photo_keep:.0%} of the straightened synthetic photos (seed 0) of at most "
+                      f"{val_photos} val films per part; chest floors keep {chest_keep:.0%} of the val chest films "
+                      "(label_min_confidence) and of the straightened val chest photos (photo_label_min_confidence) "
+                      f"that pass (not below min_confidence); score chosen on the {int(val_unknown.sum())} val "
+                      f"hold-out films and {holdout_photos} synthetic photos of each (fewest named as a known part, "
+                      "then the "
                       "widest margin to the threshold); "
                       "command: python -m training open-set --model models/body_part --manifest "
                       "../shared/data/xray-pack/manifest.csv"),
@@ -260,16 +338,20 @@ def run(model: Path, records: list[Record], cache: Path, keep: float, chest_keep
     return spec.model_dump(mode="json")
 
 
-def synthetic_photo_features(store: FeatureStore, chosen: list[Record], seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(logits, pooled) of synthetic phone photos of ``chosen`` (``training.synthetic_photos``, one
-    generator per image seeded by (seed, index)), straightened by the service's photo step; made in
-    memory only; NaN rows where the intake refuses the source file."""
+def synthetic_photo_features(store: FeatureStore, chosen: list[Record], seed: int, flags: bool = True,
+                             ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """(logits, pooled, rectified) of synthetic phone photos of ``chosen`` (``training.synthetic_photos``,
+    one generator per image seeded by (seed, index)), through the service's photo step; made in
+    memory only; NaN rows where the intake refuses the source file. ``rectified``: the photo step
+    found and straightened the film (the pipeline's ``result.rectified``), kept beside the cache."""
     from diagnosis.photo import rectify
 
     from .pipeline_features import service_view
     from .synthetic_photos import synthesise_with_corners, to_gray
 
     paths = {f"synthetic-photo:{seed}:{i}:{r.path}": r.path for i, r in enumerate(chosen)}
+    flags_file = store.cache / f"{store.file.stem}-rectified.json"
+    wanted, flags = flags, json.loads(flags_file.read_text()) if flags_file.is_file() else {}
 
     def view(key: str) -> np.ndarray | None:
         index = int(key.split(":")[2])
@@ -277,9 +359,40 @@ def synthetic_photo_features(store: FeatureStore, chosen: list[Record], seed: in
         if gray is None:
             return None
         photo = to_gray(synthesise_with_corners(gray, np.random.default_rng([seed, index]))[0])
-        return rectify(photo).gray
+        straightened = rectify(photo)
+        flags[key] = straightened.rectified
+        return straightened.gray
 
-    return store.outputs(list(paths), views=view)
+    logits, pooled = store.outputs(list(paths), views=view)
+    if not wanted:
+        flags_file.write_text(json.dumps(flags))
+        return logits, pooled, None
+    for key in paths:  # rows cached before the flags were kept: redo the (cheap) photo step only
+        if key not in flags and view(key) is None:
+            flags[key] = False
+    flags_file.write_text(json.dumps(flags))
+    return logits, pooled, np.array([bool(flags[k]) for k in paths])
+
+
+def film_rectified(store: FeatureStore, chosen: list[Record]) -> np.ndarray:
+    """Did the service's photo step straighten each file (``result.rectified``; never for DICOM)?
+    Real phone photos of films in the pack take the photo threshold when it does. Kept beside the cache."""
+    from diagnosis.intake import ImageRejected, decode
+    from diagnosis.photo import rectify
+
+    flags_file = store.cache / f"{store.file.stem}-rectified.json"
+    flags = json.loads(flags_file.read_text()) if flags_file.is_file() else {}
+    for record in chosen:
+        key = f"file:{record.path}"
+        if key not in flags:
+            try:
+                decoded = decode(Path(record.path).read_bytes())
+            except ImageRejected:
+                flags[key] = False
+                continue
+            flags[key] = decoded.format != "DICOM" and rectify(decoded.gray).rectified
+    flags_file.write_text(json.dumps(flags))
+    return np.array([bool(flags[f"file:{r.path}"]) for r in chosen])
 
 
 def photo_routing(model: Path, records: list[Record], cache: Path, split: str, limit: int | None,
@@ -291,13 +404,13 @@ def photo_routing(model: Path, records: list[Record], cache: Path, split: str, l
     card = read_card(model)
     chest = sorted((r for r in records if r.split == split and r.body_part == "chest" and r.kind == "radiograph"
                     and not r.synthetic), key=_stable)[:limit]
-    logits, pooled = synthetic_photo_features(FeatureStore(model, cache), chest, seed)
+    logits, pooled, rect = synthetic_photo_features(FeatureStore(model, cache), chest, seed)
     read = np.isfinite(pooled[:, 0])
-    logits, pooled = logits[read, : len(card.labels)].astype(np.float64), pooled[read]
+    logits, pooled, rect = logits[read, : len(card.labels)].astype(np.float64), pooled[read], rect[read]
     probs = softmax(logits, axis=1)
     min_confidence = card.min_confidence or 0.0
     before = outcomes(probs, None, None, card.labels, min_confidence, {})
-    entry = {"split": split, "photos": int(read.sum()), "seed": seed,
+    entry = {"split": split, "photos": int(read.sum()), "straightened": int(rect.sum()), "seed": seed,
              "chest_before": round(before.count("chest") / max(len(before), 1), 4)}
     if card.open_set:
         spec = card.open_set
@@ -305,7 +418,10 @@ def photo_routing(model: Path, records: list[Record], cache: Path, split: str, l
 
         novelty = BodyPartNovelty(Path(model), spec, len(card.labels))
         score = mahalanobis(pooled, novelty.means, novelty.precision, spec.normalise).min(axis=1)
-        after = outcomes(probs, score, spec.threshold, card.labels, min_confidence, spec.label_min_confidence)
+        limits = np.where(rect, spec.photo_threshold if spec.photo_threshold is not None else spec.threshold,
+                          spec.threshold)
+        floors = np.array([spec.floors_for(bool(r)) for r in rect])
+        after = outcomes(probs, score, limits, card.labels, min_confidence, floors)
         entry.update(chest_after=round(after.count("chest") / max(len(after), 1), 4),
                      after=dict(Counter(after)))
     entry["before"] = dict(Counter(before))
@@ -317,7 +433,8 @@ def main(args) -> int:
 
     records = load_sources(args.manifest)
     result = run(args.model, records, args.cache, args.keep, args.chest_keep, args.max_train_per_part,
-                 write=not args.dry_run, train_photos=args.train_photos, val_photos=args.val_photos)
+                 write=not args.dry_run, train_photos=args.train_photos, val_photos=args.val_photos,
+                 holdout_photos=args.holdout_photos, photo_keep=args.photo_keep)
     if args.photos:
         result["synthetic_chest_photos"] = [photo_routing(args.model, records, args.cache, split, args.photos)
                                             for split in ("val", "test")]
@@ -340,7 +457,12 @@ def add_arguments(parser) -> None:
     parser.add_argument("--dry-run", action="store_true", help="measure only; leave the card alone")
     parser.add_argument("--train-photos", type=int, default=300,
                         help="synthetic photos of train films per part added to the fit (0: films only)")
-    parser.add_argument("--val-photos", type=int, default=0,
-                        help="synthetic photos of val chest films the threshold and chest floor also keep")
+    parser.add_argument("--val-photos", type=int, default=300,
+                        help="synthetic photos of val films per known part: the photo threshold keeps --keep of "
+                             "the straightened ones (0: no photo threshold, photos get the film threshold)")
+    parser.add_argument("--photo-keep", type=float, default=0.95,
+                        help="share of straightened val photos the photo threshold keeps")
+    parser.add_argument("--holdout-photos", type=int, default=5,
+                        help="synthetic photos per hip/wrist film (seeds 0, 1, ...); val ones take part in the choice")
     parser.add_argument("--photos", type=int, default=0,
                         help="also measure body part = chest on synthetic photos of N val and N test chest films")
