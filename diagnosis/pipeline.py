@@ -154,15 +154,7 @@ class Pipeline:
         items = [_Item(DiagnosisResult(file=f, outcome="analysed", models=self.versions, mode=m))
                  for f, m in zip(files or [None] * len(datas), modes, strict=True)]
         for item, data in zip(items, datas, strict=True):
-            clock = time.perf_counter()
-            try:
-                item.decoded = decode(data)
-                item.result.input_format = item.decoded.format
-            except ImageRejected as rejected:
-                item.result.outcome, item.result.rejection = "rejected", rejected.code
-            item.result.timings_ms["decode"] = _ms(clock)
-            if item.decoded is not None:
-                self._photo(item)
+            self._read(item, data)
 
         active = [i for i in items if i.image is not None]
         if active:
@@ -180,6 +172,18 @@ class Pipeline:
         for item in items:
             item.result.timings_ms["total"] = _ms(started)
         return [Analysis(i.result, i.overlays) for i in items]
+
+    def _read(self, item: _Item, data: bytes) -> None:
+        """Decode (a refused file becomes outcome "rejected"), then the photo step."""
+        clock = time.perf_counter()
+        try:
+            item.decoded = decode(data)
+            item.result.input_format = item.decoded.format
+        except ImageRejected as rejected:
+            item.result.outcome, item.result.rejection = "rejected", rejected.code
+        item.result.timings_ms["decode"] = _ms(clock)
+        if item.decoded is not None:
+            self._photo(item)
 
     def _photo(self, item: _Item) -> None:
         """Straighten a photographed film; refuse shots too poor to analyse (ask for a retake)."""
@@ -216,9 +220,9 @@ class Pipeline:
         index, threshold = card.labels.index(card.positive_label), card.threshold(card.positive_label)
         accepted = probs[:, index] >= threshold
         modalities = self.gate.modality.name(features, accepted) if self.gate.modality else [None] * len(items)
-        for item, row, modality in zip(items, probs, modalities, strict=True):
+        for item, row, is_xray, modality in zip(items, probs, accepted, modalities, strict=True):
             item.result.xray_probability = float(row[index])
-            item.result.is_xray = bool(row[index] >= threshold)
+            item.result.is_xray = bool(is_xray)
             item.result.modality = modality
             if not item.result.is_xray:
                 item.result.outcome = "not_xray"
@@ -256,11 +260,12 @@ class Pipeline:
     def _abnormality(self, model: LoadedModel, items: list[_Item], part: str, make_overlay: bool) -> None:
         card = model.card
         probs, features = self._infer(model, items, part)
+        point = verdict_point(card)  # the card's, the same for every film
         for item, row, feature_map in zip(items, probs, features, strict=True):
             result = item.result
             # Calibrated probabilities, flags of the chosen mode, the verdict (diagnosis.operating).
             result.findings, result.abnormal_probability, result.verdict = assess(card, row, result.mode)
-            result.verdict_point = verdict_point(card)
+            result.verdict_point = dict(point)
             if not make_overlay:
                 continue
             self._overlays(model, item, feature_map)
@@ -290,11 +295,7 @@ class Pipeline:
         model = self.abnormality[part]
         items = [_Item(DiagnosisResult(outcome="analysed")) for _ in datas]
         for item, data in zip(items, datas, strict=True):
-            try:
-                item.decoded = decode(data)
-            except ImageRejected:
-                continue
-            self._photo(item)
+            self._read(item, data)
         out = np.full((len(items), len(model.card.outputs)), np.nan)
         ready = [i for i, item in enumerate(items) if item.image is not None]
         if ready:

@@ -9,6 +9,8 @@ import logging
 import sys
 from pathlib import Path
 
+from .reports import emit_report, write_report
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m training", description=__doc__)
@@ -166,8 +168,7 @@ def main(argv: list[str] | None = None) -> int:
         report = measure(records, args.models, args.split, args.mode, args.backend, args.threads, args.limit)
         print_table(report)
         if args.json:
-            args.json.parent.mkdir(parents=True, exist_ok=True)
-            args.json.write_text(json.dumps(report, indent=1) + "\n")
+            write_report(report, args.json)
         return 0
     if args.command == "train":
         from .tasks import make_task
@@ -200,12 +201,7 @@ def main(argv: list[str] | None = None) -> int:
 
     report = evaluate_model(args.model, records, args.split, args.device, plots=args.plots,
                             bootstrap_rounds=args.bootstrap_rounds, backend=args.backend)
-    text = json.dumps(report, indent=1)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(text + "\n")
-    print(text)
-    return 0
+    return emit_report(report, args.json)
 
 
 if __name__ == "__main__":

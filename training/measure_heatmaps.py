@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import csv
 import io
-import json
 import statistics
 import sys
 import time
@@ -42,6 +41,7 @@ from diagnosis.intake import decode
 from diagnosis.overlay import _blend, _upsample, fit_film, render_overlays
 from diagnosis.photo import rectify
 from diagnosis.pipeline import Pipeline
+from training.reports import emit_report
 
 COLOUR_LEVELS = 8  # a pixel "has colour" when a channel differs from the plain film by more than this
 BLANK_SHARE = 0.01  # a panel with fewer coloured pixels than this share is blank
@@ -230,12 +230,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     report = measure(args.manifest, args.split, args.limit, args.models or models_dir_from_environment(),
                      args.save, args.threads)
-    text = json.dumps(report, indent=1, ensure_ascii=False)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(text + "\n")
-    print(text)
-    return 0
+    return emit_report(report, args.json)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ standardisation mean and scale) beside the gate weights and the card's ``modalit
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import tempfile
 from collections import defaultdict
@@ -35,6 +34,7 @@ from diagnosis.openset import decide
 
 from .datasets import Record
 from .pipeline_features import FeatureStore
+from .reports import emit_report
 
 log = logging.getLogger(__name__)
 ARRAYS_FILE = "modality.safetensors"
@@ -160,11 +160,7 @@ def main(args) -> int:
 
     result = run(args.model, load_sources(args.manifest), args.cache, args.max_train_xray_per_part,
                  write=not args.dry_run)
-    text = json.dumps(result, indent=1)
-    if args.json:
-        Path(args.json).write_text(text + "\n")
-    print(text)
-    return 0
+    return emit_report(result, args.json)
 
 
 def add_arguments(parser) -> None:

@@ -49,6 +49,7 @@ from diagnosis.openset import mahalanobis
 
 from .datasets import Record
 from .pipeline_features import FeatureStore
+from .reports import emit_report
 
 log = logging.getLogger(__name__)
 ARRAYS_FILE = "open_set.safetensors"
@@ -438,11 +439,7 @@ def main(args) -> int:
     if args.photos:
         result["synthetic_chest_photos"] = [photo_routing(args.model, records, args.cache, split, args.photos)
                                             for split in ("val", "test")]
-    text = json.dumps(result, indent=1)
-    if args.json:
-        Path(args.json).write_text(text + "\n")
-    print(text)
-    return 0
+    return emit_report(result, args.json)
 
 
 def add_arguments(parser) -> None:
