@@ -12,6 +12,7 @@ import torch
 from conftest import ROOT, encode, gradient
 from model_factory import CHEST_LABELS, make_model, make_models_dir
 from PIL import Image
+from safetensors.torch import load_file
 
 from diagnosis.cards import CardError, read_card
 from diagnosis.intake import decode
@@ -230,3 +231,59 @@ def test_train_two_manifests_export_and_evaluate_keys(two_manifests, tmp_path):
     assert per_source["covid_radiography"]["abnormal"] == 4
     assert "abnormal_auc_vs_nih_other_class" in per_source["covid_radiography"]
     assert "abnormal_auc" in per_source["nih_cxr14"]
+
+
+def test_top_fine_tune_on_cached_inputs_trains_resumes_and_ships(two_manifests, abnormal_models, tmp_path):
+    """training.top: the cached transition3 outputs + the top reproduce the whole network; training
+    moves the weights, keeps the best val epoch, resumes, and its run exports as an ordinary model."""
+    from training.heads import FeatureCache, _Split
+    from training.top import Top
+
+    base, extra = (str(m) for m in two_manifests)
+    cache_dir, run_dir = tmp_path / "cache", tmp_path / "top"
+
+    def run(module, *args):
+        proc = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, cwd=ROOT,
+                              timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return proc
+
+    model = abnormal_models / "chest"
+    run("training.heads", "--model", str(model), "--manifest", base, "--manifest", extra, "--cache", str(cache_dir),
+        "--extract-only", "--mirror-train")
+    cache = FeatureCache(model, cache_dir, threads=1)
+    records = [r for r in load_sources([base, extra]) if r.split == "train" and r.source == "nih_cxr14"]
+    assert all(cache.has(r, False) and cache.has(r, True) for r in records)  # mirrors of NIH train films
+
+    _, network = load_model(model)
+    pixels = torch.from_numpy(to_model_input(Image.fromarray(gradient(90, 80, texture=True)), 64, 0.5, 0.25))[None]
+    with torch.no_grad():
+        middle, _ = _Split(network)(pixels)
+        assert torch.allclose(Top(network, 0.0).eval()(middle), network.eval().forward_features(pixels).mean(
+            (2, 3)) @ network.classifier.weight.T + network.classifier.bias, atol=1e-5)
+
+    common = ("--model", str(model), "--manifest", base, "--manifest", extra, "--cache", str(cache_dir),
+              "--out", str(run_dir), "--epoch-size", "16", "--batch", "8", "--lr", "1e-2", "--patience", "99")
+    run("training.top", *common, "--epochs", "1")
+    progress = json.loads((run_dir / "progress.json").read_text())
+    assert progress["epoch"] == 1 and [h["epoch"] for h in progress["history"]] == [0, 1]
+    run("training.top", *common, "--epochs", "2")  # resumes after epoch 1
+    progress = json.loads((run_dir / "progress.json").read_text())
+    assert [h["epoch"] for h in progress["history"]] == [0, 1, 2]
+    state = json.loads((run_dir / "state.json").read_text())
+    best = max(progress["history"], key=lambda h: h["mean_auc_15"])
+    assert state["epoch"] == best["epoch"] and state["task"]["extra_outputs"] == ["abnormal"]
+
+    trained = {k: v for k, v in load_file(str(run_dir / "best.safetensors")).items()}
+    shipped = load_file(str(model / "weights.safetensors"))
+    frozen = [k for k in shipped if k.startswith("features.") and not k.startswith(("features.denseblock4",
+                                                                                    "features.norm5"))]
+    assert all(torch.equal(trained[k].to(shipped[k].dtype), shipped[k]) for k in frozen)  # bottom untouched
+    last = load_file(str(run_dir / "last.safetensors"))  # training moved the top
+    assert not torch.allclose(last["top.classifier.weight"], shipped["classifier.weight"].float())
+    assert not torch.allclose(last["top.block.denseblock4.denselayer16.conv2.weight"],
+                              shipped["features.denseblock4.denselayer16.conv2.weight"].float())
+    run("training", "export", "--run", str(run_dir), "--out", str(tmp_path / "models" / "chest"),
+        "--manifest", base, "--manifest", extra)
+    card, exported = load_model(tmp_path / "models" / "chest")
+    assert card.extra_outputs == ["abnormal"] and exported.classifier.out_features == 15

@@ -40,17 +40,19 @@ from .train import describe_hardware
 log = logging.getLogger(__name__)
 
 
-TOP_FROM = 10  # features[10:] (denseblock4, norm5) is the network's top: trainable on cached inputs
+# Where the network's trainable top may start: features[TOPS[name]:] trains on cached inputs.
+TOPS = {"denseblock4": 10, "denseblock3": 8}
+TOP_FROM = TOPS["denseblock4"]
 
 
 class _Split(torch.nn.Module):
-    """Input → (output of transition3, the top's input; pooled post-ReLU features)."""
+    """Input → (the top's input, e.g. the output of transition3; pooled post-ReLU features)."""
 
-    def __init__(self, network):
+    def __init__(self, network, top_from: int = TOP_FROM):
         super().__init__()
         children = list(network.features.children())
-        self.bottom, self.top, self.relu = torch.nn.Sequential(*children[:TOP_FROM]), torch.nn.Sequential(
-            *children[TOP_FROM:]), network.relu
+        self.bottom, self.top, self.relu = torch.nn.Sequential(*children[:top_from]), torch.nn.Sequential(
+            *children[top_from:]), network.relu
 
     def forward(self, x):
         middle = self.bottom(x)
@@ -59,7 +61,7 @@ class _Split(torch.nn.Module):
 
 @dataclass
 class Cached:
-    middle: np.ndarray  # (N, 512, 4, 4) float16 at 128 px: input of the top block
+    middle: np.ndarray  # (N, 512, 4, 4) float16 at 128 px from denseblock4 on; (N, 256, 8, 8) from denseblock3
     pooled: np.ndarray  # (N, 1024) float32: pooled post-ReLU features (what the classifier sees)
 
 
@@ -67,16 +69,17 @@ class FeatureCache:
     """Forward passes of one network (ONNX Runtime: ~3× faster than eager torch on this CPU), stored
     per (image, mirrored) in chunk files under ``folder``; an interrupted extraction resumes."""
 
-    def __init__(self, model_folder: Path, folder: Path, threads: int = 2):
+    def __init__(self, model_folder: Path, folder: Path, threads: int = 2, top: str = "denseblock4"):
         import onnxruntime as ort
 
         self.card, network = load_model(model_folder)
-        self.folder = Path(folder) / f"{self.card.name}-{self.card.weights.sha256[:16]}-{self.card.input.size}"
+        self.folder = Path(folder) / (f"{self.card.name}-{self.card.weights.sha256[:16]}-{self.card.input.size}"
+                                      + ("" if top == "denseblock4" else f"-{top}"))
         self.folder.mkdir(parents=True, exist_ok=True)
         onnx = self.folder / "split.onnx"
         if not onnx.is_file():
             size = self.card.input.size
-            torch.onnx.export(_Split(network).eval(), (torch.zeros(1, 1, size, size),), str(onnx),
+            torch.onnx.export(_Split(network, TOPS[top]).eval(), (torch.zeros(1, 1, size, size),), str(onnx),
                               input_names=["input"], output_names=["middle", "pooled"], opset_version=17,
                               dynamo=False, dynamic_axes={"input": {0: "n"}, "middle": {0: "n"}, "pooled": {0: "n"}})
         options = ort.SessionOptions()
@@ -106,7 +109,8 @@ class FeatureCache:
         log.info("extracting %d forward passes (%d cached)", len(jobs), len(self.index))
         task = Task("chest", list(CHEST_LABELS), "sigmoid", ["abnormal"])
         spec = self.card.input
-        dataset = RecordDataset([r for r, _ in jobs], task, spec.size, spec.mean, spec.std, cache_side=None)
+        dataset = RecordDataset([r for r, _ in jobs], task, spec.size, spec.mean, spec.std, cache=_Forget(),
+                                cache_side=None)
         bar = tqdm(total=len(jobs), desc="features", mininterval=30)
         for begin in range(0, len(jobs), chunk_size):
             clock = time.time()
@@ -137,6 +141,14 @@ class FeatureCache:
 
     def has(self, record: Record, mirrored: bool) -> bool:
         return self.key(record, mirrored) in self.index
+
+
+class _Forget(dict):
+    """A dataset cache that keeps nothing: each image is decoded once here, and 20,000 decoded
+    films would not fit in memory."""
+
+    def __setitem__(self, key, value) -> None:
+        pass
 
 
 def fit_logistic(features: np.ndarray, target: np.ndarray, weights: np.ndarray, c: float) -> tuple[np.ndarray, float]:
@@ -251,12 +263,13 @@ def write_run(out: Path, model_folder: Path, weight: np.ndarray, bias: np.ndarra
     (out / "state.json").write_text(json.dumps(meta, indent=1))
 
 
-def extraction_plan(records: list[Record], train_limit: dict[str, int],
-                    other_val_limit: int) -> list[tuple[Record, bool]]:
+def extraction_plan(records: list[Record], train_limit: dict[str, int], other_val_limit: int,
+                    mirror_train: bool = False) -> list[tuple[Record, bool]]:
     """What the fitting needs, most needed first: NIH val films and their mirror images (every
     choice is made on them), then train films up to a per-source limit (NIH first), then a sample of
-    the other sources' val films (one pass each; they only check the abnormal head across sources).
-    Test films are left to ``python -m training evaluate``."""
+    the other sources' val films (one pass each; they only check the abnormal head across sources);
+    with ``mirror_train``, last, the mirror images of the NIH train films (augmentation for
+    ``python -m training.top``). Test films are left to ``python -m training evaluate``."""
     def rank(r: Record) -> tuple:
         return (r.split != "val" or r.source not in NIH_SOURCES, r.split != "train", r.source not in NIH_SOURCES,
                 r.source, str(r.path))
@@ -271,6 +284,9 @@ def extraction_plan(records: list[Record], train_limit: dict[str, int],
         elif taken[record.source, record.split] <= (
                 other_val_limit if record.split == "val" else train_limit.get(record.source, 10**9)):
             jobs.append((record, False))
+    if mirror_train:
+        jobs += [(r, True) for r, mirrored in list(jobs)
+                 if not mirrored and r.split == "train" and r.source in NIH_SOURCES]
     return jobs
 
 
@@ -294,6 +310,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--other-val-limit", type=int, default=400,
                         help="val films per non-NIH source that get features")
     parser.add_argument("--extract-only", action="store_true")
+    parser.add_argument("--mirror-train", action="store_true", help="also mirror passes of the NIH train films")
+    parser.add_argument("--top", choices=list(TOPS), default="denseblock4",
+                        help="cache the input of this block (python -m training.top trains from it on)")
     parser.add_argument("--experiments", action="store_true", help="print the val comparisons behind the recipe")
     parser.add_argument("--experiments-json", type=Path)
     parser.add_argument("--refit-findings-c", type=float, help="refit the 14 finding heads too (val-chosen)")
@@ -305,8 +324,8 @@ def main(argv: list[str] | None = None) -> int:
     task = Task("chest", list(CHEST_LABELS), "sigmoid", ["abnormal"])
     records = [r for r in load_sources(args.manifest) if task.applies(r)]
     started = time.time()
-    cache = FeatureCache(args.model, args.cache, threads=args.threads or 2)
-    cache.extract(extraction_plan(records, args.train_limit, args.other_val_limit))
+    cache = FeatureCache(args.model, args.cache, threads=args.threads or 2, top=args.top)
+    cache.extract(extraction_plan(records, args.train_limit, args.other_val_limit, args.mirror_train))
     log.info("features ready after %.0f s (%.0f s of extraction in all)", time.time() - started, cache.seconds)
     if args.extract_only:
         return 0
