@@ -16,10 +16,12 @@ from bot.inflight import QUEUES, UNACKED, message_request_id, request_ids_in_fli
 from bot.pending import MAX_REQUEUES, PendingRequest, PendingRequests
 from bot.store import Store
 from contract.envelope import RequestEnvelope
-from contract.keys import DELIVER_TASK, DELIVERY_QUEUE, INFERENCE_QUEUE
+from contract.keys import DELIVER_TASK, DELIVERY_QUEUE, DIAGNOSE_TASK, INFERENCE_QUEUE
 from contract.texts import lost as lost_text
 from worker.deliver import send_reply
 from worker.scheduler import Scheduler
+
+from .harness import PrivateRedis
 
 CHAT = 1801
 
@@ -176,6 +178,25 @@ def test_a_task_is_found_on_its_queue_held_by_a_worker_or_parked(make_settings, 
     assert in_flight(settings) == {"queued", "held", "delivering", "parked"}
     r.hdel(UNACKED, "tag-1")  # the BRPOP-then-SIGKILL loss: on no list, not unacknowledged
     assert in_flight(settings) == {"queued", "delivering", "parked"}
+
+
+def test_with_a_broker_of_its_own_the_queues_are_read_there(make_settings, no_tasks, tmp_path):
+    """``CELERY_BROKER_URL`` apart from ``REDIS_URL``: queues and ``unacked`` on the broker, the
+    scheduler's set beside the images."""
+    broker = PrivateRedis(tmp_path / "broker").start()
+    try:
+        settings = make_settings(CELERY_BROKER_URL=broker.url)
+        dispatcher = Dispatcher(settings)
+        try:
+            dispatcher.enqueue_sync(envelope("on-the-broker"))
+        finally:
+            dispatcher.close()
+        Scheduler(no_tasks, None, settings.keys.scheduled()).later(
+            DIAGNOSE_TASK, {"envelope": envelope("parked").to_json()}, INFERENCE_QUEUE, 60.0, 1)
+        assert not no_tasks.llen(INFERENCE_QUEUE)
+        assert in_flight(settings) == {"on-the-broker", "parked"}
+    finally:
+        broker.kill()
 
 
 class Requeues:
