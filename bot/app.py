@@ -70,8 +70,10 @@ def build_application(settings: Settings) -> Application:
         .post_shutdown(on_shutdown)
         .build()
     )
-    application.bot_data["services"] = Services(settings, store, Dispatcher(settings), PendingRequests(settings, store),
-                                                intake)
+    dispatcher = Dispatcher(settings)
+    # The watchdog enqueues a request again when the broker lost its task (bot.pending).
+    pending = PendingRequests(settings, store, requeue=dispatcher.enqueue)
+    application.bot_data["services"] = Services(settings, store, dispatcher, pending, intake)
 
     application.add_handler(TypeHandler(Update, access.gate), group=-1)
     new_messages = filters.UpdateType.MESSAGE

@@ -6,7 +6,15 @@ remembers, in its own memory, the requests it acknowledged; a watchdog checks th
 ``PENDING_CHECK_S`` seconds:
 
 * ``done:<id>`` exists → answered (or being told otherwise by a worker): forgotten here;
-* the image (``blob:<id>``) still exists → queued or being analysed: nothing to do;
+* the image (``blob:<id>``) still exists → queued or being analysed, as long as its task message
+  is somewhere in Redis (``bot.inflight``: a queue, kombu's ``unacked`` hash, the scheduler's set).
+  Found nowhere on two checks in a row (a hand-over between two places takes an instant), the task
+  was lost: Redis' BRPOP handed it to a worker that died before kombu recorded it (a thread-pool
+  worker fetches while it works). The bot then enqueues ``diagnose`` again with the same envelope;
+  a request whose analysis had finished and whose ``deliver`` was lost is analysed again. Delivery
+  stays exactly once: ``diagnose`` and ``deliver`` skip a request marked ``done``, and ``deliver``
+  marks every part it sent. After ``MAX_REQUEUES`` re-enqueues the next loss is told to the user
+  (below) and the image is deleted, rather than looping;
 * neither, for longer than ``lost_grace_s`` (time for an analysis that already read its image to
   finish and deliver) → the request was lost. The bot *claims* it by setting ``done:<id>`` itself,
   atomically and only if no delivery holds ``lock:<id>`` and no ``done`` mark exists, so a late
@@ -23,7 +31,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 from telegram import Bot, ReplyParameters
 from telegram.error import BadRequest, TelegramError
@@ -32,9 +42,12 @@ from contract import texts
 from contract.envelope import RequestEnvelope
 from contract.settings import ServiceSettings
 
+from .inflight import request_ids_in_flight
 from .store import Store
 
 logger = logging.getLogger(__name__)
+
+MAX_REQUEUES = 2  # re-enqueues of one lost task; the next loss is told to the user
 
 
 @dataclass
@@ -43,6 +56,8 @@ class PendingRequest:
     user_id: int  # for /forget
     accepted_at: float  # time.monotonic()
     missing_since: float | None = None
+    unseen: int = 0  # consecutive checks that found its image but no task message
+    requeued: int = 0  # times the watchdog enqueued its ``diagnose`` again
 
     @property
     def request_id(self) -> str:
@@ -50,9 +65,12 @@ class PendingRequest:
 
 
 class PendingRequests:
-    def __init__(self, settings: ServiceSettings, store: Store):
+    def __init__(self, settings: ServiceSettings, store: Store,
+                 requeue: Callable[[RequestEnvelope], Awaitable[Any]] | None = None):
+        """``requeue``: enqueues ``diagnose`` (``Dispatcher.enqueue``); None: lost tasks are not looked for."""
         self.settings = settings
         self.store = store
+        self.requeue = requeue
         self._requests: dict[str, PendingRequest] = {}
 
     def __len__(self) -> int:
@@ -74,24 +92,52 @@ class PendingRequests:
             return []
         states = await self.store.request_states([r.request_id for r in requests])
         lost: list[PendingRequest] = []
+        held: list[PendingRequest] = []
         for request, (done, queued) in zip(requests, states, strict=True):
             if done or now - request.accepted_at > self.settings.BLOB_TTL_S + self.settings.lost_grace_s:
                 self._requests.pop(request.request_id, None)
             elif queued:
                 request.missing_since = None
+                held.append(request)
             elif request.missing_since is None:
                 request.missing_since = now
             elif now - request.missing_since >= self.settings.lost_grace_s:
                 lost.append(request)
+        lost += await self._requeue_vanished(held)
         told: list[str] = []
         for request in lost:
             self._requests.pop(request.request_id, None)
             if not await self.store.claim_lost(request.request_id):
                 continue  # a worker is delivering it, or has: nothing to say
-            logger.warning("request %s was lost (its image and task are gone); asking to resend", request.request_id)
+            logger.warning("request %s was lost (its image or task is gone); asking to resend", request.request_id)
+            await self.store.drop_blob(request.user_id, request.request_id)
             if await self._tell(bot, request):
                 told.append(request.request_id)
         return told
+
+    async def _requeue_vanished(self, held: list[PendingRequest]) -> list[PendingRequest]:
+        """Enqueue again the requests whose image is held but whose task is nowhere, twice in a row;
+        returns those past ``MAX_REQUEUES`` (to be told)."""
+        if not held or self.requeue is None or self.store.broker is None:
+            return []
+        in_flight = await request_ids_in_flight(self.store.broker, self.store.redis, self.settings.keys.scheduled())
+        give_up: list[PendingRequest] = []
+        for request in held:
+            if request.request_id in in_flight:
+                request.unseen = 0
+                continue
+            request.unseen += 1
+            if request.unseen < 2:
+                continue
+            request.unseen = 0
+            if request.requeued >= MAX_REQUEUES:
+                give_up.append(request)
+                continue
+            await self.requeue(request.envelope)
+            request.requeued += 1
+            logger.warning("request %s: its task was in no queue (lost by the broker); enqueued again (%d of %d)",
+                           request.request_id, request.requeued, MAX_REQUEUES)
+        return give_up
 
     async def _tell(self, bot: Bot, pending: PendingRequest) -> bool:
         request = pending.envelope

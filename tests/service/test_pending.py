@@ -6,14 +6,22 @@ End to end it runs in test_redis_restart.py; here each rule on its own, with a s
 from __future__ import annotations
 
 import asyncio
+import json
 
+import pytest
 from telegram.error import BadRequest
 
-from bot.pending import PendingRequest, PendingRequests
+from bot.dispatch import Dispatcher
+from bot.inflight import QUEUES, UNACKED, message_request_id, request_ids_in_flight
+from bot.pending import MAX_REQUEUES, PendingRequest, PendingRequests
 from bot.store import Store
 from contract.envelope import RequestEnvelope
+from contract.keys import DELIVER_TASK, DELIVERY_QUEUE, DIAGNOSE_TASK, INFERENCE_QUEUE
 from contract.texts import lost as lost_text
 from worker.deliver import send_reply
+from worker.scheduler import Scheduler
+
+from .harness import PrivateRedis
 
 CHAT = 1801
 
@@ -128,3 +136,145 @@ def test_forget_stops_watching_the_users_requests(make_settings):
         return len(pending)
 
     assert asyncio.run(main()) == 1
+
+
+# ------------------------------------------------------------- tasks the broker lost (bot.inflight)
+@pytest.fixture
+def no_tasks(redis_client):
+    names = [*QUEUES, UNACKED, "unacked_index"]
+    redis_client.delete(*names)
+    yield redis_client
+    redis_client.delete(*names)
+
+
+def in_flight(settings) -> set[str]:
+    async def main():
+        store = Store(settings)
+        try:
+            return await request_ids_in_flight(store.broker, store.redis, settings.keys.scheduled())
+        finally:
+            await store.close()
+
+    return asyncio.run(main())
+
+
+def test_a_task_is_found_on_its_queue_held_by_a_worker_or_parked(make_settings, no_tasks):
+    settings, r = make_settings(), no_tasks
+    dispatcher = Dispatcher(settings)
+    try:
+        dispatcher.enqueue_sync(envelope("queued"))
+        dispatcher.enqueue_sync(envelope("held"))
+        dispatcher.client.send_task(DELIVER_TASK, kwargs={"envelope": envelope("delivering").to_json()},
+                                    queue=DELIVERY_QUEUE)
+    finally:
+        dispatcher.close()
+    # A worker took "held": kombu keeps [message, exchange, routing key] under its delivery tag.
+    held = r.lpop(INFERENCE_QUEUE)
+    assert message_request_id(held) == "held"
+    r.hset(UNACKED, "tag-1", json.dumps([json.loads(held), "inference", "inference"]))
+    Scheduler(r, None, settings.keys.scheduled()).later(DELIVER_TASK, {"envelope": envelope("parked").to_json()},
+                                                         DELIVERY_QUEUE, 60.0, 1)
+    r.rpush(INFERENCE_QUEUE, b"not a celery message")
+    assert in_flight(settings) == {"queued", "held", "delivering", "parked"}
+    r.hdel(UNACKED, "tag-1")  # the BRPOP-then-SIGKILL loss: on no list, not unacknowledged
+    assert in_flight(settings) == {"queued", "delivering", "parked"}
+
+
+def test_with_a_broker_of_its_own_the_queues_are_read_there(make_settings, no_tasks, tmp_path):
+    """``CELERY_BROKER_URL`` apart from ``REDIS_URL``: queues and ``unacked`` on the broker, the
+    scheduler's set beside the images."""
+    broker = PrivateRedis(tmp_path / "broker").start()
+    try:
+        settings = make_settings(CELERY_BROKER_URL=broker.url)
+        dispatcher = Dispatcher(settings)
+        try:
+            dispatcher.enqueue_sync(envelope("on-the-broker"))
+        finally:
+            dispatcher.close()
+        Scheduler(no_tasks, None, settings.keys.scheduled()).later(
+            DIAGNOSE_TASK, {"envelope": envelope("parked").to_json()}, INFERENCE_QUEUE, 60.0, 1)
+        assert not no_tasks.llen(INFERENCE_QUEUE)
+        assert in_flight(settings) == {"on-the-broker", "parked"}
+    finally:
+        broker.kill()
+
+
+class Requeues:
+    def __init__(self):
+        self.envelopes: list[RequestEnvelope] = []
+
+    async def __call__(self, request: RequestEnvelope) -> None:
+        self.envelopes.append(request)
+
+
+def watch(settings, bot, requests, times, requeue):
+    async def main():
+        store = Store(settings)
+        pending = PendingRequests(settings, store, requeue=requeue)
+        for item in requests:
+            pending.add(item)
+        told = [await pending.check(bot, now=now) for now in times]
+        await store.close()
+        return told, len(pending)
+
+    return asyncio.run(main())
+
+
+def test_a_vanished_task_is_enqueued_again_after_two_checks_only(make_settings, no_tasks):
+    settings, r = make_settings(), no_tasks
+    r.set(settings.keys.blob("vanished"), b"image", ex=60)
+    r.set(settings.keys.blob("queued"), b"image", ex=60)
+    dispatcher = Dispatcher(settings)
+    try:
+        dispatcher.enqueue_sync(envelope("queued"))
+    finally:
+        dispatcher.close()
+    requeues, bot = Requeues(), StubBot()
+    told, left = watch(settings, bot, [request("vanished"), request("queued")], [1.0, 2.0], requeues)
+    assert told == [[], []] and left == 2
+    assert requeues.envelopes == [envelope("vanished")]  # the same envelope, once, after the second check
+    assert not bot.edits and not bot.sent
+
+
+def test_a_task_seen_again_between_checks_is_not_enqueued(make_settings, no_tasks):
+    """Moving between two places takes an instant: one miss is not a loss."""
+    settings, r = make_settings(), no_tasks
+    r.set(settings.keys.blob("moving"), b"image", ex=60)
+    requeues = Requeues()
+
+    async def main():
+        store = Store(settings)
+        pending = PendingRequests(settings, store, requeue=requeues)
+        pending.add(request("moving"))
+        await pending.check(StubBot(), now=1.0)  # missed once
+        dispatcher = Dispatcher(settings)
+        await dispatcher.enqueue(envelope("moving"))  # … then seen
+        dispatcher.close()
+        await pending.check(StubBot(), now=2.0)
+        r.delete(INFERENCE_QUEUE)
+        await pending.check(StubBot(), now=3.0)  # missed once more: the count started again
+        await store.close()
+
+    asyncio.run(main())
+    assert requeues.envelopes == []
+
+
+def test_after_two_requeues_the_next_loss_is_told_and_the_image_deleted(make_settings, no_tasks):
+    settings, r = make_settings(), no_tasks
+    r.set(settings.keys.blob("cursed"), b"image", ex=60)
+    requeues, bot = Requeues(), StubBot()
+    told, left = watch(settings, bot, [request("cursed")], [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0], requeues)
+    assert len(requeues.envelopes) == MAX_REQUEUES == 2
+    assert told == [[], [], [], [], [], ["cursed"], []] and left == 0
+    assert bot.edits == [(500, lost_text("ru"))] and not bot.sent
+    assert r.get(settings.keys.done("cursed")) == b"lost"  # a late worker result is skipped
+    assert not r.exists(settings.keys.blob("cursed"))
+
+
+def test_an_answered_request_is_never_enqueued_again(make_settings, no_tasks):
+    settings, r = make_settings(), no_tasks
+    r.set(settings.keys.blob("answered"), b"image", ex=60)  # not yet cleaned up
+    r.set(settings.keys.done("answered"), "1", ex=60)
+    requeues = Requeues()
+    told, left = watch(settings, StubBot(), [request("answered")], [1.0, 2.0, 3.0], requeues)
+    assert requeues.envelopes == [] and told == [[], [], []] and left == 0
