@@ -32,6 +32,9 @@ from contract.keys import DELIVERY_QUEUE, INFERENCE_QUEUE
 
 QUEUES = (INFERENCE_QUEUE, DELIVERY_QUEUE)
 UNACKED = "unacked"  # kombu's Redis transport: delivery tag → JSON [message, exchange, routing key]
+# A message this module cannot parse (another kombu/Celery message format): then no request can be
+# shown lost, since its task may be that message; re-enqueueing everything would answer twice.
+UNREADABLE = "<unreadable>"
 
 
 def _request_id(kwargs: Any) -> str | None:
@@ -49,11 +52,11 @@ def _message_request_id(message: Any) -> str | None:
 
 def message_request_id(raw: bytes | str) -> str | None:
     """The request id of one Celery message as kombu stores it in a queue list (JSON; ``body`` base64
-    of JSON ``[args, kwargs, embed]``); None for anything else."""
+    of JSON ``[args, kwargs, embed]``); None for a task without an envelope; UNREADABLE otherwise."""
     try:
         return _message_request_id(json.loads(raw))
     except (ValueError, KeyError, IndexError, TypeError, AttributeError):
-        return None
+        return UNREADABLE
 
 
 def unacked_request_id(raw: bytes | str) -> str | None:
@@ -61,7 +64,7 @@ def unacked_request_id(raw: bytes | str) -> str | None:
     try:
         return _message_request_id(json.loads(raw)[0])
     except (ValueError, KeyError, IndexError, TypeError, AttributeError):
-        return None
+        return UNREADABLE
 
 
 def scheduled_request_id(raw: bytes | str) -> str | None:
@@ -69,11 +72,12 @@ def scheduled_request_id(raw: bytes | str) -> str | None:
     try:
         return _request_id(json.loads(raw).get("kwargs"))
     except (ValueError, AttributeError):
-        return None
+        return UNREADABLE
 
 
-async def request_ids_in_flight(broker: Redis, store: Redis, scheduled_key: str) -> set[str]:
-    """Ids of the requests that have a task message anywhere (see the module's docstring)."""
+async def request_ids_in_flight(broker: Redis, store: Redis, scheduled_key: str) -> set[str] | None:
+    """Ids of the requests that have a task message anywhere (see the module's docstring); None when
+    some message could not be read, so that nothing can be called lost."""
     found = {scheduled_request_id(entry) for entry in await store.zrange(scheduled_key, 0, -1)}
     async with broker.pipeline(transaction=True) as pipe:
         for queue in QUEUES:
@@ -84,4 +88,6 @@ async def request_ids_in_flight(broker: Redis, store: Redis, scheduled_key: str)
         found.update(message_request_id(message) for message in messages)
     found.update(unacked_request_id(message) for message in held)
     found.discard(None)
+    if UNREADABLE in found:
+        return None
     return found  # type: ignore[return-value]

@@ -121,6 +121,9 @@ class PendingRequests:
         if not held or self.requeue is None or self.store.broker is None:
             return []
         in_flight = await request_ids_in_flight(self.store.broker, self.store.redis, self.settings.keys.scheduled())
+        if in_flight is None:
+            logger.warning("a task message in Redis could not be read; no request is taken for lost this round")
+            return []
         give_up: list[PendingRequest] = []
         for request in held:
             if request.request_id in in_flight:

@@ -174,10 +174,12 @@ def test_a_task_is_found_on_its_queue_held_by_a_worker_or_parked(make_settings, 
     r.hset(UNACKED, "tag-1", json.dumps([json.loads(held), "inference", "inference"]))
     Scheduler(r, None, settings.keys.scheduled()).later(DELIVER_TASK, {"envelope": envelope("parked").to_json()},
                                                          DELIVERY_QUEUE, 60.0, 1)
-    r.rpush(INFERENCE_QUEUE, b"not a celery message")
     assert in_flight(settings) == {"queued", "held", "delivering", "parked"}
     r.hdel(UNACKED, "tag-1")  # the BRPOP-then-SIGKILL loss: on no list, not unacknowledged
     assert in_flight(settings) == {"queued", "delivering", "parked"}
+    # A message of a format this code cannot read might be any request's task: nothing is provably lost.
+    r.rpush(INFERENCE_QUEUE, b"not a celery message")
+    assert in_flight(settings) is None
 
 
 def test_with_a_broker_of_its_own_the_queues_are_read_there(make_settings, no_tasks, tmp_path):
@@ -278,3 +280,17 @@ def test_an_answered_request_is_never_enqueued_again(make_settings, no_tasks):
     requeues = Requeues()
     told, left = watch(settings, StubBot(), [request("answered")], [1.0, 2.0, 3.0], requeues)
     assert requeues.envelopes == [] and told == [[], [], []] and left == 0
+
+
+def test_an_unreadable_message_on_a_queue_stops_any_requeue(make_settings, no_tasks):
+    """If the message format is one this code cannot read, a missing request may be that message:
+    nothing is enqueued twice, and the image TTL path stays the fallback."""
+    settings, r = make_settings(), no_tasks
+    r.set(settings.keys.blob("vanished"), b"image", ex=60)
+    r.rpush(INFERENCE_QUEUE, b"not a celery message")
+    requeues, bot = Requeues(), StubBot()
+    told, left = watch(settings, bot, [request("vanished")], [1.0, 2.0, 3.0], requeues)
+    assert told == [[], [], []] and left == 1 and requeues.envelopes == []
+    r.delete(INFERENCE_QUEUE)
+    told, left = watch(settings, bot, [request("vanished")], [1.0, 2.0], requeues)
+    assert requeues.envelopes == [envelope("vanished")]  # readable again: the loss is seen
