@@ -262,8 +262,9 @@ def test_top_fine_tune_on_cached_inputs_trains_resumes_and_ships(two_manifests, 
         assert torch.allclose(Top(network, 0.0).eval()(middle), network.eval().forward_features(pixels).mean(
             (2, 3)) @ network.classifier.weight.T + network.classifier.bias, atol=1e-5)
 
-    common = ("--model", str(model), "--manifest", base, "--manifest", extra, "--cache", str(cache_dir),
-              "--out", str(run_dir), "--epoch-size", "16", "--batch", "8", "--lr", "1e-2", "--patience", "99")
+    data = ("--model", str(model), "--manifest", base, "--manifest", extra, "--cache", str(cache_dir))
+    common = (*data, "--out", str(run_dir), "--epoch-size", "16", "--batch", "8", "--lr", "1e-2", "--patience", "99",
+              "--cosine")
     run("training.top", *common, "--epochs", "1")
     progress = json.loads((run_dir / "progress.json").read_text())
     assert progress["epoch"] == 1 and [h["epoch"] for h in progress["history"]] == [0, 1]
@@ -283,7 +284,16 @@ def test_top_fine_tune_on_cached_inputs_trains_resumes_and_ships(two_manifests, 
     assert not torch.allclose(last["top.classifier.weight"], shipped["classifier.weight"].float())
     assert not torch.allclose(last["top.block.denseblock4.denselayer16.conv2.weight"],
                               shipped["features.denseblock4.denselayer16.conv2.weight"].float())
-    run("training", "export", "--run", str(run_dir), "--out", str(tmp_path / "models" / "chest"),
+    # A soup: the average of two runs' best tops, shipped as one ordinary run.
+    other, soup = tmp_path / "top2", tmp_path / "soup"
+    run("training.top", *data, "--out", str(other), "--epoch-size", "16", "--batch", "8", "--lr", "1e-2",
+        "--epochs", "1", "--seed", "3", "--patience", "9")
+    run("training.top", *data, "--out", str(soup), "--soup", str(run_dir), "--soup", str(other))
+    tops = [load_file(str(d / "best-top.safetensors")) for d in (run_dir, other, soup)]
+    key = "top.block.denseblock4.denselayer1.conv1.weight"
+    assert torch.allclose(tops[2][key], (tops[0][key] + tops[1][key]) / 2)
+    assert json.loads((soup / "state.json").read_text())["history"][-1]["soup"] == ["top", "top2"]
+    run("training", "export", "--run", str(soup), "--out", str(tmp_path / "models" / "chest"),
         "--manifest", base, "--manifest", extra)
     card, exported = load_model(tmp_path / "models" / "chest")
     assert card.extra_outputs == ["abnormal"] and exported.classifier.out_features == 15

@@ -96,6 +96,8 @@ def validate(top: Top, val: Examples) -> dict:
         nih = np.isin([val.sources[plain[k]] for k in order], NIH_SOURCES)
 
     figures = describe(_Split, averaged)
+    single = describe(_Split, np.stack([logits[plain[k]] for k in order]))  # is mirror averaging still worth it?
+    figures.update(mean_auc_no_mirror=single["mean_auc"], abnormal_auc_no_mirror=single["abnormal_auc"])
     labels = len(CHEST_LABELS)
     figures["mean_auc_15"] = (figures["mean_auc"] * labels + figures["abnormal_auc"]) / (labels + 1)
     return figures
@@ -103,7 +105,7 @@ def validate(top: Top, val: Examples) -> dict:
 
 def train_top(network, train: Examples, val: Examples, shares: dict[str, float], out: Path, *, epochs: int,
               epoch_size: int, batch: int, lr: float, weight_decay: float, dropout: float, patience: int,
-              seed: int, max_minutes: float | None, top_from: str = "denseblock4") -> dict:
+              seed: int, max_minutes: float | None, top_from: str = "denseblock4", cosine: bool = False) -> dict:
     top = Top(network, dropout, top_from)
     optimizer = torch.optim.AdamW(top.parameters(), lr=lr, weight_decay=weight_decay)
     state = {"epoch": 0, "history": [], "best": None, "best_epoch": 0, "seconds": 0.0}
@@ -119,6 +121,12 @@ def train_top(network, train: Examples, val: Examples, shares: dict[str, float],
         state.update(best=figures["mean_auc_15"], history=[{"epoch": 0, **_short(figures)}])
         _save(top, out / "best-top.safetensors")
         log.info("epoch 0 (as shipped): %s", _short(figures))
+    steps_per_epoch = -(-epoch_size // batch)
+    # Cosine decay to 0 over ``epochs`` (the top overfits within an epoch or two at a constant rate).
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 * (1 + np.cos(
+        np.pi * min(1.0, step / (epochs * steps_per_epoch))))) if cosine else None
+    for _ in range(state["epoch"] * steps_per_epoch if schedule else 0):  # a resumed run continues the decay
+        schedule.step()
     weights = torch.as_tensor(sampling_weights(train, shares))
     generator = torch.Generator().manual_seed(seed)
     started = time.time()
@@ -137,6 +145,8 @@ def train_top(network, train: Examples, val: Examples, shares: dict[str, float],
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
+            if schedule:
+                schedule.step()
             losses.append(loss.item())
         state["epoch"] += 1
         figures = validate(top, val)
@@ -170,6 +180,19 @@ def write_run(out: Path, network, meta: dict, top_from: str = "denseblock4") -> 
     (out / "state.json").write_text(json.dumps(meta, indent=1))
 
 
+def make_soup(runs: list[Path], network, val: Examples, out: Path, top_from: str) -> dict:
+    """Average the best tops of several runs from the same start (a "model soup", Wortsman et al.
+    2022): one network, no extra inference cost, and less of one run's luck on a noisy val split."""
+    tops = [load_file(str(run / "best-top.safetensors")) for run in runs]
+    soup = {k: sum(t[k].float() for t in tops) / len(tops) if tops[0][k].is_floating_point() else tops[0][k]
+            for k in tops[0]}
+    top = Top(network, 0.0, top_from)
+    top.load_state_dict({k[len("top."):]: v for k, v in soup.items()})
+    out.mkdir(parents=True, exist_ok=True)
+    _save(top, out / "best-top.safetensors")
+    return _short(validate(top, val))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m training.top", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -185,6 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epoch-size", type=int, default=8192)
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--cosine", action="store_true", help="learning rate decays to 0 over --epochs")
     parser.add_argument("--weight-decay", type=float, default=1e-2)
     parser.add_argument("--dropout", type=float, default=0.2)
     parser.add_argument("--patience", type=int, default=6, help="epochs without a better val score before stopping")
@@ -193,6 +217,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int)
     parser.add_argument("--max-minutes", type=float)
+    parser.add_argument("--soup", type=Path, action="append", default=[],
+                        help="a finished run of the same --top (repeat): ship the average of their best tops")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     if args.threads:
@@ -209,10 +235,12 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("no cached passes: run python -m training.heads --extract-only --mirror-train first")
     log.info("train passes: %s", dict(Counter(train.sources)))
     log.info("val passes: %s", dict(Counter(val.sources)))
+    if args.soup:
+        return ship_soup(args, card, network, train, val, cache)
     state = train_top(copy.deepcopy(network), train, val, args.shares, args.out, epochs=args.epochs,
                       epoch_size=args.epoch_size, batch=args.batch, lr=args.lr, weight_decay=args.weight_decay,
                       dropout=args.dropout, patience=args.patience, seed=args.seed, max_minutes=args.max_minutes,
-                      top_from=args.top)
+                      top_from=args.top, cosine=args.cosine)
     best = state["history"][state["best_epoch"]]
     used = Counter(r.source for r, m in zip(train.records, train.mirrored, strict=True)
                    if not m and args.shares.get(r.source, 0) > 0)
@@ -225,17 +253,39 @@ def main(argv: list[str] | None = None) -> int:
                           f"{args.top} onwards + classifier fine-tuned on their cached inputs",
         "task": {"name": "chest", "labels": list(CHEST_LABELS), "activation": "sigmoid", "extra_outputs": ["abnormal"]},
         "config": {"size": card.input.size, "mean": card.input.mean, "std": card.input.std, "optimizer": "adamw",
-                   "lr": args.lr, "weight_decay": args.weight_decay, "dropout": args.dropout, "batch_size": args.batch,
-                   "epoch_size": args.epoch_size, "epochs_run": state["epoch"], "best_epoch": state["best_epoch"],
+                   "lr": args.lr,
+                   "schedule": "cosine to 0" if args.cosine else "constant", "weight_decay": args.weight_decay,
+                   "dropout": args.dropout, "batch_size": args.batch,
+                   "epoch_size": args.epoch_size, "epochs": args.epochs, "seed": args.seed,
                    "group_shares": args.shares, "selection": "NIH val mean AUC over the 14 findings + abnormal",
                    "augmentation": "mirror images of the NIH train films (cached passes)",
-                   "recipe_of_the_frozen_part": card.training.get("recipe")},
+                   "fine_tuned": f"{args.top} onwards + classifier (frozen below, inputs cached)",
+                   "recipe_of_the_backbone": card.training.get("recipe")},
         "train_records": sum(used.values()), "train_sources": dict(used),
         "data": "xray-pack " + " + ".join(Path(m).name for m in args.manifest)
                 + f"; every cached train pass, drawn by source shares {args.shares}",
         "hardware": f"2-core CPU ({describe_hardware(torch.device('cpu'))}); cached inputs by ONNX Runtime",
     }, args.top)
     log.info("wrote %s: best epoch %d, val %s", args.out, state["best_epoch"], json.dumps(best))
+    return 0
+
+
+def ship_soup(args, card, network, train: Examples, val: Examples, cache: FeatureCache) -> int:
+    figures = make_soup(args.soup, copy.deepcopy(network), val, args.out, args.top)
+    ingredients = [{"run": run.name, **json.loads((run / "state.json").read_text())} for run in args.soup]
+    history = [{"ingredient": i["run"], **i["history"][i["epoch"]]} for i in ingredients]
+    history.append({"epoch": 1, "soup": [i["run"] for i in ingredients], **figures})
+    first = ingredients[0]
+    write_run(args.out, network, {
+        **{k: first[k] for k in ("task", "train_records", "train_sources", "data", "hardware")},
+        "epoch": 1, "best": figures["mean_auc"], "smoothed": figures["mean_auc"], "history": history,
+        "train_seconds": sum(i["train_seconds"] for i in ingredients) - (len(ingredients) - 1) * round(cache.seconds),
+        "initialisation": first["initialisation"] + "; the average of the best tops of "
+                          + ", ".join(f"{i['run']} (epoch {i['epoch']})" for i in ingredients),
+        "config": {**first["config"], "soup": {i["run"]: {k: i["config"].get(k) for k in (
+            "lr", "schedule", "dropout", "epoch_size", "seed")} for i in ingredients}},
+    }, args.top)
+    log.info("wrote %s: soup of %d runs, val %s", args.out, len(ingredients), json.dumps(figures))
     return 0
 
 
