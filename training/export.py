@@ -89,7 +89,7 @@ def export_run(run_dir: Path, out: Path, records: list[Record], data_name: str, 
             "recipe": {k: config[k] for k in ("optimizer", "lr", "betas", "weight_decay", "batch_size", "epochs",
                                               "epoch_size", "balance", "plateau_patience", "plateau_factor",
                                               "seed", "size", "abnormal_c", "refit_findings_c", "fine_tuned",
-                                              "schedule", "dropout", "augmentation", "selection",
+                                              "schedule", "dropout", "augmentation", "selection", "soup",
                                               "recipe_of_the_backbone")
                                     if k in config}
                       | ({"group_shares": config["group_shares"]} if config.get("group_shares") else {}),
