@@ -136,8 +136,12 @@ class FeatureCache:
         bar.close()
 
     def get(self, records: list[Record], mirrored: bool, what: str = "pooled") -> np.ndarray:
-        rows = [self.index[self.key(r, mirrored)] for r in records]
-        return np.stack([getattr(self.chunks[c], what)[row] for c, row in rows])
+        return self.rows([(r, mirrored) for r in records], what)
+
+    def rows(self, passes: list[tuple[Record, bool]], what: str = "pooled") -> np.ndarray:
+        """The cached ``what`` of each (record, mirrored) pass, stacked in order."""
+        where = [self.index[self.key(r, m)] for r, m in passes]
+        return np.stack([getattr(self.chunks[c], what)[row] for c, row in where])
 
     def has(self, record: Record, mirrored: bool) -> bool:
         return self.key(record, mirrored) in self.index

@@ -24,6 +24,7 @@ import tempfile
 import time
 from collections import Counter, OrderedDict
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -61,7 +62,7 @@ class Examples:
         pairs = [(r, m) for r in records for m in ((False, True) if mirrors else (False,)) if cache.has(r, m)]
         self.records = [r for r, _ in pairs]
         self.mirrored = np.asarray([m for _, m in pairs])
-        self.middle = np.concatenate([cache.get([r], m, "middle") for r, m in pairs]) if pairs else np.zeros(0)
+        self.middle = cache.rows(pairs, "middle") if pairs else np.zeros(0)
         self.targets = np.stack([TASK.target(r) for r in self.records])
         self.sources = np.asarray([r.source for r in self.records])
 
@@ -90,13 +91,10 @@ def validate(top: Top, val: Examples) -> dict:
     order = list(plain)
     averaged = np.stack([(logits[plain[k]] + logits[mirror[k]]) / 2 if k in mirror else logits[plain[k]]
                          for k in order])
-
-    class _Split:  # the shape ``heads.describe`` reads
-        targets = np.stack([val.targets[plain[k]] for k in order])
-        nih = np.isin([val.sources[plain[k]] for k in order], NIH_SOURCES)
-
-    figures = describe(_Split, averaged)
-    single = describe(_Split, np.stack([logits[plain[k]] for k in order]))  # is mirror averaging still worth it?
+    films = SimpleNamespace(targets=np.stack([val.targets[plain[k]] for k in order]),  # what describe reads
+                            nih=np.isin([val.sources[plain[k]] for k in order], NIH_SOURCES))
+    figures = describe(films, averaged)
+    single = describe(films, np.stack([logits[plain[k]] for k in order]))  # is mirror averaging still worth it?
     figures.update(mean_auc_no_mirror=single["mean_auc"], abnormal_auc_no_mirror=single["abnormal_auc"])
     labels = len(CHEST_LABELS)
     figures["mean_auc_15"] = (figures["mean_auc"] * labels + figures["abnormal_auc"]) / (labels + 1)
@@ -109,11 +107,10 @@ def train_top(network, train: Examples, val: Examples, shares: dict[str, float],
     top = Top(network, dropout, top_from)
     optimizer = torch.optim.AdamW(top.parameters(), lr=lr, weight_decay=weight_decay)
     state = {"epoch": 0, "history": [], "best": None, "best_epoch": 0, "seconds": 0.0}
-    if (out / "last.safetensors").is_file():  # resume
+    if (out / "last.safetensors").is_file():  # resume (AdamW's moments start afresh: they are not saved)
         saved = load_file(str(out / "last.safetensors"))
         top.load_state_dict({k[len("top."):]: v for k, v in saved.items() if k.startswith("top.")})
         state = json.loads((out / "progress.json").read_text())
-        optimizer = torch.optim.AdamW(top.parameters(), lr=lr, weight_decay=weight_decay)
         log.info("resuming after epoch %d", state["epoch"])
     else:
         out.mkdir(parents=True, exist_ok=True)

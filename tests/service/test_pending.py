@@ -50,12 +50,12 @@ def request(request_id: str, ack: int | None = 500) -> PendingRequest:
     return PendingRequest(envelope=envelope(request_id, ack), user_id=CHAT, accepted_at=0.0)
 
 
-def rounds(settings, bot: StubBot, requests: list[PendingRequest], times: list[float]):
+def rounds(settings, bot: StubBot, requests: list[PendingRequest], times: list[float], requeue=None):
     """Run watchdog rounds at the given (monotonic) times; returns (ids told per round, pending left)."""
 
     async def main():
         store = Store(settings)
-        pending = PendingRequests(settings, store)
+        pending = PendingRequests(settings, store, requeue=requeue)
         for item in requests:
             pending.add(item)
         told = [await pending.check(bot, now=now) for now in times]
@@ -209,19 +209,6 @@ class Requeues:
         self.envelopes.append(request)
 
 
-def watch(settings, bot, requests, times, requeue):
-    async def main():
-        store = Store(settings)
-        pending = PendingRequests(settings, store, requeue=requeue)
-        for item in requests:
-            pending.add(item)
-        told = [await pending.check(bot, now=now) for now in times]
-        await store.close()
-        return told, len(pending)
-
-    return asyncio.run(main())
-
-
 def test_a_vanished_task_is_enqueued_again_after_two_checks_only(make_settings, no_tasks):
     settings, r = make_settings(), no_tasks
     r.set(settings.keys.blob("vanished"), b"image", ex=60)
@@ -232,7 +219,7 @@ def test_a_vanished_task_is_enqueued_again_after_two_checks_only(make_settings, 
     finally:
         dispatcher.close()
     requeues, bot = Requeues(), StubBot()
-    told, left = watch(settings, bot, [request("vanished"), request("queued")], [1.0, 2.0], requeues)
+    told, left = rounds(settings, bot, [request("vanished"), request("queued")], [1.0, 2.0], requeues)
     assert told == [[], []] and left == 2
     assert requeues.envelopes == [envelope("vanished")]  # the same envelope, once, after the second check
     assert not bot.edits and not bot.sent
@@ -265,7 +252,7 @@ def test_after_two_requeues_the_next_loss_is_told_and_the_image_deleted(make_set
     settings, r = make_settings(), no_tasks
     r.set(settings.keys.blob("cursed"), b"image", ex=60)
     requeues, bot = Requeues(), StubBot()
-    told, left = watch(settings, bot, [request("cursed")], [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0], requeues)
+    told, left = rounds(settings, bot, [request("cursed")], [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0], requeues)
     assert len(requeues.envelopes) == MAX_REQUEUES == 2
     assert told == [[], [], [], [], [], ["cursed"], []] and left == 0
     assert bot.edits == [(500, lost_text("ru"))] and not bot.sent
@@ -278,7 +265,7 @@ def test_an_answered_request_is_never_enqueued_again(make_settings, no_tasks):
     r.set(settings.keys.blob("answered"), b"image", ex=60)  # not yet cleaned up
     r.set(settings.keys.done("answered"), "1", ex=60)
     requeues = Requeues()
-    told, left = watch(settings, StubBot(), [request("answered")], [1.0, 2.0, 3.0], requeues)
+    told, left = rounds(settings, StubBot(), [request("answered")], [1.0, 2.0, 3.0], requeues)
     assert requeues.envelopes == [] and told == [[], [], []] and left == 0
 
 
@@ -289,8 +276,8 @@ def test_an_unreadable_message_on_a_queue_stops_any_requeue(make_settings, no_ta
     r.set(settings.keys.blob("vanished"), b"image", ex=60)
     r.rpush(INFERENCE_QUEUE, b"not a celery message")
     requeues, bot = Requeues(), StubBot()
-    told, left = watch(settings, bot, [request("vanished")], [1.0, 2.0, 3.0], requeues)
+    told, left = rounds(settings, bot, [request("vanished")], [1.0, 2.0, 3.0], requeues)
     assert told == [[], [], []] and left == 1 and requeues.envelopes == []
     r.delete(INFERENCE_QUEUE)
-    told, left = watch(settings, bot, [request("vanished")], [1.0, 2.0], requeues)
+    told, left = rounds(settings, bot, [request("vanished")], [1.0, 2.0], requeues)
     assert requeues.envelopes == [envelope("vanished")]  # readable again: the loss is seen
