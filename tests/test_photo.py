@@ -218,6 +218,16 @@ def test_measure_photos_runs_on_stand_in_models(pack, fake_models, tmp_path):
     synthetic = report["synthetic_chest_photos"]
     assert synthetic["images"] == 6
     assert {"chest_mean_auc_clean", "chest_mean_auc_synthetic", "chest_mean_auc_synthetic_rectified"} <= set(synthetic)
+    assert synthetic["split"] == "test"
+
+    # --chest-split val: the same figures on the val films (the split that chooses between models)
+    with (pack / "manifest.csv").open(newline="") as handle:
+        val_chest = [r for r in csv.DictReader(handle)
+                     if r["split"] == "val" and r["body_part"] == "chest" and r.get("phone_photo") != "1"]
+    assert measure_main(["--manifest", str(pack / "manifest.csv"), "--models", str(fake_models),
+                         "--chest-limit", "6", "--chest-split", "val", "--json", str(out)]) == 0
+    synthetic = json.loads(out.read_text())["synthetic_chest_photos"]
+    assert synthetic["split"] == "val" and synthetic["images"] == min(6, len(val_chest)) > 0
 
 
 def test_a_lamps_specular_reflection_is_caught_text_and_bright_bone_are_not(chest_images):

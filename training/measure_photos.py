@@ -1,7 +1,7 @@
 """Do the models cope with phone photos of films, and does the intake step (rectify) help?
 
     python -m training.measure_photos --manifest ../shared/data/xray-pack/manifest.csv --models models \\
-        [--json OUT] [--chest-limit N] [--seed 0] [--threads 1]
+        [--json OUT] [--chest-limit N] [--seed 0] [--threads 1] [--chest-split test|val]
 
 1. The pack's real phone photos of films (test split; val too, as test has only five): gate accuracy
    (all are radiographs) and body-part accuracy, on the photo as sent and after ``rectify``.
@@ -9,6 +9,7 @@
    mean AUC on the clean radiographs, on the photos, and on the photos after ``rectify``; plus how
    often the gate and body-part models still accept them, how often the film was found (corners
    within 5 % of the frame) and how often the quality check would ask for a retake.
+   ``--chest-split val`` does the same on the NIH val films: the split to choose a model on.
 3. Digital radiographs of the test split that ``rectify`` changes (it should leave them untouched).
 
 Predictions go through ``diagnosis.network.load_model`` and ``diagnosis.preprocess.to_model_input``,
@@ -125,8 +126,8 @@ def digital_untouched(rows: list[dict], root: Path) -> dict:
 
 
 def synthetic_chest(rows: list[dict], root: Path, models: dict[str, Model], limit: int | None, seed: int,
-                    progress: Callable[[str], None]) -> dict:
-    chosen = [r for r in rows if r["split"] == "test" and r["body_part"] == "chest" and r.get("phone_photo") != "1"]
+                    progress: Callable[[str], None], split: str = "test") -> dict:
+    chosen = [r for r in rows if r["split"] == split and r["body_part"] == "chest" and r.get("phone_photo") != "1"]
     chosen = chosen[:limit] if limit else chosen
     rng = np.random.default_rng(seed)
     clean, photos, straightened = [], [], []
@@ -143,7 +144,7 @@ def synthetic_chest(rows: list[dict], root: Path, models: dict[str, Model], limi
         refused += bool(check_quality(photo, result))
         if index % 100 == 99:
             progress(f"  synthesised {index + 1} / {len(chosen)}")
-    report: dict = {"images": len(chosen), "seed": seed,
+    report: dict = {"split": split, "images": len(chosen), "seed": seed,
                     "film_found_within_5_percent": round(found / max(len(chosen), 1), 4),
                     "quality_refused": round(refused / max(len(chosen), 1), 4)}
     views = {"clean": clean, "synthetic": photos, "synthetic_rectified": straightened}
@@ -172,6 +173,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="default: $MODELS_DIR, else the repo's models/")
     parser.add_argument("--json", default=None)
     parser.add_argument("--chest-limit", type=int, default=None, help="at most N chest test images (default all)")
+    parser.add_argument("--chest-split", choices=["test", "val"], default="test",
+                        help="split of the synthetic chest photos (val: for choosing between models)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (keep low beside training jobs)")
     args = parser.parse_args(argv)
@@ -191,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
               "real_phone_photos": real_photos(rows, manifest.parent, models),
               "digital_radiographs": digital_untouched(rows, manifest.parent),
               "synthetic_chest_photos": synthetic_chest(rows, manifest.parent, models, args.chest_limit, args.seed,
-                                                        progress)}
+                                                        progress, args.chest_split)}
     print(json.dumps(report, indent=2))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
