@@ -88,10 +88,27 @@ $PY -m training export --run "$RUNS/chest_v3" --out models/chest --manifest "$M"
 # Export writes thresholds (Youden) and test metrics; the screening/clinician operating points,
 # calibration and the verdict come from the val split again:
 $PY -m training calibrate --model models/chest --manifest "$M" --manifest "$MX"
+# Do the paediatric films help or hurt adult films? (README "Chest v3"; tops started from v2, i.e. run with
+# CHEST_V2 pointing at v2 and before the export above; seeds 0 and 1, share 0.05 vs 0:
+# no difference beyond the seed spread on NIH val; without them children's normal films look abnormal.)
+# for SEED in 0 1; do for P in 0.05 0; do
+#   $PY -m training.top "${TOP[@]}" --out "$RUNS/paed${P}_s$SEED" --epochs 5 --epoch-size 4096 --lr 1e-4 --cosine \
+#       --seed "$SEED" --patience 5 \
+#       --shares nih_cxr14=1,nih_extra=0.2,rsna_normal=0.3,covid_radiography=0.15,cxr_normal_paediatric=$P
+# done; done
 
-# Next (not yet shipped): the whole network continues from v3 on every chest film with masked BCE,
-# sources weighted so COVID and paediatric films cannot dominate; ship only if the smoothed NIH val
-# mean AUC (no mirror) beats v2's 0.669. On a GPU pass DEVICE=cuda WORKERS=5 and drop --max-minutes.
+# Tried after v3 on the 2-core CPU and not shipped (README "After v3"): the command below with 2,700
+# synthetic photos as a third manifest and shares nih_cxr14 0.45, synthetic_nih_cxr14 0.15, nih_extra 0.15,
+# rsna_normal 0.12, covid_radiography 0.08, cxr_normal_paediatric 0.05 (--workers 1) runs at ~45 images/s,
+# but its best NIH val mean AUC without mirror was 0.681 (epoch 2 of 7) vs v3's 0.689. Tops from v3 with
+# the same photos cached (heads --extract-only with the synthetic manifest added; training.top with
+# --shares …,synthetic_nih_cxr14=0.3; cosine 1e-4 for 5 epochs and 3e-5 for 4) never beat v3 on val,
+# nor did half-way weight averages with v3 on synthetic photos of the val films
+# (python -m training.measure_photos --chest-split val).
+# Next (not yet shipped): the whole network on every chest film with masked BCE, many epochs, sources
+# weighted so COVID and paediatric films cannot dominate; ship only if NIH val mean AUC (mirror-averaged,
+# python -m training evaluate --split val) beats v3's 0.696. On a GPU pass DEVICE=cuda WORKERS=5 and drop
+# --max-minutes.
 # $PY -m training train --task chest --manifest "$M" --manifest "$MX" --out "$RUNS/chest_v2_finetune" \
 #     --init-from models/chest --optimizer radam --lr 3e-5 --epochs 300 --epoch-size 3000 \
 #     --group-share nih_cxr14=0.55 --group-share nih_extra=0.15 --group-share rsna_normal=0.15 \
