@@ -298,17 +298,22 @@ def parse_shares(text: str) -> dict[str, float]:
     return {name: float(value) for name, value in (item.split("=") for item in text.split(",") if item)}
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m training.heads", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_cache_arguments(parser: argparse.ArgumentParser) -> None:
+    """The arguments that name a network and its feature cache (shared with ``training.top``)."""
     parser.add_argument("--model", type=Path, default=Path("models/chest"))
     parser.add_argument("--manifest", action="append", required=True)
     parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "chest-features")
+    parser.add_argument("--threads", type=int)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m training.heads", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_cache_arguments(parser)
     parser.add_argument("--out", type=Path, help="run folder to write (else: only report val figures)")
     parser.add_argument("--abnormal-shares", default="nih_cxr14=1,nih_extra=1",
                         help="source=share for the abnormal head's training films (val-chosen)")
     parser.add_argument("--abnormal-c", type=float, default=0.01, help="inverse L2 strength (val-chosen)")
-    parser.add_argument("--threads", type=int)
     parser.add_argument("--train-limit", type=parse_shares, default={},
                         help="source=N: at most N train films of a source get features (time on a CPU)")
     parser.add_argument("--other-val-limit", type=int, default=400,

@@ -172,7 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", default=models_dir_from_environment(),
                         help="default: $MODELS_DIR, else the repo's models/")
     parser.add_argument("--json", default=None)
-    parser.add_argument("--chest-limit", type=int, default=None, help="at most N chest test images (default all)")
+    parser.add_argument("--chest-limit", type=int, default=None,
+                        help="at most N chest images of --chest-split (default all)")
     parser.add_argument("--chest-split", choices=["test", "val"], default="test",
                         help="split of the synthetic chest photos (val: for choosing between models)")
     parser.add_argument("--seed", type=int, default=0)

@@ -20,7 +20,6 @@ import argparse
 import copy
 import json
 import logging
-import tempfile
 import time
 from collections import Counter, OrderedDict
 from pathlib import Path
@@ -33,7 +32,7 @@ from safetensors.torch import load_file, save_file
 from diagnosis.network import load_model
 
 from .datasets import CHEST_LABELS, NIH_SOURCES, Record, load_sources
-from .heads import TOPS, FeatureCache, describe, parse_shares
+from .heads import TOPS, FeatureCache, add_cache_arguments, describe, parse_shares
 from .tasks import Task
 from .train import describe_hardware, masked_bce
 
@@ -193,9 +192,7 @@ def make_soup(runs: list[Path], network, val: Examples, out: Path, top_from: str
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m training.top", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", type=Path, default=Path("models/chest"))
-    parser.add_argument("--manifest", action="append", required=True)
-    parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "chest-features")
+    add_cache_arguments(parser)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--shares", type=parse_shares,
                         default=parse_shares("nih_cxr14=1,nih_extra=0.2,rsna_normal=0.3,covid_radiography=0.15,"
@@ -212,7 +209,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--top", choices=list(TOPS), default="denseblock4",
                         help="train from this block on (its inputs cached by training.heads --top)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int)
     parser.add_argument("--max-minutes", type=float)
     parser.add_argument("--soup", type=Path, action="append", default=[],
                         help="a finished run of the same --top (repeat): ship the average of their best tops")
