@@ -55,10 +55,15 @@ async def forget(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
     await update.effective_message.reply_text(texts.forgotten(language))
 
 
+LANGUAGE_MENU_COLUMNS = 3
+
+
 async def language_menu(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
-    """/language: an inline keyboard with the supported languages."""
+    """/language: an inline keyboard with every shipped language, each in its own name, three a row."""
+    buttons = [InlineKeyboardButton(name, callback_data=f"{LANGUAGE_CALLBACK}{code}")
+               for code, name in LANGUAGES.items()]
     keyboard = InlineKeyboardMarkup(
-        [[InlineKeyboardButton(name, callback_data=f"{LANGUAGE_CALLBACK}{code}") for code, name in LANGUAGES.items()]]
+        [buttons[row:row + LANGUAGE_MENU_COLUMNS] for row in range(0, len(buttons), LANGUAGE_MENU_COLUMNS)]
     )
     await update.effective_message.reply_text(texts.choose_language(await language_of(update, context)),
                                               reply_markup=keyboard)

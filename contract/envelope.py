@@ -21,7 +21,7 @@ class RequestEnvelope(BaseModel):
     blob_key: str  # Redis key of the image bytes
     chat_id: int
     reply_to_message_id: int | None  # the user's message with the image
-    language: str  # en / ru / kk: the language of the answer
+    language: str  # a code of contract.i18n.LANGUAGES (en, ru, kk, fa …): the language of the answer
     ack_message_id: int | None = None  # "Received, analysing…", replaced by the answer
     # screening (default, for anyone) or clinician (all findings with their operating points): /mode
     mode: Literal["screening", "clinician"] = "screening"

@@ -1,9 +1,17 @@
-"""gettext machinery for every user-facing string (English source, Russian and Kazakh translations).
+"""gettext machinery for every user-facing string (English source and its translations).
 
 Catalogs are plain ``.po`` files, ``<locales>/<lang>/LC_MESSAGES/<domain>.po``; Babel compiles them
 in memory at first use, so no build step and no binary files in the repo. Two domains:
 ``diagnosis`` (result texts, ``diagnosis/locales``, used by ``diagnosis.messages``) and ``bot``
-(the conversation, ``contract/locales``, used by ``contract.texts``).
+(the conversation, ``contract/locales``, used by ``contract.texts``). How to add a language:
+docs/languages.md.
+
+Right-to-left languages (``RTL``): every value formatted into a translated text goes through
+``fill`` / ``isolate``, which wrap it in Unicode isolates (FSI … PDI), so that numbers, percentages
+and Latin abbreviations keep their own order inside Persian or Arabic sentences; and every line of
+a right-to-left translation starts with a RIGHT-TO-LEFT MARK, so that a line opening with a command
+or a number ("/help – …", "81% …") is still laid out right to left. Both are done here, once, not in
+the catalogs.
 """
 
 from __future__ import annotations
@@ -12,15 +20,53 @@ import gettext
 import io
 from functools import cache
 from pathlib import Path
+from typing import Any
 
-LANGUAGES = {"en": "English", "ru": "Русский", "kk": "Қазақша"}
+# Every shipped language, named in itself (the /language menu shows these names as they are).
+LANGUAGES = {
+    "en": "English",
+    "ru": "Русский",
+    "kk": "Қазақша",
+    "uz": "O‘zbekcha",
+    "ky": "Кыргызча",
+    "tg": "Тоҷикӣ",
+    "fa": "فارسی",
+    "ar": "العربية",
+    "hi": "हिन्दी",
+    "id": "Bahasa Indonesia",
+    "pt": "Português",
+    "es": "Español",
+    "fr": "Français",
+}
 DEFAULT_LANGUAGE = "en"
+RTL = frozenset({"fa", "ar"})
+# Codes some clients send for a shipped language (legacy or macro-language codes).
+ALIASES = {"in": "id", "prs": "fa", "pes": "fa", "uzb": "uz", "kir": "ky", "tgk": "tg", "fas": "fa", "ara": "ar"}
+
+FSI, PDI = "\u2068", "\u2069"  # FIRST STRONG ISOLATE … POP DIRECTIONAL ISOLATE
+RLM = "\u200f"  # RIGHT-TO-LEFT MARK: starts every line of a right-to-left translation
 
 
 def pick_language(code: str | None) -> str:
-    """Telegram ``language_code`` (e.g. "ru", "kk", "en-GB") → a supported language."""
+    """Telegram ``language_code`` (an IETF tag: "ru", "kk", "en-GB", "pt-br", "uz-Cyrl") → a shipped
+    language: the primary subtag, so regional and script variants fall back to the language
+    (``pt-BR`` → ``pt``, ``uz-Cyrl`` → ``uz``, written in Latin); unknown → English."""
     base = (code or "").split("-")[0].split("_")[0].lower()
+    base = ALIASES.get(base, base)
     return base if base in LANGUAGES else DEFAULT_LANGUAGE
+
+
+def isolate(value: Any, language: str) -> str:
+    """``value`` as text; in a right-to-left language wrapped in FSI … PDI, so that a number, a
+    percentage or a Latin abbreviation is laid out on its own (FSI: left-to-right unless the value
+    itself starts with a right-to-left letter) and does not reorder the sentence around it."""
+    text = str(value)
+    return f"{FSI}{text}{PDI}" if language in RTL and text else text
+
+
+def fill(template: str, language: str, **values: Any) -> str:
+    """``template.format(**values)``, every value isolated for right-to-left languages."""
+    return template.format(**{name: isolate(value, language) for name, value in values.items()})
 
 
 @cache
@@ -34,10 +80,21 @@ def load_catalog(locales_dir: Path, language: str, domain: str) -> gettext.NullT
         return gettext.NullTranslations()
     with path.open("rb") as handle:
         catalog = read_po(handle, locale=language, domain=domain)
+    if language in RTL:
+        for message in catalog:
+            if message.id and message.string:
+                strings = message.string if isinstance(message.string, tuple) else (message.string,)
+                marked = tuple(_rtl_lines(s) for s in strings)
+                message.string = marked if isinstance(message.string, tuple) else marked[0]
     buffer = io.BytesIO()
     write_mo(buffer, catalog)
     buffer.seek(0)
     return gettext.GNUTranslations(buffer)
+
+
+def _rtl_lines(text: str) -> str:
+    """Every non-empty line of a right-to-left text begins with RLM (idempotent)."""
+    return "\n".join(line if not line or line.startswith(RLM) else RLM + line for line in text.split("\n"))
 
 
 def N_(message: str) -> str:

@@ -12,7 +12,7 @@ import math
 from collections.abc import Callable
 from pathlib import Path
 
-from .i18n import N_, load_catalog, pick_language
+from .i18n import N_, fill, load_catalog, pick_language
 from .keys import TELEGRAM_DOWNLOAD_LIMIT_MB
 
 DOMAIN = "bot"
@@ -38,14 +38,14 @@ def translator(language: str | None) -> tuple[Callable[[str], str], Callable[[st
 # --------------------------------------------------------------------------- access and commands
 def not_allowed(language: str, user_id: int | str) -> str:
     _, _n = translator(language)
-    return _("Sorry, this bot is available to approved users only. Your Telegram user id is {user_id}; "
-             "ask the operator to add it.").format(user_id=user_id)
+    return fill(_("Sorry, this bot is available to approved users only. Your Telegram user id is {user_id}; "
+                  "ask the operator to add it."), language, user_id=user_id)
 
 
 def start(language: str) -> str:
     """/start: what the bot does and does not do, the disclaimer, privacy in two lines."""
     _, _n = translator(language)
-    return _(
+    return fill(_(
         "Hello! I give a second opinion on X-ray images.\n\n"
         "Send me a radiograph as a photo or as a file (JPEG, PNG, WebP, TIFF or DICOM, up to {limit_mb} MB). "
         "I check that it is an X-ray and which body part it shows; for chest X-rays I estimate the "
@@ -54,19 +54,19 @@ def start(language: str) -> str:
         "Other body parts are not analysed yet. Always discuss your images and any result with a physician.\n\n"
         "Privacy: your image is held in memory for at most one hour and deleted once you have the answer; "
         "nothing is written to disk. Details: /privacy. Language: /language. Help: /help."
-    ).format(limit_mb=TELEGRAM_DOWNLOAD_LIMIT_MB) + "\n\n" + _(MODE_HINT)
+    ), language, limit_mb=TELEGRAM_DOWNLOAD_LIMIT_MB) + "\n\n" + _(MODE_HINT)
 
 
 def help_text(language: str, images: int, window_s: int) -> str:
     """/help: how to send a good image, the limits (``images`` per ``window_s``), the commands."""
     _, ngettext = translator(language)
     minutes = max(1, math.ceil(window_s / 60))
-    limit_line = ngettext(
+    limit_line = fill(ngettext(
         "You can send up to {limit} images per {minutes} minute.",
         "You can send up to {limit} images per {minutes} minutes.",
         minutes,
-    ).format(limit=images, minutes=minutes)
-    return _(
+    ), language, limit=images, minutes=minutes)
+    return fill(_(
         "How to use this bot:\n"
         "• Send an X-ray as a photo, or as a file for full quality: JPEG, PNG, WebP, TIFF or DICOM, up to "
         "{limit_mb} MB. Albums work too: every image gets its own answer.\n"
@@ -75,11 +75,11 @@ def help_text(language: str, images: int, window_s: int) -> str:
         "• {limit_line}\n\n"
         "Commands:\n"
         "/start – what this bot does and does not do\n"
-        "/language – English, Russian or Kazakh\n"
+        "/language – choose the language\n"
         "/privacy – what is stored and for how long\n"
         "/forget – delete everything the service holds about you\n"
         "/help – this message"
-    ).format(limit_line=limit_line, limit_mb=TELEGRAM_DOWNLOAD_LIMIT_MB) + "\n" + _(
+    ), language, limit_line=limit_line, limit_mb=TELEGRAM_DOWNLOAD_LIMIT_MB) + "\n" + _(
         "/mode – screening replies (default) or clinician replies with every finding")
 
 
@@ -136,7 +136,7 @@ def mode_set(language: str, mode: str, days: int = 30) -> str:
     _, _n = translator(language)
     now = _("Replies in this chat are now in clinician mode.") if mode == "clinician" else \
         _("Replies in this chat are now in screening mode.")
-    return now + "\n\n" + _(MODE_MEANING).format(days=days)
+    return now + "\n\n" + fill(_(MODE_MEANING), language, days=days)
 
 
 def mode_unknown(language: str) -> str:
@@ -153,9 +153,9 @@ def not_an_image_file(language: str) -> str:
 
 def too_large(language: str) -> str:
     _, _n = translator(language)
-    return _("This file is too large: Telegram lets bots download at most {limit_mb} MB. "
-             "Please send the X-ray as a photo, or reduce the file size first.").format(
-        limit_mb=TELEGRAM_DOWNLOAD_LIMIT_MB)
+    return fill(_("This file is too large: Telegram lets bots download at most {limit_mb} MB. "
+                  "Please send the X-ray as a photo, or reduce the file size first."), language,
+                limit_mb=TELEGRAM_DOWNLOAD_LIMIT_MB)
 
 
 def rate_limited(language: str, wait_s: float, accepted: int | None = None, refused: int | None = None) -> str:
@@ -163,18 +163,18 @@ def rate_limited(language: str, wait_s: float, accepted: int | None = None, refu
     of this burst were not."""
     _, ngettext = translator(language)
     minutes = max(1, math.ceil(wait_s / 60))
-    text = ngettext(
+    text = fill(ngettext(
         "You have sent many images in a short time. Please try again in {minutes} minute.",
         "You have sent many images in a short time. Please try again in {minutes} minutes.",
         minutes,
-    ).format(minutes=minutes)
+    ), language, minutes=minutes)
     if accepted is not None:
-        text += "\n" + ngettext("{count} image was accepted for analysis.",
-                                "{count} images were accepted for analysis.", accepted).format(count=accepted)
+        text += "\n" + fill(ngettext("{count} image was accepted for analysis.",
+                                     "{count} images were accepted for analysis.", accepted), language, count=accepted)
     if refused:
-        text += "\n" + ngettext("{count} image was not accepted; please send it again then.",
-                                "{count} images were not accepted; please send them again then.",
-                                refused).format(count=refused)
+        text += "\n" + fill(ngettext("{count} image was not accepted; please send it again then.",
+                                     "{count} images were not accepted; please send them again then.",
+                                     refused), language, count=refused)
     return text
 
 
@@ -183,11 +183,11 @@ def received(language: str, waiting: int) -> str:
     _, ngettext = translator(language)
     text = _("Received, analysing…")
     if waiting > 0:
-        text += "\n" + ngettext(
+        text += "\n" + fill(ngettext(
             "{count} image is ahead of yours in the queue.",
             "{count} images are ahead of yours in the queue.",
             waiting,
-        ).format(count=waiting)
+        ), language, count=waiting)
     return text
 
 
@@ -204,9 +204,9 @@ def service_unavailable(language: str) -> str:
 def other_message(language: str) -> str:
     """Text, stickers, video, voice, unknown commands: what to send instead."""
     _, _n = translator(language)
-    return _("I analyse X-ray images only. Please send a radiograph as a photo, or as a file "
-             "(JPEG, PNG, WebP, TIFF or DICOM, up to {limit_mb} MB). More: /help").format(
-        limit_mb=TELEGRAM_DOWNLOAD_LIMIT_MB)
+    return fill(_("I analyse X-ray images only. Please send a radiograph as a photo, or as a file "
+                  "(JPEG, PNG, WebP, TIFF or DICOM, up to {limit_mb} MB). More: /help"), language,
+                limit_mb=TELEGRAM_DOWNLOAD_LIMIT_MB)
 
 
 def internal_error(language: str) -> str:

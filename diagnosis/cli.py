@@ -15,9 +15,16 @@ import json
 import sys
 from pathlib import Path
 
-from contract.i18n import LANGUAGES
+from contract.i18n import DEFAULT_LANGUAGE, LANGUAGES, pick_language
 
 from .config import BACKEND_NAMES, PipelineConfig, cache_dir_from_environment, models_dir_from_environment
+
+
+def _language(code: str) -> str:
+    """``--language``: a shipped code, or a tag of one (``pt-BR``, ``fa-IR``); anything else stays as given,
+    so that argparse's choices refuse it instead of answering in English."""
+    picked = pick_language(code)
+    return picked if picked != DEFAULT_LANGUAGE or code.lower().split("-")[0] == DEFAULT_LANGUAGE else code
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -34,7 +41,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--mode", default="screening", choices=["screening", "clinician"],
                         help="screening: a verdict and only the findings the model checks reliably (default); "
                              "clinician: every finding with its operating point and sensitivity/specificity/AUC")
-    parser.add_argument("--language", default="en", choices=list(LANGUAGES), help="language of the report")
+    parser.add_argument("--language", default="en", type=_language, choices=list(LANGUAGES),
+                        help="language of the report; a regional tag falls back to its language (pt-BR → pt)")
     parser.add_argument("--backend", default=PipelineConfig.backend, choices=list(BACKEND_NAMES),
                         help="torch (CPU or CUDA), onnx (ONNX Runtime, CPU), openvino / openvino-bf16 (CPU) or "
                              "eager (naive baseline)")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from contract.i18n import N_, load_catalog, pick_language
+from contract.i18n import N_, fill, isolate, load_catalog, pick_language
 from contract.keys import TELEGRAM_DOWNLOAD_LIMIT_MB
 
 from .report import DiagnosisResult
@@ -117,14 +117,14 @@ def body_part_name(part: str, language: str) -> str:
 def overlay_caption(label: str | None, probability: float | None, language: str) -> str:
     """Caption of one overlay photo: the finding in words, its estimate, what red and blue mean."""
     _ = gettext_for(language)
-    title = (_(OVERLAY_TITLE).format(name=finding_name(label, language), p=_percent(probability))
+    title = (fill(_(OVERLAY_TITLE), language, name=finding_name(label, language), p=_percent(probability))
              if label else _(OVERLAY_TITLE_UNNAMED))
     return "\n".join([title, _(OVERLAY_COLOURS), _(OVERLAY_NOT_A_DIAGNOSIS)])
 
 
 def rejection_text(code: str, language: str) -> str:
     _ = gettext_for(language)
-    return _(REJECTIONS.get(code, REJECTIONS["corrupt"])).format(limit_mb=TELEGRAM_DOWNLOAD_LIMIT_MB)
+    return fill(_(REJECTIONS.get(code, REJECTIONS["corrupt"])), language, limit_mb=TELEGRAM_DOWNLOAD_LIMIT_MB)
 
 
 def apology(language: str) -> str:
@@ -136,8 +136,8 @@ def apology(language: str) -> str:
 def analysed_heading(part: str, language: str) -> str:
     """First line of an analysed result: the body part (from the card) and "not a diagnosis"."""
     _ = gettext_for(language)
-    return _sentence(_("{part} X-ray analysed. Model estimates, not a diagnosis:").format(
-        part=body_part_name(part, language)))
+    return _sentence(fill(_("{part} X-ray analysed. Model estimates, not a diagnosis:"), language,
+                          part=body_part_name(part, language)))
 
 
 def render_reply(result: DiagnosisResult, language: str = "en") -> str:
@@ -159,8 +159,8 @@ def render_reply(result: DiagnosisResult, language: str = "en") -> str:
                        "photo of the whole film or screen."))
         return "\n".join(lines)  # not a medical image: no physician footer
     elif result.outcome == "not_xray":
-        lines.append(_("This does not look like an X-ray image (X-ray likelihood {p}).").format(
-            p=_percent(result.xray_probability)))
+        lines.append(fill(_("This does not look like an X-ray image (X-ray likelihood {p})."), language,
+                          p=_percent(result.xray_probability)))
         lines.append(_(SEND_RADIOGRAPH))
     elif result.outcome == "body_part_unknown":
         lines.append(_("This looks like an X-ray of a body part I cannot read yet, so I will not guess which "
@@ -172,9 +172,9 @@ def render_reply(result: DiagnosisResult, language: str = "en") -> str:
                        "without glare or reflections."))
     elif result.outcome == "body_part_not_analysed":
         part = body_part_name(result.body_part or "", language)
-        lines.append(_sentence(_("A {part} X-ray was recognised (likelihood {p}); there is no model for this "
-                                 "body part yet, so it is not analysed.")
-                               .format(part=part, p=_percent(result.body_part_probability))))
+        lines.append(_sentence(fill(_("A {part} X-ray was recognised (likelihood {p}); there is no model for "
+                                      "this body part yet, so it is not analysed."), language,
+                                    part=part, p=_percent(result.body_part_probability))))
     else:
         lines.append(analysed_heading(result.body_part or "", language))
         lines.extend(verdict_lines(result, language))
@@ -184,8 +184,8 @@ def render_reply(result: DiagnosisResult, language: str = "en") -> str:
             lines.extend(screening_lines(result, language))
         if result.heatmap_labels:
             names = ", ".join(finding_name(label, language) for label in result.heatmap_labels)
-            lines.append(_("The heatmap pictures show, for {names}, the areas that raised (red) or lowered "
-                           "(blue) the model's estimate.").format(names=names))
+            lines.append(fill(_("The heatmap pictures show, for {names}, the areas that raised (red) or lowered "
+                                "(blue) the model's estimate."), language, names=names))
     if result.rectified and result.outcome != "retake":
         lines.append(_(RECTIFIED_NOTE))
     lines.append("")
@@ -205,16 +205,16 @@ def verdict_lines(result: DiagnosisResult, language: str) -> list[str]:
     elif result.verdict == "see_doctor":
         lines = [_("Verdict: signs worth showing a doctor soon.")]
         if ppv is not None:
-            lines.append(_("When this check raises a concern, about {n} of 10 such films do have a "
-                           "finding.").format(n=_of_ten(ppv)))
+            lines.append(fill(_("When this check raises a concern, about {n} of 10 such films do have a "
+                                "finding."), language, n=_of_ten(ppv)))
     elif result.verdict == "no_strong_sign":
         lines = [_("Verdict: no strong sign of the findings this model checks reliably.")]
     else:
         return [_("Verdict: unsure. This model's answers have not been checked against a validated operating "
                   "point, so I cannot say whether the film looks normal.")]
     if misses is not None:
-        lines.append(_("This check is far from perfect: it misses about {n} of 10 abnormal films, so it does "
-                       "not rule out disease.").format(n=misses))
+        lines.append(fill(_("This check is far from perfect: it misses about {n} of 10 abnormal films, so it "
+                            "does not rule out disease."), language, n=misses))
     return lines
 
 
@@ -232,16 +232,19 @@ def screening_lines(result: DiagnosisResult, language: str) -> list[str]:
                 _(FINDINGS[finding.label][1]) if finding.label in FINDINGS else ""
             line = f"• {finding_name(finding.label, language)}" + (f": {meaning}" if meaning else "")
             if finding.ppv is not None:
-                line += " " + _("(about {n} of 10 films flagged for this have it)").format(n=_of_ten(finding.ppv))
+                line += " " + fill(_("(about {n} of 10 films flagged for this have it)"), language,
+                                   n=_of_ten(finding.ppv))
             lines.append(line)
     elif checked:
         names = ", ".join(finding_name(f.label, language) for f in checked)
-        lines.append(_("Looks normal for what this model checks reliably: {names}.").format(names=names))
+        lines.append(fill(_("Looks normal for what this model checks reliably: {names}."), language, names=names))
     if result.verdict == "unsure":
         top = result.findings[:3]
         if top:
-            listed = ", ".join(f"{finding_name(f.label, language)} {_percent(f.probability)}" for f in top)
-            lines.append(_("Highest model estimates (not checked for reliability): {list}.").format(list=listed))
+            listed = ", ".join(f"{finding_name(f.label, language)} {isolate(_percent(f.probability), language)}"
+                               for f in top)
+            lines.append(fill(_("Highest model estimates (not checked for reliability): {list}."), language,
+                              list=listed))
     elif checked:
         lines.append(_("The other findings are not flagged: the model is not reliable enough at them. "
                        "Clinician mode lists all of them with their error rates."))
@@ -255,20 +258,20 @@ def clinician_lines(result: DiagnosisResult, language: str) -> list[str]:
                "the validation films; ▲ = at or above the point):")]
     for finding in result.findings:
         mark = "▲ " if finding.positive else ""
-        facts = [_percent(finding.probability, 1 if finding.probability < 0.1 else 0)]
+        facts = [isolate(_percent(finding.probability, 1 if finding.probability < 0.1 else 0), language)]
         if finding.threshold is not None:
-            facts.append(_("point {p}").format(p=_percent(finding.threshold, 1)))
+            facts.append(fill(_("point {p}"), language, p=_percent(finding.threshold, 1)))
         if finding.sensitivity is not None and finding.specificity is not None:
-            facts.append(_("sens {sens} / spec {spec}").format(sens=_percent(finding.sensitivity),
-                                                               spec=_percent(finding.specificity)))
+            facts.append(fill(_("sens {sens} / spec {spec}"), language, sens=_percent(finding.sensitivity),
+                              spec=_percent(finding.specificity)))
         if finding.auc is not None:
-            facts.append(f"AUC {finding.auc:.2f}")
+            facts.append(isolate(f"AUC {finding.auc:.2f}", language))
         lines.append(f"• {mark}{finding_name(finding.label, language)}: " + "; ".join(facts))
     if result.abnormal_probability is not None:
         point = result.verdict_point or {}
-        line = _("Any finding (abnormal score): {p}").format(p=_percent(result.abnormal_probability))
+        line = fill(_("Any finding (abnormal score): {p}"), language, p=_percent(result.abnormal_probability))
         if point.get("threshold") is not None:
-            line += "; " + _("point {p}").format(p=_percent(point["threshold"], 1))
+            line += "; " + fill(_("point {p}"), language, p=_percent(point["threshold"], 1))
         lines.append(line)
     return lines
 

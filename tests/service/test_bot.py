@@ -12,6 +12,7 @@ import time
 
 import pytest
 
+from contract.i18n import LANGUAGES
 from contract.keys import INFERENCE_QUEUE
 
 from .conftest import TOKEN
@@ -47,9 +48,9 @@ def queued_tasks(client) -> list[dict]:
 
 def test_start_help_privacy_and_command_menu(start_bot, fake):
     with start_bot():
-        fake.wait_for(lambda: len(fake.calls_of("setMyCommands")) == 3)
+        fake.wait_for(lambda: len(fake.calls_of("setMyCommands")) == len(LANGUAGES))
         languages = sorted(str(c.params.get("language_code")) for c in fake.calls_of("setMyCommands"))
-        assert languages == ["None", "kk", "ru"]
+        assert languages == sorted(["None", *(set(LANGUAGES) - {"en"})])
         for command in ("/start", "/help", "/privacy"):
             fake.inject_text(501, command)
         texts = fake.wait_for(lambda: len(fake.texts_to(501)) == 3 and fake.texts_to(501))
@@ -120,9 +121,12 @@ def test_language_menu_is_remembered_and_telegram_language_is_the_default(start_
         fake.inject_text(user, "/language", language_code="ru")
         fake.wait_for(lambda: len(fake.calls_of("sendMessage", user)) == 2)
         menu = fake.calls_of("sendMessage", user)[1]
-        buttons = menu.params["reply_markup"]["inline_keyboard"][0]
-        assert [b["callback_data"] for b in buttons] == ["lang:en", "lang:ru", "lang:kk"]
-        assert [b["text"] for b in buttons] == ["English", "Русский", "Қазақша"]
+        rows = menu.params["reply_markup"]["inline_keyboard"]
+        assert all(len(row) <= 3 for row in rows)  # every language, three a row, each in its own name
+        buttons = [button for row in rows for button in row]
+        assert [b["callback_data"] for b in buttons] == [f"lang:{code}" for code in LANGUAGES]
+        assert [b["text"] for b in buttons][:3] == ["English", "Русский", "Қазақша"]
+        assert {"فارسی", "العربية", "O‘zbekcha", "Español", "Português"} <= {b["text"] for b in buttons}
 
         fake.inject_callback(user, "lang:kk", menu.result, language_code="ru")
         edited = fake.wait_for(lambda: fake.calls_of("editMessageText", user))
