@@ -7,7 +7,9 @@ from contract.i18n import LANGUAGES, pick_language
 from diagnosis.messages import apology, gettext_for, render_reply
 from diagnosis.report import DiagnosisResult, Finding
 
-PHYSICIAN = {"en": "physician", "ru": "врачу", "kk": "дәрігерге"}
+PHYSICIAN = {"en": "physician", "ru": "врачу", "kk": "дәрігерге", "uz": "shifokorga", "ky": "дарыгерге",
+             "tg": "духтур", "fa": "پزشک", "ar": "طبيب", "hi": "डॉक्टर", "id": "dokter", "pt": "médico",
+             "es": "médico", "fr": "médecin"}
 
 
 def extracted(folder: str) -> set[str]:
