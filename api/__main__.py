@@ -1,4 +1,4 @@
-"""``python -m api``: serve the HTTP API (API_HOST:API_PORT). ``python -m api keys create|revoke|list``.
+"""``python -m api``: serve the HTTP API (API_HOST:API_PORT). ``python -m api keys create|revoke|list``, ``openapi``.
 
 ``keys create --name clinic-a`` prints the new key once (and, when API_CALLBACK_SECRET is set, the
 secret that client verifies callbacks with); the keys file keeps only its SHA-256.
@@ -21,6 +21,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m api", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command")
     commands.add_parser("serve", help="serve the API (the default)")
+    commands.add_parser("openapi", help="print the OpenAPI document (docs/openapi.json)")
     keys = commands.add_parser("keys", help="create, revoke or list API keys").add_subparsers(dest="action",
                                                                                                required=True)
     for action, text in (("create", "print a new key for NAME, once"), ("revoke", "revoke NAME's key")):
@@ -69,6 +70,13 @@ def main(argv: list[str] | None = None) -> int:
     settings = ServiceSettings()
     if args.command == "keys":
         return keys_command(args, settings)
+    if args.command == "openapi":
+        import json
+
+        from .app import create_app
+
+        print(json.dumps(create_app(settings).openapi(), indent=2, ensure_ascii=False))
+        return 0
     return serve(settings)
 
 
