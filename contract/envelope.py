@@ -1,7 +1,9 @@
 """The request envelope: who asked and where the answer goes, defined once.
 
-The bot creates it when it accepts an image, keeps it in its pending list, and sends it as the one
-JSON field ``envelope`` of the ``diagnose`` task; ``diagnose`` hands the same envelope to ``deliver``.
+The bot (or the HTTP API, ``api/``) creates it when it accepts an image, keeps it in its pending list,
+and sends it as the one JSON field ``envelope`` of the ``diagnose`` task; ``diagnose`` hands the same
+envelope to ``deliver``, which answers on the envelope's ``channel``: a Telegram chat, or (``api``)
+the analysis record in Redis that ``GET /v1/analyses/{id}`` reads, plus the client's callback.
 JSON only (Celery refuses pickle); the image itself stays in Redis under ``blob_key``.
 """
 
@@ -12,6 +14,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict
 
 MODES = ("screening", "clinician")  # the reply's audience (diagnosis.operating); /mode in the bot
+CHANNELS = ("telegram", "api")  # where the answer goes
 
 
 class RequestEnvelope(BaseModel):
@@ -25,6 +28,11 @@ class RequestEnvelope(BaseModel):
     ack_message_id: int | None = None  # "Received, analysing…", replaced by the answer
     # screening (default, for anyone) or clinician (all findings with their operating points): /mode
     mode: Literal["screening", "clinician"] = "screening"
+    # telegram: chat_id / reply_to / ack are Telegram's. api: chat_id is 0, the answer is stored for
+    # GET /v1/analyses/{request_id} and, with callback_url, POSTed there signed for ``client`` (key name).
+    channel: Literal["telegram", "api"] = "telegram"
+    callback_url: str | None = None
+    client: str | None = None
 
     def to_json(self) -> dict:
         return self.model_dump(mode="json")

@@ -11,6 +11,7 @@ INFERENCE_QUEUE = "inference"
 DELIVERY_QUEUE = "delivery"
 DIAGNOSE_TASK = "diagnose"
 DELIVER_TASK = "deliver"
+CALLBACK_TASK = "callback"  # HTTP API: POST the finished analysis to the client's callback_url (delivery queue)
 
 # Telegram Bot API limits.
 TELEGRAM_DOWNLOAD_LIMIT = 20 * 1024 * 1024  # bots may download at most 20 MB per file
@@ -33,6 +34,10 @@ class Keys:
     (stored once), ``update:<update_id>`` (a handler's notes while the update is in progress).
     Telegram's send limits (``contract.pacing``): ``pace:overall``, ``pace:chat:<chat_id>``.
     Delayed tasks (``worker.scheduler``): the sorted set ``scheduled``.
+    HTTP API (``api/``): ``api:<id>`` (hash: the request's owner, mode, language, times),
+    ``api-result:<id>`` (the answer, JSON, written once), ``api-callback:<id>`` (callback delivered),
+    ``api-idem:<client>:<digest>`` (Idempotency-Key → id), ``api-rate:<client>``, ``api-quota:<client>:<day>``,
+    the sorted set ``api-pending`` (accepted, not yet answered) and ``api-watchdog`` (its lock).
     """
 
     def __init__(self, prefix: str):
@@ -88,6 +93,30 @@ class Keys:
 
     def scheduled(self) -> str:
         return f"{self.prefix}scheduled"
+
+    def api_request(self, request_id: str) -> str:
+        return f"{self.prefix}api:{request_id}"
+
+    def api_result(self, request_id: str) -> str:
+        return f"{self.prefix}api-result:{request_id}"
+
+    def api_callback(self, request_id: str) -> str:
+        return f"{self.prefix}api-callback:{request_id}"
+
+    def api_idempotency(self, client: str, digest: str) -> str:
+        return f"{self.prefix}api-idem:{client}:{digest}"
+
+    def api_rate(self, client: str) -> str:
+        return f"{self.prefix}api-rate:{client}"
+
+    def api_quota(self, client: str, day: str) -> str:
+        return f"{self.prefix}api-quota:{client}:{day}"
+
+    def api_pending(self) -> str:
+        return f"{self.prefix}api-pending"
+
+    def api_watchdog(self) -> str:
+        return f"{self.prefix}api-watchdog"
 
     def request_keys(self, request_id: str) -> list[str]:
         """Every per-request key except the delivery marks (use ``sent_pattern`` for those)."""

@@ -6,7 +6,10 @@ Each process serves its own /metrics on ``METRICS_PORT`` when set. Names:
   heatmap, overlay, total) — histogram, observed in inference workers;
 - ``xray_requests_total{outcome}``: analysed, not_xray, body_part_uncertain, body_part_unknown, body_part_not_analysed,
   rejected (bad input), expired, failed (apology sent) — inference workers;
-- ``xray_deliveries_total{result}``: sent, deferred (429/5xx, retried), undeliverable — delivery workers;
+- ``xray_deliveries_total{result}``: sent, deferred (429/5xx, retried), undeliverable, stored (an HTTP API
+  answer), duplicate — delivery workers;
+- ``xray_callbacks_total{result}``: sent, retried, gave_up — HTTP API callbacks, delivery workers;
+- ``xray_api_requests_total{route,status}`` and ``xray_api_request_seconds{route}``: the HTTP API;
 - ``xray_bot_updates_total{kind}``: enqueued, rate_limited, too_large, download_failed,
   enqueue_failed, not_allowed, other — the bot;
 - ``xray_errors_total{component}``: unexpected exceptions;
@@ -29,6 +32,10 @@ STAGE_SECONDS = Histogram("xray_stage_seconds", "Pipeline stage latency in secon
 REQUESTS = Counter("xray_requests_total", "Analysis requests by outcome", ["outcome"])
 DELIVERIES = Counter("xray_deliveries_total", "Reply parts by delivery result", ["result"])
 BOT_UPDATES = Counter("xray_bot_updates_total", "Images and messages the bot handled, by kind", ["kind"])
+CALLBACKS = Counter("xray_callbacks_total", "HTTP API callbacks by result", ["result"])
+API_REQUESTS = Counter("xray_api_requests_total", "HTTP API responses by route and status", ["route", "status"])
+API_SECONDS = Histogram("xray_api_request_seconds", "HTTP API response time in seconds", ["route"],
+                        buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
 ERRORS = Counter("xray_errors_total", "Unexpected exceptions by component", ["component"])
 
 

@@ -106,6 +106,25 @@ class ServiceSettings(BaseSettings):
     HEARTBEAT_FILE: Path | None = None  # the bot touches it while healthy (container health check)
     LOG_LEVEL: str = "INFO"
 
+    # HTTP API (``python -m api``, docs/api.md). Keys live in API_KEYS_FILE (hashed; written by
+    # ``python -m api keys create``), not in Redis, which keeps nothing on disk.
+    API_HOST: str = "127.0.0.1"  # in a container: 0.0.0.0
+    API_PORT: int = Field(8000, ge=1, le=65535)
+    API_KEYS_FILE: Path = Path("api-keys.json")
+    API_RATE_LIMIT: int = Field(60, ge=1)  # images per key per API_RATE_WINDOW_S
+    API_RATE_WINDOW_S: int = Field(60, ge=1)
+    API_DAILY_QUOTA: int = Field(1000, ge=1)  # images per key per UTC day
+    API_MAX_UPLOAD_BYTES: int = Field(20 * 1024 * 1024, ge=1024, le=20 * 1024 * 1024)  # the pipeline's limit
+    # Callbacks: signed with HMAC-SHA256 under a per-key secret derived from this one (printed by
+    # ``keys create``); without it, requests with callback_url are refused. http:// targets only
+    # when API_CALLBACK_ALLOW_HTTP (tests, a clinic's LAN).
+    API_CALLBACK_SECRET: SecretStr | None = None
+    API_CALLBACK_ALLOW_HTTP: bool = False
+    API_CALLBACK_TIMEOUT_S: float = Field(10.0, gt=0, le=60)
+    API_CALLBACK_MAX_RETRIES: int = Field(8, ge=0)
+    API_PUBLIC_URL: str | None = None  # e.g. https://xray.example.org: absolute URLs in callbacks
+    API_WATCHDOG_S: float = Field(5.0, gt=0)  # how often the API looks for accepted requests that were lost
+
     @field_validator("ALLOWED_USER_IDS", "ALLOWED_CHAT_IDS", mode="before")
     @classmethod
     def _id_list(cls, value: object) -> object:
@@ -120,7 +139,7 @@ class ServiceSettings(BaseSettings):
 
     @field_validator("HEARTBEAT_FILE", "TORCH_THREADS", "CELERY_BROKER_URL", "METRICS_PORT", "MODELS_DIR", "DEVICE",
                      "BACKEND", "HEATMAP", "XRAY_CACHE_DIR", "WEBHOOK_URL", "WEBHOOK_SECRET_TOKEN", "INTAKE_CONSUMER",
-                     mode="before")
+                     "API_CALLBACK_SECRET", "API_PUBLIC_URL", mode="before")
     @classmethod
     def _empty_is_none(cls, value: object) -> object:
         return None if isinstance(value, str) and not value.strip() else value

@@ -1,5 +1,6 @@
 # syntax=docker/dockerfile:1
 # Slim image for the Telegram bot (no torch): python -m bot.
+# Target "api" runs the HTTP API (python -m api) from the same slim image.
 # Target "flower" adds Flower to the same slim image (it only needs the Celery app, not the models).
 FROM python:3.11-slim AS bot
 
@@ -16,8 +17,9 @@ COPY contract ./contract
 COPY diagnosis ./diagnosis
 COPY bot ./bot
 COPY worker ./worker
-RUN pip install ".[bot]" \
-    && python -c "import sys, bot.app; assert 'torch' not in sys.modules"
+COPY api ./api
+RUN pip install ".[bot,api]" \
+    && python -c "import sys, bot.app, api.app; assert 'torch' not in sys.modules"
 
 USER app
 ENV HEARTBEAT_FILE=/tmp/xray-bot-heartbeat
@@ -32,3 +34,14 @@ USER app
 HEALTHCHECK --interval=30s --timeout=10s --start-period=20s --retries=3 \
     CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:5555/healthcheck', timeout=5)"]
 CMD ["celery", "-A", "worker", "flower", "--port=5555"]
+
+
+FROM bot AS api
+USER root
+RUN mkdir -p /data && chown app:app /data  # the keys file's volume
+USER app
+ENV API_HOST=0.0.0.0 API_PORT=8000 API_KEYS_FILE=/data/api-keys.json
+HEALTHCHECK --interval=30s --timeout=10s --start-period=20s --retries=3 \
+    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/readyz', timeout=5)"]
+EXPOSE 8000
+CMD ["python", "-m", "api"]

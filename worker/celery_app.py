@@ -10,12 +10,13 @@ from __future__ import annotations
 from celery import Celery
 from kombu import Exchange, Queue
 
-from contract.keys import DELIVER_TASK, DELIVERY_QUEUE, DIAGNOSE_TASK, INFERENCE_QUEUE
+from contract.keys import CALLBACK_TASK, DELIVER_TASK, DELIVERY_QUEUE, DIAGNOSE_TASK, INFERENCE_QUEUE
 from contract.settings import load_settings
 
 settings = load_settings()
 
-app = Celery("xray_second_opinion", broker=settings.broker_url, include=["worker.diagnose", "worker.deliver"])
+app = Celery("xray_second_opinion", broker=settings.broker_url,
+             include=["worker.diagnose", "worker.deliver", "worker.callback"])
 app.conf.update(
     # Serialisation: JSON only; pickle is refused (a message with another content type is rejected).
     task_serializer="json",
@@ -30,7 +31,8 @@ app.conf.update(
     task_default_queue=INFERENCE_QUEUE,
     task_default_exchange=INFERENCE_QUEUE,
     task_default_routing_key=INFERENCE_QUEUE,
-    task_routes={DIAGNOSE_TASK: {"queue": INFERENCE_QUEUE}, DELIVER_TASK: {"queue": DELIVERY_QUEUE}},
+    task_routes={DIAGNOSE_TASK: {"queue": INFERENCE_QUEUE}, DELIVER_TASK: {"queue": DELIVERY_QUEUE},
+                 CALLBACK_TASK: {"queue": DELIVERY_QUEUE}},
     # A killed worker's task comes back (tasks are idempotent), one task reserved at a time.
     task_acks_late=True,
     task_reject_on_worker_lost=True,

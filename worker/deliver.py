@@ -1,5 +1,8 @@
 """Celery task ``deliver`` (queue ``delivery``): the reply, rendered once in the user's language, sent once.
 
+Requests from the HTTP API (``envelope.channel == "api"``) are answered by ``worker.api_out`` instead:
+the answer is stored in Redis for ``GET /v1/analyses/{id}`` and the signed callback queued.
+
 The text (from the JSON result, ``diagnosis.messages.render_reply``) and then the overlays (one per
 drawn finding, each with its own localized caption: one as a photo, several as one album) are sent
 exactly once: each part is marked in Redis *after* Telegram accepted it and the mark is checked
@@ -30,6 +33,7 @@ from contract.keys import (
 from contract.monitoring import DELIVERIES
 from contract.settings import Settings
 
+from .api_out import store_answer
 from .celery_app import app
 from .celery_app import settings as service_settings
 from .resources import REDIS_UNAVAILABLE, get_out, get_redis, get_settings, retry_later, retry_while_redis_is_down
@@ -59,6 +63,13 @@ def deliver(
     """Send the reply (text, then the overlay photo or album) exactly once, then clean up."""
     request = RequestEnvelope.model_validate(envelope)
     settings = get_settings()
+    if request.channel == "api":  # the HTTP API: store the answer for GET /v1/analyses/{id}, then the callback
+        try:
+            outcome = store_answer(get_redis(), app, settings, request, result, overlay_key, failure)
+        except REDIS_UNAVAILABLE as error:
+            raise retry_while_redis_is_down(self, settings, request.request_id, error) from None
+        DELIVERIES.labels("stored" if outcome.get("stored") else "duplicate").inc()
+        return outcome
     try:
         sent = send_reply(get_redis(), get_out(), settings, request, result=result, overlay_key=overlay_key,
                           failure=failure)
