@@ -61,7 +61,11 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
 
+from contract.settings import check_uid_root
+
 from .report import DiagnosisResult, Finding
+
+__all__ = ["DicomObjects", "DicomOutError", "build", "check_uid_root", "write"]
 
 SERVICE = "xray-second-opinion"
 MANUFACTURER = "xray-second-opinion (open source)"
@@ -69,8 +73,6 @@ SERIES_DESCRIPTION = "AI evidence map \u2014 not for diagnosis"
 SR_SERIES_DESCRIPTION = "AI second opinion (SR) \u2014 not a diagnosis"
 SC_SERIES_NUMBER = 9901
 SR_SERIES_NUMBER = 9902
-UID_ROOT_PATTERN = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*\.")
-UID_ROOT_MAX = 40  # leaves room for the generated suffix within the 64 characters of a UID
 
 SCHEME = "99XSO"  # private coding scheme of this service ("99" prefix: local, DICOM PS3.16 8.2)
 SCHEME_NAME = "xray-second-opinion local codes"
@@ -117,16 +119,6 @@ class DicomObjects:
 
     def all(self) -> list[Dataset]:
         return [self.sr, *self.captures]
-
-
-def check_uid_root(root: str | None) -> str | None:
-    """``None``/"" → None (``2.25.`` UIDs); else a dotted numeric root ending in "." of ≤ 40 characters."""
-    if not root:
-        return None
-    if len(root) > UID_ROOT_MAX or not UID_ROOT_PATTERN.fullmatch(root):
-        raise ValueError(f"DICOM_UID_ROOT must be digits and dots, end with '.', and be at most {UID_ROOT_MAX} "
-                         f"characters (e.g. '1.2.826.0.1.3680043.10.1234.'), got {root!r}")
-    return root
 
 
 def new_uid(root: str | None) -> str:
