@@ -69,8 +69,9 @@ __all__ = ["DicomObjects", "DicomOutError", "build", "check_uid_root", "write"]
 
 SERVICE = "xray-second-opinion"
 MANUFACTURER = "xray-second-opinion (open source)"
-SERIES_DESCRIPTION = "AI evidence map \u2014 not for diagnosis"
-SR_SERIES_DESCRIPTION = "AI second opinion (SR) \u2014 not a diagnosis"
+# ASCII on purpose: PACS indexes often keep Latin-1 (Orthanc's default drops an em dash in QIDO).
+SERIES_DESCRIPTION = "AI evidence map - not for diagnosis"
+SR_SERIES_DESCRIPTION = "AI second opinion (SR) - not a diagnosis"
 SC_SERIES_NUMBER = 9901
 SR_SERIES_NUMBER = 9902
 
@@ -192,7 +193,10 @@ def _yes_no(flag: bool) -> CodedConcept:
 def measurement_report(source: Dataset, result: DiagnosisResult, root: str | None, now: datetime) -> Comprehensive3DSR:
     algorithm = _algorithm(result)
     frame = [1] if int(getattr(source, "NumberOfFrames", 1) or 1) > 1 else None
-    source_ref = [SourceImageForMeasurementGroup.from_source_image(source, referenced_frame_numbers=frame)]
+    try:
+        source_ref = [SourceImageForMeasurementGroup.from_source_image(source, referenced_frame_numbers=frame)]
+    except TypeError:  # frames in a single-frame SOP class (a malformed source): the whole instance
+        source_ref = [SourceImageForMeasurementGroup.from_source_image(source)]
     point = result.verdict_point or {}
     groups = [MeasurementsAndQualitativeEvaluations(
         tracking_identifier=TrackingIdentifier(uid=new_uid(root), identifier="Verdict"),
@@ -231,7 +235,7 @@ def measurement_report(source: Dataset, result: DiagnosisResult, root: str | Non
         series_description=SR_SERIES_DESCRIPTION,
         content_date=now.strftime("%Y%m%d"), content_time=now.strftime("%H%M%S"),
     )
-    _finish(sr, now)
+    _finish(sr, source, now)
     return sr
 
 
@@ -274,7 +278,7 @@ def secondary_capture(source: Dataset, jpeg: bytes, label: str, result: Diagnosi
     reference.ReferencedSOPInstanceUID = source.SOPInstanceUID
     sc.SourceImageSequence = [reference]
     sc.ContentDate, sc.ContentTime = now.strftime("%Y%m%d"), now.strftime("%H%M%S")
-    _finish(sc, now)
+    _finish(sc, source, now)
     return sc
 
 
@@ -293,9 +297,12 @@ def _patient_study(source: Dataset) -> dict:
     return values
 
 
-def _finish(dataset: Dataset, now: datetime) -> None:
+def _finish(dataset: Dataset, source: Dataset, now: datetime) -> None:
     """Character set, creation time, the private coding scheme's declaration."""
-    dataset.SpecificCharacterSet = "ISO_IR 192"  # UTF-8: copied names keep their letters; our em dash
+    if "SpecificCharacterSet" in source:  # our own strings are ASCII; copied names keep the source's
+        dataset.SpecificCharacterSet = source.SpecificCharacterSet
+    elif "SpecificCharacterSet" in dataset:
+        del dataset.SpecificCharacterSet
     dataset.InstanceCreationDate, dataset.InstanceCreationTime = now.strftime("%Y%m%d"), now.strftime("%H%M%S")
     dataset.SoftwareVersions = f"{SERVICE} {service_version()}"
     scheme = Dataset()
