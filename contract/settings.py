@@ -23,6 +23,19 @@ from .keys import Keys
 # longer ones are parked in Redis (worker.scheduler). Part of the visibility timeout below.
 CELERY_COUNTDOWN_MAX_S = 5.0
 
+UID_ROOT_PATTERN = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*\.")
+UID_ROOT_MAX = 40  # leaves room for the generated suffix within the 64 characters of a DICOM UID
+
+
+def check_uid_root(root: str | None) -> str | None:
+    """DICOM_UID_ROOT: None/"" → None (``2.25.`` UUID-derived UIDs); else digits and dots ending in "."."""
+    if not root:
+        return None
+    if len(root) > UID_ROOT_MAX or not UID_ROOT_PATTERN.fullmatch(root):
+        raise ValueError(f"DICOM_UID_ROOT must be digits and dots, end with '.', and be at most {UID_ROOT_MAX} "
+                         f"characters (e.g. '1.2.826.0.1.3680043.10.1234.'), got {root!r}")
+    return root
+
 
 class ServiceSettings(BaseSettings):
     """Redis, limits, models and time limits. UPPER_CASE names are the environment variables."""
@@ -105,6 +118,10 @@ class ServiceSettings(BaseSettings):
     PENDING_CHECK_S: float = Field(5.0, gt=0)  # how often the bot looks for accepted requests that were lost
     HEARTBEAT_FILE: Path | None = None  # the bot touches it while healthy (container health check)
     LOG_LEVEL: str = "INFO"
+    # Root of the UIDs of DICOM objects this service makes (diagnosis/dicom_out.py: SR, Secondary
+    # Captures), e.g. your organisation's registered root "1.2.826.0.1.3680043.10.1234."; unset:
+    # "2.25." UUID-derived UIDs. The CLI reads the same variable (xray-diagnose --dicom-out).
+    DICOM_UID_ROOT: str | None = None
 
     # HTTP API (``python -m api``, docs/api.md). Keys live in API_KEYS_FILE (hashed; written by
     # ``python -m api keys create``), not in Redis, which keeps nothing on disk.
@@ -143,6 +160,11 @@ class ServiceSettings(BaseSettings):
     @classmethod
     def _empty_is_none(cls, value: object) -> object:
         return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("DICOM_UID_ROOT")
+    @classmethod
+    def _uid_root(cls, value: str | None) -> str | None:
+        return check_uid_root(value.strip() if value else None)
 
     @field_validator("TELEGRAM_API_URL")
     @classmethod

@@ -5,6 +5,12 @@ written as ``DIR/<image stem>_heatmap_<n>_<label>.jpg`` (n = 1, 2, 3 in the orde
 the model card, e.g. ``film_heatmap_1_Effusion.jpg``); ``overlays`` in ``--json`` lists them and
 ``overlay`` is the first.
 
+With ``--dicom-out DIR`` an analysed DICOM input also gives ``DIR/<stem>_sr.dcm`` (TID 1500
+measurement report) and ``DIR/<stem>_sc_<n>.dcm`` (one Secondary Capture per evidence map), filed in
+the source's study (``diagnosis.dicom_out``; UIDs under ``--uid-root`` or ``$DICOM_UID_ROOT``). With
+``--pdf DIR`` an analysed input gives ``DIR/<stem>_report.pdf``, one page in ``--language`` and
+``--page-size`` (``diagnosis.pdf_report``). ``--json`` lists them as ``dicom_files`` and ``pdf``.
+
 The reply is rendered here, in ``--language``; ``--json`` carries it as ``message``.
 """
 
@@ -12,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -50,6 +57,15 @@ def _parser() -> argparse.ArgumentParser:
                         help="cam: from the forward pass (fast, equal to Grad-CAM here); gradcam: pytorch-grad-cam")
     parser.add_argument("--device", default=PipelineConfig.device)
     parser.add_argument("--threads", type=int, help="intra-op threads of the backend (default: theirs)")
+    parser.add_argument("--dicom-out", type=Path, metavar="DIR",
+                        help="for an analysed DICOM input: a TID 1500 SR and one Secondary Capture per evidence map, "
+                             "in the source's study (<stem>_sr.dcm, <stem>_sc_<n>.dcm); they carry patient data")
+    parser.add_argument("--uid-root", default=os.environ.get("DICOM_UID_ROOT") or None,
+                        help="UID root of the new DICOM objects, e.g. 1.2.826.0.1.3680043.10.1234. "
+                             "(default: $DICOM_UID_ROOT, else 2.25. UUID-derived UIDs)")
+    parser.add_argument("--pdf", type=Path, metavar="DIR",
+                        help="for an analysed input: a one-page PDF report <stem>_report.pdf in --language")
+    parser.add_argument("--page-size", default="A4", choices=["A4", "Letter"], help="page size of --pdf")
     return parser
 
 
@@ -74,6 +90,14 @@ def main(argv: list[str] | None = None) -> int:
     from .pipeline import Analysis, Pipeline
     from .report import DiagnosisResult
 
+    if args.dicom_out:
+        from .dicom_out import check_uid_root
+
+        try:
+            check_uid_root(args.uid_root)
+        except ValueError as error:
+            print(f"xray-diagnose: {error}", file=sys.stderr)
+            return 2
     try:
         pipeline = Pipeline.load(config_from_args(args))
     except CardError as error:
@@ -90,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
         if data is None:  # a missing file is reported like any other unreadable input
             analysis = Analysis(DiagnosisResult(file=str(path), outcome="rejected", rejection="unreadable"))
         else:
-            analysis = pipeline.run(data, file=str(path), make_overlay=args.out is not None, mode=args.mode)
+            wants_overlays = any(x is not None for x in (args.out, args.dicom_out, args.pdf))
+            analysis = pipeline.run(data, file=str(path), make_overlay=wants_overlays, mode=args.mode)
         result = analysis.result
         if result.outcome == "rejected":
             failures += 1
@@ -101,8 +126,52 @@ def main(argv: list[str] | None = None) -> int:
                 result.overlays.append(str(target))
             result.overlay = result.overlays[0] if result.overlays else None
         result.message = render_reply(result, args.language)
-        _emit(args, result.model_dump(mode="json"), _readable(result))
+        record, extra = result.model_dump(mode="json"), []
+        if data is not None and (args.dicom_out or args.pdf):
+            written, failed = _documents(args, path, data, analysis)
+            failures += failed
+            record.update(written)
+            extra = [f"{key}: {', '.join(v) if isinstance(v, list) else v}" for key, v in written.items() if v]
+        _emit(args, record, _readable(result, extra))
     return 1 if failures else 0
+
+
+def _documents(args: argparse.Namespace, path: Path, data: bytes, analysis) -> tuple[dict, int]:
+    """The DICOM objects and the PDF asked for, written where the user said; (record fields, failures).
+
+    An input they cannot be made for is named on stderr (safe reasons only, no patient data)."""
+    written: dict = {}
+    failed = 0
+    result = analysis.result
+    if args.dicom_out:
+        from . import dicom_out
+        from .intake import _looks_like_dicom
+
+        written["dicom_files"] = []
+        try:
+            if not _looks_like_dicom(data):
+                raise dicom_out.DicomOutError("the input is not a DICOM file")
+            objects = dicom_out.build(data, result, analysis.overlays, uid_root=args.uid_root)
+            written["dicom_files"] = [str(p) for p in dicom_out.write(objects, args.dicom_out, path.stem)]
+        except dicom_out.DicomOutError as error:
+            print(f"xray-diagnose: no DICOM objects for {path}: {error}", file=sys.stderr)
+            failed = 1
+    if args.pdf:
+        from . import pdf_report
+        from .intake import ImageRejected, decode
+
+        written["pdf"] = None
+        if result.outcome == "analysed":
+            try:
+                image = decode(data).gray
+            except ImageRejected:  # pragma: no cover - it was analysed, so it decodes
+                image = None
+            pdf = pdf_report.report_pdf(result, analysis.overlays, image, args.language, args.page_size)
+            written["pdf"] = str(pdf_report.write(pdf, args.pdf, path.stem))
+        else:
+            print(f"xray-diagnose: no PDF report for {path}: the image was not analysed ({result.outcome})",
+                  file=sys.stderr)
+    return written, min(failed, 1)
 
 
 def overlay_name(image: Path, number: int, label: str) -> str:
@@ -118,7 +187,7 @@ def _emit(args: argparse.Namespace, record: dict, text: str) -> None:
         print(text + "\n", flush=True)
 
 
-def _readable(result) -> str:
+def _readable(result, extra: list[str] | None = None) -> str:
     head = f"== {result.file}"
     facts = []
     if result.xray_probability is not None:
@@ -132,6 +201,7 @@ def _readable(result) -> str:
             f"{f.label} {f.probability:.1%}{' *' if f.positive else ''}" for f in result.findings))
     if result.overlays:
         facts.append("overlays: " + ", ".join(result.overlays))
+    facts.extend(extra or [])
     facts.append("time: " + ", ".join(f"{k} {v:.0f} ms" for k, v in result.timings_ms.items()))
     return "\n".join([head, *facts, "", result.message])
 

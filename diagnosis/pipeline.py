@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from .backends import make_runner
-from .cards import CardError, ModelCard, discover
+from .cards import CardError, ModelCard, discover, sha256_of
 from .config import PipelineConfig
 from .heatmap import class_evidence, grad_cam
 from .intake import DecodedImage, ImageRejected, decode
@@ -91,6 +91,8 @@ class Pipeline:
         self.gate, self.body_part, self.abnormality, self.heatmap = gate, body_part, abnormality, heatmap
         self.photo_step = photo_step  # find/straighten the film in phone photos, refuse bad shots
         self.versions = {m.card.name: m.card.version for m in (gate, body_part, *abnormality.values())}
+        self.card_hashes = {m.card.name: sha256_of(m.folder / "card.json")
+                            for m in (gate, body_part, *abnormality.values()) if (m.folder / "card.json").is_file()}
 
     @classmethod
     def load(cls, config: PipelineConfig | Path | str | None = None, **options) -> Pipeline:
@@ -151,7 +153,8 @@ class Pipeline:
         unknown = set(modes) - set(MODES)
         if unknown:
             raise ValueError(f"unknown mode(s) {sorted(unknown)}: choose one of {MODES}")
-        items = [_Item(DiagnosisResult(file=f, outcome="analysed", models=self.versions, mode=m))
+        items = [_Item(DiagnosisResult(file=f, outcome="analysed", models=self.versions, model_cards=self.card_hashes,
+                                       mode=m))
                  for f, m in zip(files or [None] * len(datas), modes, strict=True)]
         for item, data in zip(items, datas, strict=True):
             self._read(item, data)

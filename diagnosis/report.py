@@ -66,6 +66,9 @@ class DiagnosisResult(BaseModel):
     overlays: list[str] = Field(default_factory=list)  # paths of every written overlay, one per drawn finding (CLI)
     timings_ms: dict[str, float] = Field(default_factory=dict)
     models: dict[str, str] = Field(default_factory=dict)  # model name → version
+    # model name → sha256 of its card.json: identifies the exact model (algorithm identification of
+    # the DICOM SR, the PDF report); empty from callers that build results by hand.
+    model_cards: dict[str, str] = Field(default_factory=dict)
 
     @property
     def positive_findings(self) -> list[Finding]:

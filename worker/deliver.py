@@ -6,9 +6,13 @@ the answer is stored in Redis for ``GET /v1/analyses/{id}`` and the signed callb
 The text (from the JSON result, ``diagnosis.messages.render_reply``) and then the overlays (one per
 drawn finding, each with its own localized caption: one as a photo, several as one album) are sent
 exactly once: each part is marked in Redis *after* Telegram accepted it and the mark is checked
-before sending, so retried or redelivered tasks never send twice. An album is one Bot API call
-(``sendMediaGroup``) and one part (``album``): Telegram accepts or refuses it as a whole. Then the
-image and the overlays are deleted. No models and no torch here: delivery-only workers stay light.
+before sending, so retried or redelivered tasks never send twice. In clinician mode an analysed
+result adds a last part, ``report``: the one-page PDF (``diagnosis.pdf_report``, in the user's
+language, no patient identifiers), made here from the result, the overlays and the image while
+they are still held, and sent as a document. DICOM objects are never sent into a chat (PHI). An
+album is one Bot API call (``sendMediaGroup``) and one part (``album``): Telegram accepts or refuses
+it as a whole. Then the image and the overlays are deleted. No models and no torch here:
+delivery-only workers stay light.
 """
 
 from __future__ import annotations
@@ -162,6 +166,8 @@ def send_reply(
         overlays = load_overlays(r, overlay_key, result) if overlay_key and failure is None else []
         if overlays:  # none: expired or forgotten; the text is enough
             parts.append(("photo" if len(overlays) == 1 else "album", overlay_key))
+        if request.mode == "clinician" and failure is None and (result or {}).get("outcome") == "analysed":
+            parts.append(("report", ""))
         marks = [keys.sent(request_id, part) for part, _ in parts]
         already = [bool(flag) for flag in r.mget(marks)]
         # From here on Telegram is the record: once a part is accepted, a Redis failure (a restart)
@@ -170,7 +176,13 @@ def send_reply(
         for (part, payload), mark, done_before in zip(parts, marks, already, strict=True):
             if done_before:
                 continue
-            if part in ("photo", "album"):
+            if part == "report":
+                document = report_document(r, request, result, overlays)
+                if document is None:
+                    continue  # could not be made: the reply stands without it
+                out.send_document(chat_id, document, REPORT_FILENAME, caption=report_caption(request.language),
+                                  reply_to=request.reply_to_message_id)
+            elif part in ("photo", "album"):
                 photos = [(jpeg, overlay_caption(label, result, request.language)) for label, jpeg in overlays]
                 if part == "photo":
                     out.send_photo(chat_id, photos[0][0], caption=photos[0][1], reply_to=request.reply_to_message_id)
@@ -206,6 +218,40 @@ def load_overlays(r: redis.Redis, key: str, result: dict[str, Any] | None) -> li
     stored = {(k.decode() if isinstance(k, bytes) else k): v for k, v in r.hgetall(key).items()}
     ordered = [label for label in labels if label in stored] + sorted(set(stored) - set(labels))
     return [(label, stored[label]) for label in ordered][:TELEGRAM_ALBUM_LIMIT]
+
+
+REPORT_FILENAME = "xray-second-opinion-report.pdf"
+
+
+def report_document(r: redis.Redis, request: RequestEnvelope, result: dict[str, Any] | None,
+                    overlays: list[tuple[str | None, bytes]]) -> bytes | None:
+    """The PDF report of an analysed result, in memory; None when it cannot be made (logged, no details).
+
+    The image is read from Redis while it is still there (best effort: without it the report shows
+    the evidence maps only); nothing is written to disk."""
+    from diagnosis.intake import ImageRejected, decode
+    from diagnosis.pdf_report import report_pdf
+    from diagnosis.report import DiagnosisResult
+
+    image = None
+    try:
+        data = r.get(request.blob_key)
+        image = decode(data).gray if data else None
+    except (redis.RedisError, ImageRejected) as error:
+        logger.info("request %s: report without the image (%s)", request.request_id, type(error).__name__)
+    try:
+        return report_pdf(DiagnosisResult.model_validate(result), overlays, image, request.language)
+    except Exception as error:  # a report is an extra: never let it cost the reply
+        logger.warning("request %s: PDF report not made (%s)", request.request_id, type(error).__name__)
+        return None
+
+
+def report_caption(language: str) -> str:
+    from diagnosis.messages import OVERLAY_NOT_A_DIAGNOSIS, gettext_for
+    from diagnosis.pdf_report import TITLE
+
+    _ = gettext_for(language)
+    return f"{_(TITLE)}\n{_(OVERLAY_NOT_A_DIAGNOSIS)}"[:TELEGRAM_CAPTION_LIMIT]
 
 
 def overlay_caption(label: str | None, result: dict[str, Any] | None, language: str) -> str:

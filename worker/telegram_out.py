@@ -182,6 +182,16 @@ class TelegramOut:
         ), chat_id=chat_id)
         return [message.message_id for message in messages]
 
+    def send_document(self, chat_id: int, data: bytes, filename: str, caption: str | None = None,
+                      reply_to: int | None = None) -> int:
+        message = self.call("sendDocument", lambda bot: bot.send_document(
+            chat_id=chat_id,
+            document=InputFile(data, filename=filename),
+            caption=caption,
+            reply_parameters=self._reply_to(reply_to),
+        ), chat_id=chat_id)
+        return message.message_id
+
     def delete_message(self, chat_id: int, message_id: int) -> bool:
         """Best effort (the acknowledgement may be gone already): never raises."""
         try:

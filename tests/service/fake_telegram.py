@@ -3,7 +3,7 @@
 Standard library only (``http.server`` in a thread). It speaks the parts of the Bot API the service
 uses: getMe, deleteWebhook, getUpdates (long poll honouring ``timeout``), getFile and file download
 under ``/file/bot<token>/<path>``, sendMessage, sendPhoto (multipart), sendMediaGroup (multipart,
-``attach://`` files; answers a list of messages), sendChatAction,
+``attach://`` files; answers a list of messages), sendDocument (multipart), sendChatAction,
 editMessageText, deleteMessage, setMyCommands, answerCallbackQuery; any other method answers
 ``{"ok": true, "result": true}``. Every call is recorded (``calls``) for assertions; tests inject
 updates (``inject_*``) and faults (``fail_next``: 429 with retry_after, 5xx; ``chaos``: a random
@@ -459,6 +459,13 @@ class FakeTelegram:
         data = files.get("photo", b"")
         fields: dict[str, Any] = {"photo": [{"file_id": "SENT", "file_unique_id": "SENT", "width": 224,
                                              "height": 224, "file_size": len(data)}]}
+        if params.get("caption"):
+            fields["caption"] = params["caption"]
+        return self._bot_message(params, **fields)
+
+    def _api_sendDocument(self, params, files):
+        data = files.get("document", b"")
+        fields: dict[str, Any] = {"document": {"file_id": "SENT", "file_unique_id": "SENT", "file_size": len(data)}}
         if params.get("caption"):
             fields["caption"] = params["caption"]
         return self._bot_message(params, **fields)

@@ -196,3 +196,46 @@ def test_apology_expired_and_long_texts():
     assert len(pieces) > 1 and all(len(p) <= 4096 for p in pieces)
     assert "".join(pieces).replace("\n", "") == text.replace("\n", "")
     assert split_text("y" * 9000, 4096) == ["y" * 4096, "y" * 4096, "y" * 808]
+
+
+def real_jpeg(shade: int) -> bytes:
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.full((96, 128, 3), shade, np.uint8)).save(buffer, format="JPEG")
+    return buffer.getvalue()
+
+
+def test_clinician_mode_adds_the_pdf_report_once_after_the_reply(telegram, fake, redis_client):
+    """Clinician mode: text, overlay, then the one-page PDF as a document (issue #25); sent once."""
+    import subprocess
+
+    out, settings, _ = telegram
+    keys = settings.keys
+    redis_client.set(keys.overlay("p1"), real_jpeg(120), ex=60)
+    request = RequestEnvelope(request_id="p1", chat_id=CHAT, reply_to_message_id=7, language="kk",
+                              ack_message_id=99, blob_key=keys.blob("p1"), mode="clinician")
+    redis_client.set(keys.blob("p1"), real_jpeg(140), ex=60)  # the user's image, still held
+    result = analysed_result() | {"mode": "clinician"}
+    arguments = {"result": result, "overlay_key": keys.overlay("p1")}
+    assert send_reply(redis_client, out, settings, request, **arguments) == ["text0", "photo", "report"]
+    assert send_reply(redis_client, out, settings, request, **arguments) == []  # redelivered: nothing again
+
+    [document] = fake.calls_of("sendDocument", CHAT)
+    assert document.at > fake.calls_of("sendPhoto", CHAT)[0].at  # after the reply and its overlay
+    pdf = document.files["document"]
+    assert pdf.startswith(b"%PDF") and "диагноз емес" in document.params["caption"]
+    text = subprocess.run(["pdftotext", "-", "-"], input=pdf, capture_output=True, check=True).stdout.decode()
+    assert "дәрігерге" in text and "Плевралық сұйықтық" in text  # Kazakh, the physician prompt, the findings
+    assert not redis_client.exists(keys.blob("p1"), keys.overlay("p1"))  # cleaned up after the report
+
+
+def test_screening_mode_sends_no_report(telegram, fake, redis_client):
+    out, settings, _ = telegram
+    keys = settings.keys
+    redis_client.set(keys.overlay("p2"), real_jpeg(90), ex=60)
+    assert deliver(redis_client, out, settings, "p2", overlay_key=keys.overlay("p2")) == ["text0", "photo"]
+    assert not fake.calls_of("sendDocument", CHAT)
