@@ -78,7 +78,7 @@ class ModalityHead:
 
 
 def decide(logits: np.ndarray, is_xray: np.ndarray, classes: list[str], non_medical_floor: float) -> list[int | None]:
-    """Class index per row (see ``ModalityHead.name``); shared with training.modality."""
+    """Class index per row (see ``ModalityHead.name``); shared with training.card.modality."""
     xray = classes.index("xray") if "xray" in classes else None
     non_medical = classes.index("non_medical") if "non_medical" in classes else None
     chosen: list[int | None] = []

@@ -13,7 +13,7 @@ this step never changes what the models see for them.
 Detection runs on a copy scaled to ``WORK_SIDE`` px; only the final warp touches full resolution
 (~10 ms for a 1280×960 photo on the 2-core dev machine, with a training job running beside it).
 
-Measured (python -m training.measure_photos --manifest ../shared/data/xray-pack/manifest.csv ...):
+Measured (python -m training measure-photos --manifest ../shared/data/xray-pack/manifest.csv ...):
 digital radiographs of the test split changed: 19 / 1506 (12 hand films scanned with a visible inner
 frame, 4 shoulder and 3 chest images with a dark surround); the pack's 76 real phone photos: none
 changed (their senders cropped them to the film already); synthetic photos of the 1113 chest test

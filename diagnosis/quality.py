@@ -4,12 +4,12 @@ Each problem has a code and concrete advice (``messages.ADVICE``, English, trans
 catalogs). Exposure and glare are judged on the film's *raw* pixels (before the contrast stretch
 of rectification, which would hide both); sharpness on what the models will see.
 
-Thresholds were picked on the val split with ``training/measure_quality.py`` (real radiographs,
+Thresholds were picked on the val split with ``training/measure/quality.py`` (real radiographs,
 phone photos of films included, and deliberately degraded copies of them), then checked on test:
 
-    python -m training.measure_quality --manifest ../shared/data/xray-pack/manifest.csv --split val
+    python -m training measure-quality --manifest ../shared/data/xray-pack/manifest.csv --split val
     → real radiographs wrongly refused 12 / 2007 (0.60 %)
-    python -m training.measure_quality --manifest ../shared/data/xray-pack/manifest.csv --split test
+    python -m training measure-quality --manifest ../shared/data/xray-pack/manifest.csv --split test
     → real radiographs wrongly refused 10 / 1511 (0.66 %; target ≤ 2 %): 8 RSNA hand images (5 really
       that dark, 3 cropped by rectify to a scanned film's inner frame, too small), 2 shoulder implants
       ("glare"). Degraded copies (300 per kind) refused with the matching code: too_dark 100 %,
@@ -34,7 +34,7 @@ GLARE_FRACTION = 0.03  # largest blown-out (≥ 250) blob clear of the edge, fra
 # Specular reflection (a lamp on glossy film): a compact saturated blob clear of the edge that is a
 # local peak (the film around it, out to twice its size, is much darker), unlike bright bone or
 # overexposed areas (plateaus) and text or markers (thin strokes). Picked on val with
-# ``python -m training.measure_glare --split val --choose`` (figures there and in README).
+# ``python -m training measure-glare --split val --choose`` (figures there and in README).
 SPECULAR_LEVEL = 245  # core: at least this bright after a light smoothing, opened by a 5 px disc
 SPECULAR_SURROUND = 150  # mean brightness of the annulus one to two core radii out: at most this
 SPECULAR_FRACTION = 0.0005  # core area, fraction of the film

@@ -59,5 +59,5 @@ def test_no_pickle_loader_is_used():
     import pathlib
 
     source = "\n".join(p.read_text() for p in pathlib.Path("diagnosis").glob("*.py"))
-    source += "\n".join(p.read_text() for p in pathlib.Path("training").glob("*.py"))
+    source += "\n".join(p.read_text() for p in pathlib.Path("training").rglob("*.py"))
     assert "torch.load(" not in source and "import pickle" not in source

@@ -20,10 +20,11 @@ from diagnosis.network import load_model
 from diagnosis.photo import rectify
 from diagnosis.pipeline import Pipeline
 from diagnosis.preprocess import to_model_input
-from training.datasets import load_sources
-from training.metrics import bootstrap_auc_intervals, masked_auc
-from training.tasks import make_task
-from training.train import TrainConfig, initialise, masked_bce
+from training.data.datasets import load_sources
+from training.data.tasks import make_task
+from training.fit.train import TrainConfig, initialise
+from training.measure.metrics import bootstrap_auc_intervals, masked_auc
+from training.runtime import masked_bce
 
 IMAGE = encode(Image.fromarray(gradient(300, 260, texture=True)), "PNG")
 COLUMNS = ["path", "source", "split", "is_xray", "body_part", "patient_id", "phone_photo", "kind", *CHEST_LABELS]
@@ -189,7 +190,7 @@ def test_bootstrap_intervals_bracket_the_auc():
     scores = truth + rng.normal(0, 1.0, truth.shape)
     truth[:50, 1] = np.nan
     report = bootstrap_auc_intervals(["a", "b"], truth, scores, rounds=200)
-    from training.metrics import _rank_auc
+    from training.measure.metrics import _rank_auc
 
     assert _rank_auc(truth[:, 1], scores[:, 1]) == pytest.approx(masked_auc(truth[:, 1], scores[:, 1]))
     for index, label in enumerate("ab"):
@@ -234,10 +235,10 @@ def test_train_two_manifests_export_and_evaluate_keys(two_manifests, tmp_path):
 
 
 def test_top_fine_tune_on_cached_inputs_trains_resumes_and_ships(two_manifests, abnormal_models, tmp_path):
-    """training.top: the cached transition3 outputs + the top reproduce the whole network; training
+    """training.fit.top: the cached transition3 outputs + the top reproduce the whole network; training
     moves the weights, keeps the best val epoch, resumes, and its run exports as an ordinary model."""
-    from training.heads import FeatureCache, _Split
-    from training.top import Top
+    from training.fit.heads import FeatureCache, _Split
+    from training.fit.top import Top
 
     base, extra = (str(m) for m in two_manifests)
     cache_dir, run_dir = tmp_path / "cache", tmp_path / "top"
@@ -249,7 +250,7 @@ def test_top_fine_tune_on_cached_inputs_trains_resumes_and_ships(two_manifests, 
         return proc
 
     model = abnormal_models / "chest"
-    run("training.heads", "--model", str(model), "--manifest", base, "--manifest", extra, "--cache", str(cache_dir),
+    run("training", "heads", "--model", str(model), "--manifest", base, "--manifest", extra, "--cache", str(cache_dir),
         "--extract-only", "--mirror-train")
     cache = FeatureCache(model, cache_dir, threads=1)
     records = [r for r in load_sources([base, extra]) if r.split == "train" and r.source == "nih_cxr14"]
@@ -265,10 +266,10 @@ def test_top_fine_tune_on_cached_inputs_trains_resumes_and_ships(two_manifests, 
     data = ("--model", str(model), "--manifest", base, "--manifest", extra, "--cache", str(cache_dir))
     common = (*data, "--out", str(run_dir), "--epoch-size", "16", "--batch", "8", "--lr", "1e-2", "--patience", "99",
               "--cosine")
-    run("training.top", *common, "--epochs", "1")
+    run("training", "top", *common, "--epochs", "1")
     progress = json.loads((run_dir / "progress.json").read_text())
     assert progress["epoch"] == 1 and [h["epoch"] for h in progress["history"]] == [0, 1]
-    run("training.top", *common, "--epochs", "2")  # resumes after epoch 1
+    run("training", "top", *common, "--epochs", "2")  # resumes after epoch 1
     progress = json.loads((run_dir / "progress.json").read_text())
     assert [h["epoch"] for h in progress["history"]] == [0, 1, 2]
     state = json.loads((run_dir / "state.json").read_text())
@@ -286,9 +287,9 @@ def test_top_fine_tune_on_cached_inputs_trains_resumes_and_ships(two_manifests, 
                               shipped["features.denseblock4.denselayer16.conv2.weight"].float())
     # A soup: the average of two runs' best tops, shipped as one ordinary run.
     other, soup = tmp_path / "top2", tmp_path / "soup"
-    run("training.top", *data, "--out", str(other), "--epoch-size", "16", "--batch", "8", "--lr", "1e-2",
+    run("training", "top", *data, "--out", str(other), "--epoch-size", "16", "--batch", "8", "--lr", "1e-2",
         "--epochs", "1", "--seed", "3", "--patience", "9")
-    run("training.top", *data, "--out", str(soup), "--soup", str(run_dir), "--soup", str(other))
+    run("training", "top", *data, "--out", str(soup), "--soup", str(run_dir), "--soup", str(other))
     tops = [load_file(str(d / "best-top.safetensors")) for d in (run_dir, other, soup)]
     key = "top.block.denseblock4.denselayer1.conv1.weight"
     assert torch.allclose(tops[2][key], (tops[0][key] + tops[1][key]) / 2)

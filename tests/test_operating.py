@@ -12,7 +12,8 @@ from diagnosis.cards import ModelCard, read_card
 from diagnosis.messages import render_reply
 from diagnosis.operating import assess, calibrated, logit, sigmoid
 from diagnosis.pipeline import Pipeline
-from training.operating_points import calibrate_card, ece, high_specificity_threshold
+from training.card.calibrate import calibrate_card, high_specificity_threshold
+from training.measure.metrics import ece
 
 IMAGE = encode(Image.fromarray(gradient(300, 260, texture=True)), "JPEG")
 STRONG = ("Effusion", "Cardiomegaly")  # the synthetic model separates these well, the rest barely
@@ -155,9 +156,8 @@ def test_shipped_chest_card_is_calibrated_with_points_chosen_on_val():
 
 
 def test_measure_replies_counts_what_the_real_pipeline_flags(pack):
-    from training.datasets import load_manifest
-    from training.measure_replies import measure
-    from training.operating_points import labelled_films
+    from training.data.datasets import labelled_films, load_manifest
+    from training.measure.replies import measure
 
     films = labelled_films(load_manifest(pack / "manifest.csv"), "test")
     normal = [r for r in films if not any(r.chest_labels)][:3]

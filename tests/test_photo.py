@@ -19,9 +19,9 @@ from diagnosis.intake import decode
 from diagnosis.messages import ADVICE
 from diagnosis.photo import Rectified, rectify
 from diagnosis.quality import CODES, check_quality
-from training.measure_quality import degrade
-from training.synthetic_photos import main as synthetic_main
-from training.synthetic_photos import synthesise, synthesise_with_corners, to_gray
+from training.data.synthetic_photos import main as synthetic_main
+from training.data.synthetic_photos import synthesise, synthesise_with_corners, to_gray
+from training.measure.quality import degrade
 
 
 def pack_rows(**wanted: str) -> list[dict[str, str]]:
@@ -206,7 +206,7 @@ def test_synthetic_photo_cli_takes_a_few_of_each_source_and_negatives(pack, tmp_
 
 
 def test_measure_photos_runs_on_stand_in_models(pack, fake_models, tmp_path):
-    from training.measure_photos import main as measure_main
+    from training.measure.photos import main as measure_main
 
     out = tmp_path / "photos.json"
     assert measure_main(["--manifest", str(pack / "manifest.csv"), "--models", str(fake_models),

@@ -121,7 +121,7 @@ def test_poor_photo_of_an_xray_is_refused_with_advice(chest_pipeline):
 
 
 def test_photo_of_a_film_is_straightened_and_the_reply_says_so(chest_pipeline, pack):
-    from training.synthetic_photos import synthesise, to_gray
+    from training.data.synthetic_photos import synthesise, to_gray
 
     film = np.asarray(Image.open(pack / "images/nih_cxr14/00001382_000.jpg").convert("L"))
     photo = to_gray(synthesise(film, np.random.default_rng(3)))
@@ -149,7 +149,7 @@ def test_open_set_check_says_unknown_part_only_above_its_threshold(tmp_path, thr
 
 @pytest.mark.parametrize(("film", "photo"), [(0.5, 2.0), (2.0, 0.5)])
 def test_open_set_judges_straightened_photos_by_the_photo_threshold(tmp_path, pack, film, photo):
-    from training.synthetic_photos import synthesise, to_gray
+    from training.data.synthetic_photos import synthesise, to_gray
 
     # Every image lies at distance 1: below a threshold of 2 it is a known part, above 0.5 unknown.
     pipeline = Pipeline.load(make_models_dir(tmp_path, open_set_threshold=film, open_set_photo_threshold=photo))

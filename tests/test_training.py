@@ -10,8 +10,8 @@ import pytest
 from conftest import ROOT
 from PIL import Image
 
-from training.datasets import CHEST_LABELS, load_chestxray14, load_folder_tree, load_manifest, load_mura
-from training.tasks import make_task
+from training.data.datasets import CHEST_LABELS, load_chestxray14, load_folder_tree, load_manifest, load_mura
+from training.data.tasks import make_task
 
 
 def write_image(path, seed, size=72, bright=False):

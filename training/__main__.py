@@ -1,20 +1,42 @@
-"""`python -m training COMMAND`: train, export, evaluate, calibrate, measure-replies, measure-heatmaps,
-open-set, modality, import-torchxrayvision."""
+"""`python -m training COMMAND`: the one entry for every step of the recipe.
+
+data: synthetic-photos · fit: train, heads, top · card: export, calibrate, open-set, modality,
+import-torchxrayvision · measure: evaluate, measure-replies, measure-photos, measure-quality,
+measure-glare, measure-heatmaps (bench/heatmaps.py)."""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import sys
 from pathlib import Path
 
-from .reports import emit_report, write_report
+from .measure.reports import emit_report, write_report
+
+# Commands whose module keeps its own argparse: `python -m training NAME ARGS…` runs that module's main(ARGS).
+DELEGATED = {
+    "synthetic-photos": ("training.data.synthetic_photos", "turn radiographs into synthetic phone photos of a film"),
+    "heads": ("training.fit.heads", "chest: linear heads on the frozen pooled features (cached forward passes)"),
+    "top": ("training.fit.top", "chest: fine-tune the network's top on cached inputs (soups too)"),
+    "measure-photos": ("training.measure.photos", "phone photos of films: do the models cope, does rectify help"),
+    "measure-quality": ("training.measure.quality", "how often the quality check refuses real radiographs / bad shots"),
+    "measure-glare": ("training.measure.glare", "does the quality check catch a lamp's reflection on a film"),
+    "measure-heatmaps": ("bench.heatmaps", "blank heatmap panels, panels per film, overlay size and time"),
+}
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m training", description=__doc__)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in DELEGATED:
+        return importlib.import_module(DELEGATED[argv[0]][0]).main(argv[1:])
+
+    parser = argparse.ArgumentParser(prog="python -m training", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
+    for name, (_, summary) in DELEGATED.items():
+        commands.add_parser(name, help=summary, add_help=False)
 
     def data_args(p: argparse.ArgumentParser) -> None:
         p.add_argument("--manifest", action="append", default=[], help="xray-pack style manifest.csv")
@@ -110,12 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     i.add_argument("--out", required=True, type=Path)
     i.add_argument("--cache-dir", help="torchxrayvision weights folder (default: its own cache)")
 
-    h = commands.add_parser("measure-heatmaps", help="blank heatmap panels, panels per film, overlay size and time")
-    from .measure_heatmaps import add_arguments as heatmap_arguments
-
-    heatmap_arguments(h)
-
-    from . import modality, open_set
+    from .card import modality, open_set
 
     o = commands.add_parser("open-set", help="body part: fit the unknown-part check and the chest floor")
     open_set.add_arguments(o)
@@ -126,16 +143,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
 
     if args.command == "import-torchxrayvision":
-        from .xrv_import import import_torchxrayvision
+        from .card.import_xrv import import_torchxrayvision
 
         card = import_torchxrayvision(args.weights, args.out, args.cache_dir)
         print(f"wrote {args.out} ({len(card.labels)} labels)")
         return 0
-
-    if args.command == "measure-heatmaps":
-        from .measure_heatmaps import run
-
-        return run(args)
 
     if args.command == "open-set":
         return open_set.main(args)
@@ -144,14 +156,14 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from .datasets import load_sources
+    from .data.datasets import load_sources
 
     records = load_sources(args.manifest, args.chestxray14, args.mura, args.folders)
     data_name = ", ".join(args.manifest + args.chestxray14 + args.mura + args.folders)
     if args.command == "calibrate":
         from diagnosis.config import cache_dir_from_environment
 
-        from .operating_points import calibrate, summary
+        from .card.calibrate import calibrate, summary
 
         cache = args.cache or cache_dir_from_environment() / "calibrate"
         data = " + ".join(f"{Path(m).parent.name}/{Path(m).name}" for m in args.manifest) or data_name
@@ -163,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(summary(card), indent=1))
         return 0
     if args.command == "measure-replies":
-        from .measure_replies import measure, print_table
+        from .measure.replies import measure, print_table
 
         report = measure(records, args.models, args.split, args.mode, args.backend, args.threads, args.limit)
         print_table(report)
@@ -171,8 +183,8 @@ def main(argv: list[str] | None = None) -> int:
             write_report(report, args.json)
         return 0
     if args.command == "train":
-        from .tasks import make_task
-        from .train import RECIPES, TrainConfig, train
+        from .data.tasks import make_task
+        from .fit.train import RECIPES, TrainConfig, train
 
         if args.threads:
             torch.set_num_threads(args.threads)
@@ -191,13 +203,13 @@ def main(argv: list[str] | None = None) -> int:
         train(config, make_task(args.task, records, args.min_count), records)
         return 0
     if args.command == "export":
-        from .export import export_run
+        from .card.export import export_run
 
         card = export_run(args.run, args.out, records, data_name, args.device, getattr(torch, args.dtype),
                           args.flip_average, args.backend)
         print(json.dumps(card.metrics["test"], indent=1))
         return 0
-    from .evaluate import evaluate_model
+    from .measure.evaluate import evaluate_model
 
     report = evaluate_model(args.model, records, args.split, args.device, plots=args.plots,
                             bootstrap_rounds=args.bootstrap_rounds, backend=args.backend)

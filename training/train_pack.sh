@@ -15,7 +15,7 @@ WORKERS=${WORKERS:-2}
 $PY -m training train --task gate --manifest "$M" --out "$RUNS/gate" --epochs "${GATE_EPOCHS:-6}" --epoch-size 3000
 # Gate, stage 2: the whole network continues with synthetic phone photos of radiographs *and* of
 # negatives (so "light box" cannot mean "X-ray"), train split only, 150 per source.
-$PY -m training.synthetic_photos --manifest "$M" --split train --negatives --per-source 150 --seed 2 \
+$PY -m training synthetic-photos --manifest "$M" --split train --negatives --per-source 150 --seed 2 \
     --workers "$WORKERS" --out "$RUNS/synthetic_gate"
 $PY -m training train --task gate --manifest "$M" --manifest "$RUNS/synthetic_gate/manifest.csv" \
     --out "$RUNS/gate_photos" --init-from "$RUNS/gate" --epochs 20 --epoch-size 3000 --workers "$WORKERS" \
@@ -34,7 +34,7 @@ $PY -m training train --task chest --manifest "$M" --out "$RUNS/chest" --epochs 
 # beside the clean images (one third of each epoch), 7 minutes on the GPU (22 epochs; the learning
 # rate had decayed to 1e-8 by then). Of three runs side by side (RAdam 1e-4 clean, Adam 1e-3 clean,
 # this one) this had the best val mean AUC but one (0.668 vs 0.669) and is the one robust to photos.
-$PY -m training.synthetic_photos --manifest "$M" --split train --body-part chest --limit 2700 --seed 1 \
+$PY -m training synthetic-photos --manifest "$M" --split train --body-part chest --limit 2700 --seed 1 \
     --workers "$WORKERS" --out "$RUNS/synthetic_chest"
 $PY -m training train --task chest --manifest "$M" --manifest "$RUNS/synthetic_chest/manifest.csv" \
     --out "$RUNS/chest_photos" --init-from "$RUNS/chest" --no-balance --epochs 300 --max-minutes 7 \
@@ -45,13 +45,13 @@ $PY -m training export --run "$RUNS/chest_photos" --out models/chest --manifest 
 # Chest v2 (abnormal output; NIH + manifest-extra.csv films), on the 2-core CPU (shared, load ~10).
 # The backbone and the 14 finding heads of chest v1 (above) stay frozen: a linear "abnormal" head is
 # fitted on its pooled, mirror-averaged features (forward passes by ONNX Runtime, cached in /tmp:
-# 36 min for 11,829 passes). Chosen on NIH val films only (python -m training.heads --experiments):
+# 36 min for 11,829 passes). Chosen on NIH val films only (python -m training heads --experiments):
 # abnormal AUC on NIH val 0.700 with every source at these shares (0.695 NIH-only, 0.699 for the
 # noisy-OR of the 14 outputs); refitting the 14 heads on the same features lowered val mean AUC
 # (0.676 -> 0.644), so they stay. Mirror averaging still helps on val (mean AUC 0.669 -> 0.676).
 MX="$PACK/manifest-extra.csv"
 CHEST_V1=${CHEST_V1:-models/chest}  # v1 (2026-11-26); re-running on v2 gives the same backbone
-$PY -m training.heads --model "$CHEST_V1" --manifest "$M" --manifest "$MX" --experiments \
+$PY -m training heads --model "$CHEST_V1" --manifest "$M" --manifest "$MX" --experiments \
     --train-limit nih_cxr14=3000,rsna_normal=1000,covid_radiography=1000,cxr_normal_paediatric=400 \
     --abnormal-shares nih_cxr14=1,nih_extra=1,rsna_normal=0.5,covid_radiography=0.5,cxr_normal_paediatric=0.25 \
     --abnormal-c 0.003 --out "$RUNS/chest_v2_heads"
@@ -69,20 +69,20 @@ $PY -m training export --run "$RUNS/chest_v2_heads" --out models/chest --manifes
 # the same, but the tops would start from v3.
 CHEST_V2=${CHEST_V2:-models/chest}
 TOP=(--model "$CHEST_V2" --manifest "$M" --manifest "$MX" --cache "$RUNS/chest-features" --top denseblock3)
-$PY -m training.heads --model "$CHEST_V2" --manifest "$M" --manifest "$MX" --cache "$RUNS/chest-features" \
+$PY -m training heads --model "$CHEST_V2" --manifest "$M" --manifest "$MX" --cache "$RUNS/chest-features" \
     --extract-only --mirror-train --top denseblock3 --other-val-limit 400 \
     --train-limit rsna_normal=3500,covid_radiography=1600,cxr_normal_paediatric=700
-$PY -m training.top "${TOP[@]}" --out "$RUNS/b3_lr1e-4" --epochs 3 --lr 1e-4 --patience 5
-$PY -m training.top "${TOP[@]}" --out "$RUNS/b3_lr3e-5" --epochs 8 --epoch-size 4096 --lr 3e-5 --dropout 0.5 \
+$PY -m training top "${TOP[@]}" --out "$RUNS/b3_lr1e-4" --epochs 3 --lr 1e-4 --patience 5
+$PY -m training top "${TOP[@]}" --out "$RUNS/b3_lr3e-5" --epochs 8 --epoch-size 4096 --lr 3e-5 --dropout 0.5 \
     --patience 4
 for SEED in 0 1 2; do
-  $PY -m training.top "${TOP[@]}" --out "$RUNS/b3_cos1e-4_s$SEED" --epochs 5 --epoch-size 4096 --lr 1e-4 --cosine \
+  $PY -m training top "${TOP[@]}" --out "$RUNS/b3_cos1e-4_s$SEED" --epochs 5 --epoch-size 4096 --lr 1e-4 --cosine \
       --seed "$SEED" --patience 5
 done
 # Greedy soup on NIH val (runs in order of their val score, each kept only if the average improves):
 # b3_lr1e-4 (0.694) + b3_cos1e-4_s0 → 0.696; adding b3_lr3e-5, _s1 or _s2 lowered it; all five 0.691.
 SOUP_RUNS=${SOUP_RUNS:-b3_lr1e-4 b3_cos1e-4_s0}
-$PY -m training.top "${TOP[@]}" --out "$RUNS/chest_v3" $(for r in $SOUP_RUNS; do echo --soup "$RUNS/$r"; done)
+$PY -m training top "${TOP[@]}" --out "$RUNS/chest_v3" $(for r in $SOUP_RUNS; do echo --soup "$RUNS/$r"; done)
 $PY -m training export --run "$RUNS/chest_v3" --out models/chest --manifest "$M" --manifest "$MX" \
     --flip-average --backend onnx --device cpu
 # Export writes thresholds (Youden) and test metrics; the screening/clinician operating points,
@@ -92,7 +92,7 @@ $PY -m training calibrate --model models/chest --manifest "$M" --manifest "$MX"
 # CHEST_V2 pointing at v2 and before the export above; seeds 0 and 1, share 0.05 vs 0:
 # no difference beyond the seed spread on NIH val; without them children's normal films look abnormal.)
 # for SEED in 0 1; do for P in 0.05 0; do
-#   $PY -m training.top "${TOP[@]}" --out "$RUNS/paed${P}_s$SEED" --epochs 5 --epoch-size 4096 --lr 1e-4 --cosine \
+#   $PY -m training top "${TOP[@]}" --out "$RUNS/paed${P}_s$SEED" --epochs 5 --epoch-size 4096 --lr 1e-4 --cosine \
 #       --seed "$SEED" --patience 5 \
 #       --shares nih_cxr14=1,nih_extra=0.2,rsna_normal=0.3,covid_radiography=0.15,cxr_normal_paediatric=$P
 # done; done
@@ -101,10 +101,10 @@ $PY -m training calibrate --model models/chest --manifest "$M" --manifest "$MX"
 # synthetic photos as a third manifest and shares nih_cxr14 0.45, synthetic_nih_cxr14 0.15, nih_extra 0.15,
 # rsna_normal 0.12, covid_radiography 0.08, cxr_normal_paediatric 0.05 (--workers 1) runs at ~45 images/s,
 # but its best NIH val mean AUC without mirror was 0.681 (epoch 2 of 7) vs v3's 0.689. Tops from v3 with
-# the same photos cached (heads --extract-only with the synthetic manifest added; training.top with
+# the same photos cached (heads --extract-only with the synthetic manifest added; training top with
 # --shares …,synthetic_nih_cxr14=0.3; cosine 1e-4 for 5 epochs and 3e-5 for 4) never beat v3 on val,
 # nor did half-way weight averages with v3 on synthetic photos of the val films
-# (python -m training.measure_photos --chest-split val).
+# (python -m training measure-photos --chest-split val).
 # Next (not yet shipped): the whole network on every chest film with masked BCE, many epochs, sources
 # weighted so COVID and paediatric films cannot dominate; ship only if NIH val mean AUC (mirror-averaged,
 # python -m training evaluate --split val) beats v3's 0.696. On a GPU pass DEVICE=cuda WORKERS=5 and drop

@@ -1,6 +1,6 @@
 """How often does the quality check refuse real radiographs, and does it refuse bad shots?
 
-    python -m training.measure_quality --manifest ../shared/data/xray-pack/manifest.csv --split test \\
+    python -m training measure-quality --manifest ../shared/data/xray-pack/manifest.csv --split test \\
         [--json OUT] [--degraded 300] [--seed 0]
 
 Real radiographs: every ``is_xray=1`` row of the split, phone photos of films included, decoded by
@@ -27,7 +27,7 @@ from diagnosis.intake import ImageRejected, decode
 from diagnosis.photo import rectify
 from diagnosis.quality import CODES, check_quality, quality_metrics
 
-from .synthetic_photos import synthesise_with_corners, to_gray
+from ..data.synthetic_photos import synthesise_with_corners, to_gray
 
 DEGRADATIONS = ("too_dark", "too_bright", "blurred", "glare", "film_too_small")
 
@@ -56,7 +56,7 @@ def degrade(gray: np.ndarray, kind: str, rng: np.random.Generator) -> np.ndarray
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m training.measure_quality", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m training measure-quality", description=__doc__.split("\n")[0])
     parser.add_argument("--manifest", required=True)
     parser.add_argument("--split", default="test")
     parser.add_argument("--json", default=None, help="write the figures here")
@@ -137,7 +137,3 @@ def _quantiles(metrics: list[dict[str, float]]) -> dict[str, list[float]]:
         return {}
     return {name: [round(float(np.quantile([m[name] for m in metrics], q)), 4)
                    for q in (0.001, 0.01, 0.5, 0.99, 0.999)] for name in metrics[0]}
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

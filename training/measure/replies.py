@@ -18,8 +18,8 @@ import numpy as np
 
 from diagnosis.config import PipelineConfig, models_dir_from_environment
 
-from .datasets import CHEST_LABELS, Record
-from .operating_points import ece, labelled_films, targets
+from ..data.datasets import CHEST_LABELS, Record, labelled_films, targets
+from .metrics import ece
 
 
 def measure(records: list[Record], models: Path | None = None, split: str = "test", mode: str = "screening",

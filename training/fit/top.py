@@ -2,13 +2,13 @@
 
 At 128 px the last dense block sees a 4 × 4 map: about 3 % of the network's compute but 30 % of its
 weights. Its input (the output of transition3) is computed once per film and mirror image by
-``python -m training.heads --extract-only --mirror-train`` and cached; the top then trains for many
+``python -m training heads --extract-only --mirror-train`` and cached; the top then trains for many
 epochs on every chest film of the pack in minutes on a CPU, with masked BCE over the 14 findings and
 the ``abnormal`` output (unknown labels give no loss) and sources weighted by share, so that the
 normal-only and COVID-only sources cannot dominate. The epoch kept is the one with the best NIH val
 mean AUC over the 15 outputs (mirror-averaged, as the service runs).
 
-    python -m training.top --model models/chest --manifest M --manifest M_EXTRA --out runs/chest_top
+    python -m training top --model models/chest --manifest M --manifest M_EXTRA --out runs/chest_top
 
 writes a run folder (``best.safetensors`` + ``state.json``) that ``python -m training export`` ships;
 re-running with the same ``--out`` resumes from ``last.safetensors``.
@@ -31,10 +31,11 @@ from safetensors.torch import load_file, save_file
 
 from diagnosis.network import load_model
 
-from .datasets import CHEST_LABELS, NIH_SOURCES, Record, load_sources
+from ..data.datasets import CHEST_LABELS, NIH_SOURCES, Record, load_sources
+from ..data.tasks import Task
+from ..runtime import masked_bce
 from .heads import TOPS, FeatureCache, add_cache_arguments, describe, parse_shares
-from .tasks import Task
-from .train import describe_hardware, masked_bce
+from .train import describe_hardware
 
 log = logging.getLogger(__name__)
 
@@ -190,7 +191,7 @@ def make_soup(runs: list[Path], network, val: Examples, out: Path, top_from: str
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m training.top", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m training top", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_cache_arguments(parser)
     parser.add_argument("--out", type=Path, required=True)
@@ -207,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dropout", type=float, default=0.2)
     parser.add_argument("--patience", type=int, default=6, help="epochs without a better val score before stopping")
     parser.add_argument("--top", choices=list(TOPS), default="denseblock4",
-                        help="train from this block on (its inputs cached by training.heads --top)")
+                        help="train from this block on (its inputs cached by python -m training heads --top)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-minutes", type=float)
     parser.add_argument("--soup", type=Path, action="append", default=[],
@@ -225,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     train = Examples(cache, [r for r in records if r.split == "train"], mirrors=True)
     val = Examples(cache, [r for r in records if r.split == "val"], mirrors=True)
     if not len(train.records) or not len(val.records):
-        raise SystemExit("no cached passes: run python -m training.heads --extract-only --mirror-train first")
+        raise SystemExit("no cached passes: run python -m training heads --extract-only --mirror-train first")
     log.info("train passes: %s", dict(Counter(train.sources)))
     log.info("val passes: %s", dict(Counter(val.sources)))
     if args.soup:
@@ -280,7 +281,3 @@ def ship_soup(args, card, network, train: Examples, val: Examples, cache: Featur
     }, args.top)
     log.info("wrote %s: soup of %d runs, val %s", args.out, len(ingredients), json.dumps(figures))
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

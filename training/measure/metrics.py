@@ -107,3 +107,19 @@ def youden_threshold(truth: np.ndarray, scores: np.ndarray) -> float:
     fpr, tpr, thresholds = roc_curve(truth, scores)
     best = int(np.argmax(tpr - fpr))
     return float(np.clip(thresholds[best], 1e-4, 1 - 1e-4))
+
+
+ECE_BINS = 15
+
+
+def ece(truth: np.ndarray, probs: np.ndarray, bins: int = ECE_BINS) -> float | None:
+    """Expected calibration error with equal-width bins: Σ (n_bin / n) · |mean p − observed rate|."""
+    if len(truth) == 0:
+        return None
+    index = np.minimum((probs * bins).astype(int), bins - 1)
+    total = 0.0
+    for b in range(bins):
+        mine = index == b
+        if mine.any():
+            total += mine.sum() / len(truth) * abs(probs[mine].mean() - truth[mine].mean())
+    return float(total)

@@ -12,6 +12,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 CHEST_LABELS = [
     "Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule", "Pneumonia",
     "Pneumothorax", "Consolidation", "Edema", "Emphysema", "Fibrosis", "Pleural_Thickening", "Hernia",
@@ -31,7 +33,7 @@ MURA_PARTS = {
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".dcm"}
 
 
-SYNTHETIC_PREFIX = "synthetic_"  # source name of training.synthetic_photos output: synthetic_<original source>
+SYNTHETIC_PREFIX = "synthetic_"  # source name of training.data.synthetic_photos output: synthetic_<original source>
 
 
 @dataclass(frozen=True)
@@ -247,3 +249,14 @@ def _split_by_hash(key: str, val_fraction: float, test_fraction: float) -> str:
     if value < test_fraction:
         return "test"
     return "val" if value < test_fraction + val_fraction else "train"
+
+
+def labelled_films(records: list[Record], split: str) -> list[Record]:
+    """NIH chest films of ``split`` with all 14 labels known (as ``training evaluate`` reports them)."""
+    return [r for r in records if r.split == split and r.source in NIH_SOURCES and r.body_part == "chest"
+            and r.chest_labels is not None and all(v is not None for v in r.chest_labels)]
+
+
+def targets(records: list[Record]) -> np.ndarray:
+    """(N, 14) 0/1 labels in CHEST_LABELS order."""
+    return np.asarray([r.chest_labels for r in records], dtype=np.float64).reshape(len(records), len(CHEST_LABELS))

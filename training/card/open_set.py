@@ -6,7 +6,7 @@
 
 1. Pooled 1024-d features and logits of the body-part model on every radiograph of a part the card
    knows (train: at most ``--max-train-per-part`` per part), seen as the service sees them
-   (``training.pipeline_features``).
+   (``training.features``).
 2. Candidate scores, each "higher = less like a known part": 1 − max softmax, energy (−logsumexp of the
    logits), −max logit, and the Mahalanobis distance to the nearest part mean (one shared covariance,
    Ledoit–Wolf shrinkage; on raw or L2-normalised features), means and covariance fitted on train
@@ -47,9 +47,9 @@ from sklearn.metrics import roc_auc_score
 from diagnosis.cards import AuxiliaryFile, OpenSetSpec, read_card, sha256_of, write_card
 from diagnosis.openset import mahalanobis
 
-from .datasets import Record
-from .pipeline_features import FeatureStore
-from .reports import emit_report
+from ..data.datasets import Record
+from ..features import FeatureStore
+from ..measure.reports import emit_report
 
 log = logging.getLogger(__name__)
 ARRAYS_FILE = "open_set.safetensors"
@@ -341,14 +341,14 @@ def run(model: Path, records: list[Record], cache: Path, keep: float, chest_keep
 
 def synthetic_photo_features(store: FeatureStore, chosen: list[Record], seed: int, flags: bool = True,
                              ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """(logits, pooled, rectified) of synthetic phone photos of ``chosen`` (``training.synthetic_photos``,
+    """(logits, pooled, rectified) of synthetic phone photos of ``chosen`` (``training.data.synthetic_photos``,
     one generator per image seeded by (seed, index)), through the service's photo step; made in
     memory only; NaN rows where the intake refuses the source file. ``rectified``: the photo step
     found and straightened the film (the pipeline's ``result.rectified``), kept beside the cache."""
     from diagnosis.photo import rectify
 
-    from .pipeline_features import service_view
-    from .synthetic_photos import synthesise_with_corners, to_gray
+    from ..data.synthetic_photos import synthesise_with_corners, to_gray
+    from ..features import service_view
 
     paths = {f"synthetic-photo:{seed}:{i}:{r.path}": r.path for i, r in enumerate(chosen)}
     flags_file = store.cache / f"{store.file.stem}-rectified.json"
@@ -398,7 +398,7 @@ def film_rectified(store: FeatureStore, chosen: list[Record]) -> np.ndarray:
 
 def photo_routing(model: Path, records: list[Record], cache: Path, split: str, limit: int | None,
                   seed: int = 0) -> dict:
-    """Synthetic phone photos (``training.synthetic_photos``, one generator per image seeded by
+    """Synthetic phone photos (``training.data.synthetic_photos``, one generator per image seeded by
     (seed, index)) of the chest films of ``split``, straightened by the service's photo step: how
     often is the body part "chest" before (top-1 + min_confidence) and after (the card's open-set
     check and chest floor)? The photos are made in memory only."""
@@ -430,7 +430,7 @@ def photo_routing(model: Path, records: list[Record], cache: Path, split: str, l
 
 
 def main(args) -> int:
-    from .datasets import load_sources
+    from ..data.datasets import load_sources
 
     records = load_sources(args.manifest)
     result = run(args.model, records, args.cache, args.keep, args.chest_keep, args.max_train_per_part,

@@ -5,7 +5,7 @@ synthetic photo places the radiograph on one of those surrounds, then applies wh
 perspective, glare, a colour cast, moiré (screens), blur, sensor noise and JPEG re-encoding.
 Everything is drawn from the ``numpy.random.Generator`` passed in, so a seed fixes the set.
 
-    python -m training.synthetic_photos --manifest CSV --split test --out DIR --seed 0 [--limit N] [--workers N]
+    python -m training synthetic-photos --manifest CSV --split test --out DIR --seed 0 [--limit N] [--workers N]
 
 writes ``DIR/images/*.jpg`` and ``DIR/manifest.csv`` in the pack's format (phone_photo=1, paths
 relative to DIR) plus ``DIR/corners.csv`` with where each film was placed: a robustness test set
@@ -216,7 +216,7 @@ def _camera(rgb: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m training.synthetic_photos", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m training synthetic-photos", description=__doc__.split("\n")[0])
     parser.add_argument("--manifest", required=True, help="the pack's manifest.csv")
     parser.add_argument("--split", default="test")
     parser.add_argument("--out", required=True, help="output folder (images/ + manifest.csv)")
@@ -278,7 +278,3 @@ def _photograph(job: tuple[Path, Path, tuple[int, int]]) -> np.ndarray:
     photo, corners = synthesise_with_corners(gray, np.random.default_rng(seed))
     Image.fromarray(photo).save(target, quality=90)
     return corners
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -1,11 +1,11 @@
 """Do the models cope with phone photos of films, and does the intake step (rectify) help?
 
-    python -m training.measure_photos --manifest ../shared/data/xray-pack/manifest.csv --models models \\
+    python -m training measure-photos --manifest ../shared/data/xray-pack/manifest.csv --models models \\
         [--json OUT] [--chest-limit N] [--seed 0] [--threads 1] [--chest-split test|val]
 
 1. The pack's real phone photos of films (test split; val too, as test has only five): gate accuracy
    (all are radiographs) and body-part accuracy, on the photo as sent and after ``rectify``.
-2. Synthetic phone photos (``training.synthetic_photos``, fixed seed) of the chest test split: chest
+2. Synthetic phone photos (``training.data.synthetic_photos``, fixed seed) of the chest test split: chest
    mean AUC on the clean radiographs, on the photos, and on the photos after ``rectify``; plus how
    often the gate and body-part models still accept them, how often the film was found (corners
    within 5 % of the frame) and how often the quality check would ask for a retake.
@@ -45,9 +45,9 @@ from diagnosis.photo import rectify
 from diagnosis.preprocess import to_model_input
 from diagnosis.quality import check_quality
 
-from .datasets import CHEST_LABELS
+from ..data.datasets import CHEST_LABELS
+from ..data.synthetic_photos import synthesise_with_corners, to_gray
 from .metrics import auc_report
-from .synthetic_photos import synthesise_with_corners, to_gray
 
 
 class Model:
@@ -167,7 +167,7 @@ def synthetic_chest(rows: list[dict], root: Path, models: dict[str, Model], limi
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m training.measure_photos", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m training measure-photos", description=__doc__.split("\n")[0])
     parser.add_argument("--manifest", required=True)
     parser.add_argument("--models", default=models_dir_from_environment(),
                         help="default: $MODELS_DIR, else the repo's models/")
@@ -200,7 +200,3 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -41,7 +41,7 @@ from diagnosis.intake import decode
 from diagnosis.overlay import _blend, _upsample, fit_film, render_overlays
 from diagnosis.photo import rectify
 from diagnosis.pipeline import Pipeline
-from training.reports import emit_report
+from training.measure.reports import emit_report
 
 COLOUR_LEVELS = 8  # a pixel "has colour" when a channel differs from the plain film by more than this
 BLANK_SHARE = 0.01  # a panel with fewer coloured pixels than this share is blank
@@ -231,7 +231,3 @@ def run(args: argparse.Namespace) -> int:
     report = measure(args.manifest, args.split, args.limit, args.models or models_dir_from_environment(),
                      args.save, args.threads)
     return emit_report(report, args.json)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -6,7 +6,7 @@ new outputs (the ``abnormal`` head) or refitted findings can be learnt from feat
 (forward passes only: minutes on a CPU instead of hours of fine-tuning), and the result is an
 ordinary network: the same backbone with more rows in its classifier.
 
-    python -m training.heads --model models/chest --manifest M --manifest M_EXTRA --out runs/chest_heads
+    python -m training heads --model models/chest --manifest M --manifest M_EXTRA --out runs/chest_heads
 
 writes a run folder (``best.safetensors`` + ``state.json``) that ``python -m training export`` ships.
 Features are cached under ``--cache`` (by weights hash), never in the repository.
@@ -31,10 +31,10 @@ from tqdm import tqdm
 
 from diagnosis.network import load_model
 
-from .datasets import CHEST_LABELS, NIH_SOURCES, Record, load_sources
-from .images import RecordDataset
-from .metrics import auc_report, masked_auc
-from .tasks import Task
+from ..data.datasets import CHEST_LABELS, NIH_SOURCES, Record, load_sources
+from ..data.images import RecordDataset
+from ..data.tasks import Task
+from ..measure.metrics import auc_report, masked_auc
 from .train import describe_hardware
 
 log = logging.getLogger(__name__)
@@ -273,7 +273,7 @@ def extraction_plan(records: list[Record], train_limit: dict[str, int], other_va
     choice is made on them), then train films up to a per-source limit (NIH first), then a sample of
     the other sources' val films (one pass each; they only check the abnormal head across sources);
     with ``mirror_train``, last, the mirror images of the NIH train films (augmentation for
-    ``python -m training.top``). Test films are left to ``python -m training evaluate``."""
+    ``python -m training top``). Test films are left to ``python -m training evaluate``."""
     def rank(r: Record) -> tuple:
         return (r.split != "val" or r.source not in NIH_SOURCES, r.split != "train", r.source not in NIH_SOURCES,
                 r.source, str(r.path))
@@ -299,7 +299,7 @@ def parse_shares(text: str) -> dict[str, float]:
 
 
 def add_cache_arguments(parser: argparse.ArgumentParser) -> None:
-    """The arguments that name a network and its feature cache (shared with ``training.top``)."""
+    """The arguments that name a network and its feature cache (shared with ``training.fit.top``)."""
     parser.add_argument("--model", type=Path, default=Path("models/chest"))
     parser.add_argument("--manifest", action="append", required=True)
     parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "chest-features")
@@ -307,7 +307,7 @@ def add_cache_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m training.heads", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m training heads", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_cache_arguments(parser)
     parser.add_argument("--out", type=Path, help="run folder to write (else: only report val figures)")
@@ -321,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--extract-only", action="store_true")
     parser.add_argument("--mirror-train", action="store_true", help="also mirror passes of the NIH train films")
     parser.add_argument("--top", choices=list(TOPS), default="denseblock4",
-                        help="cache the input of this block (python -m training.top trains from it on)")
+                        help="cache the input of this block (python -m training top trains from it on)")
     parser.add_argument("--experiments", action="store_true", help="print the val comparisons behind the recipe")
     parser.add_argument("--experiments-json", type=Path)
     parser.add_argument("--refit-findings-c", type=float, help="refit the 14 finding heads too (val-chosen)")
@@ -387,7 +387,3 @@ def main(argv: list[str] | None = None) -> int:
     })
     log.info("wrote %s: val %s", args.out, json.dumps({k: v for k, v in figures.items() if k != "auc"}))
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

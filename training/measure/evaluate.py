@@ -14,11 +14,11 @@ from diagnosis.backends import make_runner
 from diagnosis.cards import ModelCard, read_card
 from diagnosis.network import load_model
 
-from .datasets import CHEST_LABELS, NIH_SOURCES, Record
-from .images import RecordDataset
+from ..data.datasets import CHEST_LABELS, NIH_SOURCES, Record
+from ..data.images import RecordDataset
+from ..data.tasks import Task
+from ..runtime import pick_device, predict
 from .metrics import auc_report, bootstrap_auc_intervals, classification_report, masked_auc
-from .tasks import Task
-from .train import pick_device, predict
 
 
 def task_for_card(card: ModelCard) -> Task:

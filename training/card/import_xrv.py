@@ -18,7 +18,7 @@ import torch
 from diagnosis.cards import InputSpec, ModelCard, WeightsSpec, write_card
 from diagnosis.network import DenseNetClassifier, save_weights
 
-from .datasets import CHEST_LABELS
+from ..data.datasets import CHEST_LABELS
 
 
 def _resolve(weights: str, cache_dir: str | None) -> tuple[str, str | None]:

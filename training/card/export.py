@@ -15,10 +15,10 @@ from safetensors.torch import load_file
 from diagnosis.cards import InputSpec, ModelCard, WeightsSpec, write_card
 from diagnosis.network import DenseNetClassifier, save_weights
 
-from .datasets import NIH_SOURCES, SYNTHETIC_PREFIX, Record
-from .evaluate import evaluate_model, model_outputs
-from .metrics import youden_threshold
-from .tasks import Task
+from ..data.datasets import NIH_SOURCES, SYNTHETIC_PREFIX, Record
+from ..data.tasks import Task
+from ..measure.evaluate import evaluate_model, model_outputs
+from ..measure.metrics import youden_threshold
 
 LICENCES = {  # from the xray-pack README; carried forward into every card that uses the source
     "nih_cxr14": "NIH public release, citation requested (Wang et al. 2017)",
@@ -50,7 +50,7 @@ LICENCES = {  # from the xray-pack README; carried forward into every card that 
 }
 
 def licence(source: str) -> str:
-    if source.startswith(SYNTHETIC_PREFIX):  # training.synthetic_photos keeps the radiograph's licence
+    if source.startswith(SYNTHETIC_PREFIX):  # training.data.synthetic_photos keeps the radiograph's licence
         original = source.removeprefix(SYNTHETIC_PREFIX)
         return f"synthetic phone photos of {original}: {licence(original)}"
     return LICENCES.get(source, "see dataset")

@@ -1,10 +1,10 @@
 """Does the quality check catch a lamp's reflection on a photographed film, without refusing good images?
 
-    python -m training.measure_glare --manifest ../shared/data/xray-pack/manifest.csv --split val [--choose]
-    python -m training.measure_glare --manifest ../shared/data/xray-pack/manifest.csv --split test
+    python -m training measure-glare --manifest ../shared/data/xray-pack/manifest.csv --split val [--choose]
+    python -m training measure-glare --manifest ../shared/data/xray-pack/manifest.csv --split test
 
 Groups (all of ``--split``): the pack's digital radiographs (no phone photos), its real phone photos
-of films, and synthetic phone photos (``training.synthetic_photos``, per-image generators seeded by
+of films, and synthetic phone photos (``training.data.synthetic_photos``, per-image generators seeded by
 (seed, index)) of ``--photos`` radiographs of the split, each made twice: with a lamp's specular
 reflection (``glare=True``) and with no reflection at all (``glare=False``). Reported: how often the
 "glare" code is given, by the previous check (a blown-out blob ≥ 3 % of the film) and by the
@@ -28,7 +28,7 @@ from diagnosis import quality
 from diagnosis.intake import ImageRejected, decode
 from diagnosis.photo import rectify
 
-from .synthetic_photos import synthesise_with_corners, to_gray
+from ..data.synthetic_photos import synthesise_with_corners, to_gray
 
 
 def views(rows: list[dict], root: Path, photos: int, seed: int) -> dict[str, list[tuple[np.ndarray, object]]]:
@@ -84,7 +84,7 @@ def choose(groups: dict, max_false: float) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m training.measure_glare", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m training measure-glare", description=__doc__.split("\n")[0])
     parser.add_argument("--manifest", required=True)
     parser.add_argument("--split", default="test")
     parser.add_argument("--photos", type=int, default=300, help="radiographs made into synthetic photo pairs")
@@ -112,7 +112,3 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         Path(args.json).write_text(text + "\n")
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

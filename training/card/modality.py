@@ -5,7 +5,7 @@
 
 A multinomial logistic regression (scikit-learn, balanced class weights, standardised features) on the
 gate network's pooled 1024-d features, seen as the service sees the image
-(``training.pipeline_features``); classes from the manifest's ``kind``: radiographs and phone
+(``training.features``); classes from the manifest's ``kind``: radiographs and phone
 photos of films → xray; ct, mri, ultrasound; dermoscopy and fundus photos → other_medical; faces,
 receipts, clothing and natural photos → non_medical. Fitted on train (X-rays capped per body part),
 the regularisation C chosen by balanced accuracy on val, reported on test: the confusion of the head
@@ -32,9 +32,9 @@ from sklearn.preprocessing import StandardScaler
 from diagnosis.cards import AuxiliaryFile, ModalitySpec, read_card, sha256_of, write_card
 from diagnosis.openset import decide
 
-from .datasets import Record
-from .pipeline_features import FeatureStore
-from .reports import emit_report
+from ..data.datasets import Record
+from ..features import FeatureStore
+from ..measure.reports import emit_report
 
 log = logging.getLogger(__name__)
 ARRAYS_FILE = "modality.safetensors"
@@ -156,7 +156,7 @@ def run(model: Path, records: list[Record], cache: Path, max_train_xray_per_part
 
 
 def main(args) -> int:
-    from .datasets import load_sources
+    from ..data.datasets import load_sources
 
     result = run(args.model, load_sources(args.manifest), args.cache, args.max_train_xray_per_part,
                  write=not args.dry_run)

@@ -50,26 +50,14 @@ from diagnosis.cards import (
 from diagnosis.operating import calibrated as apply_calibration
 from diagnosis.operating import logit, screening_flags
 
-from .datasets import CHEST_LABELS, NIH_SOURCES, Record
-from .metrics import bootstrap_auc_intervals, youden_threshold
+from ..data.datasets import CHEST_LABELS, Record, labelled_films, targets
+from ..measure.metrics import ECE_BINS, bootstrap_auc_intervals, ece, youden_threshold
 
 log = logging.getLogger(__name__)
-ECE_BINS = 15
 URGENT_CAPABLE = ("Pneumothorax",)  # labels whose plain meaning may say "urgent" when the PPV allows
 
 
 # ----------------------------------------------------------------------------- films and raw outputs
-def labelled_films(records: list[Record], split: str) -> list[Record]:
-    """NIH chest films of ``split`` with all 14 labels known (as ``training evaluate`` reports them)."""
-    return [r for r in records if r.split == split and r.source in NIH_SOURCES and r.body_part == "chest"
-            and r.chest_labels is not None and all(v is not None for v in r.chest_labels)]
-
-
-def targets(records: list[Record]) -> np.ndarray:
-    """(N, 14) 0/1 labels in CHEST_LABELS order."""
-    return np.asarray([r.chest_labels for r in records], dtype=np.float64).reshape(len(records), len(CHEST_LABELS))
-
-
 def raw_outputs(model: Path, records: list[Record], cache: Path | None, backend: str = "onnx",
                 batch: int = 32, threads: int | None = None) -> np.ndarray:
     """Raw (uncalibrated) outputs of the model on records, run through the service's own pipeline."""
@@ -99,19 +87,6 @@ def raw_outputs(model: Path, records: list[Record], cache: Path | None, backend:
 
 
 # ----------------------------------------------------------------------------- metrics
-def ece(truth: np.ndarray, probs: np.ndarray, bins: int = ECE_BINS) -> float | None:
-    """Expected calibration error with equal-width bins: Σ (n_bin / n) · |mean p − observed rate|."""
-    if len(truth) == 0:
-        return None
-    index = np.minimum((probs * bins).astype(int), bins - 1)
-    total = 0.0
-    for b in range(bins):
-        mine = index == b
-        if mine.any():
-            total += mine.sum() / len(truth) * abs(probs[mine].mean() - truth[mine].mean())
-    return float(total)
-
-
 def figures(truth: np.ndarray, scores: np.ndarray, threshold: float | None) -> PointFigures:
     """Sensitivity, specificity and PPV (at this split's prevalence) of ``scores ≥ threshold``, and AUC."""
     positives = int(truth.sum())
