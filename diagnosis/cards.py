@@ -154,6 +154,23 @@ class ModalitySpec(BaseModel):
     metrics: dict[str, Any] = Field(default_factory=dict)
 
 
+class OrientationSpec(BaseModel):
+    """Gate: which way up was the picture sent? (diagnosis.openset.OrientationHead)
+
+    A multinomial logistic regression on the gate network's whole post-ReLU map (flattened,
+    L2-normalised; pooling would forget where the neck or the fingers are). ``classes`` are the turns,
+    counter-clockwise in degrees, that bring an upright film to the picture as sent, plus "not_xray";
+    ``arrays`` holds "weight" (classes × features) and "bias". A picture is turned back upright only
+    when a turn other than 0 reaches ``min_probability``.
+    """
+
+    classes: list[Literal["0", "90", "180", "270", "not_xray"]]
+    arrays: AuxiliaryFile
+    min_probability: float = 0.5
+    method_notes: str = ""
+    metrics: dict[str, Any] = Field(default_factory=dict)
+
+
 class ModelCard(BaseModel):
     """Card schema (MONAI network_data_format + torchxrayvision labels/op-thresholds, combined)."""
 
@@ -180,6 +197,7 @@ class ModelCard(BaseModel):
     flip_average: bool = False  # test-time augmentation: logits averaged with the mirror image's
     open_set: OpenSetSpec | None = None  # body_part: recognise parts it was not trained on
     modality: ModalitySpec | None = None  # gate: name CT / MRI / ultrasound when refusing an image
+    orientation: OrientationSpec | None = None  # gate: turn a film sent sideways or upside down upright
     metrics: dict[str, Any] = Field(default_factory=dict)
     # Written by ``python -m training calibrate``; absent on older cards (diagnosis.operating then
     # flags nothing in screening mode and says it is unsure).
@@ -209,6 +227,8 @@ class ModelCard(BaseModel):
             raise ValueError("open_set belongs on a body_part card and names only its labels")
         if self.modality and (self.role != "gate" or len(set(self.modality.classes)) != len(self.modality.classes)):
             raise ValueError("modality belongs on a gate card, with unique classes")
+        if self.orientation and (self.role != "gate" or "0" not in self.orientation.classes):
+            raise ValueError("orientation belongs on a gate card, with the class '0'")
         unknown = set(self.thresholds) - set(self.labels)
         if unknown:
             raise ValueError(f"thresholds for unknown labels: {sorted(unknown)}")

@@ -87,6 +87,7 @@ SEND_RADIOGRAPH = N_("Please send a radiograph: a file from the clinic, or a str
 
 RETAKE_HEADING = N_("The photo is not good enough to analyse:")  # followed by the advice, one per line
 RECTIFIED_NOTE = N_("The photo was straightened and cropped to the film before analysis.")
+TURNED_NOTE = N_("I turned your picture upright before reading it.")
 
 # Overlay captions (diagnosis/overlay.py draws no words: the title and the colours' meaning are here).
 OVERLAY_TITLE = N_("Heat map: {name} (model estimate {p}).")
@@ -186,6 +187,8 @@ def render_reply(result: DiagnosisResult, language: str = "en") -> str:
             names = ", ".join(finding_name(label, language) for label in result.heatmap_labels)
             lines.append(fill(_("The heatmap pictures show, for {names}, the areas that raised (red) or lowered "
                                 "(blue) the model's estimate."), language, names=names))
+    if result.turned and result.outcome != "retake":
+        lines.append(_(TURNED_NOTE))
     if result.rectified and result.outcome != "retake":
         lines.append(_(RECTIFIED_NOTE))
     lines.append("")

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import load_file
 
-from .cards import AuxiliaryFile, CardError, ModalitySpec, OpenSetSpec, sha256_of
+from .cards import AuxiliaryFile, CardError, ModalitySpec, OpenSetSpec, OrientationSpec, sha256_of
 
 
 def load_arrays(folder: Path, spec: AuxiliaryFile) -> dict[str, np.ndarray]:
@@ -94,3 +94,44 @@ def decide(logits: np.ndarray, is_xray: np.ndarray, classes: list[str], non_medi
         top = int(probs.argmax())
         chosen.append(None if top == non_medical and probs[top] < non_medical_floor else top)
     return chosen
+
+
+def flatten_maps(feature_maps: np.ndarray) -> np.ndarray:
+    """(N, C, H, W) post-ReLU maps → (N, C·H·W) rows of unit length: the orientation head's input."""
+    flat = np.asarray(feature_maps, dtype=np.float32).reshape(len(feature_maps), -1)
+    return flat / np.maximum(np.linalg.norm(flat, axis=1, keepdims=True), 1e-12)
+
+
+class OrientationHead:
+    """Gate card's orientation head: the gate's feature maps → how far the picture was turned.
+
+    ``turns`` gives, per image, the counter-clockwise turn in degrees (90, 180 or 270) that brought an
+    upright film to the picture as sent, or 0 to leave it as it is (upright, not sure enough, or not
+    an X-ray at all)."""
+
+    def __init__(self, folder: Path, spec: OrientationSpec):
+        arrays = load_arrays(folder, spec.arrays)
+        self.classes, self.weight, self.bias = spec.classes, arrays["weight"], arrays["bias"]
+        self.min_probability = spec.min_probability
+        if self.weight.shape[0] != len(self.classes) or self.bias.shape != (len(self.classes),):
+            raise CardError(f"orientation arrays in {Path(folder).name!r} do not fit its {len(self.classes)} classes")
+
+    def probabilities(self, feature_maps: np.ndarray) -> np.ndarray:
+        logits = flatten_maps(feature_maps).astype(np.float64) @ self.weight.T + self.bias
+        shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
+        return shifted / shifted.sum(axis=1, keepdims=True)
+
+    def turns(self, feature_maps: np.ndarray) -> list[int]:
+        if feature_maps.shape[1] * feature_maps.shape[2] * feature_maps.shape[3] != self.weight.shape[1]:
+            raise CardError("the gate's feature maps do not fit the orientation head (another input size?)")
+        return [decide_turn(row, self.classes, self.min_probability) for row in self.probabilities(feature_maps)]
+
+
+def decide_turn(probabilities: np.ndarray, classes: list[str], min_probability: float) -> int:
+    """The turn to undo for one image (shared with training.card.orientation): 0 unless a turn of
+    90/180/270 is the most likely class and reaches ``min_probability``."""
+    top = int(np.argmax(probabilities))
+    label = classes[top]
+    if label in ("90", "180", "270") and probabilities[top] >= min_probability:
+        return int(label)
+    return 0

@@ -25,7 +25,7 @@ from .config import PipelineConfig
 from .heatmap import class_evidence, grad_cam
 from .intake import DecodedImage, ImageRejected, decode
 from .network import DenseNetClassifier, load_model
-from .openset import BodyPartNovelty, ModalityHead
+from .openset import BodyPartNovelty, ModalityHead, OrientationHead
 from .operating import MODES, assess, verdict_point
 from .overlay import render_overlays
 from .photo import rectify
@@ -44,6 +44,7 @@ class LoadedModel:
     runner: object  # backends.TorchRunner / OnnxRunner: batch → (logits, features)
     novelty: BodyPartNovelty | None = None  # body part: the card's open-set check, when it has one
     modality: ModalityHead | None = None  # gate: names what a refused image is, when the card has one
+    orientation: OrientationHead | None = None  # gate: turns a film sent sideways or upside down upright
 
     @property
     def input_key(self) -> tuple:
@@ -114,7 +115,8 @@ class Pipeline:
                                  config.batch_buckets, config.compile)
             novelty = BodyPartNovelty(folder, card.open_set, len(card.labels)) if card.open_set else None
             modality = ModalityHead(folder, card.modality) if card.modality else None
-            return LoadedModel(folder, card, network, runner, novelty, modality)
+            orientation = OrientationHead(folder, card.orientation) if card.orientation else None
+            return LoadedModel(folder, card, network, runner, novelty, modality, orientation)
 
         folders = discover(models_dir)
         by_role: dict[str, list[Path]] = {"gate": [], "body_part": [], "abnormality": []}
@@ -220,6 +222,8 @@ class Pipeline:
     def _gate(self, items: list[_Item]) -> None:
         card = self.gate.card
         probs, features = self._infer(self.gate, items, "gate")
+        if self.gate.orientation is not None:
+            probs, features = self._turn_upright(items, probs, features)
         index, threshold = card.labels.index(card.positive_label), card.threshold(card.positive_label)
         accepted = probs[:, index] >= threshold
         modalities = self.gate.modality.name(features, accepted) if self.gate.modality else [None] * len(items)
@@ -233,6 +237,27 @@ class Pipeline:
                 # Asked only once the gate sees an X-ray: a selfie should hear "not an X-ray", not
                 # "retake" (quality-first sent 30 of 426 non-X-ray test images a retake request).
                 item.result.outcome, item.result.retake = "retake", item.problems
+
+    def _turn_upright(self, items: list[_Item], probs: np.ndarray,
+                      features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """A film sent sideways or upside down is turned upright before anything reads it, and the
+        gate looks again at the upright film (it was trained on upright films only). Costs one extra
+        gate pass, for turned pictures only."""
+        clock = time.perf_counter()
+        turns = self.gate.orientation.turns(features)
+        turned = [i for i, turn in enumerate(turns) if turn]
+        for i in turned:
+            item = items[i]
+            item.image = np.ascontiguousarray(np.rot90(item.image, -turns[i] // 90))
+            item.inputs.clear()
+            item.result.turned = turns[i]
+        if turned:
+            again, maps = self._infer(self.gate, [items[i] for i in turned], "gate_upright")
+            probs, features = probs.copy(), features.copy()
+            probs[turned], features[turned] = again, maps
+        for item in items:
+            item.result.timings_ms["orientation"] = _ms(clock)
+        return probs, features
 
     def _body_part(self, items: list[_Item]) -> None:
         """Name the part only when the film looks like a known part and the model is sure enough.

@@ -60,6 +60,9 @@ class DiagnosisResult(BaseModel):
     rejection: str | None = None  # ImageRejected.code when outcome == "rejected"
     retake: list[str] = Field(default_factory=list)  # quality problem codes when outcome == "retake"
     rectified: bool = False  # a photo of a film/screen was straightened and cropped before analysis
+    # The picture arrived turned by this many degrees (counter-clockwise: 90, 180, 270) and was turned
+    # back upright before the models read it (gate card's orientation head); 0: read as sent.
+    turned: int = 0
     input_format: str | None = None
     message: str = ""
     overlay: str | None = None  # path of the first written overlay (CLI); None when none was made

@@ -1,6 +1,6 @@
 """`python -m training COMMAND`: the one entry for every step of the recipe.
 
-data: synthetic-photos · fit: train, heads, top · card: export, calibrate, open-set, modality,
+data: synthetic-photos · fit: train, heads, top · card: export, calibrate, open-set, modality, orientation,
 import-torchxrayvision · measure: evaluate, measure-replies, measure-photos, measure-quality,
 measure-glare, measure-heatmaps (bench/heatmaps.py)."""
 
@@ -132,12 +132,14 @@ def main(argv: list[str] | None = None) -> int:
     i.add_argument("--out", required=True, type=Path)
     i.add_argument("--cache-dir", help="torchxrayvision weights folder (default: its own cache)")
 
-    from .card import modality, open_set
+    from .card import modality, open_set, orientation
 
     o = commands.add_parser("open-set", help="body part: fit the unknown-part check and the chest floor")
     open_set.add_arguments(o)
     m = commands.add_parser("modality", help="gate: fit the head that names CT / MRI / ultrasound / not medical")
     modality.add_arguments(m)
+    o = commands.add_parser("orientation", help="gate: fit the head that turns a sideways or upside-down film upright")
+    orientation.add_arguments(o)
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
@@ -153,6 +155,8 @@ def main(argv: list[str] | None = None) -> int:
         return open_set.main(args)
     if args.command == "modality":
         return modality.main(args)
+    if args.command == "orientation":
+        return orientation.main(args)
 
     import torch
 

@@ -39,17 +39,22 @@ def service_view(path: Path) -> np.ndarray | None:
 class FeatureStore:
     """``outputs(paths)`` → (logits (N, outputs), pooled features (N, 1024)); missing rows are computed.
 
+    ``spatial=True`` keeps the whole post-ReLU map instead (N, 1024·H·W, float16: the orientation head
+    needs to know where things are, which pooling forgets).
     Rows of files the intake refuses are NaN (callers drop them: the service never runs them)."""
 
-    def __init__(self, model_folder: Path | str, cache: Path | str, threads: int = 2):
+    def __init__(self, model_folder: Path | str, cache: Path | str, threads: int = 2, spatial: bool = False):
         self.card, self.network = load_model(model_folder, "cpu")
         self.cache = Path(cache)
         self.cache.mkdir(parents=True, exist_ok=True)
-        self.file = self.cache / f"{self.card.name}-{self.card.weights.sha256[:16]}.safetensors"
-        self.threads = threads
+        kind = "-spatial" if spatial else ""
+        self.file = self.cache / f"{self.card.name}-{self.card.weights.sha256[:16]}{kind}.safetensors"
+        self.threads, self.spatial = threads, spatial
         self.rows: dict[str, int] = {}
         self.logits = np.zeros((0, len(self.card.outputs)), np.float32)
-        self.pooled = np.zeros((0, 1024), np.float32)
+        side = -(-self.card.input.size // 32)  # DenseNet-121 downsamples by 32
+        self.pooled = (np.zeros((0, 1024 * side * side), np.float16) if spatial
+                       else np.zeros((0, 1024), np.float32))
         if self.file.is_file():
             tensors = load_file(str(self.file))
             self.logits, self.pooled = tensors["logits"], tensors["pooled"]
@@ -64,28 +69,34 @@ class FeatureStore:
         spec = self.card.input
         batch = np.stack([to_model_input(g, spec.size, spec.mean, spec.std) for g in images])
         logits, maps = self._runner(batch)
+        if self.spatial:
+            return logits.astype(np.float32), maps.reshape(len(maps), -1).astype(np.float16)
         return logits.astype(np.float32), maps.mean(axis=(2, 3)).astype(np.float32)
 
     def outputs(self, paths: list[Path], views=None) -> tuple[np.ndarray, np.ndarray]:
         """Rows for ``paths``; ``views`` (path → gray image) replaces reading the file (synthetic images)."""
         keys = [str(p) for p in paths]
         missing = [k for k in dict.fromkeys(keys) if k not in self.rows]
+        new_logits, new_pooled = [self.logits], [self.pooled]  # one concatenation per save, not per chunk
         for start in range(0, len(missing), 32):
             chunk = missing[start:start + 32]
             images = [views(k) if views else service_view(Path(k)) for k in chunk]
             logits = np.full((len(chunk), self.logits.shape[1]), np.nan, np.float32)
-            pooled = np.full((len(chunk), self.pooled.shape[1]), np.nan, np.float32)
+            pooled = np.full((len(chunk), self.pooled.shape[1]), np.nan, self.pooled.dtype)
             ok = [i for i, image in enumerate(images) if image is not None]
             if ok:
                 logits[ok], pooled[ok] = self._run([images[i] for i in ok])
             offset = len(self.rows)
             self.rows.update({k: offset + i for i, k in enumerate(chunk)})
-            self.logits = np.concatenate([self.logits, logits])
-            self.pooled = np.concatenate([self.pooled, pooled])
+            new_logits.append(logits)
+            new_pooled.append(pooled)
             if start % 1024 == 0:
                 log.info("%s: %d / %d forward passes", self.card.name, start + len(chunk), len(missing))
+                self.logits, self.pooled = np.concatenate(new_logits), np.concatenate(new_pooled)
+                new_logits, new_pooled = [self.logits], [self.pooled]
                 self._save()
         if missing:
+            self.logits, self.pooled = np.concatenate(new_logits), np.concatenate(new_pooled)
             self._save()
         index = np.asarray([self.rows[k] for k in keys], dtype=np.int64)
         return self.logits[index], self.pooled[index]

@@ -1,0 +1,175 @@
+"""Orientation head on the gate: turn a film sent sideways or upside down upright before reading it.
+
+    python -m training orientation --model models/gate --manifest ../shared/data/xray-pack/manifest.csv \\
+        [--cache DIR] [--json OUT] [--dry-run]
+
+The labels are free: every radiograph of the pack (each known part, the unknown parts, real phone
+photos of films) is turned by 0, 90, 180 and 270 degrees, and non-X-rays at every turn form a fifth
+class "not_xray". Each picture is seen as the service sees it (decode, photo step:
+``training.features``) and the gate's whole post-ReLU map (1024 × 4 × 4 at 128 px, flattened and
+L2-normalised; its pooled features cannot tell a film turned by 90 from one turned by 270 well:
+0.92 vs 0.96 on val) is fitted by a multinomial logistic regression on train; C is chosen by accuracy
+on val radiographs, and the smallest ``min_probability`` that turns at most ``--max-upright-turned``
+of the upright val radiographs away from upright. Reported on val and test: the head's accuracy per
+part and turn, and what the gate then decides on the picture it sees (turned back or not), for
+radiographs and for non-X-rays, beside the gate alone on the picture as sent.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+from safetensors.numpy import save_file
+from scipy.special import softmax
+from sklearn.linear_model import LogisticRegression
+
+from diagnosis.cards import AuxiliaryFile, OrientationSpec, read_card, sha256_of, write_card
+from diagnosis.openset import decide_turn
+
+from ..data.datasets import Record
+from ..features import FeatureStore, service_view
+from ..measure.reports import emit_report
+
+log = logging.getLogger(__name__)
+ARRAYS_FILE = "orientation.safetensors"
+TURNS = (0, 90, 180, 270)
+CLASSES = ["0", "90", "180", "270", "not_xray"]
+CAPS = {"train": {"chest": 700, "not_xray": 600}, "val": {"chest": 400, "not_xray": 300},
+        "test": {"chest": 400, "not_xray": 300}}  # every film of the other parts
+
+
+def choose_records(records: list[Record]) -> list[Record]:
+    """Per split, every radiograph of the smaller parts and a fixed sample of chest films and non-X-rays."""
+    chosen, counts = [], defaultdict(int)
+    for record in sorted(records, key=lambda r: hashlib.sha256(str(r.path.name).encode()).hexdigest()):
+        if record.synthetic or record.split not in CAPS:
+            continue
+        group = (record.body_part or "unknown") if record.is_xray else "not_xray"
+        counts[record.split, group] += 1
+        if counts[record.split, group] <= CAPS[record.split].get(group, 10**9):
+            chosen.append(record)
+    return chosen
+
+
+def turned_view(key: str) -> np.ndarray | None:
+    """``<path>#<degrees>`` → the service's view of the file, turned counter-clockwise by that much."""
+    path, degrees = key.rsplit("#", 1)
+    gray = service_view(Path(path))
+    return None if gray is None else np.ascontiguousarray(np.rot90(gray, int(degrees) // 90))
+
+
+def flatten(maps: np.ndarray) -> np.ndarray:
+    flat = maps.astype(np.float32)
+    return flat / np.maximum(np.linalg.norm(flat, axis=1, keepdims=True), 1e-12)
+
+
+def run(model: Path, records: list[Record], cache: Path, write: bool = True,
+        max_upright_turned: float = 0.005) -> dict:
+    card = read_card(model)
+    chosen = choose_records(records)
+    store = FeatureStore(model, cache, spatial=True)
+    keys = [f"{r.path}#{turn}" for r in chosen for turn in TURNS]
+    logits, maps = store.outputs(keys, views=turned_view)
+    n = len(chosen)
+    read = np.isfinite(logits[:, 0]).reshape(n, len(TURNS)).all(axis=1)  # the intake refuses the rest
+    log.info("%d of %d files refused by the intake, left out", int((~read).sum()), n)
+    chosen = [r for r, ok in zip(chosen, read, strict=True) if ok]
+    rows = np.repeat(read, len(TURNS))
+    logits, maps = logits[rows], maps[rows]
+    n = len(chosen)
+    xray = np.array([r.is_xray for r in chosen])
+    group = np.array([(r.body_part or "unknown") if r.is_xray else "not_xray" for r in chosen])
+    photo = np.array([r.phone_photo for r in chosen])
+    split = np.array([r.split for r in chosen])
+    turn_index = np.tile(np.arange(len(TURNS)), n)
+    y = np.where(np.repeat(xray, len(TURNS)), turn_index, CLASSES.index("not_xray"))
+    row_split = np.repeat(split, len(TURNS))
+    train, val = row_split == "train", row_split == "val"
+    x = flatten(maps)
+
+    searched = {}
+    for c in (10.0, 30.0, 100.0):
+        fitted = LogisticRegression(C=c, max_iter=3000).fit(x[train], y[train])
+        on_films = val & (y < len(TURNS))
+        searched[c] = (float(np.mean(fitted.predict(x[on_films]) == y[on_films])), fitted)
+        log.info("C=%g val accuracy on radiographs %.4f", c, searched[c][0])
+    best_c = max(searched, key=lambda c: searched[c][0])
+    head = searched[best_c][1]
+    weight, bias = head.coef_.astype(np.float32), head.intercept_.astype(np.float32)
+    probs = softmax(x @ weight.T.astype(np.float64) + bias, axis=1)  # as shipped (float32 arrays)
+
+    upright_val = val & (y == 0)
+    floor = 0.95
+    for candidate in np.round(np.arange(0.40, 0.96, 0.05), 2):
+        turned = [decide_turn(p, CLASSES, candidate) for p in probs[upright_val]]
+        if np.mean(np.asarray(turned) != 0) <= max_upright_turned:
+            floor = float(candidate)
+            break
+    decided = np.array([decide_turn(p, CLASSES, floor) for p in probs]).reshape(n, len(TURNS))
+
+    gate = softmax(logits[:, : len(card.labels)].astype(np.float64), axis=1)
+    gate = gate[:, card.labels.index(card.positive_label)].reshape(n, len(TURNS))
+    threshold = card.threshold(card.positive_label)
+    # The view the gate finally sees: the picture as sent (turned by t), turned back by the head's answer.
+    seen = (np.arange(len(TURNS))[None, :] - decided // 90) % len(TURNS)
+    accepted_after = np.take_along_axis(gate, seen, axis=1) >= threshold
+    accepted_before = gate >= threshold
+
+    def figures(mask: np.ndarray) -> dict:
+        out: dict = {"n": int(mask.sum())}
+        if not mask.any():
+            return out
+        for name, rows_of in (("upright_after", seen == 0), ("gate_accepts_before", accepted_before),
+                              ("gate_accepts_after", accepted_after)):
+            out[name] = {str(t): round(float(rows_of[mask, i].mean()), 4) for i, t in enumerate(TURNS)}
+        return out
+
+    def report(which: str) -> dict:
+        in_split = split == which
+        parts = sorted(set(group[in_split & xray]))
+        return {"radiographs": figures(in_split & xray & ~photo),
+                "real_photos": figures(in_split & photo),
+                "per_part": {p: figures(in_split & (group == p) & ~photo) for p in parts},
+                "not_xray": figures(in_split & ~xray)}
+
+    metrics = {"data": "pack manifest: every radiograph of the smaller parts, sampled chest films and non-X-rays "
+                       f"({CAPS}), each at 4 turns; fit on train, C and min_probability on val, reported on val "
+                       "and test",
+               "c_search_val_accuracy": {str(c): round(v[0], 4) for c, v in searched.items()},
+               "val": report("val"), "test": report("test")}
+    spec = OrientationSpec(
+        classes=CLASSES, arrays=AuxiliaryFile(file=ARRAYS_FILE, sha256=""), min_probability=floor, metrics=metrics,
+        method_notes=(f"multinomial logistic regression (C={best_c}, chosen by val accuracy on radiographs) on the "
+                      f"gate's flattened, L2-normalised 1024×4×4 post-ReLU map; {int(train.sum())} train pictures "
+                      f"(radiographs at 0/90/180/270 degrees, non-X-rays at every turn as 'not_xray'); "
+                      f"min_probability {floor}: the smallest that turns at most {max_upright_turned:.1%} of the "
+                      f"upright val radiographs; command: python -m training orientation --model models/gate "
+                      f"--manifest ../shared/data/xray-pack/manifest.csv"))
+    if write:
+        save_file({"weight": np.ascontiguousarray(weight), "bias": np.ascontiguousarray(bias)},
+                  str(Path(model) / ARRAYS_FILE))
+        (Path(model) / ARRAYS_FILE).chmod(0o644)
+        spec.arrays = AuxiliaryFile(file=ARRAYS_FILE, sha256=sha256_of(Path(model) / ARRAYS_FILE))
+        card.orientation = spec
+        write_card(model, card)
+    return spec.model_dump(mode="json")
+
+
+def main(args) -> int:
+    from ..data.datasets import load_sources
+
+    return emit_report(run(args.model, load_sources(args.manifest), args.cache, write=not args.dry_run), args.json)
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--model", required=True, type=Path)
+    parser.add_argument("--manifest", action="append", required=True)
+    parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "orientation",
+                        help="forward-pass cache (not the repository)")
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("--dry-run", action="store_true", help="measure only; leave the card alone")
