@@ -37,10 +37,15 @@ class ImageRejected(Exception):
         self.code = code
 
 
+CHROMA_MIN = 2.0  # mean |R−G| + |G−B| of a colour picture with visible colour: a phone camera's cast/noise
+
 @dataclass(frozen=True)
 class DecodedImage:
     gray: np.ndarray  # uint8, H×W, display orientation (EXIF applied, MONOCHROME1 inverted)
     format: str  # JPEG, PNG, WEBP, BMP, TIFF or DICOM
+    # The file held real colour (a camera's cast and noise); digital radiographs are gray even when
+    # saved as RGB (all 76 real phone photos of the pack are colour, 74 of them above CHROMA_MIN).
+    colour: bool = False
 
 
 def decode(data: bytes) -> DecodedImage:
@@ -50,15 +55,15 @@ def decode(data: bytes) -> DecodedImage:
     if len(data) > MAX_INPUT_BYTES:
         raise ImageRejected("too_large")
     if _looks_like_dicom(data):
-        gray, fmt = _decode_dicom(data), "DICOM"
+        gray, fmt, colour = _decode_dicom(data), "DICOM", False
     else:
-        gray, fmt = _decode_pil(data)
+        gray, fmt, colour = _decode_pil(data)
     if gray.ndim != 2:  # never let an odd shape through as another exception
         raise ImageRejected("corrupt")
     height, width = gray.shape
     if min(height, width) < MIN_SIDE:
         raise ImageRejected("too_small")
-    return DecodedImage(gray=np.ascontiguousarray(gray), format=fmt)
+    return DecodedImage(gray=np.ascontiguousarray(gray), format=fmt, colour=colour)
 
 
 def _looks_like_dicom(data: bytes) -> bool:
@@ -72,7 +77,7 @@ def _check_pixels(width: int, height: int, frames: int = 1) -> None:
         raise ImageRejected("too_many_pixels")
 
 
-def _decode_pil(data: bytes) -> tuple[np.ndarray, str]:
+def _decode_pil(data: bytes) -> tuple[np.ndarray, str, bool]:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -82,7 +87,7 @@ def _decode_pil(data: bytes) -> tuple[np.ndarray, str]:
             image.seek(0)  # multi-page TIFF / animated WebP: first frame
             image.load()
             image = ImageOps.exif_transpose(image)
-            return _pil_to_gray(image), fmt
+            return _pil_to_gray(image), fmt, _has_colour(image)
     except ImageRejected:
         raise
     except Image.UnidentifiedImageError:
@@ -102,6 +107,16 @@ def _pil_to_gray(image: Image.Image) -> np.ndarray:
         image = Image.alpha_composite(background, rgba)
     # ITU-R 601-2 luma, as PIL's "L" conversion: colour → 8-bit grayscale as in the paper.
     return np.asarray(image.convert("L"), dtype=np.uint8)
+
+
+def _has_colour(image: Image.Image) -> bool:
+    if image.mode not in ("RGB", "RGBA", "P", "PA", "YCbCr", "CMYK", "LAB", "HSV"):
+        return False
+    small = image.convert("RGB")
+    small.thumbnail((256, 256))  # cheap: the measure is a mean over the picture
+    rgb = np.asarray(small, dtype=np.int16)
+    chroma = np.abs(rgb[..., 0] - rgb[..., 1]) + np.abs(rgb[..., 1] - rgb[..., 2])
+    return float(chroma.mean()) >= CHROMA_MIN
 
 
 def _scale_to_uint8(values: np.ndarray) -> np.ndarray:

@@ -42,6 +42,15 @@ MAX_SURROUND_TEXTURE = 10.0  # median |gradient| along the plainest line beyond 
 BORDER_TOLERANCE = 0.02  # a side this close to the frame's edge is the photo's crop, not the film's
 PADDING_LEVELS = (3, 252)  # exported files pad with exact black or white; photos never reach it evenly
 CONTRAST_CLIP = (0.5, 99.5)  # percentiles stretched to 0 and 255 after rectification
+# Photo or digital? A phone photo has colour (cast, sensor noise) or at least this many pixels on its
+# long side (the pack's 76 real photos: 410–1024 px; its digital films: 100–250 px for chest, hand,
+# knee and shoulder). Only those are searched for a film: inside a small gray digital radiograph the
+# search finds "films" in the anatomy (a 128 px chest film was cropped to a 127 × 51 strip).
+PHOTO_MIN_SIDE = 400
+# A film turned by a few degrees inside black (or white) padding: an image turned by an app, or a film
+# photographed askew on a dark desk. Straightened whatever the input's size.
+TILT_RANGE = (2.0, 25.0)  # degrees; below: upright enough; above: a 90° turn is the orientation head's job
+MIN_TILTED_FILL = 0.95  # the content's convex hull fills its turned rectangle (a hand's silhouette does not)
 
 
 @dataclass(frozen=True)
@@ -52,14 +61,33 @@ class Rectified:
     film_fraction: float  # fraction of the input frame covered by the radiograph (1.0 if untouched)
 
 
-def rectify(gray: np.ndarray) -> Rectified:
+def models_view(decoded) -> Rectified:
+    """What the models see of a decoded image (``diagnosis.intake.DecodedImage``): DICOM as it is;
+    a film turned by a few degrees on padding straightened; a photographed film found, straightened
+    and cropped; any other digital radiograph untouched. The one definition, for the service and
+    for training alike."""
+    if decoded.format == "DICOM":  # DICOM is digital: nothing to straighten
+        return Rectified(gray=decoded.gray, rectified=False, corners=None, film_fraction=1.0)
+    return rectify(decoded.gray, photographed=looks_photographed(decoded.gray, decoded.colour))
+
+
+def looks_photographed(gray: np.ndarray, colour: bool) -> bool:
+    """Could this picture be a phone photo of a film or screen (rather than a digital radiograph)?"""
+    return colour or max(gray.shape) >= PHOTO_MIN_SIDE
+
+
+def rectify(gray: np.ndarray, photographed: bool = True) -> Rectified:
     """Find, straighten and crop the radiograph in a photo; leave digital radiographs untouched.
 
-    Never raises for a uint8 2-D array: an unexpected OpenCV failure means "no film found".
+    ``photographed=False`` (a small gray digital file): only a film turned by a few degrees inside
+    padding is straightened; no film is searched for. Never raises for a uint8 2-D array: an
+    unexpected OpenCV failure means "no film found".
     """
     untouched = Rectified(gray=gray, rectified=False, corners=None, film_fraction=1.0)
     try:
-        corners = find_film(gray)
+        corners = find_tilted_film(gray)
+        if corners is None and photographed:
+            corners = find_film(gray)
         if corners is None:
             return untouched
         fraction = float(cv2.contourArea(corners)) / float(gray.shape[0] * gray.shape[1])
@@ -93,6 +121,34 @@ def find_film(gray: np.ndarray) -> np.ndarray | None:
     if chosen is None or cv2.contourArea(chosen) >= FILLS_FRAME * frame_area or _is_padding(raw, chosen):
         return None
     return (chosen / scale).astype(np.float32)
+
+
+def find_tilted_film(gray: np.ndarray) -> np.ndarray | None:
+    """Corners (TL, TR, BR, BL, input pixels) of a film turned by TILT_RANGE degrees inside exact
+    black or white padding, or None. The content's outline is the film's: a rectangle whose convex
+    hull fills its minimum-area rectangle, with nothing but padding outside it."""
+    height, width = gray.shape
+    scale = WORK_SIDE / max(height, width)
+    size = (max(round(width * scale), 1), max(round(height * scale), 1))
+    raw = cv2.resize(gray, size, interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
+    low, high = PADDING_LEVELS
+    content = ((raw > low) & (raw < high)).astype(np.uint8)
+    content = cv2.morphologyEx(content, cv2.MORPH_CLOSE, np.ones((5, 5), np.uint8))  # dark film areas
+    content = cv2.morphologyEx(content, cv2.MORPH_OPEN, np.ones((3, 3), np.uint8))  # JPEG specks
+    contours = cv2.findContours(content, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)[0]
+    if not contours:
+        return None
+    outline = max(contours, key=cv2.contourArea)
+    (cx, cy), (w, h), angle = cv2.minAreaRect(outline)
+    tilt = (angle + 45.0) % 90.0 - 45.0  # OpenCV versions differ: [-90, 0) or (0, 90]
+    if not TILT_RANGE[0] <= abs(tilt) <= TILT_RANGE[1] or w * h < 0.2 * size[0] * size[1]:
+        return None
+    if cv2.contourArea(cv2.convexHull(outline)) < MIN_TILTED_FILL * w * h:
+        return None
+    corners = _order(cv2.boxPoints(((cx, cy), (w, h), angle)).astype(np.float32))
+    if not _is_padding(raw, corners):
+        return None
+    return (corners / scale).astype(np.float32)
 
 
 def _candidates(small: np.ndarray, magnitude: np.ndarray) -> list[np.ndarray]:

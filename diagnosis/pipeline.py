@@ -28,7 +28,7 @@ from .network import DenseNetClassifier, load_model
 from .openset import BodyPartNovelty, ModalityHead, OrientationHead
 from .operating import MODES, assess, verdict_point
 from .overlay import render_overlays
-from .photo import rectify
+from .photo import models_view
 from .preprocess import to_model_input
 from .quality import check_quality
 from .report import DiagnosisResult
@@ -196,7 +196,7 @@ class Pipeline:
             item.image = item.decoded.gray
             return
         clock = time.perf_counter()
-        straightened = rectify(item.decoded.gray)
+        straightened = models_view(item.decoded)
         problems = check_quality(item.decoded.gray, straightened)
         item.result.rectified = straightened.rectified
         item.result.timings_ms["photo"] = _ms(clock)

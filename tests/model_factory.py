@@ -20,6 +20,7 @@ from diagnosis.cards import (
     ModelCard,
     OpenSetSpec,
     OperatingPoints,
+    OrientationSpec,
     PointFigures,
     VerdictPoint,
     WeightsSpec,
@@ -93,23 +94,40 @@ def add_modality(folder: Path, modality: str) -> None:
     write_card(folder, card)
 
 
+def add_orientation(folder: Path, turn: str, min_probability: float = 0.5) -> None:
+    """An orientation head that says ``turn`` ("0", "90", "180", "270" or "not_xray") for every image
+    with probability ~0.9 (zero weights, its bias)."""
+    card = read_card(folder)
+    classes = ["0", "90", "180", "270", "not_xray"]
+    side = -(-card.input.size // 32)
+    spec = _arrays(folder, "orientation.safetensors", {
+        "weight": np.zeros((len(classes), 1024 * side * side)),
+        "bias": np.array([np.log(0.9 / 0.025) if c == turn else 0.0 for c in classes])})
+    card.orientation = OrientationSpec(classes=classes, arrays=spec, min_probability=min_probability)
+    write_card(folder, card)
+
+
 def make_models_dir(root: Path, *, xray: bool = True, body_part: str = "chest", positives: tuple[str, ...] = (
         "Effusion", "Cardiomegaly"), body_part_confidence: float = 8.0, size: int = 64,
         operating_points: bool = True, open_set_threshold: float | None = None,
         chest_floor: float | None = None, modality: str | None = None,
-        open_set_photo_threshold: float | None = None) -> Path:
+        open_set_photo_threshold: float | None = None, orientation: str | None = None,
+        orientation_min_probability: float = 0.5) -> Path:
     """gate + body_part (chest/hand/knee) + chest models under ``root``; returns ``root``.
 
     ``operating_points=False`` gives a chest card as written before calibration (no points).
     ``open_set_threshold`` (< 1: every film an unknown part; > 1: none) and ``chest_floor`` add the
     body-part card's open-set check (``open_set_photo_threshold``: its photo threshold); ``modality``
-    adds a gate modality head naming that class."""
+    adds a gate modality head naming that class; ``orientation`` a gate orientation head that says
+    that turn for every image (at ~0.9, against ``orientation_min_probability``)."""
     root = Path(root)
     make_model(root / "gate", role="gate", labels=["not_xray", "xray"], activation="softmax",
                biases=[-8.0, 8.0] if xray else [8.0, -8.0], positive_label="xray",
                thresholds={"xray": 0.5}, size=size)
     if modality:
         add_modality(root / "gate", modality)
+    if orientation:
+        add_orientation(root / "gate", orientation, orientation_min_probability)
     make_model(root / "body_part", role="body_part", labels=PARTS, activation="softmax",
                biases=[body_part_confidence if p == body_part else 0.0 for p in PARTS],
                min_confidence=0.5, size=size)

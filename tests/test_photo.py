@@ -17,7 +17,7 @@ from PIL import Image
 
 from diagnosis.intake import decode
 from diagnosis.messages import ADVICE
-from diagnosis.photo import Rectified, rectify
+from diagnosis.photo import Rectified, models_view, rectify
 from diagnosis.quality import CODES, check_quality
 from training.data.synthetic_photos import main as synthetic_main
 from training.data.synthetic_photos import synthesise, synthesise_with_corners, to_gray
@@ -105,6 +105,59 @@ def test_borderless_dicom_is_left_untouched(chest_images):
 def test_letterbox_padding_of_an_exported_file_is_not_a_film(chest_images):
     padded = cv2.copyMakeBorder(cv2.resize(chest_images[1], (300, 300)), 0, 0, 80, 80, cv2.BORDER_CONSTANT, value=0)
     assert rectify(padded).gray is padded
+
+
+def turned_on_black(gray: np.ndarray, angle: float) -> np.ndarray:
+    """The film turned by ``angle`` degrees (counter-clockwise) inside black corners, nothing cut off."""
+    height, width = gray.shape
+    matrix = cv2.getRotationMatrix2D((width / 2, height / 2), angle, 1.0)
+    cos, sin = abs(matrix[0, 0]), abs(matrix[0, 1])
+    size = (int(height * sin + width * cos), int(height * cos + width * sin))
+    matrix[:, 2] += (size[0] - width) / 2, (size[1] - height) / 2
+    return cv2.warpAffine(gray, matrix, size, flags=cv2.INTER_LINEAR, borderValue=0)
+
+
+def test_small_gray_digital_films_sent_as_jpeg_pass_the_photo_step_untouched(pack):
+    """A 128 px NIH film sent as a JPEG is a digital radiograph: no film is searched for inside it (the
+    search used to find one in the anatomy and crop a 127 × 51 strip)."""
+    for row in pack_rows(split="val", body_part="chest")[:120]:
+        data = (PACK / row["path"]).read_bytes()
+        decoded = decode(encode_jpeg(decode(data).gray))
+        view = models_view(decoded)
+        assert not decoded.colour and view.gray is decoded.gray and not view.rectified, row["path"]
+
+
+def test_a_colour_phone_photo_is_still_searched_for_a_film(radiographs):
+    photo = synthesise_with_corners(radiographs["chest"], np.random.default_rng(3), scene="lightbox")[0]
+    decoded = decode(encode_jpeg(photo))
+    assert decoded.colour and models_view(decoded).rectified
+
+
+@pytest.mark.parametrize("angle", [-20, -15, -8, 8, 15, 20])
+def test_a_film_tilted_on_black_is_straightened_whatever_its_size(radiographs, angle):
+    film = radiographs["chest"]  # 128 px: too small to be searched as a photo
+    tilted = turned_on_black(film, angle)
+    view = models_view(decode(encode_jpeg(tilted)))
+    assert view.rectified
+    top_left, top_right = view.corners[0], view.corners[1]
+    assert abs(np.degrees(np.arctan2(top_right[1] - top_left[1], top_right[0] - top_left[0])) + angle) < 1.5
+    # The film's own size, give or take the thin blurred black edge (JPEG ringing) the deskew keeps.
+    assert np.all(np.abs(np.array(view.gray.shape) - film.shape) <= 0.12 * max(film.shape))
+
+
+def test_an_upright_film_on_black_padding_or_a_slight_tilt_is_left_alone(radiographs):
+    film = radiographs["chest"]
+    for gray in (cv2.copyMakeBorder(film, 20, 20, 40, 40, cv2.BORDER_CONSTANT, value=0), turned_on_black(film, 1.0)):
+        view = models_view(decode(encode_jpeg(gray)))
+        assert not view.rectified
+
+
+def encode_jpeg(gray: np.ndarray) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    Image.fromarray(gray).save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()
 
 
 def test_rectify_is_fast_on_a_phone_sized_photo(chest_images):

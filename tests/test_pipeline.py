@@ -202,3 +202,26 @@ def test_modality_head_says_xray_when_the_gate_accepts(tmp_path):
     # Its bias prefers CT, but the gate decides X-ray or not; the head only names refused images.
     result = Pipeline.load(make_models_dir(tmp_path, xray=True, modality="ct")).run(IMAGE).result
     assert result.outcome == "analysed" and result.modality == "xray"
+
+
+TALL = gradient(180, 300, texture=True)  # portrait: a turn by 90° shows in the shape of what the models see
+
+
+@pytest.mark.parametrize(("said", "floor", "turned"), [
+    ("90", 0.5, 90), ("270", 0.5, 270), ("180", 0.5, 180), ("0", 0.5, 0), ("not_xray", 0.5, 0), ("90", 0.95, 0)])
+def test_orientation_head_turns_the_picture_upright_only_when_sure(tmp_path, said, floor, turned):
+    models = make_models_dir(tmp_path, orientation=said, orientation_min_probability=floor)
+    analysis = Pipeline.load(models).run(encode(Image.fromarray(TALL), "PNG"))
+    result = analysis.result
+    assert result.outcome == "analysed" and result.turned == turned
+    overlay = Image.open(io.BytesIO(analysis.overlays[0][1]))
+    assert (overlay.width > overlay.height) is (turned in (90, 270))  # drawn over the upright film
+    assert ("I turned your picture upright" in render_reply(result)) is bool(turned)
+    assert ("gate_upright" in result.timings_ms) is bool(turned)
+
+
+def test_orientation_head_works_in_a_batch_with_the_gate_seeing_the_turned_films(tmp_path):
+    pipeline = Pipeline.load(make_models_dir(tmp_path, orientation="270"))
+    results = [a.result for a in pipeline.run_batch([IMAGE, encode(Image.fromarray(TALL), "PNG"), b"junk"])]
+    assert [r.turned for r in results] == [270, 270, 0]
+    assert [r.outcome for r in results] == ["analysed", "analysed", "rejected"]

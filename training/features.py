@@ -1,6 +1,6 @@
 """Logits and pooled features of one model folder, on images seen exactly as the service sees them.
 
-Each image goes through ``diagnosis.intake.decode``, the photo step (``diagnosis.photo.rectify``,
+Each image goes through ``diagnosis.intake.decode``, the photo step (``diagnosis.photo.models_view``,
 skipped for DICOM as in ``diagnosis.pipeline``), ``diagnosis.preprocess.to_model_input`` and the
 model's ONNX Runtime runner (``diagnosis.backends``), so what is fitted here on pooled features is
 what the pipeline computes at inference. Results are cached per (weights hash, image path) in a
@@ -20,7 +20,7 @@ from safetensors.numpy import load_file, save_file
 from diagnosis.backends import make_runner
 from diagnosis.intake import ImageRejected, decode
 from diagnosis.network import load_model
-from diagnosis.photo import rectify
+from diagnosis.photo import models_view
 from diagnosis.preprocess import to_model_input
 
 log = logging.getLogger(__name__)
@@ -33,7 +33,7 @@ def service_view(path: Path) -> np.ndarray | None:
         decoded = decode(Path(path).read_bytes())
     except ImageRejected:
         return None
-    return decoded.gray if decoded.format == "DICOM" else rectify(decoded.gray).gray
+    return models_view(decoded).gray
 
 
 class FeatureStore:

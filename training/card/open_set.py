@@ -379,7 +379,7 @@ def film_rectified(store: FeatureStore, chosen: list[Record]) -> np.ndarray:
     """Did the service's photo step straighten each file (``result.rectified``; never for DICOM)?
     Real phone photos of films in the pack take the photo threshold when it does. Kept beside the cache."""
     from diagnosis.intake import ImageRejected, decode
-    from diagnosis.photo import rectify
+    from diagnosis.photo import models_view
 
     flags_file = store.cache / f"{store.file.stem}-rectified.json"
     flags = json.loads(flags_file.read_text()) if flags_file.is_file() else {}
@@ -391,7 +391,7 @@ def film_rectified(store: FeatureStore, chosen: list[Record]) -> np.ndarray:
             except ImageRejected:
                 flags[key] = False
                 continue
-            flags[key] = decoded.format != "DICOM" and rectify(decoded.gray).rectified
+            flags[key] = models_view(decoded).rectified
     flags_file.write_text(json.dumps(flags))
     return np.array([bool(flags[f"file:{r.path}"]) for r in chosen])
 

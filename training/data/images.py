@@ -12,7 +12,7 @@ from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
 from diagnosis.intake import ImageRejected, decode
-from diagnosis.photo import rectify
+from diagnosis.photo import models_view
 from diagnosis.preprocess import resize_gray, to_model_input
 
 from .datasets import Record
@@ -26,7 +26,7 @@ def load_gray(record: Record, max_side: int | None) -> Image.Image:
     the models train on what they will be shown.
     """
     decoded = decode(record.path.read_bytes())
-    gray = decoded.gray if decoded.format == "DICOM" else rectify(decoded.gray).gray
+    gray = models_view(decoded).gray
     image = Image.fromarray(gray, mode="L")
     if max_side is not None and max(image.size) > max_side:
         scale = max_side / max(image.size)
