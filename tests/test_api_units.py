@@ -66,3 +66,16 @@ def test_callback_targets_must_be_public_unless_allowed(url):
 def test_public_callback_targets_pass():
     assert callback_target_refused("https://93.184.215.14/hook", allow_private=False) is None
     assert callback_target_refused("https://[2606:4700::1111]/hook", allow_private=False) is None
+
+
+def test_the_bot_still_requires_its_token(tmp_path):
+    """Workers of an API-only deployment run without TELEGRAM_BOT_TOKEN; the bot refuses to start."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {name: value for name, value in os.environ.items() if name != "TELEGRAM_BOT_TOKEN"}
+    done = subprocess.run([sys.executable, "-m", "bot"], cwd=Path(__file__).resolve().parents[1], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0 and "TELEGRAM_BOT_TOKEN" in done.stderr

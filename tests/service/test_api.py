@@ -45,7 +45,9 @@ def stack(fake_telegram, redis_db, tmp_path_factory, pack):
            "API_RATE_LIMIT": str(RATE_LIMIT), "API_WATCHDOG_S": "1",
            "API_DAILY_QUOTA": "500"}
     keys = {name: create_key(env, name) for name in ("clinic-a", "clinic-b", "clinic-q", "clinic-r", "gone")}
-    worker = WorkerProcess(env, folder / "worker.log").start()
+    # An API-only deployment: its worker runs without TELEGRAM_BOT_TOKEN.
+    api_only = {name: value for name, value in env.items() if name != "TELEGRAM_BOT_TOKEN"}
+    worker = WorkerProcess(api_only, folder / "worker.log").start()
     api = ApiProcess(env, folder / "api.log").start()
     yield api, env, keys, worker
     api.stop()
@@ -211,6 +213,16 @@ def test_bad_input_gets_its_status_and_a_problem_body(stack, http, redis_client)
         assert secret_key not in logs, name
     assert CALLBACK_SECRET not in logs
     assert CHEST[200:232].hex() not in logs and repr(CHEST[200:232])[2:-1] not in logs
+
+
+def test_the_worker_serves_the_api_without_a_bot_token(stack, http):
+    api, _, keys, worker = stack
+    assert "TELEGRAM_BOT_TOKEN" not in worker.env
+    key = keys["clinic-b"][0]
+    done = wait_done(http, api.url + post(http, api, key).json()["url"], bearer(key))
+    assert done["status"] == "succeeded" and done["result"]["verdict"]
+    assert "this worker serves HTTP API requests only" in worker.log()
+    assert "Traceback" not in worker.log() and "ValidationError" not in worker.log()
 
 
 def test_operations_endpoints_and_the_committed_openapi_document(stack, http):
