@@ -9,6 +9,7 @@ enqueued as ``diagnose`` with ``channel="api"``. Accepted requests are answered 
 
 from __future__ import annotations
 
+import hashlib
 import math
 from typing import Annotated, Any
 from urllib.parse import urlsplit
@@ -20,7 +21,7 @@ from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBea
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
-from contract.analyses import analysis_path
+from contract.analyses import analysis_path, callback_target_refused
 from contract.envelope import MODES
 from contract.i18n import LANGUAGES
 from contract.monitoring import ERRORS
@@ -99,18 +100,34 @@ def field(form: dict[str, Any], name: str, default: str, allowed: Any) -> str:
     return value
 
 
-def check_callback(request: Request, url: str | None) -> str | None:
+async def check_callback(request: Request, url: str | None) -> str | None:
     if not url:
         return None
     settings = request.app.state.settings
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError on a port out of range
+    except ValueError:
+        parts = None
     schemes = ("https", "http") if settings.API_CALLBACK_ALLOW_HTTP else ("https",)
-    if parts.scheme not in schemes or not parts.hostname or len(url) > 2000:
+    if parts is None or parts.scheme not in schemes or not parts.hostname or len(url) > 2000:
         raise Problem(422, "invalid-callback", f"callback_url must be an absolute {' or '.join(schemes)} URL.")
     if settings.API_CALLBACK_SECRET is None:
         raise Problem(422, "callbacks-disabled", "This server has no API_CALLBACK_SECRET: callbacks are off. Poll "
                       "GET /v1/analyses/{id} instead.")
+    refused = await run_in_threadpool(callback_target_refused, url, settings.API_CALLBACK_ALLOW_PRIVATE)
+    if refused:
+        raise Problem(422, "callback-not-public", refused)
     return url
+
+
+def request_fingerprint(data: bytes, mode: str, language: str, callback_url: str | None) -> str:
+    """What an Idempotency-Key is bound to besides the analysis: the same key with another image or
+    other fields is a different request (refused), not a retry."""
+    digest = hashlib.sha256(data)
+    for part in (mode, language, callback_url or ""):
+        digest.update(b"\0" + part.encode())
+    return digest.hexdigest()
 
 
 async def check_image(data: bytes, language: str) -> None:
@@ -145,8 +162,8 @@ async def create_analysis(request: Request, client: Client,
     del body
     language = field(form, "language", "en", tuple(LANGUAGES))
     mode = field(form, "mode", MODES[0], MODES)
-    callback_url = check_callback(request, form.get("callback_url") if isinstance(form.get("callback_url"), str)
-                                  else None)
+    callback_url = await check_callback(request, form.get("callback_url")
+                                        if isinstance(form.get("callback_url"), str) else None)
     upload = form.get("image")
     if not isinstance(upload, UploadFile):
         raise Problem(422, "missing-image", "Attach the image as the form field 'image'.")
@@ -158,8 +175,13 @@ async def create_analysis(request: Request, client: Client,
 
     request_id = store.new_request_id()
     if idempotency_key:
-        existing = await store.claim_idempotency(client, idempotency_key, request_id)
+        fingerprint = request_fingerprint(data, mode, language, callback_url)
+        existing, bound_to = await store.claim_idempotency(client, idempotency_key, request_id, fingerprint)
         if existing is not None:
+            if bound_to and bound_to != fingerprint:  # empty: bound before fingerprints were kept
+                raise Problem(422, "idempotency-key-reused", "This Idempotency-Key was already used with a different "
+                              "request (another image, mode, language or callback_url). Use a new key for a new "
+                              "request.")
             document = await store.document(existing, client)
             if document is None:
                 raise Problem(409, "idempotency-in-progress", "A request with this Idempotency-Key is being "

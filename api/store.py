@@ -91,13 +91,18 @@ class ApiStore:
         """The request was refused (429): the same key may be used again."""
         await self.redis.delete(self._idempotency(client, idempotency_key))
 
-    async def claim_idempotency(self, client: str, idempotency_key: str, request_id: str) -> str | None:
-        """None when this key is new (now bound to ``request_id``), else the id it was bound to."""
+    async def claim_idempotency(self, client: str, idempotency_key: str, request_id: str,
+                                fingerprint: str) -> tuple[str | None, str | None]:
+        """(None, None) when this key is new (now bound to ``request_id`` and the request's
+        ``fingerprint``), else (the id, the fingerprint) it was bound to."""
         name = self._idempotency(client, idempotency_key)
-        if await self.redis.set(name, request_id, nx=True, ex=self.settings.BLOB_TTL_S):
-            return None
+        if await self.redis.set(name, f"{request_id} {fingerprint}", nx=True, ex=self.settings.BLOB_TTL_S):
+            return None, None
         existing = await self.redis.get(name)
-        return existing.decode() if existing else None
+        if not existing:
+            return None, None
+        bound_id, _, bound_fingerprint = existing.decode().partition(" ")
+        return bound_id, bound_fingerprint
 
     async def accept(self, request_id: str, client: str, data: bytes, mode: str, language: str,
                      callback_url: str | None) -> None:

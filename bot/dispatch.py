@@ -12,6 +12,7 @@ from celery import Celery
 
 from contract.envelope import RequestEnvelope
 from contract.keys import DIAGNOSE_TASK, INFERENCE_QUEUE
+from contract.monitoring import stamp_enqueue_time
 from contract.settings import ServiceSettings
 
 
@@ -23,6 +24,7 @@ def diagnose_kwargs(request: RequestEnvelope) -> dict[str, Any]:
 def make_client(settings: ServiceSettings) -> Celery:
     """A producer-only Celery app with the same serialisation rules as the workers."""
     client = Celery("xray-bot", broker=settings.broker_url, set_as_current=False)
+    stamp_enqueue_time()  # the queue's age for Prometheus (contract.monitoring)
     client.conf.update(
         task_serializer="json",
         accept_content=["json"],

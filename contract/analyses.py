@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
 import json
+import socket
 import time
 from datetime import UTC, datetime
 from typing import Any
@@ -109,3 +111,41 @@ def verify_signature(secret: str, body: bytes, header: str, tolerance_s: int = 3
 
 def dumps(document: dict[str, Any]) -> str:
     return json.dumps(document, ensure_ascii=False, separators=(",", ":"))
+
+
+def non_public_address(address: str) -> bool:
+    """Loopback, private (RFC 1918, ULA), link-local (169.254/16: cloud metadata), CGNAT, multicast,
+    reserved or unspecified: an address a callback must not reach unless the operator allows it."""
+    ip = ipaddress.ip_address(address.split("%", 1)[0])
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return not ip.is_global or ip.is_multicast
+
+
+def callback_target_refused(url: str, allow_private: bool) -> str | None:
+    """Why the callback to ``url`` is refused (a sentence for the client), or None when it may go.
+
+    The host is resolved and *every* address it resolves to must be public, unless ``allow_private``
+    (API_CALLBACK_ALLOW_PRIVATE: tests, a clinic's LAN). Checked when the request is accepted and
+    again before each POST (the name may resolve differently by then)."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    host = parts.hostname
+    if not host:
+        return "callback_url has no host."
+    if allow_private:
+        return None
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (OSError, ValueError, UnicodeError):
+        return f"callback_url's host {host!r} does not resolve."
+    addresses = {info[4][0] for info in infos}
+    if not addresses:
+        return f"callback_url's host {host!r} does not resolve."
+    if any(non_public_address(address) for address in addresses):
+        return (f"callback_url's host {host!r} resolves to a loopback, private or link-local address; "
+                "callbacks go to public addresses only (the operator can allow others with "
+                "API_CALLBACK_ALLOW_PRIVATE).")
+    return None

@@ -12,13 +12,20 @@ Each process serves its own /metrics on ``METRICS_PORT`` when set. Names:
 - ``xray_api_requests_total{route,status}`` and ``xray_api_request_seconds{route}``: the HTTP API;
 - ``xray_bot_updates_total{kind}``: enqueued, rate_limited, too_large, download_failed,
   enqueue_failed, not_allowed, other — the bot;
+- ``xray_telegram_429_total{component}``: Bot API answers 429 (flood control) — bot, delivery workers;
 - ``xray_errors_total{component}``: unexpected exceptions;
-- ``xray_queue_depth{queue}``: messages waiting in the Celery queues, read from Redis at scrape time.
+- ``xray_queue_depth{queue}``: messages waiting in the Celery queues, read from Redis at scrape time;
+- ``xray_queue_oldest_age_seconds{queue}``: how long the oldest waiting message has waited (0: the queue
+  is empty), from the time every publisher stamps on its messages (``stamp_enqueue_time``).
+
+Alert rules and a Grafana dashboard over these: deploy/prometheus/alerts.yml, deploy/grafana/.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import time
 
 from prometheus_client import REGISTRY, Counter, Histogram, start_http_server
 from prometheus_client.core import GaugeMetricFamily
@@ -37,6 +44,34 @@ API_REQUESTS = Counter("xray_api_requests_total", "HTTP API responses by route a
 API_SECONDS = Histogram("xray_api_request_seconds", "HTTP API response time in seconds", ["route"],
                         buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
 ERRORS = Counter("xray_errors_total", "Unexpected exceptions by component", ["component"])
+TELEGRAM_429 = Counter("xray_telegram_429_total", "Bot API answers 429 (flood control), by component", ["component"])
+
+# A message header: when the message was published (unix seconds). Set by every process that
+# publishes tasks (bot, API, workers: ``stamp_enqueue_time``); read by ``QueueDepthCollector``.
+ENQUEUED_AT_HEADER = "xso_enqueued_at"
+
+
+def _stamp(headers: dict | None = None, **_: object) -> None:
+    if headers is not None:
+        headers[ENQUEUED_AT_HEADER] = time.time()  # a retry or a scheduled task: when it was queued again
+
+
+def stamp_enqueue_time() -> None:
+    """Every task this process publishes carries its publication time (celery's before_task_publish)."""
+    from celery.signals import before_task_publish
+
+    before_task_publish.connect(_stamp, weak=False, dispatch_uid="xso-enqueued-at")
+
+
+def message_age(raw: bytes | None, now: float) -> float | None:
+    """Seconds since a kombu Redis message was published; None when it carries no stamp."""
+    if raw is None:
+        return None
+    try:
+        stamp = json.loads(raw)["headers"][ENQUEUED_AT_HEADER]
+        return max(0.0, now - float(stamp))
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 def observe_result(result) -> None:
@@ -57,12 +92,24 @@ class QueueDepthCollector:
 
     def collect(self):
         gauge = GaugeMetricFamily("xray_queue_depth", "Messages waiting in each Celery queue", labels=["queue"])
+        age = GaugeMetricFamily("xray_queue_oldest_age_seconds",
+                                "Seconds the oldest waiting message of each Celery queue has waited (0: empty)",
+                                labels=["queue"])
+        now = time.time()
         for queue in self.queues:
             try:
-                gauge.add_metric([queue], float(self.client.llen(queue)))
+                depth = self.client.llen(queue)
+                # kombu LPUSHes and BRPOPs: the oldest message is the list's last element.
+                oldest = self.client.lindex(queue, -1) if depth else None
             except Exception:  # Redis down: report nothing rather than break the scrape
                 log.warning("queue depth unavailable for %s", queue)
+                continue
+            gauge.add_metric([queue], float(depth))
+            waited = message_age(oldest, now)
+            if not depth or waited is not None:
+                age.add_metric([queue], waited or 0.0)
         yield gauge
+        yield age
 
 
 _serving: set[int] = set()

@@ -137,6 +137,9 @@ class ServiceSettings(BaseSettings):
     # when API_CALLBACK_ALLOW_HTTP (tests, a clinic's LAN).
     API_CALLBACK_SECRET: SecretStr | None = None
     API_CALLBACK_ALLOW_HTTP: bool = False
+    # callback_url hosts must resolve to public addresses only (no loopback, RFC 1918, link-local such
+    # as cloud metadata at 169.254.169.254): set this to allow them (tests, a clinic's LAN).
+    API_CALLBACK_ALLOW_PRIVATE: bool = False
     API_CALLBACK_TIMEOUT_S: float = Field(10.0, gt=0, le=60)
     API_CALLBACK_MAX_RETRIES: int = Field(8, ge=0)
     API_PUBLIC_URL: str | None = None  # e.g. https://xray.example.org: absolute URLs in callbacks

@@ -26,6 +26,8 @@ from typing import Any
 from telegram.error import RetryAfter
 from telegram.request import HTTPXRequest, RequestData
 
+from .monitoring import TELEGRAM_429
+
 # Opt in to PTB 23 behaviour now (time periods as timedelta, e.g. RetryAfter.retry_after; read at
 # run time): no deprecation warnings per 429, and ``retry_after_seconds`` reads both forms anyway.
 os.environ.setdefault("PTB_TIMEDELTA", "true")
@@ -122,6 +124,8 @@ class RetryingRequest(HTTPXRequest):
                 await self._wait_for_slot(chat_id)
             code, payload = await super().do_request(url, method, request_data, **timeouts)
             attempt += 1
+            if code == 429:
+                TELEGRAM_429.labels("bot").inc()
             if code == 429 and chat_id is not None:
                 with contextlib.suppress(Exception):  # every sender honours Telegram's retry_after
                     await self._pacer.penalise(chat_id, _retry_after(payload) or 1.0)

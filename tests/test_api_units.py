@@ -10,7 +10,7 @@ from babel.messages.extract import extract_from_dir
 
 from api.auth import KeyFile
 from api.texts import gettext_for, page_texts
-from contract.analyses import callback_secret, signature_header, verify_signature
+from contract.analyses import callback_secret, callback_target_refused, signature_header, verify_signature
 
 
 @pytest.mark.parametrize("language", ["ru", "kk"])
@@ -49,3 +49,33 @@ def test_callback_signatures_are_per_key_and_time_bound():
     assert not verify_signature(callback_secret("master", "clinic-b"), body, header)
     assert not verify_signature(secret, body, signature_header(secret, body, timestamp=1))  # too old
     assert not verify_signature(secret, body, "garbage")
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1/x", "http://127.8.9.10/x", "https://localhost/x", "http://10.1.2.3/",
+                                 "http://172.16.0.1/", "http://192.168.0.1/", "http://169.254.169.254/latest",
+                                 "http://100.64.0.1/", "http://0.0.0.0/", "http://224.0.0.1/", "http://[::1]/",
+                                 "http://[fc00::1]/", "http://[fe80::1]/", "http://[::ffff:10.0.0.1]/",
+                                 "http://[::]/", "https://no-such-host.invalid/"])
+def test_callback_targets_must_be_public_unless_allowed(url):
+    refused = callback_target_refused(url, allow_private=False)
+    assert refused and "callback_url" in refused
+    if "invalid" not in url:
+        assert callback_target_refused(url, allow_private=True) is None
+
+
+def test_public_callback_targets_pass():
+    assert callback_target_refused("https://93.184.215.14/hook", allow_private=False) is None
+    assert callback_target_refused("https://[2606:4700::1111]/hook", allow_private=False) is None
+
+
+def test_the_bot_still_requires_its_token(tmp_path):
+    """Workers of an API-only deployment run without TELEGRAM_BOT_TOKEN; the bot refuses to start."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {name: value for name, value in os.environ.items() if name != "TELEGRAM_BOT_TOKEN"}
+    done = subprocess.run([sys.executable, "-m", "bot"], cwd=Path(__file__).resolve().parents[1], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0 and "TELEGRAM_BOT_TOKEN" in done.stderr

@@ -230,3 +230,115 @@ def test_docker_compose_config_accepts_the_file():  # pragma: no cover - only wh
     env = {**os.environ, **COMPOSE_ENV}
     subprocess.run(["docker", "compose", "-f", str(ROOT / "docker-compose.yml"), "config", "-q"], env=env,
                    check=True, timeout=60)
+
+
+# --- Monitoring: Prometheus alert rules (promtool) and the Grafana dashboard -------------------------
+
+PROMETHEUS = ROOT / "deploy" / "prometheus"
+DASHBOARD = ROOT / "deploy" / "grafana" / "xray-service.json"
+# A metric as the code declares it: Counter/Histogram("name", …) or GaugeMetricFamily("name", …).
+DECLARED = re.compile(r'(?:Counter|Histogram|Gauge|Summary|GaugeMetricFamily)\(\s*"([a-z_][a-z0-9_]*)"')
+BUCKET_SUFFIXES = ("_bucket", "_count", "_sum")
+RATE_INTERVAL = "$__rate_interval"
+
+
+def exported_metrics() -> set[str]:
+    """Every metric name the code exports (contract/, bot/, worker/, api/), plus Prometheus' own ``up``."""
+    names = {"up"}
+    for package in ("contract", "bot", "worker", "api"):
+        for path in (ROOT / package).rglob("*.py"):
+            names |= set(DECLARED.findall(path.read_text(encoding="utf-8")))
+    return names
+
+
+def metric_names(expr: str) -> set[str]:
+    found = set(re.findall(r"\b(xray_[a-z0-9_]+)\b", expr)) | ({"up"} if re.search(r"\bup\s*\{", expr) else set())
+    return {next((n[: -len(s)] for s in BUCKET_SUFFIXES if n.endswith(s)), n) for n in found}
+
+
+def alert_rules() -> list[dict]:
+    groups = yaml.safe_load((PROMETHEUS / "alerts.yml").read_text())["groups"]
+    return [rule for group in groups for rule in group["rules"]]
+
+
+def dashboard_exprs() -> list[str]:
+    dashboard = json.loads(DASHBOARD.read_text(encoding="utf-8"))
+    return [target["expr"] for panel in dashboard["panels"] for target in panel.get("targets", [])]
+
+
+def test_exported_metrics_are_found_in_the_code():
+    names = exported_metrics()
+    assert {"xray_queue_depth", "xray_queue_oldest_age_seconds", "xray_requests_total", "xray_telegram_429_total",
+            "xray_api_requests_total", "xray_api_request_seconds", "xray_stage_seconds", "xray_errors_total"} <= names
+    assert metric_names('histogram_quantile(0.5, sum by (le) (rate(xray_stage_seconds_bucket[5m])))') == \
+        {"xray_stage_seconds"}
+
+
+def test_alert_rules_cover_the_service_and_name_only_exported_metrics():
+    rules = alert_rules()
+    names = exported_metrics()
+    for rule in rules:
+        assert rule["alert"].startswith("Xray") and rule["labels"]["severity"] in ("warning", "critical")
+        assert rule["annotations"]["summary"] and rule["annotations"]["description"]
+        used = metric_names(rule["expr"])
+        assert used and used <= names, (rule["alert"], used - names)
+    used = set().union(*(metric_names(rule["expr"]) for rule in rules))
+    # The issue's list: queue age and depth, error rate, no worker up, Telegram 429s, API 5xx.
+    assert {"xray_queue_oldest_age_seconds", "xray_queue_depth", "xray_requests_total", "xray_errors_total", "up",
+            "xray_telegram_429_total", "xray_api_requests_total"} <= used
+    assert any('status=~"5.."' in rule["expr"] for rule in rules)
+
+
+needs_promtool = pytest.mark.skipif(shutil.which("promtool") is None,
+                                    reason="promtool is not installed (Debian: apt-get install prometheus)")
+
+
+@needs_promtool
+def test_promtool_checks_the_alert_rules_and_runs_their_unit_tests():
+    checked = subprocess.run(["promtool", "check", "rules", str(PROMETHEUS / "alerts.yml")], capture_output=True,
+                             text=True, timeout=60)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert f"SUCCESS: {len(alert_rules())} rules found" in checked.stdout
+    tested = subprocess.run(["promtool", "test", "rules", "alerts.test.yml"], cwd=PROMETHEUS, capture_output=True,
+                            text=True, timeout=120)
+    assert tested.returncode == 0, tested.stdout + tested.stderr
+    tested_alerts = {case["alertname"] for test in yaml.safe_load((PROMETHEUS / "alerts.test.yml").read_text())["tests"]
+                     for case in test["alert_rule_test"]}
+    assert len(tested_alerts) >= 2 and tested_alerts <= {rule["alert"] for rule in alert_rules()}
+
+
+@needs_promtool
+def test_promtool_refuses_a_broken_rule(tmp_path):
+    broken = tmp_path / "broken.yml"
+    broken.write_text("groups:\n  - name: x\n    rules:\n      - alert: X\n"
+                      "        expr: sum(rate(xray_requests_total[5m])\n")  # a parenthesis short
+    assert subprocess.run(["promtool", "check", "rules", str(broken)], capture_output=True, timeout=60).returncode != 0
+
+
+def test_dashboard_is_valid_json_and_names_only_exported_metrics():
+    dashboard = json.loads(DASHBOARD.read_text(encoding="utf-8"))
+    assert dashboard["uid"] and dashboard["title"] and dashboard["panels"]
+    assert len({panel["id"] for panel in dashboard["panels"]}) == len(dashboard["panels"])
+    names = exported_metrics()
+    exprs = dashboard_exprs()
+    for expr in exprs:
+        used = metric_names(expr)
+        assert used and used <= names, (expr, used - names)
+    used = set().union(*(metric_names(expr) for expr in exprs))
+    # What operators watch: queue depth and age, request rates, latency per stage, errors, 429s, API 5xx.
+    assert {"xray_queue_depth", "xray_queue_oldest_age_seconds", "xray_requests_total", "xray_api_requests_total",
+            "xray_stage_seconds", "xray_api_request_seconds", "xray_errors_total", "xray_telegram_429_total"} <= used
+    assert any("histogram_quantile(0.5," in e and "xray_stage_seconds" in e for e in exprs)
+    assert any("histogram_quantile(0.95," in e and "xray_stage_seconds" in e for e in exprs)
+    assert any('status=~"5.."' in e for e in exprs)
+
+
+@needs_promtool
+def test_every_dashboard_query_is_valid_promql(tmp_path):
+    """promtool parses each query as a recording rule (Grafana's $__rate_interval read as 5m)."""
+    rules = [{"record": f"xray:dashboard:{i}", "expr": expr.replace(RATE_INTERVAL, "5m")}
+             for i, expr in enumerate(dashboard_exprs())]
+    path = tmp_path / "dashboard-rules.yml"
+    path.write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}))
+    checked = subprocess.run(["promtool", "check", "rules", str(path)], capture_output=True, text=True, timeout=60)
+    assert checked.returncode == 0, checked.stdout + checked.stderr

@@ -26,3 +26,46 @@ def test_results_are_counted_and_served_with_queue_depth():
 
 def test_no_port_no_server():
     assert serve_metrics(None) is False
+
+
+def test_queue_age_comes_from_the_stamp_every_publisher_sets():
+    """A real Celery publish (the bot's and the API's producer) onto real Redis: the collector reads the
+    oldest message's publication time; an empty queue is 0 s old."""
+    import json
+    import secrets
+    import time
+
+    import pytest
+    import redis
+
+    from bot.dispatch import make_client
+    from contract.monitoring import ENQUEUED_AT_HEADER, QueueDepthCollector, message_age
+    from contract.settings import ServiceSettings
+
+    url = "redis://127.0.0.1:6379/15"
+    client = redis.Redis.from_url(url)
+    try:
+        client.ping()
+    except redis.ConnectionError:
+        pytest.skip("Redis is not reachable at 127.0.0.1:6379")
+    queue = f"test-age-{secrets.token_hex(4)}"
+    producer = make_client(ServiceSettings(REDIS_URL=url))
+    try:
+        collector = QueueDepthCollector(url, queues=(queue,))
+        empty = {m.name: m.samples for m in collector.collect()}
+        assert [s.value for s in empty["xray_queue_oldest_age_seconds"]] == [0.0]
+        before = time.time()
+        producer.send_task("diagnose", kwargs={"envelope": {}}, queue=queue)
+        time.sleep(0.2)
+        producer.send_task("diagnose", kwargs={"envelope": {}}, queue=queue)
+        metrics = {m.name: m.samples for m in collector.collect()}
+        assert [s.value for s in metrics["xray_queue_depth"]] == [2.0]
+        [age] = metrics["xray_queue_oldest_age_seconds"]
+        assert age.labels == {"queue": queue} and 0.2 <= age.value < 5  # the first message, not the second
+        oldest = client.lindex(queue, -1)
+        assert before <= float(json.loads(oldest)["headers"][ENQUEUED_AT_HEADER]) <= time.time()
+        assert 119 < message_age(oldest, before + 120) <= 120
+        assert message_age(b'{"headers": {}}', time.time()) is None and message_age(b"junk", 0) is None
+    finally:
+        producer.close()
+        client.delete(queue)

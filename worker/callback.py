@@ -18,7 +18,15 @@ import httpx
 from celery import Task
 from celery.utils.log import get_task_logger
 
-from contract.analyses import SIGNATURE_HEADER, callback_secret, decode_hash, dumps, resource, signature_header
+from contract.analyses import (
+    SIGNATURE_HEADER,
+    callback_secret,
+    callback_target_refused,
+    decode_hash,
+    dumps,
+    resource,
+    signature_header,
+)
 from contract.envelope import RequestEnvelope
 from contract.keys import CALLBACK_TASK, DELIVERY_QUEUE
 from contract.monitoring import CALLBACKS
@@ -62,6 +70,12 @@ def callback(self: Task, envelope: dict[str, Any]) -> dict[str, Any]:
     headers = {"Content-Type": "application/json", SIGNATURE_HEADER: signature_header(secret, body),
                "X-XSO-Delivery": request_id, "User-Agent": "xray-second-opinion-callback/1"}
     host = urlsplit(request.callback_url).hostname
+    # Again here: the name may resolve to another address than when the request was accepted.
+    refused = callback_target_refused(request.callback_url, settings.API_CALLBACK_ALLOW_PRIVATE)
+    if refused:
+        CALLBACKS.labels("refused").inc()
+        logger.warning("request %s: callback to %s refused: not a public address", request_id, host)
+        return {"sent": False, "refused": "not a public address"}
     try:
         response = httpx.post(request.callback_url, content=body, headers=headers,
                               timeout=settings.API_CALLBACK_TIMEOUT_S, follow_redirects=False)

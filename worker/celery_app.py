@@ -11,9 +11,11 @@ from celery import Celery
 from kombu import Exchange, Queue
 
 from contract.keys import CALLBACK_TASK, DELIVER_TASK, DELIVERY_QUEUE, DIAGNOSE_TASK, INFERENCE_QUEUE
+from contract.monitoring import stamp_enqueue_time
 from contract.settings import load_settings
 
 settings = load_settings()
+stamp_enqueue_time()  # xray_queue_oldest_age_seconds
 
 app = Celery("xray_second_opinion", broker=settings.broker_url,
              include=["worker.diagnose", "worker.deliver", "worker.callback"])

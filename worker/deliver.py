@@ -40,7 +40,16 @@ from contract.settings import Settings
 from .api_out import store_answer
 from .celery_app import app
 from .celery_app import settings as service_settings
-from .resources import REDIS_UNAVAILABLE, get_out, get_redis, get_settings, retry_later, retry_while_redis_is_down
+from .resources import (
+    REDIS_UNAVAILABLE,
+    get_out,
+    get_redis,
+    get_settings,
+    has_bot_token,
+    retry_later,
+    retry_while_redis_is_down,
+    telegram_settings,
+)
 from .telegram_out import Deferred, TelegramOut, Undeliverable
 
 logger = get_task_logger(__name__)
@@ -75,8 +84,10 @@ def deliver(
         DELIVERIES.labels("stored" if outcome.get("stored") else "duplicate").inc()
         return outcome
     try:
-        sent = send_reply(get_redis(), get_out(), settings, request, result=result, overlay_key=overlay_key,
-                          failure=failure)
+        if not has_bot_token():  # a worker of an API-only deployment: leave Telegram to one with the token
+            raise Deferred(settings.MAX_RETRY_DELAY_S, "no TELEGRAM_BOT_TOKEN on this worker")
+        sent = send_reply(get_redis(), get_out(), telegram_settings(), request, result=result,
+                          overlay_key=overlay_key, failure=failure)
     except Deferred as deferred:
         DELIVERIES.labels("deferred").inc()
         if self.request.retries >= (self.max_retries or 0):

@@ -23,7 +23,7 @@ from contract.keys import INFERENCE_QUEUE
 from contract.monitoring import serve_metrics
 from contract.pacing import Limits, Pacer
 from contract.redis_client import connect
-from contract.settings import CELERY_COUNTDOWN_MAX_S, Settings
+from contract.settings import CELERY_COUNTDOWN_MAX_S, ServiceSettings, Settings
 from contract.telegram import backoff
 
 from .celery_app import app
@@ -40,8 +40,19 @@ _redis: tuple[int, redis.Redis] | None = None
 _out: tuple[int, TelegramOut] | None = None
 
 
-def get_settings() -> Settings:
-    """The process's settings (``worker.celery_app.settings``); the tasks need the bot token."""
+def get_settings() -> ServiceSettings:
+    """The process's settings (``worker.celery_app.settings``). No bot token needed: a worker whose
+    deployment only serves the HTTP API runs without TELEGRAM_BOT_TOKEN; ``telegram_settings`` (the
+    Telegram sender) asks for it."""
+    return process_settings
+
+
+def has_bot_token() -> bool:
+    return isinstance(process_settings, Settings)
+
+
+def telegram_settings() -> Settings:
+    """The settings with the bot token, for answers sent to Telegram."""
     if not isinstance(process_settings, Settings):
         Settings()  # raises the validation error that explains what is wrong with TELEGRAM_BOT_TOKEN
     return process_settings
@@ -61,7 +72,7 @@ def get_out() -> TelegramOut:
     redis_client = get_redis()
     with _resources_lock:
         if _out is None or _out[0] != os.getpid():
-            settings = get_settings()
+            settings = telegram_settings()
             pacer = Pacer(redis_client, settings.keys, Limits.from_settings(settings))
             _out = (os.getpid(), TelegramOut(settings, pacer=pacer))
         return _out[1]
@@ -200,6 +211,13 @@ def _prepare_process(**_: Any) -> None:
 
 
 @worker_ready.connect
+def _say_without_bot_token(**_: Any) -> None:
+    if not has_bot_token():
+        process_logger.warning("no valid TELEGRAM_BOT_TOKEN: this worker serves HTTP API requests only; an answer "
+                               "for Telegram is deferred until a worker with the token takes it")
+
+
+@worker_ready.connect
 def _scheduler_for_thread_pools(sender: Any = None, **_: Any) -> None:
     """Pools without ``worker_process_init`` (threads, gevent) run their tasks in the main process:
     it publishes the delayed tasks. A prefork parent does not (it forks children; no threads there)."""
@@ -227,7 +245,7 @@ def _close_telegram(**_: Any) -> None:
 REDIS_DOWN_RETRIES = 5
 
 
-def retry_while_redis_is_down(task: Any, settings: Settings, request_id: str, error: Exception) -> Exception:
+def retry_while_redis_is_down(task: Any, settings: ServiceSettings, request_id: str, error: Exception) -> Exception:
     """A failed task is acknowledged and gone: while Redis is unreachable, retry it a few times instead."""
     if task.request.retries >= REDIS_DOWN_RETRIES:
         return error

@@ -33,6 +33,7 @@ from telegram.constants import ChatAction
 from telegram.error import BadRequest, ChatMigrated, Forbidden, InvalidToken, NetworkError, RetryAfter, TelegramError
 from telegram.request import HTTPXRequest
 
+from contract.monitoring import TELEGRAM_429
 from contract.pacing import Pacer, TooLong
 from contract.settings import Settings
 from contract.telegram import ATTEMPTS, MAX_INLINE_RETRY_AFTER_S, backoff, quiet_http_logging, retry_after_seconds
@@ -126,6 +127,7 @@ class TelegramOut:
             try:
                 return self._run(make_call)
             except RetryAfter as error:
+                TELEGRAM_429.labels("worker").inc()
                 wait = retry_after_seconds(error)
                 self._penalise(chat_id, wait)
                 if wait > MAX_INLINE_RETRY_AFTER_S:

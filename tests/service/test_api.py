@@ -41,10 +41,13 @@ def stack(fake_telegram, redis_db, tmp_path_factory, pack):
     models = make_models_dir(folder / "models")
     env = {**os.environ, **worker_env(fake_telegram.url, redis_db[0], models),
            "API_KEYS_FILE": str(folder / "keys.json"), "API_CALLBACK_SECRET": CALLBACK_SECRET,
-           "API_CALLBACK_ALLOW_HTTP": "true", "API_RATE_LIMIT": str(RATE_LIMIT), "API_WATCHDOG_S": "1",
+           "API_CALLBACK_ALLOW_HTTP": "true", "API_CALLBACK_ALLOW_PRIVATE": "true",
+           "API_RATE_LIMIT": str(RATE_LIMIT), "API_WATCHDOG_S": "1",
            "API_DAILY_QUOTA": "500"}
     keys = {name: create_key(env, name) for name in ("clinic-a", "clinic-b", "clinic-q", "clinic-r", "gone")}
-    worker = WorkerProcess(env, folder / "worker.log").start()
+    # An API-only deployment: its worker runs without TELEGRAM_BOT_TOKEN.
+    api_only = {name: value for name, value in env.items() if name != "TELEGRAM_BOT_TOKEN"}
+    worker = WorkerProcess(api_only, folder / "worker.log").start()
     api = ApiProcess(env, folder / "api.log").start()
     yield api, env, keys, worker
     api.stop()
@@ -140,6 +143,38 @@ def test_idempotency_key_returns_the_first_analysis(stack, http, redis_client):
     wait_done(http, api.url + first.json()["url"], bearer(key))
 
 
+def test_idempotency_key_reused_with_a_different_request_is_refused(stack, http):
+    api, _, keys, _ = stack
+    key = keys["clinic-a"][0]
+    first = post(http, api, key, headers={"Idempotency-Key": "order-18"})
+    assert first.status_code == 202
+    for changed in ({"mode": "clinician"}, {"language": "ru"}, {"data": CHEST + b"\0"}):
+        body = assert_problem(post(http, api, key, headers={"Idempotency-Key": "order-18"}, **changed), 422,
+                              "idempotency-key-reused")
+        assert "different request" in body["detail"]
+    again = post(http, api, key, headers={"Idempotency-Key": "order-18"})  # the same request still replays
+    assert again.status_code == 202 and again.json()["id"] == first.json()["id"]
+    wait_done(http, api.url + first.json()["url"], bearer(key))
+
+
+def test_callbacks_to_loopback_private_or_link_local_addresses_are_refused(stack, http, tmp_path):
+    """Without API_CALLBACK_ALLOW_PRIVATE (the default) callback_url must resolve to public addresses."""
+    _, env, keys, _ = stack
+    strict = ApiProcess({**env, "API_CALLBACK_ALLOW_PRIVATE": "false"}, tmp_path / "api-strict.log").start()
+    try:
+        key = keys["clinic-b"][0]
+        for url in ("http://127.0.0.1:9/hook", "http://localhost:8080/hook", "http://10.0.0.7/hook",
+                    "http://192.168.1.20/hook", "http://169.254.169.254/latest/meta-data", "http://[::1]/hook",
+                    "http://[::ffff:127.0.0.1]/hook", "http://[fe80::1]/hook", "http://0.0.0.0/hook"):
+            body = assert_problem(post(http, strict, key, callback_url=url), 422, "callback-not-public")
+            assert "public addresses" in body["detail"] and "API_CALLBACK_ALLOW_PRIVATE" in body["detail"], url
+        assert_problem(post(http, strict, key, callback_url="http://no-such-host.invalid/hook"), 422,
+                       "callback-not-public")
+        assert "Traceback" not in strict.log()
+    finally:
+        strict.stop()
+
+
 def test_bad_input_gets_its_status_and_a_problem_body(stack, http, redis_client):
     api, env, keys, worker = stack
     key = keys["clinic-b"][0]
@@ -178,6 +213,16 @@ def test_bad_input_gets_its_status_and_a_problem_body(stack, http, redis_client)
         assert secret_key not in logs, name
     assert CALLBACK_SECRET not in logs
     assert CHEST[200:232].hex() not in logs and repr(CHEST[200:232])[2:-1] not in logs
+
+
+def test_the_worker_serves_the_api_without_a_bot_token(stack, http):
+    api, _, keys, worker = stack
+    assert "TELEGRAM_BOT_TOKEN" not in worker.env
+    key = keys["clinic-b"][0]
+    done = wait_done(http, api.url + post(http, api, key).json()["url"], bearer(key))
+    assert done["status"] == "succeeded" and done["result"]["verdict"]
+    assert "this worker serves HTTP API requests only" in worker.log()
+    assert "Traceback" not in worker.log() and "ValidationError" not in worker.log()
 
 
 def test_operations_endpoints_and_the_committed_openapi_document(stack, http):

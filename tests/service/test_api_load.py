@@ -34,7 +34,8 @@ def test_concurrent_clients_and_a_killed_worker_lose_nothing(fake_telegram, redi
     chest = pack_chest_film(PACK).read_bytes()
     env = {**os.environ, **worker_env(fake_telegram.url, redis_db[0], make_models_dir(tmp_path / "models")), **SHORT,
            "API_KEYS_FILE": str(tmp_path / "keys.json"), "API_RATE_LIMIT": "100000", "API_DAILY_QUOTA": "100000",
-           "API_CALLBACK_SECRET": "load-secret", "API_CALLBACK_ALLOW_HTTP": "true", "API_WATCHDOG_S": "1"}
+           "API_CALLBACK_SECRET": "load-secret", "API_CALLBACK_ALLOW_HTTP": "true",
+           "API_CALLBACK_ALLOW_PRIVATE": "true", "API_WATCHDOG_S": "1"}
     key, _ = create_key(env, "load")
     headers = {"Authorization": f"Bearer {key}"}
     first = WorkerProcess(env, tmp_path / "worker-1.log").start()
