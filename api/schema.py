@@ -10,7 +10,11 @@ from typing import Literal
 
 from pydantic import BaseModel
 
+from contract.i18n import LANGUAGES
 from diagnosis.report import DiagnosisResult
+
+# Every shipped language (the request's ``language`` field takes the same list).
+Language = Literal[tuple(LANGUAGES)]  # type: ignore[valid-type]
 
 
 class Overlay(BaseModel):
@@ -31,7 +35,7 @@ class Analysis(BaseModel):
     url: str
     status: Literal["queued", "processing", "succeeded", "failed"]
     mode: Literal["screening", "clinician"]
-    language: Literal["en", "ru", "kk"]
+    language: Language
     created_at: str
     completed_at: str | None
     result: DiagnosisResult | None  # status succeeded

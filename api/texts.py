@@ -1,4 +1,6 @@
-"""The web page's texts in en/ru/kk, served as JSON (``GET /v1/texts/{language}``).
+"""The web page's texts in every shipped language (``contract.i18n.LANGUAGES``), served as JSON
+(``GET /v1/texts/{language}``), with the direction the page is laid out in (``dir``: ``rtl`` for
+Persian and Arabic, which the page puts on its ``<html>`` element).
 
 Whatever the service already says is taken from its catalogs: the acknowledgement and queue
 position (``contract.texts``, domain ``bot``), the physician prompt, finding names, overlay colours
@@ -12,7 +14,7 @@ from functools import cache
 from pathlib import Path
 
 from contract import texts as bot_texts
-from contract.i18n import LANGUAGES, N_, load_catalog, pick_language
+from contract.i18n import LANGUAGES, N_, RTL, load_catalog, pick_language
 
 DOMAIN = "web"
 LOCALES_DIR = Path(__file__).parent / "locales"
@@ -59,6 +61,7 @@ def page_texts(language: str) -> dict[str, object]:
     strings: dict[str, object] = {key: _(text) for key, text in PAGE.items()}
     strings.update({
         "language": language,
+        "dir": "rtl" if language in RTL else "ltr",
         "languages": dict(LANGUAGES),
         "received": bot_texts.received(language, 0),
         "physician": d_(PHYSICIAN),

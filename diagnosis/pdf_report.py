@@ -1,4 +1,4 @@
-"""A one-page PDF report of an analysed image (A4 or Letter), in English, Russian or Kazakh.
+"""A one-page PDF report of an analysed image (A4 or Letter), in every shipped language.
 
 What is on the page: the service and model versions (with each model card's sha256), the date, the
 image and its evidence maps, the verdict with its error rate, every finding's calibrated estimate with
@@ -8,9 +8,19 @@ report is built from the result and the pixels only, never from DICOM tags.
 
 The words come from the ``diagnosis`` gettext catalogs (``diagnosis.messages`` for what the chat
 reply also says). The library is fpdf2 (pure Python, embeds TrueType subsets, kept: releases
-through 2025-26); the font is DejaVu Sans as shipped by matplotlib, a dependency of the inference
-extra, so no system font is assumed; it has every glyph of the three languages (Kazakh ә ғ қ ң ө ұ ү
-һ і included; ``tests/test_pdf_report.py`` checks every catalog string against the font).
+through 2025-26). Fonts, chosen per language (``font_paths``), never guessed from the system:
+
+* DejaVu Sans as shipped by matplotlib, a dependency of the inference extra: Latin and Cyrillic
+  (Kazakh ә ғ қ ң ө ұ ү һ і, Tajik ҷ ӣ ӯ included), and the marks the report draws (▲ • ⚕ —);
+* Noto Sans Devanagari (Hindi) and Noto Sans Arabic (Persian, Arabic) from Debian's
+  ``fonts-noto-core`` at its known path (``.ci/run`` and the worker image install it; missing:
+  ``FontMissing`` says which package to install). DejaVu Sans is their fallback for what they lack
+  (Latin, parentheses, the marks).
+
+Devanagari conjuncts and joined, right-to-left Arabic script need text shaping: fpdf2 with HarfBuzz
+(``uharfbuzz``), switched on for those languages. Right-to-left pages are mirrored: text aligned
+right, the findings table's columns from right to left. ``tests/test_pacs.py`` renders one report
+per language and checks every character of every catalog string against the chosen fonts.
 
 One page whatever the language: the page is laid out with the images at their largest height and,
 should the text not fit, again with smaller images (``IMAGE_HEIGHTS_MM``).
@@ -27,7 +37,7 @@ from fpdf import FPDF
 from fpdf.enums import XPos, YPos
 from PIL import Image
 
-from contract.i18n import N_, pick_language
+from contract.i18n import N_, RTL, fill, pick_language
 
 from .messages import (
     OVERLAY_COLOURS,
@@ -45,7 +55,13 @@ from .report import DiagnosisResult
 PAGE_SIZES = ("A4", "Letter")
 MARGIN_MM = 12.0
 IMAGE_HEIGHTS_MM = (80.0, 70.0, 62.0, 54.0, 46.0, 38.0, 30.0)
-FONT = "dejavu"
+FONT = "main"  # the language's font family in the document (DejaVu Sans, or its script's Noto)
+FALLBACK = "dejavu"  # where the language's font is a script font: Latin, digits, marks
+# Debian's fonts-noto-core (apt-get install fonts-noto-core): its fonts, at the path Debian installs them.
+NOTO_PACKAGE = "fonts-noto-core"
+NOTO_DIR = Path("/usr/share/fonts/truetype/noto")
+SCRIPT_FONTS = {"hi": "NotoSansDevanagari", "fa": "NotoSansArabic", "ar": "NotoSansArabic"}
+SHAPED = frozenset(SCRIPT_FONTS)  # languages whose script needs HarfBuzz shaping (conjuncts, joining)
 
 TITLE = N_("X-ray second opinion: automated report")
 SERVICE_LINE = N_("Service: {service} {version}. Report made {date}.")
@@ -75,12 +91,31 @@ LIMITS = (
 )
 
 
-def font_paths() -> tuple[Path, Path]:
+class FontMissing(RuntimeError):
+    """The font a language's report needs is not installed (the message says which package)."""
+
+
+def dejavu_paths() -> tuple[Path, Path]:
     """DejaVu Sans regular and bold, as shipped inside matplotlib (no system fonts)."""
     import matplotlib
 
     folder = Path(matplotlib.get_data_path()) / "fonts" / "ttf"
     return folder / "DejaVuSans.ttf", folder / "DejaVuSans-Bold.ttf"
+
+
+def font_paths(language: str = "en") -> tuple[Path, Path]:
+    """The regular and bold font of ``language``'s report: its script's Noto font from Debian's
+    fonts-noto-core (Hindi, Persian, Arabic; FontMissing when not installed), else DejaVu Sans."""
+    language = pick_language(language)
+    family = SCRIPT_FONTS.get(language)
+    if family is None:
+        return dejavu_paths()
+    paths = (NOTO_DIR / f"{family}-Regular.ttf", NOTO_DIR / f"{family}-Bold.ttf")
+    for path in paths:
+        if not path.is_file():
+            raise FontMissing(f"the PDF report in {language!r} needs the font {path.name} from the Debian package "
+                              f"{NOTO_PACKAGE}, not found at {path}: apt-get install {NOTO_PACKAGE}")
+    return paths
 
 
 def report_pdf(result: DiagnosisResult, overlays: list[tuple[str | None, bytes]], image: np.ndarray | None = None,
@@ -111,6 +146,8 @@ class _Report:
         self.result, self.overlays, self.image, self.language = result, overlays, image, language
         self.page_size, self.version, self.now, self.image_height = page_size, version, now, image_height
         self._ = gettext_for(language)
+        self.rtl = language in RTL
+        self.align = "R" if self.rtl else "L"  # where a paragraph starts
         self.pdf = FPDF(orientation="P", unit="mm", format=page_size)
 
     @property
@@ -119,9 +156,16 @@ class _Report:
 
     def render(self) -> FPDF:
         pdf, _ = self.pdf, self._
-        regular, bold = font_paths()
+        regular, bold = font_paths(self.language)
         pdf.add_font(FONT, "", str(regular))
         pdf.add_font(FONT, "B", str(bold))
+        if self.language in SCRIPT_FONTS:
+            fallback_regular, fallback_bold = dejavu_paths()
+            pdf.add_font(FALLBACK, "", str(fallback_regular))
+            pdf.add_font(FALLBACK, "B", str(fallback_bold))
+            pdf.set_fallback_fonts([FALLBACK])
+        if self.language in SHAPED:
+            pdf.set_text_shaping(True)  # HarfBuzz: Devanagari conjuncts, joined Arabic letters, bidi
         pdf.set_margins(MARGIN_MM, MARGIN_MM, MARGIN_MM)
         pdf.set_auto_page_break(True, margin=MARGIN_MM)
         pdf.set_title(_(TITLE))
@@ -142,9 +186,18 @@ class _Report:
              gap: float = 0.0) -> None:
         self.pdf.set_font(FONT, "B" if bold else "", size)
         self.pdf.set_text_color(*colour)
-        self.pdf.multi_cell(self.width, size * 0.45, text, align="L", new_x=XPos.LMARGIN, new_y=YPos.NEXT)
+        self.pdf.multi_cell(self.width, size * 0.45, text, align=self.align, new_x=XPos.LMARGIN, new_y=YPos.NEXT)
+        self.settle()
         if gap:
             self.pdf.ln(gap)
+
+    def settle(self) -> None:
+        """After a line drawn with a fallback font: make fpdf2 state the page's font again before the
+        next line. fpdf2 2.8 sets the font of a line that opens with a fallback glyph ("▲", "AUC",
+        "•") inside that line's q … Q, which restores the previous font, yet records it as set, so
+        the next line was drawn with a stale font (wrong size, wrong glyphs: seen in Arabic tables)."""
+        if self.language in SCRIPT_FONTS:
+            self.pdf.current_font_is_set_on_page = False
 
     def heading(self, text: str) -> None:
         self.pdf.ln(1.2)
@@ -155,11 +208,13 @@ class _Report:
         self.text(_(TITLE), size=15, bold=True, colour=(20, 50, 100), gap=0.6)
         self.text(_(OVERLAY_NOT_A_DIAGNOSIS), size=10, bold=True, colour=(170, 20, 20), gap=0.8)
         date = self.now.astimezone(UTC).strftime("%Y-%m-%d %H:%M UTC")
-        self.text(_(SERVICE_LINE).format(service="xray-second-opinion", version=self.version, date=date), size=7.5)
+        self.text(fill(_(SERVICE_LINE), self.language, service="xray-second-opinion", version=self.version,
+                       date=date), size=7.5)
         models = "; ".join(f"{name} {version} {result.model_cards.get(name, '?')[:12]}"
                            for name, version in result.models.items()) or "?"
-        self.text(_(MODELS_LINE).format(models=models), size=7.5)
-        self.text(_(MODE_LINE).format(mode=_(MODE_NAMES.get(result.mode, result.mode))), size=7.5, gap=1.5)
+        self.text(fill(_(MODELS_LINE), self.language, models=models), size=7.5)
+        self.text(fill(_(MODE_LINE), self.language, mode=_(MODE_NAMES.get(result.mode, result.mode))), size=7.5,
+                  gap=1.5)
 
     def images(self) -> None:
         """The image, then one evidence map per drawn finding, side by side, captions below."""
@@ -172,7 +227,8 @@ class _Report:
             with Image.open(io.BytesIO(jpeg)) as opened:
                 picture = opened.convert("RGB")
             name = finding_name(label, self.language) if label else ""
-            panels.append((picture, _(MAP_CAPTION).format(name=name, p=_percent(probabilities.get(label)))))
+            caption = fill(_(MAP_CAPTION), self.language, name=name, p=_percent(probabilities.get(label)))
+            panels.append((picture, caption))
         if not panels:
             return
         gap = 4.0
@@ -187,6 +243,7 @@ class _Report:
             pdf.set_font(FONT, "", 7.5)
             pdf.set_text_color(0, 0, 0)
             pdf.multi_cell(slot, 3.2, caption, align="C")
+            self.settle()
             x += slot + gap
         pdf.set_xy(pdf.l_margin, top + row_h + 8.0)
         if self.overlays:
@@ -206,20 +263,27 @@ class _Report:
         widths = [66.0, 19.0, 19.0, 19.0, 19.0, 17.0, 14.0]
         widths.append(self.width - sum(widths))
         row_h = 4.3
-        pdf.set_font(FONT, "B", 7.5)
+        order = list(range(len(widths)))[::-1] if self.rtl else list(range(len(widths)))  # RTL: from the right
+
+        def cells(texts: list[str], height: float, fill: bool, size: float, style: str) -> None:
+            for index in order:
+                text, width = texts[index], widths[index]
+                pdf.set_font(FONT, style, size)
+                while size > 5.5 and pdf.get_string_width(text) > width - 2 * pdf.c_margin:  # long names fit
+                    size -= 0.25
+                    pdf.set_font(FONT, style, size)
+                pdf.cell(width, height, text, border=1, fill=fill, align="C" if index else self.align)
+                self.settle()
+                size = 7.5
+            pdf.ln(height)
+
         pdf.set_fill_color(225, 232, 242)
         pdf.set_text_color(0, 0, 0)
-        for column, width in zip(COLUMNS, widths, strict=True):
-            title = column if column in ("AUC", "▲") else _(column)
-            pdf.cell(width, row_h + 0.6, title, border=1, fill=True, align="C")
-        pdf.ln(row_h + 0.6)
+        cells([column if column in ("AUC", "▲") else _(column) for column in COLUMNS], row_h + 0.6, True, 7.5, "B")
 
-        def row(cells: list[str], flagged: bool, bold: bool = False) -> None:
-            pdf.set_font(FONT, "B" if bold or flagged else "", 7.5)
+        def row(texts: list[str], flagged: bool, bold: bool = False) -> None:
             pdf.set_fill_color(252, 236, 232)
-            for index, (cell, width) in enumerate(zip(cells, widths, strict=True)):
-                pdf.cell(width, row_h, cell, border=1, fill=flagged, align="L" if index == 0 else "C")
-            pdf.ln(row_h)
+            cells(texts, row_h, flagged, 7.5, "B" if bold or flagged else "")
 
         for finding in result.findings:
             row([finding_name(finding.label, self.language),
@@ -241,10 +305,9 @@ class _Report:
         part = result.body_part or "?"
         from .messages import body_part_name
 
-        self.text(_(CHECKS_LINE).format(xray=_percent(result.xray_probability),
-                                        part=body_part_name(part, self.language),
-                                        part_p=_percent(result.body_part_probability),
-                                        format=result.input_format or "?"), size=8)
+        self.text(fill(_(CHECKS_LINE), self.language, xray=_percent(result.xray_probability),
+                       part=body_part_name(part, self.language), part_p=_percent(result.body_part_probability),
+                       format=result.input_format or "?"), size=8)
         if result.input_format == "DICOM":
             self.text(_(DICOM_NOTE), size=8)
         else:
@@ -263,8 +326,9 @@ class _Report:
         pdf.set_line_width(0.5)
         pdf.set_font(FONT, "B", 9.5)
         pdf.set_text_color(170, 20, 20)
-        pdf.multi_cell(self.width, 4.6, "⚕ " + self._(PHYSICIAN), border=1, padding=1.5,
+        pdf.multi_cell(self.width, 4.6, "⚕ " + self._(PHYSICIAN), border=1, padding=1.5, align=self.align,
                        new_x=XPos.LMARGIN, new_y=YPos.NEXT)
+        self.settle()
 
 
 def _dash(value: float | None, digits: int = 0) -> str:

@@ -15,6 +15,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 
 WORKDIR /app
 RUN useradd --create-home --uid 10001 app
+# The PDF report's fonts for Hindi, Persian and Arabic (Noto Sans Devanagari, Noto Sans Arabic).
+RUN apt-get update && apt-get install -y --no-install-recommends fonts-noto-core && rm -rf /var/lib/apt/lists/*
 
 # torch first, from the chosen index; the project install then finds it satisfied.
 RUN pip install --index-url "${TORCH_INDEX_URL}" "torch==2.14.1" "torchvision==0.29.1"

@@ -14,7 +14,8 @@
     const response = await fetch("/v1/texts/" + language);
     if (!response.ok) return;
     texts = await response.json();
-    document.documentElement.lang = language;
+    document.documentElement.lang = texts.language || language;
+    document.documentElement.dir = texts.dir === "rtl" ? "rtl" : "ltr";  // Persian and Arabic read right to left
     document.title = texts.title;
     document.querySelectorAll("[data-text]").forEach((node) => {
       const value = texts[node.dataset.text];
@@ -164,8 +165,10 @@
   }
 
   document.addEventListener("DOMContentLoaded", async () => {
-    const preferred = (sessionStorage.getItem("xso-language") || navigator.language || "en").slice(0, 2);
-    $("language").value = ["en", "ru", "kk"].includes(preferred) ? preferred : "en";
+    // every language the page offers is an <option> of #language; a regional tag (pt-BR) picks its language
+    const offered = Array.from($("language").options, (option) => option.value);
+    const preferred = (sessionStorage.getItem("xso-language") || navigator.language || "en").toLowerCase().split(/[-_]/)[0];
+    $("language").value = offered.includes(preferred) ? preferred : "en";
     await loadTexts($("language").value);
     showKeyState();
     $("language").addEventListener("change", async () => {
