@@ -179,6 +179,19 @@ class Store:
                                            args=[self.settings.MARK_TTL_S])
         return bool(claimed)
 
+    # ------------------------------------------------------------- order of a chat's replies
+    async def take_turn(self, chat_id: int, request_id: str, message_id: int) -> None:
+        """Record an accepted request in its chat's order (``contract.bursts``): by the image's message id."""
+        turns = self.keys.turns(chat_id)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.zadd(turns, {request_id: message_id})
+            pipe.expire(turns, self.settings.BLOB_TTL_S)
+            await pipe.execute()
+
+    async def leave_turn(self, chat_id: int, request_id: str) -> None:
+        """Not analysed after all (download failed, too large…): later replies need not wait for it."""
+        await self.redis.zrem(self.keys.turns(chat_id), request_id)
+
     # ------------------------------------------------------------- forget
     async def forget(self, user_id: int) -> int:
         """Delete everything held about the user; returns how many keys existed."""
