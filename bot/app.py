@@ -54,7 +54,8 @@ def build_application(settings: Settings) -> Application:
     store = Store(settings)
     intake = Intake(store.redis, settings.keys, consumer=settings.INTAKE_CONSUMER,
                     claim_idle_s=settings.INTAKE_CLAIM_IDLE_S, seen_ttl_s=settings.MARK_TTL_S)
-    pacer = AsyncPacer(store.redis, settings.keys, Limits.from_settings(settings))
+    # The bot's own messages (acknowledgements, notices) take a chat's next send slot before the workers' replies.
+    pacer = AsyncPacer(store.redis, settings.keys, Limits.from_settings(settings), priority=True)
     application = (
         Application.builder()
         .application_class(DurableApplication)

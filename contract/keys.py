@@ -32,7 +32,8 @@ class Keys:
     ``sent:<id>:<part>`` (delivery marks), ``attempts:<id>``, ``lock:<id>``, ``done:<id>``.
     Intake (``bot.intake``): the stream ``intake`` of received updates, ``intake-seen:<update_id>``
     (stored once), ``update:<update_id>`` (a handler's notes while the update is in progress).
-    Telegram's send limits (``contract.pacing``): ``pace:overall``, ``pace:chat:<chat_id>``.
+    Telegram's send limits (``contract.pacing``): ``pace:overall``, ``pace:chat:<chat_id>``,
+    ``pace:wanted:<chat_id>`` (the bot waits for the chat's next slot).
     Delayed tasks (``worker.scheduler``): the sorted set ``scheduled``.
     Bursts (``contract.bursts``): ``turns:<chat_id>`` (sorted set: the chat's unanswered requests by
     the message id of their image), the chat's open acknowledgement ``ack-burst:<chat_id>`` (its id),
@@ -109,6 +110,9 @@ class Keys:
 
     def ack_of(self, request_id: str) -> str:
         return f"{self.prefix}ack-of:{request_id}"
+
+    def pace_wanted(self, chat_id: int) -> str:
+        return f"{self.prefix}pace:wanted:{chat_id}"
 
     def scheduled(self) -> str:
         return f"{self.prefix}scheduled"
