@@ -198,9 +198,13 @@ class Store:
         index = self.keys.user_requests(user_id)
         request_ids = [member.decode() for member in await self.redis.smembers(index)]
         keys = [index, self.keys.language(user_id), self.keys.rate(user_id), self.keys.rate_notice(user_id),
-                self.keys.mode(user_id)]  # a private chat's id is the user's id
+                self.keys.mode(user_id), self.keys.turns(user_id), self.keys.ack_burst(user_id),
+                self.keys.pace_wanted(user_id)]  # a private chat's id is the user's id
+        burst = await self.redis.get(self.keys.ack_burst(user_id))
+        if burst:
+            keys += [self.keys.ack(burst.decode()), self.keys.ack_open(burst.decode())]
         for request_id in request_ids:
-            keys += [self.keys.blob(request_id), self.keys.overlay(request_id)]
+            keys += [self.keys.blob(request_id), self.keys.overlay(request_id), self.keys.ack_of(request_id)]
         return int(await self.redis.delete(*keys))
 
     # ------------------------------------------------------------- queue
