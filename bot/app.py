@@ -28,6 +28,7 @@ from contract.telegram import RetryingRequest
 from contract.texts import COMMANDS, translator
 
 from . import access, commands, images
+from .acks import BurstAcks
 from .dispatch import Dispatcher
 from .intake import DurableApplication, DurableUpdateQueue, Intake, run_reader
 from .pending import PendingRequests
@@ -53,7 +54,8 @@ def build_application(settings: Settings) -> Application:
     store = Store(settings)
     intake = Intake(store.redis, settings.keys, consumer=settings.INTAKE_CONSUMER,
                     claim_idle_s=settings.INTAKE_CLAIM_IDLE_S, seen_ttl_s=settings.MARK_TTL_S)
-    pacer = AsyncPacer(store.redis, settings.keys, Limits.from_settings(settings))
+    # The bot's own messages (acknowledgements, notices) take a chat's next send slot before the workers' replies.
+    pacer = AsyncPacer(store.redis, settings.keys, Limits.from_settings(settings), priority=True)
     application = (
         Application.builder()
         .application_class(DurableApplication)
@@ -72,8 +74,9 @@ def build_application(settings: Settings) -> Application:
     )
     dispatcher = Dispatcher(settings)
     # The watchdog enqueues a request again when the broker lost its task (bot.pending).
-    pending = PendingRequests(settings, store, requeue=dispatcher.enqueue)
-    application.bot_data["services"] = Services(settings, store, dispatcher, pending, intake)
+    acks = BurstAcks(store.redis, settings.keys, settings.ACK_MERGE_S, settings.BLOB_TTL_S)
+    pending = PendingRequests(settings, store, requeue=dispatcher.enqueue, acks=acks)
+    application.bot_data["services"] = Services(settings, store, dispatcher, pending, intake, acks)
 
     application.add_handler(TypeHandler(Update, access.gate), group=-1)
     new_messages = filters.UpdateType.MESSAGE
@@ -143,6 +146,9 @@ async def on_stop(application: Application) -> None:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+    acks = _services(application).acks
+    if acks is not None:
+        await acks.close()
 
 
 async def on_shutdown(application: Application) -> None:

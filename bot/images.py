@@ -1,8 +1,9 @@
 """Image intake: photos, image documents, album items and forwarded images.
 
-Each image is acknowledged at once, downloaded, stored in Redis under a random key with a TTL and
-handed to the ``diagnose`` task by name with its request envelope; the bot never waits for the
-result, the ``deliver`` task answers.
+Each image is acknowledged (one message per burst of images, ``bot.acks``), downloaded, stored in
+Redis under a random key with a TTL and handed to the ``diagnose`` task by name with its request
+envelope; the bot never waits for the result, the ``deliver`` task answers, in the order the chat's
+images were sent (``contract.bursts``).
 """
 
 from __future__ import annotations
@@ -12,25 +13,21 @@ import time
 from contextlib import suppress
 from pathlib import PurePosixPath
 
-from telegram import Message, ReplyParameters, Update
+from telegram import Message, Update
 from telegram.constants import ChatAction
 from telegram.error import TelegramError
 from telegram.ext import ContextTypes
 
 from contract import texts
+from contract.bursts import UNKNOWN
 from contract.envelope import RequestEnvelope
 from contract.keys import TELEGRAM_DOWNLOAD_LIMIT
 from contract.monitoring import BOT_UPDATES
-from contract.telegram import PACE_BUDGET_S
 
 from .pending import PendingRequest
 from .services import language_of, services
 
 logger = logging.getLogger(__name__)
-
-# The acknowledgement is optional: in a burst (an album) it is skipped rather than holding up the
-# intake while the chat's send slots (about one per second) are taken.
-ACK_PACE_BUDGET_S = 1.5
 
 IMAGE_MIME_TYPES = frozenset({
     "image/jpeg", "image/jpg", "image/pjpeg", "image/png", "image/webp", "image/tiff", "image/tif",
@@ -126,42 +123,34 @@ async def accept_image(
         await note(request_id=request_id, slot=slot)
 
     waiting = await svc.store.queue_length()
-    ack: Message | None = None
-    if "ack" in notes:  # the previous run's acknowledgement stands
-        ack = Message(message_id=int(notes["ack"]), date=message.date, chat=chat)
-        ack.set_bot(context.bot)
-    elif "acking" not in notes:  # else a previous run may have sent one just before it died: never two
-        await note(acking=1)
-        budget = PACE_BUDGET_S.set(ACK_PACE_BUDGET_S)
-        try:  # an acknowledgement that cannot be sent (flood control…) must not cost the user the analysis
-            ack = await message.reply_text(
-                texts.received(language, waiting),
-                reply_parameters=ReplyParameters(message_id=message.message_id, allow_sending_without_reply=True),
-            )
-            await note(ack=ack.message_id)
-        except TelegramError as error:
-            logger.warning("acknowledgement failed: %s; analysing anyway", type(error).__name__)
-        finally:
-            PACE_BUDGET_S.reset(budget)
-        with suppress(TelegramError):
-            await context.bot.send_chat_action(chat.id, ChatAction.TYPING)
+    burst: str | None = None
+    if svc.acks is not None:
+        # One acknowledgement per burst (bot.acks): this image joins the chat's open one or opens it;
+        # the message is sent and edited in the background at the chat's pace, never dropped.
+        await svc.store.take_turn(chat.id, request_id, message.message_id)  # replies in the order sent
+        burst, _count, opened = await svc.acks.join(chat.id, request_id)
+        svc.acks.acknowledge(context.bot, chat.id, burst, opened, message.message_id, language, waiting)
+        if opened:
+            with suppress(TelegramError):
+                await context.bot.send_chat_action(chat.id, ChatAction.TYPING)
+
+    async def refuse(text: str) -> None:
+        await svc.store.give_back_slot(user.id, slot)
+        await _answer_instead(svc, context, chat.id, request_id, text, message)
 
     try:
         telegram_file = await context.bot.get_file(file_id)
         if telegram_file.file_size and telegram_file.file_size > TELEGRAM_DOWNLOAD_LIMIT:
-            await svc.store.give_back_slot(user.id, slot)
-            await _edit(ack, texts.too_large(language), message)
+            await refuse(texts.too_large(language))
             return
         data = bytes(await telegram_file.download_as_bytearray(read_timeout=120))
     except TelegramError as error:
         logger.warning("download failed: %s", type(error).__name__)
         BOT_UPDATES.labels("download_failed").inc()
-        await svc.store.give_back_slot(user.id, slot)
-        await _edit(ack, texts.download_failed(language), message)
+        await refuse(texts.download_failed(language))
         return
     if len(data) > TELEGRAM_DOWNLOAD_LIMIT:
-        await svc.store.give_back_slot(user.id, slot)
-        await _edit(ack, texts.too_large(language), message)
+        await refuse(texts.too_large(language))
         return
 
     request_id, blob_key = await svc.store.put_blob(user.id, data, request_id)
@@ -172,7 +161,8 @@ async def accept_image(
         chat_id=chat.id,
         reply_to_message_id=message.message_id,
         language=language,
-        ack_message_id=ack.message_id if ack is not None else None,
+        # The burst's acknowledgement when already sent (it is deleted once all its images are answered).
+        ack_message_id=await svc.acks.message_id(burst) if svc.acks is not None and burst else None,
         mode=await svc.store.mode(chat.id),
     )
     try:
@@ -181,8 +171,7 @@ async def accept_image(
         logger.exception("could not enqueue request %s", request_id)
         BOT_UPDATES.labels("enqueue_failed").inc()
         await svc.store.drop_blob(user.id, request_id)
-        await svc.store.give_back_slot(user.id, slot)
-        await _edit(ack, texts.service_unavailable(language), message)
+        await refuse(texts.service_unavailable(language))
         return
     await note(enqueued=1)
     if svc.pending is not None:
@@ -191,11 +180,15 @@ async def accept_image(
     logger.info("request %s enqueued (%d waiting before it)", request_id, waiting)
 
 
-async def _edit(ack: Message | None, text: str, message: Message) -> None:
-    """Turn the acknowledgement into ``text``; without one (or if that fails) reply to ``message``."""
-    if ack is not None:
+async def _answer_instead(svc, context: ContextTypes.DEFAULT_TYPE, chat_id: int, request_id: str, text: str,
+                          message: Message) -> None:
+    """The image will not be analysed: say why. The acknowledgement becomes ``text`` when it covered
+    only this image (or this was the last unanswered one of its burst); otherwise reply to the image."""
+    await svc.store.leave_turn(chat_id, request_id)
+    left = await svc.acks.leave(request_id) if svc.acks is not None else UNKNOWN
+    if left > 0:
         try:
-            await ack.edit_text(text)
+            await context.bot.edit_message_text(text, chat_id=chat_id, message_id=left)
             return
         except TelegramError:
             pass

@@ -39,6 +39,7 @@ from telegram import Bot, ReplyParameters
 from telegram.error import BadRequest, TelegramError
 
 from contract import texts
+from contract.bursts import UNKNOWN
 from contract.envelope import RequestEnvelope
 from contract.settings import ServiceSettings
 
@@ -66,11 +67,13 @@ class PendingRequest:
 
 class PendingRequests:
     def __init__(self, settings: ServiceSettings, store: Store,
-                 requeue: Callable[[RequestEnvelope], Awaitable[Any]] | None = None):
-        """``requeue``: enqueues ``diagnose`` (``Dispatcher.enqueue``); None: lost tasks are not looked for."""
+                 requeue: Callable[[RequestEnvelope], Awaitable[Any]] | None = None, acks: Any = None):
+        """``requeue``: enqueues ``diagnose`` (``Dispatcher.enqueue``); None: lost tasks are not looked for.
+        ``acks``: ``bot.acks.BurstAcks`` (an acknowledgement may cover several images)."""
         self.settings = settings
         self.store = store
         self.requeue = requeue
+        self.acks = acks
         self._requests: dict[str, PendingRequest] = {}
 
     def __len__(self) -> int:
@@ -145,9 +148,16 @@ class PendingRequests:
     async def _tell(self, bot: Bot, pending: PendingRequest) -> bool:
         request = pending.envelope
         text = texts.lost(request.language)
-        if request.ack_message_id is not None:
+        ack_message_id = request.ack_message_id
+        if self.acks is not None:
+            # A burst's acknowledgement is turned into the notice only by the last of its images;
+            # the others still wait under it, so this one is told in a reply of its own.
+            left = await self.acks.leave(request.request_id)
+            if left != UNKNOWN:
+                ack_message_id = left if left > 0 else None
+        if ack_message_id is not None:
             try:
-                await bot.edit_message_text(text, chat_id=request.chat_id, message_id=request.ack_message_id)
+                await bot.edit_message_text(text, chat_id=request.chat_id, message_id=ack_message_id)
                 return True
             except BadRequest as error:  # the acknowledgement is gone: the answer replaced it
                 logger.info("request %s: acknowledgement not editable (%s); not telling", request.request_id,

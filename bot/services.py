@@ -10,6 +10,7 @@ from telegram.ext import ContextTypes
 from contract.i18n import DEFAULT_LANGUAGE
 from contract.settings import Settings
 
+from .acks import BurstAcks
 from .dispatch import Dispatcher
 from .intake import Intake
 from .pending import PendingRequests
@@ -25,6 +26,7 @@ class Services:
     dispatcher: Dispatcher
     pending: PendingRequests | None = None  # accepted requests not yet seen answered (bot.pending)
     intake: Intake | None = None  # durable intake: per-update notes let an interrupted handler resume
+    acks: BurstAcks | None = None  # one acknowledgement per burst of images (bot.acks)
 
 
 def services(context: ContextTypes.DEFAULT_TYPE) -> Services:

@@ -179,15 +179,32 @@ class Store:
                                            args=[self.settings.MARK_TTL_S])
         return bool(claimed)
 
+    # ------------------------------------------------------------- order of a chat's replies
+    async def take_turn(self, chat_id: int, request_id: str, message_id: int) -> None:
+        """Record an accepted request in its chat's order (``contract.bursts``): by the image's message id."""
+        turns = self.keys.turns(chat_id)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.zadd(turns, {request_id: message_id})
+            pipe.expire(turns, self.settings.BLOB_TTL_S)
+            await pipe.execute()
+
+    async def leave_turn(self, chat_id: int, request_id: str) -> None:
+        """Not analysed after all (download failed, too large…): later replies need not wait for it."""
+        await self.redis.zrem(self.keys.turns(chat_id), request_id)
+
     # ------------------------------------------------------------- forget
     async def forget(self, user_id: int) -> int:
         """Delete everything held about the user; returns how many keys existed."""
         index = self.keys.user_requests(user_id)
         request_ids = [member.decode() for member in await self.redis.smembers(index)]
         keys = [index, self.keys.language(user_id), self.keys.rate(user_id), self.keys.rate_notice(user_id),
-                self.keys.mode(user_id)]  # a private chat's id is the user's id
+                self.keys.mode(user_id), self.keys.turns(user_id), self.keys.ack_burst(user_id),
+                self.keys.pace_wanted(user_id)]  # a private chat's id is the user's id
+        burst = await self.redis.get(self.keys.ack_burst(user_id))
+        if burst:
+            keys += [self.keys.ack(burst.decode()), self.keys.ack_open(burst.decode())]
         for request_id in request_ids:
-            keys += [self.keys.blob(request_id), self.keys.overlay(request_id)]
+            keys += [self.keys.blob(request_id), self.keys.overlay(request_id), self.keys.ack_of(request_id)]
         return int(await self.redis.delete(*keys))
 
     # ------------------------------------------------------------- queue

@@ -32,8 +32,13 @@ class Keys:
     ``sent:<id>:<part>`` (delivery marks), ``attempts:<id>``, ``lock:<id>``, ``done:<id>``.
     Intake (``bot.intake``): the stream ``intake`` of received updates, ``intake-seen:<update_id>``
     (stored once), ``update:<update_id>`` (a handler's notes while the update is in progress).
-    Telegram's send limits (``contract.pacing``): ``pace:overall``, ``pace:chat:<chat_id>``.
+    Telegram's send limits (``contract.pacing``): ``pace:overall``, ``pace:chat:<chat_id>``,
+    ``pace:wanted:<chat_id>`` (the bot waits for the chat's next slot).
     Delayed tasks (``worker.scheduler``): the sorted set ``scheduled``.
+    Bursts (``contract.bursts``): ``turns:<chat_id>`` (sorted set: the chat's unanswered requests by
+    the message id of their image), the chat's open acknowledgement ``ack-burst:<chat_id>`` (its id),
+    ``ack:<burst>`` (hash: chat, message id, images covered), ``ack-open:<burst>`` (set: its
+    unanswered requests) and ``ack-of:<id>`` (a request's burst).
     HTTP API (``api/``): ``api:<id>`` (hash: the request's owner, mode, language, times),
     ``api-result:<id>`` (the answer, JSON, written once), ``api-callback:<id>`` (callback delivered),
     ``api-idem:<client>:<digest>`` (Idempotency-Key → id), ``api-rate:<client>``, ``api-quota:<client>:<day>``,
@@ -90,6 +95,24 @@ class Keys:
 
     def pace_chat(self, chat_id: int) -> str:
         return f"{self.prefix}pace:chat:{chat_id}"
+
+    def turns(self, chat_id: int) -> str:
+        return f"{self.prefix}turns:{chat_id}"
+
+    def ack_burst(self, chat_id: int) -> str:
+        return f"{self.prefix}ack-burst:{chat_id}"
+
+    def ack(self, burst: str) -> str:
+        return f"{self.prefix}ack:{burst}"
+
+    def ack_open(self, burst: str) -> str:
+        return f"{self.prefix}ack-open:{burst}"
+
+    def ack_of(self, request_id: str) -> str:
+        return f"{self.prefix}ack-of:{request_id}"
+
+    def pace_wanted(self, chat_id: int) -> str:
+        return f"{self.prefix}pace:wanted:{chat_id}"
 
     def scheduled(self) -> str:
         return f"{self.prefix}scheduled"

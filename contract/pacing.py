@@ -29,37 +29,55 @@ from typing import Any
 
 from .keys import Keys
 
-# KEYS[1]: the overall bucket; KEYS[2] (optional): the chat's bucket. ARGV[1]: the longest wait (ms) the
-# caller accepts; then per key: interval (ms), burst. Returns {reserved (0/1), wait in ms as a string}.
+# KEYS[1]: the overall bucket; KEYS[2] (optional): the chat's bucket, then KEYS[3]: the chat's "wanted"
+# mark. ARGV[1]: the longest wait (ms) the caller accepts; ARGV[2]: 1 for a priority sender; ARGV[3]: how
+# many buckets; then per bucket: interval (ms), burst. Returns {reserved (0/1), wait in ms as a string}.
 # The chat's bucket must allow a message *now* (else nothing is reserved and the caller retries after
 # the returned wait); the overall bucket is a queue shared by every chat: a slot in it is reserved
 # even when it lies a little in the future. Reserving future slots of one chat in the overall bucket
 # would hold up every other chat behind it.
+# Priority: the bot's own messages (acknowledgements, notices, answers to commands: what a user waits
+# for right now) go before the workers' replies to the same chat. A priority sender that finds the
+# chat busy marks it wanted until shortly after its slot; while the mark stands, other senders leave
+# the chat's next slot to it. The mark goes when the priority sender reserves.
 _RESERVE_LUA = """
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) * 1000 + tonumber(clock[2]) / 1000
 local max_wait = tonumber(ARGV[1])
+local priority = tonumber(ARGV[2]) == 1
+local buckets = tonumber(ARGV[3])
 local tats = {}
-for i, key in ipairs(KEYS) do
-  local tat = tonumber(redis.call('GET', key) or '0')
+for i = 1, buckets do
+  local tat = tonumber(redis.call('GET', KEYS[i]) or '0')
   if tat < now then tat = now end
   tats[i] = tat
 end
 local function earliest(i)
-  return tats[i] - tonumber(ARGV[2 * i]) * (tonumber(ARGV[2 * i + 1]) - 1)
+  return tats[i] - tonumber(ARGV[2 + 2 * i]) * (tonumber(ARGV[3 + 2 * i]) - 1)
 end
-for i = 2, #KEYS do
-  if earliest(i) > now then
-    return {0, string.format('%.3f', earliest(i) - now)}
+local wanted = KEYS[buckets + 1]
+for i = 2, buckets do
+  local wait = earliest(i) - now
+  if wait > 0 then
+    if priority then
+      redis.call('SET', wanted, '1', 'PX', math.ceil(wait) + 1000)
+    end
+    return {0, string.format('%.3f', wait)}
+  end
+  if (not priority) and redis.call('EXISTS', wanted) == 1 then
+    return {0, string.format('%.3f', tonumber(ARGV[2 + 2 * i]))}
   end
 end
 local send_at = math.max(now, earliest(1))
 if send_at - now > max_wait then
   return {0, string.format('%.3f', send_at - now)}
 end
-for i, key in ipairs(KEYS) do
-  local tat = math.max(tats[i], send_at) + tonumber(ARGV[2 * i])
-  redis.call('SET', key, string.format('%.3f', tat), 'PX', math.ceil(tat - now) + 1000)
+for i = 1, buckets do
+  local tat = math.max(tats[i], send_at) + tonumber(ARGV[2 * i + 2])
+  redis.call('SET', KEYS[i], string.format('%.3f', tat), 'PX', math.ceil(tat - now) + 1000)
+end
+if priority and wanted then
+  redis.call('DEL', wanted)
 end
 return {1, string.format('%.3f', send_at - now)}
 """
@@ -132,13 +150,17 @@ class _Buckets:
         # Negative ids are groups, supergroups and channels (Telegram's convention).
         return self.keys.pace_chat(chat_id), self.limits.group if chat_id < 0 else self.limits.private_chat
 
-    def reserve_args(self, chat_id: int | None, max_wait_s: float) -> tuple[list[str], list[Any]]:
+    def reserve_args(self, chat_id: int | None, max_wait_s: float,
+                     priority: bool = False) -> tuple[list[str], list[Any]]:
+        buckets = (None, chat_id) if chat_id is not None else (None,)
         keys: list[str] = []
-        args: list[Any] = [max_wait_s * 1000.0]
-        for bucket in (None, chat_id) if chat_id is not None else (None,):
+        args: list[Any] = [max_wait_s * 1000.0, int(priority), len(buckets)]
+        for bucket in buckets:
             key, rate = self.key_and_rate(bucket)
             keys.append(key)
             args += [rate.interval_ms, rate.burst]
+        if chat_id is not None:
+            keys.append(self.keys.pace_wanted(chat_id))
         return keys, args
 
     def penalty_args(self, chat_id: int | None, retry_after_s: float) -> tuple[list[str], list[Any]]:
@@ -155,8 +177,9 @@ class Pacer:
     """Synchronous (redis-py) pacing for the delivery workers."""
 
     def __init__(self, redis_client: Any, keys: Keys | None = None, limits: Limits | None = None,
-                 sleep: Callable[[float], None] = time.sleep):
+                 sleep: Callable[[float], None] = time.sleep, priority: bool = False):
         self.buckets = _Buckets(keys or Keys("xso:"), limits or Limits())
+        self.priority = priority  # a chat's next slot goes to a priority sender first (see _RESERVE_LUA)
         self._reserve = redis_client.register_script(_RESERVE_LUA)
         self._penalise = redis_client.register_script(_PENALISE_LUA)
         self._sleep = sleep
@@ -164,7 +187,7 @@ class Pacer:
     def try_reserve(self, chat_id: int | None, max_wait_s: float) -> tuple[bool, float]:
         """One attempt: ``(True, wait)`` reserved a slot ``wait`` seconds from now; ``(False, wait)``
         reserved nothing: the chat is busy (ask again after ``wait``) or the slot is too far away."""
-        keys, args = self.buckets.reserve_args(chat_id, max_wait_s)
+        keys, args = self.buckets.reserve_args(chat_id, max_wait_s, self.priority)
         return _parse(self._reserve(keys=keys, args=args))
 
     def wait_turn(self, chat_id: int | None, max_wait_s: float) -> float:
@@ -192,13 +215,15 @@ class Pacer:
 class AsyncPacer:
     """The same buckets for asyncio code (``redis.asyncio``): the bot's own messages share them."""
 
-    def __init__(self, redis_client: Any, keys: Keys | None = None, limits: Limits | None = None):
+    def __init__(self, redis_client: Any, keys: Keys | None = None, limits: Limits | None = None,
+                 priority: bool = False):
         self.buckets = _Buckets(keys or Keys("xso:"), limits or Limits())
+        self.priority = priority
         self._reserve = redis_client.register_script(_RESERVE_LUA)
         self._penalise = redis_client.register_script(_PENALISE_LUA)
 
     async def try_reserve(self, chat_id: int | None, max_wait_s: float) -> tuple[bool, float]:
-        keys, args = self.buckets.reserve_args(chat_id, max_wait_s)
+        keys, args = self.buckets.reserve_args(chat_id, max_wait_s, self.priority)
         return _parse(await self._reserve(keys=keys, args=args))
 
     async def wait_turn(self, chat_id: int | None, max_wait_s: float) -> float:

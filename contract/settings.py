@@ -100,6 +100,11 @@ class ServiceSettings(BaseSettings):
     TELEGRAM_CHAT_MESSAGES_PER_S: float = Field(1.0, gt=0)
     TELEGRAM_GROUP_MESSAGES_PER_MIN: float = Field(19.0, gt=0)
     PACE_MAX_WAIT_S: float = Field(3.0, ge=0)  # a longer wait for a send slot reschedules the delivery
+    # Bursts (contract.bursts): images of one chat less than ACK_MERGE_S apart share one
+    # acknowledgement; a reply waits at most DELIVER_ORDER_WAIT_S for the replies to the chat's
+    # earlier images (0: replies are not ordered).
+    ACK_MERGE_S: float = Field(5.0, gt=0)
+    DELIVER_ORDER_WAIT_S: float = Field(30.0, ge=0)
 
     # How the bot receives updates: long polling, or a webhook behind the operator's TLS proxy
     # (WEBHOOK_URL is the public https URL the proxy forwards to WEBHOOK_LISTEN:WEBHOOK_PORT, same

@@ -178,10 +178,15 @@ def rate_limited(language: str, wait_s: float, accepted: int | None = None, refu
     return text
 
 
-def received(language: str, waiting: int) -> str:
-    """The acknowledgement, with the queue position when others are waiting."""
+def received(language: str, waiting: int, count: int = 1) -> str:
+    """The acknowledgement, with the queue position when others are waiting; ``count`` > 1: one
+    message acknowledging that many images of a burst (``contract.bursts``)."""
     _, ngettext = translator(language)
-    text = _("Received, analysing…")
+    if count > 1:
+        text = fill(ngettext("Received {count} image, analysing…", "Received {count} images, analysing…", count),
+                    language, count=count)
+    else:
+        text = _("Received, analysing…")
     if waiting > 0:
         text += "\n" + fill(ngettext(
             "{count} image is ahead of yours in the queue.",

@@ -25,6 +25,7 @@ from celery import Task
 from celery.utils.log import get_task_logger
 
 from contract import texts
+from contract.bursts import UNKNOWN, earlier_unanswered, leave_ack, leave_turns
 from contract.envelope import RequestEnvelope
 from contract.keys import (
     DELIVER_TASK,
@@ -44,6 +45,7 @@ from .resources import (
     REDIS_UNAVAILABLE,
     get_out,
     get_redis,
+    get_scheduler,
     get_settings,
     has_bot_token,
     retry_later,
@@ -72,8 +74,14 @@ def deliver(
     result: dict[str, Any] | None = None,
     overlay_key: str | None = None,
     failure: str | None = None,
+    turn_since: float | None = None,
 ) -> dict[str, Any]:
-    """Send the reply (text, then the overlay photo or album) exactly once, then clean up."""
+    """Send the reply (text, then the overlay photo or album) exactly once, then clean up.
+
+    A chat's replies go out in the order its images were sent (``contract.bursts``): while an
+    earlier image of the chat is unanswered this run parks the task for ``ORDER_POLL_S`` and ends;
+    ``turn_since`` (Redis' clock, seconds) is when it first found itself waiting, which bounds the
+    wait to ``DELIVER_ORDER_WAIT_S``. Parking does not count as a retry."""
     request = RequestEnvelope.model_validate(envelope)
     settings = get_settings()
     if request.channel == "api":  # the HTTP API: store the answer for GET /v1/analyses/{id}, then the callback
@@ -83,6 +91,14 @@ def deliver(
             raise retry_while_redis_is_down(self, settings, request.request_id, error) from None
         DELIVERIES.labels("stored" if outcome.get("stored") else "duplicate").inc()
         return outcome
+    try:
+        waiting = wait_for_turn(get_redis(), settings, request, turn_since)
+        if waiting is not None:
+            get_scheduler().later(DELIVER_TASK, {**dict(self.request.kwargs or {}), "turn_since": waiting},
+                                  DELIVERY_QUEUE, ORDER_POLL_S, self.request.retries)
+            return {"sent": [], "waiting_since": waiting}
+    except REDIS_UNAVAILABLE as error:
+        raise retry_while_redis_is_down(self, settings, request.request_id, error) from None
     try:
         if not has_bot_token():  # a worker of an API-only deployment: leave Telegram to one with the token
             raise Deferred(settings.MAX_RETRY_DELAY_S, "no TELEGRAM_BOT_TOKEN on this worker")
@@ -108,6 +124,30 @@ def deliver(
         return {"sent": [], "undeliverable": str(error)}
     DELIVERIES.labels("sent").inc(len(sent))
     return {"sent": sent}
+
+
+ORDER_POLL_S = 0.5  # how often a reply waiting for an earlier one of its chat looks again
+
+
+def wait_for_turn(r: redis.Redis, settings: Settings, request: RequestEnvelope,
+                  since: float | None) -> float | None:
+    """None: answer now. Else the time (Redis' clock) this request started waiting for the chat's
+    earlier requests to be answered: park it and look again."""
+    if settings.DELIVER_ORDER_WAIT_S <= 0 or r.exists(settings.keys.done(request.request_id)):
+        return None
+    earlier = earlier_unanswered(r, settings.keys, request.chat_id, request.request_id)
+    if not earlier:
+        return None
+    seconds, micros = r.time()
+    now = seconds + micros / 1e6
+    since = now if since is None else since
+    if now - since < settings.DELIVER_ORDER_WAIT_S:
+        return since
+    # Stuck (a dead worker, a long retry): its chat's later replies stop waiting for it.
+    logger.warning("request %s: %d earlier request(s) of its chat still unanswered after %.0fs; answering "
+                   "out of order", request.request_id, len(earlier), now - since)
+    leave_turns(r, settings.keys, request.chat_id, *earlier)
+    return None
 
 
 def compose_texts(language: str, result: dict[str, Any] | None, failure: str | None) -> list[str]:
@@ -161,6 +201,7 @@ def send_reply(
     """Idempotent delivery; returns the parts sent by this call. Raises ``Deferred``/``Undeliverable``."""
     keys, request_id, chat_id = settings.keys, request.request_id, request.chat_id
     if r.exists(keys.done(request_id)):  # answered already (redelivered or duplicated task)
+        leave_ack(r, keys, request_id)  # in case a run died between the done mark and this
         cleanup(r, keys, request, overlay_key)
         return []
     token = secrets.token_hex(8)
@@ -205,8 +246,16 @@ def send_reply(
             _best_effort(r.set, mark, "1", ex=settings.MARK_TTL_S)  # only after Telegram accepted it
         del overlays
         _best_effort(r.set, keys.done(request_id), "1", ex=settings.MARK_TTL_S)
-        if request.ack_message_id is not None:
-            out.delete_message(chat_id, request.ack_message_id)  # the answer replaces the acknowledgement
+        # The answer replaces the acknowledgement; one covering a burst (contract.bursts) goes with
+        # the burst's last answer.
+        try:
+            ack = leave_ack(r, keys, request_id)
+        except redis.RedisError:
+            ack = UNKNOWN
+        if ack == UNKNOWN:
+            ack = request.ack_message_id or 0
+        if ack > 0:
+            out.delete_message(chat_id, ack)
         _best_effort(cleanup, r, keys, request, overlay_key)
     finally:
         _best_effort(r.eval, LOCK_RELEASE_LUA, 1, keys.lock(request_id), token)
@@ -288,3 +337,5 @@ def cleanup(r: redis.Redis, keys: Keys, request: RequestEnvelope, overlay_key: s
              request.blob_key]
     names += [overlay_key] if overlay_key else []
     r.delete(*names)
+    if request.channel == "telegram":
+        leave_turns(r, keys, request.chat_id, request.request_id)  # later replies of the chat need not wait

@@ -136,3 +136,15 @@ def test_the_fake_api_refuses_an_unpaced_burst_and_accepts_a_paced_one(fake, red
             pacer.wait_turn(chat_id=7000 + i % 15, max_wait_s=10)
             paced.append(send(7000 + i % 15))
         assert paced.count(200) == 60 and fake.limit_refusals == 0
+
+
+def test_the_bots_own_messages_take_a_busy_chats_next_slot_first(redis_db, redis_client):
+    worker, bot = Pacer(redis_client), Pacer(redis.Redis.from_url(redis_db[0]), priority=True)
+    assert worker.try_reserve(chat_id=95, max_wait_s=60)[0] and worker.try_reserve(chat_id=95, max_wait_s=60)[0]
+    reserved, wait = bot.try_reserve(chat_id=95, max_wait_s=60)  # busy: the bot marks the next slot wanted
+    assert not reserved and wait == pytest.approx(1.0, abs=0.1)
+    time.sleep(wait)
+    assert worker.try_reserve(chat_id=95, max_wait_s=60)[0] is False  # free, but left to the bot
+    assert bot.try_reserve(chat_id=95, max_wait_s=60)[0]  # the bot's acknowledgement goes first
+    assert not redis_client.exists("xso:pace:wanted:95")
+    assert worker.try_reserve(chat_id=96, max_wait_s=60)[0]  # other chats are not held up
