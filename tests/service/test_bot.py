@@ -99,7 +99,8 @@ def test_photo_is_acknowledged_stored_and_enqueued_with_json_args(start_bot, fak
     assert set(task["kwargs"]) == {"envelope"}  # the request envelope, one JSON field
     kwargs = task["kwargs"]["envelope"]
     assert set(kwargs) == {"request_id", "blob_key", "chat_id", "reply_to_message_id", "language", "ack_message_id",
-                           "mode"}
+                           "mode", "channel", "callback_url", "client"}
+    assert kwargs["channel"] == "telegram" and kwargs["callback_url"] is None and kwargs["client"] is None
     assert kwargs["mode"] == "screening"  # no /mode choice: the default
     assert kwargs["chat_id"] == user and kwargs["reply_to_message_id"] == message["message_id"]
     assert kwargs["language"] == "en"
