@@ -68,7 +68,8 @@ def test_orientation_command_writes_a_card_section_the_pipeline_loads(film_pack,
     report = json.loads(proc.stdout)
     card = read_card(models / "gate")
     assert card.orientation is not None and card.orientation.classes == ["0", "90", "180", "270", "not_xray"]
-    assert 0.4 <= card.orientation.min_probability <= 0.95 and report["min_probability"] == card.orientation.min_probability
+    assert 0.4 <= card.orientation.min_probability <= 0.95
+    assert report["min_probability"] == card.orientation.min_probability
     # Reported per turn on val and test, for radiographs and non-X-rays, before and after.
     val = card.orientation.metrics["val"]
     assert set(val["radiographs"]["upright_after"]) == {"0", "90", "180", "270"}
