@@ -38,7 +38,7 @@ class PipelineConfig:
     # exported from the weights at start, cached in ``cache_dir``), "openvino" (OpenVINO, CPU, from
     # the same cached ONNX export; ONNX Runtime when openvino is missing), "openvino-bf16" (the same at
     # bf16 where the CPU has it: pack-test chest AUC and gate/body-part accuracy measured equal within
-    # 0.001, see README) or "eager" (naive fp32 baseline).
+    # 0.001, see docs/performance.md) or "eager" (naive fp32 baseline).
     backend: Backend = "torch"
     device: str = "cpu"  # "cpu", "cuda", "cuda:1"
     threads: int | None = None  # intra-op threads of every backend (torch, ONNX Runtime, OpenVINO); None = default

@@ -34,7 +34,7 @@ GLARE_FRACTION = 0.03  # largest blown-out (≥ 250) blob clear of the edge, fra
 # Specular reflection (a lamp on glossy film): a compact saturated blob clear of the edge that is a
 # local peak (the film around it, out to twice its size, is much darker), unlike bright bone or
 # overexposed areas (plateaus) and text or markers (thin strokes). Picked on val with
-# ``python -m training measure-glare --split val --choose`` (figures there and in README).
+# ``python -m training measure-glare --split val --choose`` (figures there and in docs/photos.md).
 SPECULAR_LEVEL = 245  # core: at least this bright after a light smoothing, opened by a 5 px disc
 SPECULAR_SURROUND = 150  # mean brightness of the annulus one to two core radii out: at most this
 SPECULAR_FRACTION = 0.0005  # core area, fraction of the film

@@ -161,7 +161,7 @@ def test_bucketed_pipeline_batch_equals_single_runs(fake_models):
 
 
 def test_openvino_bf16_stays_close_to_torch(fake_models, tmp_path):
-    """bf16 is an accuracy trade (README: pack-test metrics measured); here only that it runs and
+    """bf16 is an accuracy trade (docs/performance.md: pack-test metrics measured); here only that it runs and
     stays near the f32 answer on a small model."""
     pytest.importorskip("openvino")
     from diagnosis.backends import make_runner

@@ -1,4 +1,4 @@
-"""`python -m bench --json` on tiny models and sizes: every key the README and the integrator read is there,
+"""`python -m bench --json` on tiny models and sizes: every key docs/performance.md and the integrator read is there,
 with plausible values (the numbers themselves are measured on real models by the bench itself)."""
 
 import json

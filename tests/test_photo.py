@@ -287,7 +287,7 @@ def test_a_lamps_specular_reflection_is_caught_text_and_bright_bone_are_not(ches
     from diagnosis.quality import specular_blob
 
     # Synthetic photos of the same films with and without a lamp's reflection (seeded): the
-    # reflection earns "glare" on most (val: 61.5 %, see README), the clean photos on none.
+    # reflection earns "glare" on most (val: 61.5 %, see docs/photos.md), the clean photos on none.
     caught = clean_refused = 0
     for index, gray in enumerate(chest_images[:8]):
         for glare in (True, False):

@@ -63,7 +63,7 @@ $PY -m training export --run "$RUNS/chest_v2_heads" --out models/chest --manifes
 # films and their mirror images, 3,500 RSNA normal, 1,600 COVID, 700 paediatric train films, 400 val
 # films of each other source); each epoch of 4,096 draws then takes ~75 s. Masked BCE over the 14
 # findings + abnormal; draws by source share so the normal-only and COVID sources cannot dominate.
-# Chosen on NIH val films (mean AUC over the 15 outputs, mirror-averaged; README "Chest v3"): the
+# Chosen on NIH val films (mean AUC over the 15 outputs, mirror-averaged; docs/training.md, "Chest v3"): the
 # average ("soup") of the best tops of two runs below beat each run alone.
 # v2 is models/chest as of commit 77f6f4a (git worktree add ../v2 77f6f4a); from v3 the frozen part is
 # the same, but the tops would start from v3.
@@ -88,7 +88,7 @@ $PY -m training export --run "$RUNS/chest_v3" --out models/chest --manifest "$M"
 # Export writes thresholds (Youden) and test metrics; the screening/clinician operating points,
 # calibration and the verdict come from the val split again:
 $PY -m training calibrate --model models/chest --manifest "$M" --manifest "$MX"
-# Do the paediatric films help or hurt adult films? (README "Chest v3"; tops started from v2, i.e. run with
+# Do the paediatric films help or hurt adult films? (docs/training.md, "Paediatric films"; tops started from v2, i.e. run with
 # CHEST_V2 pointing at v2 and before the export above; seeds 0 and 1, share 0.05 vs 0:
 # no difference beyond the seed spread on NIH val; without them children's normal films look abnormal.)
 # for SEED in 0 1; do for P in 0.05 0; do
@@ -97,7 +97,7 @@ $PY -m training calibrate --model models/chest --manifest "$M" --manifest "$MX"
 #       --shares nih_cxr14=1,nih_extra=0.2,rsna_normal=0.3,covid_radiography=0.15,cxr_normal_paediatric=$P
 # done; done
 
-# Tried after v3 on the 2-core CPU and not shipped (README "After v3"): the command below with 2,700
+# Tried after v3 on the 2-core CPU and not shipped (docs/training.md, "Tried … after v3"): the command below with 2,700
 # synthetic photos as a third manifest and shares nih_cxr14 0.45, synthetic_nih_cxr14 0.15, nih_extra 0.15,
 # rsna_normal 0.12, covid_radiography 0.08, cxr_normal_paediatric 0.05 (--workers 1) runs at ~45 images/s,
 # but its best NIH val mean AUC without mirror was 0.681 (epoch 2 of 7) vs v3's 0.689. Tops from v3 with

@@ -161,7 +161,7 @@ class WorkerProcess:
         env = {**os.environ, **self.env, "PYTHONUNBUFFERED": "1"}
         pool, concurrency = self.pool, "1"
         if os.environ.get("XSO_WORKER_POOL") == "threads" and pool == "solo":
-            # The batched CPU worker (README, Performance): a thread pool feeding the micro-batcher.
+            # The batched CPU worker (docs/performance.md): a thread pool feeding the micro-batcher.
             pool, concurrency = "threads", "8"
             env.update(BATCH_MAX="8", BATCH_WAIT_MS="5", BATCH_LOOPS="2", TORCH_THREADS="1")
         command = [

@@ -3,7 +3,7 @@ again by the bot's watchdog, and the user still gets exactly one answer.
 
 The loss is made deterministic by taking the message off the Redis list the way a worker's BRPOP
 does, and throwing it away: what happens when a thread-pool worker is SIGKILLed in that instant
-(README, the batched worker). Real bot, real Redis, real Celery workers; ``PENDING_CHECK_S`` short.
+(docs/performance.md, the batched worker). Real bot, real Redis, real Celery workers; ``PENDING_CHECK_S`` short.
 """
 
 from __future__ import annotations
