@@ -79,6 +79,50 @@ def test_clinician_points_cover_every_label_and_the_verdict_respects_its_budget(
     assert 0 < points.verdict.val.sensitivity < 1 and points.verdict.val.misses_per_10 is not None
 
 
+def test_clinician_points_keep_specificity_and_the_per_film_budget_on_val(fitted):
+    """▲ means something: every point keeps val specificity ≥ 0.85, and normal val films get at most
+    0.5 ▲ each, all 14 labels together; the verdict is the same whatever the mode."""
+    card, (val_raw, val_truth), _ = fitted
+    points, method = card.operating_points, card.operating_points.method
+    assert method["clinician_min_specificity"] == 0.85 and method["clinician_flags_per_normal"] == 0.5
+    for label, point in points.clinician.items():
+        assert point.val.specificity >= 0.85, label
+        assert point.val.sensitivity is not None and point.test.specificity is not None
+    normal = val_raw[val_truth.sum(axis=1) == 0]
+    marks = [sum(f.positive for f in assess(card, row, "clinician")[0]) for row in normal]
+    assert np.mean(marks) <= 0.5 + 1e-9
+    assert method["clinician_flags"]["val"]["flags_per_normal_film"] == pytest.approx(np.mean(marks), abs=1e-4)
+    for row in val_raw[:200]:
+        assert assess(card, row, "clinician")[2] == assess(card, row, "screening")[2]
+
+
+def test_clinician_findings_are_ordered_by_estimate_relative_to_their_point(fitted):
+    card = fitted[0]
+    row = np.full(len(card.outputs), 0.2)
+    findings, _, _ = assess(card, row, "clinician")
+    margins = [logit(f.probability) - logit(f.threshold) for f in findings]
+    assert margins == sorted(margins, reverse=True)
+    assert [f.margin for f in findings] == pytest.approx(margins)
+    flagged = [f.positive for f in findings]
+    assert flagged == sorted(flagged, reverse=True)  # every ▲ before every finding without one
+
+
+def test_clinician_thresholds_spend_the_budget_on_normal_films():
+    from training.card.calibrate import clinician_thresholds
+
+    rng = np.random.default_rng(1)
+    truth = (rng.random((3000, 5)) < 0.1).astype(float)
+    scores = np.clip(rng.normal(0.3 + 0.3 * truth, 0.15), 0.001, 0.999)
+    normal = truth.sum(axis=1) == 0
+    share, thresholds = clinician_thresholds(scores, truth, normal, 0.85, 0.25)
+    flags = scores >= np.asarray(thresholds)
+    assert flags[normal].sum(axis=1).mean() <= 0.25 and share > 0
+    for j in range(5):
+        assert (~flags[truth[:, j] == 0, j]).mean() >= 0.85
+    looser = clinician_thresholds(scores, truth, normal, 0.85, 1.0)[1]
+    assert all(a <= b for a, b in zip(looser, thresholds, strict=True))  # a larger budget never raises a point
+
+
 def test_a_card_without_an_abnormal_output_gets_a_score_fitted_on_the_labels():
     val, test = synthetic_split(2000, 2, abnormal_output=False), synthetic_split(1000, 3, abnormal_output=False)
     card = calibrate_card(card_for(abnormal_output=False), *val, *test, bootstrap_rounds=50)

@@ -13,7 +13,10 @@ val only:
   finding at all): each may flag the same share of them, the largest with at most
   ``--normal-flag-rate`` of normal films flagged at all and at most 0.2 flags per normal film; a
   label whose val PPV at its point stays below ``--min-ppv`` is dropped and the others share again;
-- **clinician** points: every label at Youden's J on val;
+- **clinician** points: every label at the point of highest Youden's J on val among those with val
+  specificity ≥ ``--clinician-min-specificity`` (0.85) that flag no more than a share of val normal
+  films that is the same for every label, the largest share with at most
+  ``--clinician-flags-per-normal`` (0.5) ▲ per normal film in all;
 - **verdict**: a point on the normal-vs-abnormal score (the calibrated ``abnormal`` output, or a
   logistic regression on the 14 calibrated logits for a card without one) chosen so that, together
   with any screening flag, at most ``--verdict-normal-rate`` of val normal films hear "worth showing a
@@ -51,7 +54,7 @@ from diagnosis.operating import calibrated as apply_calibration
 from diagnosis.operating import logit, screening_flags
 
 from ..data.datasets import CHEST_LABELS, Record, labelled_films, targets
-from ..measure.metrics import ECE_BINS, bootstrap_auc_intervals, ece, youden_threshold
+from ..measure.metrics import ECE_BINS, bootstrap_auc_intervals, ece
 
 log = logging.getLogger(__name__)
 URGENT_CAPABLE = ("Pneumothorax",)  # labels whose plain meaning may say "urgent" when the PPV allows
@@ -160,10 +163,66 @@ def budget_share(normal_scores: np.ndarray, rate: float, max_flags: float) -> fl
     return best
 
 
+def lowest_threshold_with_specificity(truth: np.ndarray, scores: np.ndarray, min_specificity: float) -> float:
+    """The lowest card threshold at which at least ``min_specificity`` of the negatives stay below it."""
+    negatives = scores[truth == 0]
+    if len(negatives) == 0:
+        return 0.0
+    return high_specificity_threshold(negatives, 1.0 - min_specificity)
+
+
+def best_youden_at_or_above(truth: np.ndarray, scores: np.ndarray, floor: float) -> float:
+    """Among thresholds ≥ ``floor`` (the card's 6 decimals), the one with the highest Youden's J on
+    these films; ``floor`` itself when no higher one is better (or the split has one class only)."""
+    positives, negatives = scores[truth == 1], scores[truth == 0]
+    if len(positives) == 0 or len(negatives) == 0:
+        return floor
+    candidates = np.unique(np.concatenate([[floor], scores[scores >= floor]]))
+    positives, negatives = np.sort(positives), np.sort(negatives)
+    sensitivity = 1 - np.searchsorted(positives, candidates, side="left") / len(positives)  # share ≥ candidate
+    specificity = np.searchsorted(negatives, candidates, side="left") / len(negatives)  # share < candidate
+    best = int(np.argmax(sensitivity + specificity))  # the first (lowest) of equal J
+    return floor if best == 0 else _up(float(candidates[best]))
+
+
+def clinician_thresholds(cal: np.ndarray, truth: np.ndarray, normal: np.ndarray, min_specificity: float,
+                         max_flags_per_normal: float, steps: int = 200) -> tuple[float, list[float]]:
+    """Clinician points, one per label, on val: each label's point is the highest-J point among those
+    with specificity ≥ ``min_specificity`` that flag at most a share ``s`` of the normal films (no
+    finding); ``s`` is the same for every label and the largest for which normal films get at most
+    ``max_flags_per_normal`` ▲ on average. Returns (s, thresholds)."""
+    k = cal.shape[1]
+    spec_floor = [lowest_threshold_with_specificity(truth[:, j], cal[:, j], min_specificity) for j in range(k)]
+
+    def points(share: float) -> list[float]:
+        return [best_youden_at_or_above(truth[:, j], cal[:, j],
+                                        max(spec_floor[j], high_specificity_threshold(cal[normal, j], share)))
+                for j in range(k)]
+
+    best_share, best = 0.0, points(0.0)
+    for share in np.linspace(0.0, 1.0 - min_specificity, steps + 1)[1:]:
+        thresholds = points(float(share))
+        if (cal[normal] >= np.asarray(thresholds)).sum(axis=1).mean() > max_flags_per_normal:
+            break
+        best_share, best = float(share), thresholds
+    return best_share, best
+
+
+def clinician_flag_summary(points: dict[str, LabelPoint], labels: list[str], cal: np.ndarray,
+                           abnormal: np.ndarray) -> dict:
+    thresholds = np.asarray([points[label].threshold for label in labels])
+    counts = (cal[:, :len(labels)] >= thresholds).sum(axis=1)
+    return {"normal_films": int((abnormal == 0).sum()),
+            "flags_per_normal_film": _r(counts[abnormal == 0].mean()),
+            "normal_with_a_flag": _r((counts[abnormal == 0] > 0).mean()),
+            "abnormal_with_a_flag": _r((counts[abnormal == 1] > 0).mean())}
+
+
 def calibrate_card(card: ModelCard, val_raw: np.ndarray, val_truth: np.ndarray, test_raw: np.ndarray,
                    test_truth: np.ndarray, *, auc_floor: float = 0.7, normal_flag_rate: float = 0.10,
                    max_flags_per_normal: float = 0.2, min_ppv: float = 0.1,
                    verdict_normal_rate: float = 0.15, urgent_ppv: float = 0.5, bootstrap_rounds: int = 1000,
+                   clinician_min_specificity: float = 0.85, clinician_flags_per_normal: float = 0.5,
                    data: str = "") -> ModelCard:
     """A copy of ``card`` with ``calibration``, ``ece`` and ``operating_points`` fitted on val."""
     labels, n_labels = card.labels, len(card.labels)
@@ -222,9 +281,11 @@ def calibrate_card(card: ModelCard, val_raw: np.ndarray, val_truth: np.ndarray, 
                                       val=_round(val_fig), test=_round(figures(test_truth[:, i], test_cal[:, i],
                                                                                 threshold)))
 
+    clinician_share, clinician_points = clinician_thresholds(val_cal[:, :n_labels], val_truth, normal,
+                                                             clinician_min_specificity, clinician_flags_per_normal)
     clinician: dict[str, LabelPoint] = {}
     for i, label in enumerate(labels):
-        threshold = _up(youden_threshold(val_truth[:, i], val_cal[:, i]))
+        threshold = clinician_points[i]
         clinician[label] = LabelPoint(eligible=True, threshold=threshold,
                                       val=_round(figures(val_truth[:, i], val_cal[:, i], threshold)),
                                       test=_round(figures(test_truth[:, i], test_cal[:, i], threshold)))
@@ -282,7 +343,14 @@ def calibrate_card(card: ModelCard, val_raw: np.ndarray, val_truth: np.ndarray, 
                      f"{round(1 / min_ppv) if min_ppv else '∞'} flags right) is dropped and the others share again",
         "min_ppv": min_ppv,
         "screening_share_per_label": _r(share), "max_flags_per_normal": max_flags_per_normal,
-        "clinician": "Youden's J per label on val",
+        "clinician": f"every label at the point of highest Youden's J on val among those with val specificity ≥ "
+                     f"{clinician_min_specificity} that flag at most the same share ({_r(clinician_share)}) of val "
+                     f"normal films (no finding) as every other label, the largest share with at most "
+                     f"{clinician_flags_per_normal} ▲ per normal film in all (a clinician reading 14 marks learns "
+                     f"something from ▲ only when a normal film rarely gets one)",
+        "clinician_min_specificity": clinician_min_specificity,
+        "clinician_flags_per_normal": clinician_flags_per_normal,
+        "clinician_share_per_label": _r(clinician_share),
         "verdict": f"'see a doctor soon' when the {verdict.output} score reaches its threshold or any screening "
                    f"flag is raised; threshold chosen so at most {verdict_normal_rate} of val normal films hear it",
         "urgent": f"only for {', '.join(URGENT_CAPABLE)} when eligible and the 95 % Wilson lower bound of its val "
@@ -290,6 +358,8 @@ def calibrate_card(card: ModelCard, val_raw: np.ndarray, val_truth: np.ndarray, 
         "auc_floor": auc_floor, "normal_flag_rate": normal_flag_rate,
         "verdict_normal_rate": verdict_normal_rate, "urgent_ppv": urgent_ppv,
         "flags": {"val": flag_summary(val_cal, val_abnormal), "test": flag_summary(test_cal, test_abnormal)},
+        "clinician_flags": {"val": clinician_flag_summary(clinician, labels, val_cal, val_abnormal),
+                            "test": clinician_flag_summary(clinician, labels, test_cal, test_abnormal)},
         "command": "python -m training calibrate --model models/chest --manifest ../shared/data/xray-pack/manifest.csv "
                    "--manifest ../shared/data/xray-pack/manifest-extra.csv",
     }
@@ -339,6 +409,11 @@ def summary(card: ModelCard) -> dict:
                                                                  "prevalence", "auc"})}
                       for label, p in points.screening.items() if p.eligible},
         "not_eligible": [label for label, p in points.screening.items() if not p.eligible],
+        "clinician_flags": points.method.get("clinician_flags"),
+        "clinician": {label: {"threshold": p.threshold,
+                              "val": p.val.model_dump(include={"sensitivity", "specificity", "ppv", "auc"}),
+                              "test": p.test.model_dump(include={"sensitivity", "specificity", "ppv"})}
+                      for label, p in points.clinician.items()},
         "verdict": {"output": points.verdict.output, "threshold": points.verdict.threshold,
                     "val": points.verdict.val.model_dump(), "test": points.verdict.test.model_dump()},
     }
