@@ -96,6 +96,23 @@ def test_clinician_points_keep_specificity_and_the_per_film_budget_on_val(fitted
         assert assess(card, row, "clinician")[2] == assess(card, row, "screening")[2]
 
 
+def test_refitting_the_clinician_points_leaves_every_other_section_as_it_was(fitted):
+    from training.card.calibrate import refit_clinician
+
+    card, val, test = fitted
+    again = refit_clinician(card, *val, *test, clinician_flags_per_normal=0.25)
+    before, after = card.model_dump(mode="json"), again.model_dump(mode="json")
+    for key in before:
+        if key != "operating_points":
+            assert before[key] == after[key], key
+    for key in ("screening", "verdict"):
+        assert before["operating_points"][key] == after["operating_points"][key], key
+    method = after["operating_points"]["method"]
+    assert method["clinician_flags_per_normal"] == 0.25
+    assert method["flags"] == before["operating_points"]["method"]["flags"]
+    assert method["clinician_flags"]["val"]["flags_per_normal_film"] <= 0.25
+
+
 def test_clinician_findings_are_ordered_by_estimate_relative_to_their_point(fitted):
     card = fitted[0]
     row = np.full(len(card.outputs), 0.2)
@@ -197,6 +214,11 @@ def test_shipped_chest_card_is_calibrated_with_points_chosen_on_val():
         if point.eligible:  # the floor on the bootstrap lower bound of val AUC
             assert point.val.auc_ci95[0] > points.method["auc_floor"], label
     assert card.ece["val"]["mean_after"] < card.ece["val"]["mean_before"]
+    # clinician ▲: val specificity ≥ 0.85 each, ≤ 0.5 ▲ per normal film (val chose, test reports), figures kept
+    for label, point in points.clinician.items():
+        assert point.val.specificity >= 0.85 and point.val.sensitivity is not None, label
+    assert points.method["clinician_flags"]["val"]["flags_per_normal_film"] <= 0.5
+    assert points.method["clinician_flags"]["test"]["flags_per_normal_film"] <= 0.5
 
 
 def test_measure_replies_counts_what_the_real_pipeline_flags(pack):

@@ -118,6 +118,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="clinician: every ▲ point keeps at least this val specificity")
     c.add_argument("--clinician-flags-per-normal", type=float, default=0.5,
                    help="clinician: at most this many ▲ per val normal film, all labels together")
+    c.add_argument("--clinician-only", action="store_true",
+                   help="refit the clinician points only, on the card's own calibration: calibration, ECE, "
+                        "screening points and verdict stay exactly as they are")
     c.add_argument("--bootstrap-rounds", type=int, default=1000)
     c.add_argument("--dry-run", action="store_true", help="print, do not write the card")
 
@@ -176,7 +179,8 @@ def main(argv: list[str] | None = None) -> int:
         cache = args.cache or cache_dir_from_environment() / "calibrate"
         data = " + ".join(f"{Path(m).parent.name}/{Path(m).name}" for m in args.manifest) or data_name
         card = calibrate(args.model, records, data, cache, args.backend, args.threads,
-                         write=not args.dry_run, auc_floor=args.auc_floor, normal_flag_rate=args.normal_flag_rate,
+                         write=not args.dry_run, clinician_only=args.clinician_only, auc_floor=args.auc_floor,
+                         normal_flag_rate=args.normal_flag_rate,
                          min_ppv=args.min_ppv,
                          verdict_normal_rate=args.verdict_normal_rate, urgent_ppv=args.urgent_ppv,
                          bootstrap_rounds=args.bootstrap_rounds,

@@ -208,6 +208,51 @@ def clinician_thresholds(cal: np.ndarray, truth: np.ndarray, normal: np.ndarray,
     return best_share, best
 
 
+def clinician_points(labels: list[str], val_cal: np.ndarray, val_truth: np.ndarray, test_cal: np.ndarray,
+                     test_truth: np.ndarray, min_specificity: float = 0.85,
+                     flags_per_normal: float = 0.5) -> tuple[dict[str, LabelPoint], dict]:
+    """The clinician points (chosen on val, test only reported) and their entries in ``method``."""
+    n_labels = len(labels)
+    val_abnormal = (val_truth.sum(axis=1) > 0).astype(float)
+    test_abnormal = (test_truth.sum(axis=1) > 0).astype(float)
+    share, thresholds = clinician_thresholds(val_cal[:, :n_labels], val_truth, val_abnormal == 0, min_specificity,
+                                             flags_per_normal)
+    points: dict[str, LabelPoint] = {}
+    for i, label in enumerate(labels):
+        points[label] = LabelPoint(eligible=True, threshold=thresholds[i],
+                                   val=_round(figures(val_truth[:, i], val_cal[:, i], thresholds[i])),
+                                   test=_round(figures(test_truth[:, i], test_cal[:, i], thresholds[i])))
+    method = {
+        "clinician": f"every label at the point of highest Youden's J on val among those with val specificity ≥ "
+                     f"{min_specificity} that flag at most the same share ({_r(share)}) of val normal films (no "
+                     f"finding) as every other label, the largest share with at most {flags_per_normal} ▲ per normal "
+                     f"film in all (a clinician reading 14 marks learns something from ▲ only when a normal film "
+                     f"rarely gets one)",
+        "clinician_min_specificity": min_specificity,
+        "clinician_flags_per_normal": flags_per_normal,
+        "clinician_share_per_label": _r(share),
+        "clinician_flags": {"val": clinician_flag_summary(points, labels, val_cal, val_abnormal),
+                            "test": clinician_flag_summary(points, labels, test_cal, test_abnormal)},
+    }
+    return points, method
+
+
+def refit_clinician(card: ModelCard, val_raw: np.ndarray, val_truth: np.ndarray, test_raw: np.ndarray,
+                    test_truth: np.ndarray, *, clinician_min_specificity: float = 0.85,
+                    clinician_flags_per_normal: float = 0.5, **_ignored) -> ModelCard:
+    """A copy of a calibrated ``card`` with new clinician points only, on its own calibration: the
+    calibration, ECE, screening points and verdict stay exactly as they were."""
+    if card.calibration is None or card.operating_points is None:
+        raise SystemExit("--clinician-only needs a card calibrated before (run calibrate without it first)")
+    card = card.model_copy(deep=True)
+    points, method = clinician_points(card.labels, apply_calibration(card, val_raw), val_truth,
+                                      apply_calibration(card, test_raw), test_truth, clinician_min_specificity,
+                                      clinician_flags_per_normal)
+    card.operating_points.clinician = points
+    card.operating_points.method.update(method)
+    return card
+
+
 def clinician_flag_summary(points: dict[str, LabelPoint], labels: list[str], cal: np.ndarray,
                            abnormal: np.ndarray) -> dict:
     thresholds = np.asarray([points[label].threshold for label in labels])
@@ -281,14 +326,8 @@ def calibrate_card(card: ModelCard, val_raw: np.ndarray, val_truth: np.ndarray, 
                                       val=_round(val_fig), test=_round(figures(test_truth[:, i], test_cal[:, i],
                                                                                 threshold)))
 
-    clinician_share, clinician_points = clinician_thresholds(val_cal[:, :n_labels], val_truth, normal,
-                                                             clinician_min_specificity, clinician_flags_per_normal)
-    clinician: dict[str, LabelPoint] = {}
-    for i, label in enumerate(labels):
-        threshold = clinician_points[i]
-        clinician[label] = LabelPoint(eligible=True, threshold=threshold,
-                                      val=_round(figures(val_truth[:, i], val_cal[:, i], threshold)),
-                                      test=_round(figures(test_truth[:, i], test_cal[:, i], threshold)))
+    clinician, clinician_method = clinician_points(labels, val_cal, val_truth, test_cal, test_truth,
+                                                   clinician_min_specificity, clinician_flags_per_normal)
 
     # Verdict: the score, then the point that keeps "see a doctor soon" for ≤ verdict_normal_rate of val normals.
     points = OperatingPoints(screening=screening, clinician=clinician)
@@ -343,14 +382,7 @@ def calibrate_card(card: ModelCard, val_raw: np.ndarray, val_truth: np.ndarray, 
                      f"{round(1 / min_ppv) if min_ppv else '∞'} flags right) is dropped and the others share again",
         "min_ppv": min_ppv,
         "screening_share_per_label": _r(share), "max_flags_per_normal": max_flags_per_normal,
-        "clinician": f"every label at the point of highest Youden's J on val among those with val specificity ≥ "
-                     f"{clinician_min_specificity} that flag at most the same share ({_r(clinician_share)}) of val "
-                     f"normal films (no finding) as every other label, the largest share with at most "
-                     f"{clinician_flags_per_normal} ▲ per normal film in all (a clinician reading 14 marks learns "
-                     f"something from ▲ only when a normal film rarely gets one)",
-        "clinician_min_specificity": clinician_min_specificity,
-        "clinician_flags_per_normal": clinician_flags_per_normal,
-        "clinician_share_per_label": _r(clinician_share),
+        **clinician_method,
         "verdict": f"'see a doctor soon' when the {verdict.output} score reaches its threshold or any screening "
                    f"flag is raised; threshold chosen so at most {verdict_normal_rate} of val normal films hear it",
         "urgent": f"only for {', '.join(URGENT_CAPABLE)} when eligible and the 95 % Wilson lower bound of its val "
@@ -358,8 +390,6 @@ def calibrate_card(card: ModelCard, val_raw: np.ndarray, val_truth: np.ndarray, 
         "auc_floor": auc_floor, "normal_flag_rate": normal_flag_rate,
         "verdict_normal_rate": verdict_normal_rate, "urgent_ppv": urgent_ppv,
         "flags": {"val": flag_summary(val_cal, val_abnormal), "test": flag_summary(test_cal, test_abnormal)},
-        "clinician_flags": {"val": clinician_flag_summary(clinician, labels, val_cal, val_abnormal),
-                            "test": clinician_flag_summary(clinician, labels, test_cal, test_abnormal)},
         "command": "python -m training calibrate --model models/chest --manifest ../shared/data/xray-pack/manifest.csv "
                    "--manifest ../shared/data/xray-pack/manifest-extra.csv",
     }
@@ -372,7 +402,7 @@ def _round(fig: PointFigures) -> PointFigures:
 
 
 def calibrate(model: Path, records: list[Record], data: str, cache: Path | None = None, backend: str = "onnx",
-              threads: int | None = None, write: bool = True, **options) -> ModelCard:
+              threads: int | None = None, write: bool = True, clinician_only: bool = False, **options) -> ModelCard:
     card = read_card(model, verify=True)
     if card.body_part != "chest" or not set(card.labels) <= set(CHEST_LABELS):
         raise SystemExit("calibrate needs a chest model with ChestX-ray14 labels")
@@ -387,7 +417,10 @@ def calibrate(model: Path, records: list[Record], data: str, cache: Path | None 
     for split, (raw, _) in splits.items():
         if np.isnan(raw).any():
             raise SystemExit(f"{split}: some films could not be read")
-    card = calibrate_card(card, *splits["val"], *splits["test"], data=data, **options)
+    if clinician_only:
+        card = refit_clinician(card, *splits["val"], *splits["test"], **options)
+    else:
+        card = calibrate_card(card, *splits["val"], *splits["test"], data=data, **options)
     if write:
         write_card(model, card)
     return card
