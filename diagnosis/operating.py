@@ -106,8 +106,11 @@ def assess(card: ModelCard, raw_row: np.ndarray, mode: str = "screening") -> tup
             point, threshold, positive = screen, (screen.threshold if eligible else None), label in flagged
         else:
             point = points.clinician.get(label) if points else None
-            threshold = point.threshold if point is not None and point.threshold is not None else card.threshold(label)
-            positive = bool(p >= threshold)
+            # A card with clinician points: a label without one is listed, never ▲ (no point was right on
+            # val). A card without operating points: the card's legacy thresholds.
+            threshold = (point.threshold if point is not None else None) if points and points.clinician \
+                else card.threshold(label)
+            positive = bool(threshold is not None and p >= threshold)
         urgent = bool(mode == "screening" and positive and screen is not None and screen.urgent)
         findings.append(Finding(label=label, probability=float(p), positive=positive, threshold=threshold,
                                 eligible=eligible, urgent=urgent, **_figures(point)))

@@ -186,40 +186,69 @@ def best_youden_at_or_above(truth: np.ndarray, scores: np.ndarray, floor: float)
 
 
 def clinician_thresholds(cal: np.ndarray, truth: np.ndarray, normal: np.ndarray, min_specificity: float,
-                         max_flags_per_normal: float, steps: int = 200) -> tuple[float, list[float]]:
+                         max_flags_per_normal: float, steps: int = 200,
+                         ceilings: list[float | None] | None = None) -> tuple[float, list[float | None]]:
     """Clinician points, one per label, on val: each label's point is the highest-J point among those
     with specificity ≥ ``min_specificity`` that flag at most a share ``s`` of the normal films (no
     finding); ``s`` is the same for every label and the largest for which normal films get at most
-    ``max_flags_per_normal`` ▲ on average. Returns (s, thresholds)."""
+    ``max_flags_per_normal`` ▲ on average. A label's ``ceilings`` entry (its screening point) caps its
+    point, so that whatever screening flags is ▲ too. A label whose point catches no val film with
+    it gets no point (None: a ▲ never right on val says nothing) and the others share again.
+    Returns (s, thresholds)."""
     k = cal.shape[1]
+    ceilings = ceilings or [None] * k
     spec_floor = [lowest_threshold_with_specificity(truth[:, j], cal[:, j], min_specificity) for j in range(k)]
+    active = list(range(k))
 
-    def points(share: float) -> list[float]:
-        return [best_youden_at_or_above(truth[:, j], cal[:, j],
-                                        max(spec_floor[j], high_specificity_threshold(cal[normal, j], share)))
-                for j in range(k)]
+    def points(share: float) -> list[float | None]:
+        out: list[float | None] = [None] * k
+        for j in active:
+            point = best_youden_at_or_above(truth[:, j], cal[:, j],
+                                            max(spec_floor[j], high_specificity_threshold(cal[normal, j], share)))
+            out[j] = point if ceilings[j] is None else min(point, ceilings[j])
+        return out
 
-    best_share, best = 0.0, points(0.0)
-    for share in np.linspace(0.0, 1.0 - min_specificity, steps + 1)[1:]:
-        thresholds = points(float(share))
-        if (cal[normal] >= np.asarray(thresholds)).sum(axis=1).mean() > max_flags_per_normal:
+    def marks(thresholds: list[float | None]) -> float:
+        columns = [j for j in range(k) if thresholds[j] is not None]
+        limits = np.asarray([thresholds[j] for j in columns])
+        return float((cal[normal][:, columns] >= limits).sum(axis=1).mean()) if columns else 0.0
+
+    while True:
+        best_share, best = 0.0, points(0.0)
+        for share in np.linspace(0.0, 1.0 - min_specificity, steps + 1)[1:]:
+            thresholds = points(float(share))
+            if marks(thresholds) > max_flags_per_normal:
+                break
+            best_share, best = float(share), thresholds
+        never_right = [j for j in active if ceilings[j] is None and not (cal[truth[:, j] == 1, j] >= best[j]).any()]
+        if not never_right:
             break
-        best_share, best = float(share), thresholds
+        active = [j for j in active if j not in never_right]
+    for j in sorted(set(range(k)) - set(active)):  # one dropped at a smaller share may be right at this one
+        active.append(j)
+        again = points(best_share)
+        if (cal[truth[:, j] == 1, j] >= again[j]).any() and marks(again) <= max_flags_per_normal:
+            best = again
+        else:
+            active.remove(j)
     return best_share, best
 
 
 def clinician_points(labels: list[str], val_cal: np.ndarray, val_truth: np.ndarray, test_cal: np.ndarray,
-                     test_truth: np.ndarray, min_specificity: float = 0.85,
-                     flags_per_normal: float = 0.5) -> tuple[dict[str, LabelPoint], dict]:
-    """The clinician points (chosen on val, test only reported) and their entries in ``method``."""
+                     test_truth: np.ndarray, min_specificity: float = 0.85, flags_per_normal: float = 0.5,
+                     screening: dict[str, float] | None = None) -> tuple[dict[str, LabelPoint], dict]:
+    """The clinician points (chosen on val, test only reported) and their entries in ``method``;
+    ``screening``: the screening points of the eligible labels (a clinician point never exceeds it)."""
+    screening = screening or {}
     n_labels = len(labels)
     val_abnormal = (val_truth.sum(axis=1) > 0).astype(float)
     test_abnormal = (test_truth.sum(axis=1) > 0).astype(float)
+    ceilings = [screening.get(label) for label in labels]
     share, thresholds = clinician_thresholds(val_cal[:, :n_labels], val_truth, val_abnormal == 0, min_specificity,
-                                             flags_per_normal)
+                                             flags_per_normal, ceilings=ceilings)
     points: dict[str, LabelPoint] = {}
     for i, label in enumerate(labels):
-        points[label] = LabelPoint(eligible=True, threshold=thresholds[i],
+        points[label] = LabelPoint(eligible=thresholds[i] is not None, threshold=thresholds[i],
                                    val=_round(figures(val_truth[:, i], val_cal[:, i], thresholds[i])),
                                    test=_round(figures(test_truth[:, i], test_cal[:, i], thresholds[i])))
     method = {
@@ -227,7 +256,8 @@ def clinician_points(labels: list[str], val_cal: np.ndarray, val_truth: np.ndarr
                      f"{min_specificity} that flag at most the same share ({_r(share)}) of val normal films (no "
                      f"finding) as every other label, the largest share with at most {flags_per_normal} ▲ per normal "
                      f"film in all (a clinician reading 14 marks learns something from ▲ only when a normal film "
-                     f"rarely gets one)",
+                     f"rarely gets one); never above the label's screening point (what screening flags is ▲ too); "
+                     f"a label whose point catches no val film with it gets no point (its estimate is still listed)",
         "clinician_min_specificity": min_specificity,
         "clinician_flags_per_normal": flags_per_normal,
         "clinician_share_per_label": _r(share),
@@ -245,9 +275,11 @@ def refit_clinician(card: ModelCard, val_raw: np.ndarray, val_truth: np.ndarray,
     if card.calibration is None or card.operating_points is None:
         raise SystemExit("--clinician-only needs a card calibrated before (run calibrate without it first)")
     card = card.model_copy(deep=True)
+    screening = {label: p.threshold for label, p in card.operating_points.screening.items()
+                 if p.eligible and p.threshold is not None}
     points, method = clinician_points(card.labels, apply_calibration(card, val_raw), val_truth,
                                       apply_calibration(card, test_raw), test_truth, clinician_min_specificity,
-                                      clinician_flags_per_normal)
+                                      clinician_flags_per_normal, screening)
     card.operating_points.clinician = points
     card.operating_points.method.update(method)
     return card
@@ -255,7 +287,8 @@ def refit_clinician(card: ModelCard, val_raw: np.ndarray, val_truth: np.ndarray,
 
 def clinician_flag_summary(points: dict[str, LabelPoint], labels: list[str], cal: np.ndarray,
                            abnormal: np.ndarray) -> dict:
-    thresholds = np.asarray([points[label].threshold for label in labels])
+    thresholds = np.asarray([np.inf if points[label].threshold is None else points[label].threshold
+                             for label in labels])
     counts = (cal[:, :len(labels)] >= thresholds).sum(axis=1)
     return {"normal_films": int((abnormal == 0).sum()),
             "flags_per_normal_film": _r(counts[abnormal == 0].mean()),
@@ -326,8 +359,9 @@ def calibrate_card(card: ModelCard, val_raw: np.ndarray, val_truth: np.ndarray, 
                                       val=_round(val_fig), test=_round(figures(test_truth[:, i], test_cal[:, i],
                                                                                 threshold)))
 
-    clinician, clinician_method = clinician_points(labels, val_cal, val_truth, test_cal, test_truth,
-                                                   clinician_min_specificity, clinician_flags_per_normal)
+    clinician, clinician_method = clinician_points(
+        labels, val_cal, val_truth, test_cal, test_truth, clinician_min_specificity, clinician_flags_per_normal,
+        {label: p.threshold for label, p in screening.items() if p.eligible and p.threshold is not None})
 
     # Verdict: the score, then the point that keeps "see a doctor soon" for ≤ verdict_normal_rate of val normals.
     points = OperatingPoints(screening=screening, clinician=clinician)
