@@ -99,6 +99,22 @@ OVERLAY_NOT_A_DIAGNOSIS = N_("This is not a diagnosis: only a physician can inte
 PHYSICIAN = N_("This is an automated second opinion, not a diagnosis. Please show the image and this "
                "result to a physician, who can examine you and decide what it means.")
 
+# Nothing flagged: what was not found first, then that the check misses many cases (never "normal").
+NO_CLEAR_SIGN = N_("No clear sign of {names} was found, but this check misses many cases, so it does not rule "
+                   "them out.")
+# Films the service does not read: no probabilities, and the parts it can read, from the cards present.
+PART_RECOGNISED = N_("I recognised an X-ray of the {part}.")
+ANALYSABLE_PARTS = N_("So far I can only analyse X-rays of the {parts}.")
+PART_NOT_ANALYSABLE = N_("I cannot analyse X-rays of this body part yet.")
+NOT_AN_XRAY = N_("This does not look like an X-ray image.")
+CLINICIAN_HEADING = N_("All findings, the furthest above its point first (calibrated probability; operating point; "
+                       "sensitivity / specificity / AUC on the validation films):")
+CLINICIAN_MARKS = N_("▲ = at or above the point. The points were chosen on the validation films so that films "
+                     "without a finding rarely get a ▲; a finding without ▲ is not ruled out.")
+CLINICIAN_VERDICT = N_("The verdict above is the one screening mode gives (the abnormal score and the screening "
+                       "points); ▲ marks each finding against its own point.")
+PPV = N_("PPV {ppv}")
+
 
 def gettext_for(language: str):
     """The ``_`` function of the ``diagnosis`` domain for one language (unknown → English)."""
@@ -121,6 +137,18 @@ def overlay_caption(label: str | None, probability: float | None, language: str)
     title = (fill(_(OVERLAY_TITLE), language, name=finding_name(label, language), p=_percent(probability))
              if label else _(OVERLAY_TITLE_UNNAMED))
     return "\n".join([title, _(OVERLAY_COLOURS), _(OVERLAY_NOT_A_DIAGNOSIS)])
+
+
+def album_caption(captions: list[str]) -> str:
+    """One caption for an album of overlays (Telegram shows an album's caption once, under the album):
+    each photo's own first line (its title), numbered in the album's order, then every other line of
+    the photos' captions once (what the colours mean, "not a diagnosis"), in the order first seen."""
+    titles, rest = [], []
+    for number, caption in enumerate(captions, start=1):
+        first, *others = caption.split("\n")
+        titles.append(f"{number}. {first}" if len(captions) > 1 else first)
+        rest.extend(line for line in others if line not in rest)
+    return "\n".join(titles + rest)
 
 
 def rejection_text(code: str, language: str) -> str:
@@ -158,24 +186,22 @@ def render_reply(result: DiagnosisResult, language: str = "en") -> str:
                        "read."))
         lines.append(_("If you meant to send one, please send a file from the clinic, or a straight, sharp "
                        "photo of the whole film or screen."))
-        return "\n".join(lines)  # not a medical image: no physician footer
     elif result.outcome == "not_xray":
-        lines.append(fill(_("This does not look like an X-ray image (X-ray likelihood {p})."), language,
-                          p=_percent(result.xray_probability)))
+        lines.append(_(NOT_AN_XRAY))
         lines.append(_(SEND_RADIOGRAPH))
     elif result.outcome == "body_part_unknown":
         lines.append(_("This looks like an X-ray of a body part I cannot read yet, so I will not guess which "
                        "part it is or analyse it."))
-        lines.append(_("For now I can analyse chest X-rays only."))
+        lines.extend(analysable_lines(result, language))
     elif result.outcome == "body_part_uncertain":
         lines.append(_("This looks like an X-ray, but I cannot tell which body part it shows."))
         lines.append(_("Please send a clearer image: the whole film, photographed straight on, in even light, "
                        "without glare or reflections."))
+        lines.extend(analysable_lines(result, language))
     elif result.outcome == "body_part_not_analysed":
-        part = body_part_name(result.body_part or "", language)
-        lines.append(_sentence(fill(_("A {part} X-ray was recognised (likelihood {p}); there is no model for "
-                                      "this body part yet, so it is not analysed."), language,
-                                    part=part, p=_percent(result.body_part_probability))))
+        lines.append(_sentence(fill(_(PART_RECOGNISED), language,
+                                    part=body_part_name(result.body_part or "", language))))
+        lines.extend(analysable_lines(result, language) or [_(PART_NOT_ANALYSABLE)])
     else:
         lines.append(analysed_heading(result.body_part or "", language))
         lines.extend(verdict_lines(result, language))
@@ -191,9 +217,20 @@ def render_reply(result: DiagnosisResult, language: str = "en") -> str:
         lines.append(_(TURNED_NOTE))
     if result.rectified and result.outcome != "retake":
         lines.append(_(RECTIFIED_NOTE))
-    lines.append("")
-    lines.append("⚕️ " + _(PHYSICIAN))
+    if result.outcome == "analysed":  # the physician prompt speaks of "this result": only where a reading was given
+        lines.append("")
+        lines.append("⚕️ " + _(PHYSICIAN))
     return "\n".join(lines)
+
+
+def analysable_lines(result: DiagnosisResult, language: str) -> list[str]:
+    """"So far I can only analyse X-rays of the chest." from the parts the result says the service reads
+    (the abnormality cards present); none known (an older worker's result): no line."""
+    if not result.analysable_parts:
+        return []
+    _ = gettext_for(language)
+    parts = ", ".join(body_part_name(part, language) for part in result.analysable_parts)
+    return [fill(_(ANALYSABLE_PARTS), language, parts=parts)]
 
 
 def verdict_lines(result: DiagnosisResult, language: str) -> list[str]:
@@ -214,7 +251,7 @@ def verdict_lines(result: DiagnosisResult, language: str) -> list[str]:
         lines = [_("Verdict: no strong sign of the findings this model checks reliably.")]
     else:
         return [_("Verdict: unsure. This model's answers have not been checked against a validated operating "
-                  "point, so I cannot say whether the film looks normal.")]
+                  "point, so I cannot say whether the film shows signs of disease.")]
     if misses is not None:
         lines.append(fill(_("This check is far from perfect: it misses about {n} of 10 abnormal films, so it "
                             "does not rule out disease."), language, n=misses))
@@ -222,7 +259,8 @@ def verdict_lines(result: DiagnosisResult, language: str) -> list[str]:
 
 
 def screening_lines(result: DiagnosisResult, language: str) -> list[str]:
-    """Only flagged labels the model is good enough at, in neutral words; else "looks normal for …"."""
+    """Only flagged labels the model is good enough at, in neutral words; else "no clear sign of …, but
+    this check misses many cases" (never "normal": that is what a worried person would remember)."""
     _ = gettext_for(language)
     checked = [f for f in result.findings if f.eligible]
     flagged = [f for f in result.positive_findings if f.eligible]
@@ -240,7 +278,7 @@ def screening_lines(result: DiagnosisResult, language: str) -> list[str]:
             lines.append(line)
     elif checked:
         names = ", ".join(finding_name(f.label, language) for f in checked)
-        lines.append(fill(_("Looks normal for what this model checks reliably: {names}."), language, names=names))
+        lines.append(fill(_(NO_CLEAR_SIGN), language, names=names))
     if result.verdict == "unsure":
         top = result.findings[:3]
         if top:
@@ -255,11 +293,12 @@ def screening_lines(result: DiagnosisResult, language: str) -> list[str]:
 
 
 def clinician_lines(result: DiagnosisResult, language: str) -> list[str]:
-    """All labels compactly: calibrated probability, the label's point, sensitivity/specificity/AUC (val)."""
+    """All labels compactly, the furthest above its point first: calibrated probability, the label's
+    point, sensitivity/specificity/AUC (val), and the PPV of each ▲; then the abnormal score, and that
+    the verdict is screening's."""
     _ = gettext_for(language)
-    lines = [_("All findings (calibrated probability; operating point; sensitivity / specificity / AUC on "
-               "the validation films; ▲ = at or above the point):")]
-    for finding in result.findings:
+    lines = [_(CLINICIAN_HEADING), _(CLINICIAN_MARKS)]
+    for finding in sorted(result.findings, key=lambda f: f.margin, reverse=True):
         mark = "▲ " if finding.positive else ""
         facts = [isolate(_percent(finding.probability, 1 if finding.probability < 0.1 else 0), language)]
         if finding.threshold is not None:
@@ -267,6 +306,8 @@ def clinician_lines(result: DiagnosisResult, language: str) -> list[str]:
         if finding.sensitivity is not None and finding.specificity is not None:
             facts.append(fill(_("sens {sens} / spec {spec}"), language, sens=_percent(finding.sensitivity),
                               spec=_percent(finding.specificity)))
+        if finding.positive and finding.ppv is not None:
+            facts.append(fill(_(PPV), language, ppv=_percent(finding.ppv)))
         if finding.auc is not None:
             facts.append(isolate(f"AUC {finding.auc:.2f}", language))
         lines.append(f"• {mark}{finding_name(finding.label, language)}: " + "; ".join(facts))
@@ -276,6 +317,8 @@ def clinician_lines(result: DiagnosisResult, language: str) -> list[str]:
         if point.get("threshold") is not None:
             line += "; " + fill(_("point {p}"), language, p=_percent(point["threshold"], 1))
         lines.append(line)
+    if result.verdict != "unsure":
+        lines.append(_(CLINICIAN_VERDICT))
     return lines
 
 

@@ -5,7 +5,8 @@ training calibrate`` on the val split). Two modes:
 
 - ``screening`` (the default, for lay users): only labels the model is good enough at (``eligible``)
   are flagged, and only above their high-specificity point.
-- ``clinician``: every label at its per-label point (Youden's J on val), with its figures.
+- ``clinician``: every label at its per-label point (on val: specificity ≥ 0.85 and few ▲ per normal
+  film, see ``training.card.calibrate``), with its figures; listed by estimate relative to its point.
 
 The verdict does not depend on the mode: "see_doctor" when the normal-vs-abnormal score crosses its
 point or any screening flag is raised, "urgent" only for a flagged label whose card point allows it,
@@ -89,8 +90,9 @@ def verdict_of(card: ModelCard, calibrated_row: np.ndarray) -> str:
 
 
 def assess(card: ModelCard, raw_row: np.ndarray, mode: str = "screening") -> tuple[list[Finding], float | None, str]:
-    """Findings (highest calibrated probability first) flagged in ``mode``, the calibrated abnormal
-    score and the verdict, for one image's raw outputs."""
+    """Findings flagged in ``mode`` (screening: highest calibrated probability first; clinician:
+    highest relative to its point first), the calibrated abnormal score and the verdict (the same in
+    both modes), for one image's raw outputs."""
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}: choose one of {MODES}")
     row = calibrated(card, raw_row)
@@ -104,12 +106,17 @@ def assess(card: ModelCard, raw_row: np.ndarray, mode: str = "screening") -> tup
             point, threshold, positive = screen, (screen.threshold if eligible else None), label in flagged
         else:
             point = points.clinician.get(label) if points else None
-            threshold = point.threshold if point is not None and point.threshold is not None else card.threshold(label)
-            positive = bool(p >= threshold)
+            # A card with clinician points: a label without one is listed, never ▲ (no point was right on
+            # val). A card without operating points: the card's legacy thresholds.
+            threshold = (point.threshold if point is not None else None) if points and points.clinician \
+                else card.threshold(label)
+            positive = bool(threshold is not None and p >= threshold)
         urgent = bool(mode == "screening" and positive and screen is not None and screen.urgent)
         findings.append(Finding(label=label, probability=float(p), positive=positive, threshold=threshold,
                                 eligible=eligible, urgent=urgent, **_figures(point)))
-    findings.sort(key=lambda f: f.probability, reverse=True)
+    # Screening: highest estimate first. Clinician: highest relative to its own point first, so the
+    # ▲ findings lead and a low estimate with a low point is not buried under a high one with a high point.
+    findings.sort(key=(lambda f: f.probability) if mode == "screening" else (lambda f: f.margin), reverse=True)
     return findings, abnormal_score(card, row), verdict_of(card, row)
 
 

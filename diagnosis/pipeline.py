@@ -155,8 +155,9 @@ class Pipeline:
         unknown = set(modes) - set(MODES)
         if unknown:
             raise ValueError(f"unknown mode(s) {sorted(unknown)}: choose one of {MODES}")
+        parts = sorted(self.abnormality)  # what the reply to a film of another part says it can read
         items = [_Item(DiagnosisResult(file=f, outcome="analysed", models=self.versions, model_cards=self.card_hashes,
-                                       mode=m))
+                                       mode=m, analysable_parts=parts))
                  for f, m in zip(files or [None] * len(datas), modes, strict=True)]
         for item, data in zip(items, datas, strict=True):
             self._read(item, data)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 from pydantic import BaseModel, Field
@@ -32,6 +33,19 @@ class Finding(BaseModel):
     eligible: bool = False  # screening: the model is good enough at this label to flag it to anyone
     urgent: bool = False  # flagged, and its PPV at the point justifies urgent wording (card rule)
 
+    @property
+    def margin(self) -> float:
+        """How far the estimate is above (> 0) or below (< 0) its point, in log-odds: the order of the
+        clinician list. A finding without a point comes last."""
+        if self.threshold is None:
+            return -math.inf
+        return _log_odds(self.probability) - _log_odds(self.threshold)
+
+
+def _log_odds(p: float) -> float:
+    p = min(max(float(p), 1e-12), 1 - 1e-12)
+    return math.log(p) - math.log1p(-p)
+
 
 class DiagnosisResult(BaseModel):
     """What the pipeline found.
@@ -50,13 +64,18 @@ class DiagnosisResult(BaseModel):
     # open_set); above the card's threshold the outcome is "body_part_unknown". None without one.
     body_part_novelty: float | None = None
     modality: Modality | None = None  # gate card's modality head, when it has one
-    findings: list[Finding] = Field(default_factory=list)  # all labels, highest probability first
+    # All labels: screening, highest probability first; clinician, highest relative to its point first
+    # (``Finding.margin``).
+    findings: list[Finding] = Field(default_factory=list)
     abnormal_probability: float | None = None  # calibrated "any finding" score; None when the card has none
     mode: Mode = "screening"
     verdict: Verdict | None = None  # set for analysed results (diagnosis.operating)
     # The verdict's point and its val figures: threshold, sensitivity, specificity, ppv.
     verdict_point: dict[str, float | None] = Field(default_factory=dict)
     heatmap_labels: list[str] = Field(default_factory=list)  # findings drawn in the overlay
+    # Body parts this service has an abnormality model for (from the cards present), for the reply to
+    # a film it does not analyse; empty from older workers and hand-made results.
+    analysable_parts: list[str] = Field(default_factory=list)
     rejection: str | None = None  # ImageRejected.code when outcome == "rejected"
     retake: list[str] = Field(default_factory=list)  # quality problem codes when outcome == "retake"
     rectified: bool = False  # a photo of a film/screen was straightened and cropped before analysis

@@ -4,6 +4,7 @@ import pytest
 from babel.messages.extract import extract_from_dir
 
 from contract.i18n import LANGUAGES, pick_language
+from diagnosis.messages import PHYSICIAN as PROMPT
 from diagnosis.messages import apology, gettext_for, render_reply
 from diagnosis.report import DiagnosisResult, Finding
 
@@ -26,7 +27,8 @@ def test_diagnosis_catalog_translates_every_string(language):
 RESULTS = [
     DiagnosisResult(outcome="not_xray", xray_probability=0.02),
     DiagnosisResult(outcome="body_part_uncertain", is_xray=True, body_part_probability=0.3),
-    DiagnosisResult(outcome="body_part_not_analysed", is_xray=True, body_part="hand", body_part_probability=0.97),
+    DiagnosisResult(outcome="body_part_not_analysed", is_xray=True, body_part="hand", body_part_probability=0.97,
+                    analysable_parts=["chest"]),
     DiagnosisResult(outcome="rejected", rejection="corrupt"),
     DiagnosisResult(outcome="not_xray", xray_probability=0.01, modality="ct"),
     DiagnosisResult(outcome="not_xray", xray_probability=0.01, modality="other_medical"),
@@ -41,9 +43,41 @@ RESULTS = [
 
 @pytest.mark.parametrize("language", list(LANGUAGES))
 @pytest.mark.parametrize("result", RESULTS, ids=lambda r: f"{r.outcome}-{r.modality}")
-def test_every_reply_ends_with_the_physician_prompt(result, language):
+def test_the_physician_prompt_ends_a_reading_and_only_a_reading(result, language):
+    """The prompt says "show the image and this result to a physician": it follows a reading, and a
+    refusal, a retake request or a part not analysed gives none (there is no result to show)."""
     text = render_reply(result, language)
-    assert PHYSICIAN[language] in text.splitlines()[-1]
+    if result.outcome == "analysed":
+        assert PHYSICIAN[language] in text.splitlines()[-1] and text.splitlines()[-1].startswith("⚕️ ")
+    else:
+        assert gettext_for(language)(PROMPT) not in text and "⚕" not in text
+
+
+@pytest.mark.parametrize("language", list(LANGUAGES))
+def test_retake_and_analysed_photo_prompt(language):
+    retake = DiagnosisResult(outcome="retake", is_xray=True, retake=["blurred"], rectified=True)
+    assert gettext_for(language)(PROMPT) not in render_reply(retake, language)
+    reading = RESULTS[-1].model_copy(update={"mode": "clinician"})
+    assert render_reply(reading, language).splitlines()[-1].startswith("⚕️ ")
+
+
+def test_other_part_says_what_it_is_and_what_can_be_read_without_probabilities():
+    hand = RESULTS[2]
+    assert render_reply(hand, "en").splitlines() == ["I recognised an X-ray of the hand.",
+                                                     "So far I can only analyse X-rays of the chest."]
+    assert "%" not in render_reply(hand, "ru") and "кисти" in render_reply(hand, "ru")
+    assert "грудной клетки" in render_reply(hand, "ru").splitlines()[1]
+    # the list comes from the result (the abnormality cards present), not from the text
+    two = hand.model_copy(update={"analysable_parts": ["chest", "knee"]})
+    assert render_reply(two, "en").splitlines()[1] == "So far I can only analyse X-rays of the chest, knee."
+    older = hand.model_copy(update={"analysable_parts": []})  # a result from a worker before the field
+    assert render_reply(older, "en").splitlines()[1] == "I cannot analyse X-rays of this body part yet."
+    for outcome in ("body_part_unknown", "body_part_uncertain"):
+        text = render_reply(DiagnosisResult(outcome=outcome, is_xray=True, body_part_probability=0.9,
+                                            analysable_parts=["chest"]), "en")
+        assert text.splitlines()[-1] == "So far I can only analyse X-rays of the chest." and "%" not in text
+    not_xray = render_reply(DiagnosisResult(outcome="not_xray", xray_probability=0.02), "en")
+    assert not_xray.startswith("This does not look like an X-ray image.") and "%" not in not_xray
 
 
 def test_screening_reply_gives_the_verdict_first_and_only_flagged_reliable_labels():
@@ -59,12 +93,35 @@ def test_screening_reply_gives_the_verdict_first_and_only_flagged_reliable_label
 def test_clinician_reply_lists_every_label_with_its_point():
     result = RESULTS[-1].model_copy(update={"mode": "clinician"})
     text = render_reply(result, "en")
-    assert "• ▲ Pleural effusion: 81%; point 40.0%; sens 25% / spec 95%; AUC 0.79" in text
+    assert "• ▲ Pleural effusion: 81%; point 40.0%; sens 25% / spec 95%; PPV 36%; AUC 0.79" in text
     assert "• Nodule: 20%" in text
     low = result.model_copy(update={"findings": [Finding(label="Hernia", probability=0.004, positive=False,
                                                          threshold=0.001)]})
     assert "• Hiatal hernia: 0.4%; point 0.1%" in render_reply(low, "en")  # small values keep a decimal
     assert text.index("Verdict") < text.index("Pleural effusion")
+    assert "The verdict above is the one screening mode gives" in text
+
+
+def test_clinician_list_is_ordered_by_estimate_relative_to_its_point():
+    findings = [Finding(label="Infiltration", probability=0.30, positive=False, threshold=0.35),
+                Finding(label="Hernia", probability=0.004, positive=True, threshold=0.002, ppv=0.05),
+                Finding(label="Nodule", probability=0.05, positive=False, threshold=0.2),
+                Finding(label="Mass", probability=0.2, positive=False, threshold=None)]
+    result = RESULTS[-1].model_copy(update={"mode": "clinician", "findings": findings})
+    listed = [line for line in render_reply(result, "en").splitlines() if line.startswith("• ")]
+    assert [line.split(":")[0] for line in listed] == ["• ▲ Hiatal hernia", "• Infiltration", "• Nodule", "• Mass"]
+    assert "PPV 5%" in listed[0] and "PPV" not in listed[1]  # the PPV of each ▲ only
+
+
+def test_album_caption_names_each_photo_once_and_the_rest_once():
+    from diagnosis.messages import album_caption, overlay_caption
+
+    captions = [overlay_caption("Effusion", 0.81, "en"), overlay_caption("Cardiomegaly", 0.4, "en")]
+    text = album_caption(captions)
+    lines = text.splitlines()
+    assert lines[0] == "1. " + captions[0].splitlines()[0] and lines[1] == "2. " + captions[1].splitlines()[0]
+    assert len(lines) == len(captions[0].splitlines()) + 1  # the shared lines once
+    assert album_caption(captions[:1]) == captions[0]
 
 
 def test_normal_screening_reply_says_what_it_checked_and_what_it_cannot_rule_out():
@@ -73,8 +130,9 @@ def test_normal_screening_reply_says_what_it_checked_and_what_it_cannot_rule_out
         Finding(label="Nodule", probability=0.05, positive=False, threshold=None)]})
     text = render_reply(normal, "en")
     assert "Verdict: no strong sign" in text
-    assert "Looks normal for what this model checks reliably: Pleural effusion." in text
-    assert "does not rule out disease" in text and "Nodule" not in text
+    assert "No clear sign of Pleural effusion was found, but this check misses many cases, so it does not rule " \
+           "them out." in text
+    assert "normal" not in text.replace("abnormal", "") and "Nodule" not in text
 
 
 def test_card_without_operating_points_is_unsure():

@@ -72,11 +72,87 @@ def test_clinician_points_cover_every_label_and_the_verdict_respects_its_budget(
     card, (val_raw, val_truth), _ = fitted
     points = card.operating_points
     assert set(points.clinician) == set(CHEST_LABELS)
-    assert all(p.threshold is not None and p.val.auc is not None for p in points.clinician.values())
+    assert all(p.val.auc is not None for p in points.clinician.values())
+    for p in points.clinician.values():  # no point only where the point would never have been right on val
+        assert p.threshold is not None or p.val.sensitivity is None
     verdicts = [assess(card, row)[2] for row in val_raw[val_truth.sum(axis=1) == 0]]
     assert set(verdicts) <= {"no_strong_sign", "see_doctor"}  # urgent needs a label allowed to say it
     assert verdicts.count("see_doctor") / len(verdicts) <= 0.15 + 1e-9
     assert 0 < points.verdict.val.sensitivity < 1 and points.verdict.val.misses_per_10 is not None
+
+
+def test_clinician_points_keep_specificity_and_the_per_film_budget_on_val(fitted):
+    """▲ means something: every point keeps val specificity ≥ 0.85, and normal val films get at most
+    0.5 ▲ each, all 14 labels together; the verdict is the same whatever the mode."""
+    card, (val_raw, val_truth), _ = fitted
+    points, method = card.operating_points, card.operating_points.method
+    assert method["clinician_min_specificity"] == 0.85 and method["clinician_flags_per_normal"] == 0.5
+    for label, point in points.clinician.items():
+        if point.threshold is None:
+            continue
+        assert point.val.specificity >= 0.85, label
+        assert point.val.sensitivity > 0 and point.test.specificity is not None  # each point was right on val
+        screening = points.screening[label]
+        if screening.eligible:  # whatever screening flags is ▲ too
+            assert point.threshold <= screening.threshold, label
+    normal = val_raw[val_truth.sum(axis=1) == 0]
+    marks = [sum(f.positive for f in assess(card, row, "clinician")[0]) for row in normal]
+    assert np.mean(marks) <= 0.5 + 1e-9
+    assert method["clinician_flags"]["val"]["flags_per_normal_film"] == pytest.approx(np.mean(marks), abs=1e-4)
+    for row in val_raw[:200]:
+        assert assess(card, row, "clinician")[2] == assess(card, row, "screening")[2]
+
+
+def test_refitting_the_clinician_points_leaves_every_other_section_as_it_was(fitted):
+    from training.card.calibrate import refit_clinician
+
+    card, val, test = fitted
+    again = refit_clinician(card, *val, *test, clinician_flags_per_normal=0.25)
+    before, after = card.model_dump(mode="json"), again.model_dump(mode="json")
+    for key in before:
+        if key != "operating_points":
+            assert before[key] == after[key], key
+    for key in ("screening", "verdict"):
+        assert before["operating_points"][key] == after["operating_points"][key], key
+    method = after["operating_points"]["method"]
+    assert method["clinician_flags_per_normal"] == 0.25
+    assert method["flags"] == before["operating_points"]["method"]["flags"]
+    assert method["clinician_flags"]["val"]["flags_per_normal_film"] <= 0.25
+
+
+def test_clinician_findings_are_ordered_by_estimate_relative_to_their_point(fitted):
+    card = fitted[0]
+    row = np.full(len(card.outputs), 0.2)
+    findings, _, _ = assess(card, row, "clinician")
+    margins = [logit(f.probability) - logit(f.threshold) if f.threshold is not None else -np.inf for f in findings]
+    assert margins == sorted(margins, reverse=True)
+    assert [f.margin for f in findings] == pytest.approx(margins)
+    flagged = [f.positive for f in findings]
+    assert flagged == sorted(flagged, reverse=True)  # every ▲ before every finding without one
+
+
+def test_clinician_thresholds_spend_the_budget_on_normal_films():
+    from training.card.calibrate import clinician_thresholds
+
+    rng = np.random.default_rng(1)
+    truth = (rng.random((3000, 5)) < 0.1).astype(float)
+    scores = np.clip(rng.normal(0.3 + 0.3 * truth, 0.15), 0.001, 0.999)
+    normal = truth.sum(axis=1) == 0
+    share, thresholds = clinician_thresholds(scores, truth, normal, 0.85, 0.25)
+    assert all(t is not None for t in thresholds)
+    flags = scores >= np.asarray(thresholds)
+    assert flags[normal].sum(axis=1).mean() <= 0.25 and share > 0
+    for j in range(5):
+        assert (~flags[truth[:, j] == 0, j]).mean() >= 0.85
+    looser = clinician_thresholds(scores, truth, normal, 0.85, 1.0)[1]
+    assert all(a <= b for a, b in zip(looser, thresholds, strict=True))  # a larger budget never raises a point
+    capped = clinician_thresholds(scores, truth, normal, 0.85, 0.25, ceilings=[0.3, None, None, None, None])[1]
+    assert capped[0] <= 0.3
+    useless = truth.copy()
+    useless[:, 4] = 0
+    useless[np.argsort(scores[:, 4])[:20], 4] = 1  # its positives have the lowest scores: no point catches one
+    kept = clinician_thresholds(scores, useless, useless.sum(axis=1) == 0, 0.85, 0.25)[1]
+    assert kept[4] is None and all(t is not None for t in kept[:4])
 
 
 def test_a_card_without_an_abnormal_output_gets_a_score_fitted_on_the_labels():
@@ -153,6 +229,13 @@ def test_shipped_chest_card_is_calibrated_with_points_chosen_on_val():
         if point.eligible:  # the floor on the bootstrap lower bound of val AUC
             assert point.val.auc_ci95[0] > points.method["auc_floor"], label
     assert card.ece["val"]["mean_after"] < card.ece["val"]["mean_before"]
+    # clinician ▲: val specificity ≥ 0.85 each, ≤ 0.5 ▲ per normal film (val chose, test reports), figures kept
+    for label, point in points.clinician.items():
+        assert point.threshold is None or (point.val.specificity >= 0.85 and point.val.sensitivity > 0), label
+        if points.screening[label].eligible:
+            assert point.threshold <= points.screening[label].threshold, label
+    assert points.method["clinician_flags"]["val"]["flags_per_normal_film"] <= 0.5
+    assert points.method["clinician_flags"]["test"]["flags_per_normal_film"] <= 0.5
 
 
 def test_measure_replies_counts_what_the_real_pipeline_flags(pack):

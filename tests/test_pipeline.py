@@ -62,7 +62,9 @@ def test_body_part_without_model_says_so(tmp_path):
     analysis = Pipeline.load(make_models_dir(tmp_path, body_part="hand")).run(IMAGE)
     assert analysis.result.outcome == "body_part_not_analysed"
     assert analysis.result.body_part == "hand"
-    assert "hand X-ray was recognised" in render_reply(analysis.result)
+    assert analysis.result.analysable_parts == ["chest"]  # from the abnormality cards present
+    assert render_reply(analysis.result).splitlines() == ["I recognised an X-ray of the hand.",
+                                                           "So far I can only analyse X-rays of the chest."]
     assert analysis.overlay_jpeg is None
 
 
@@ -94,7 +96,7 @@ def test_abnormality_model_can_be_chosen_per_body_part(tmp_path):
 def test_bad_input_becomes_a_rejected_result(chest_pipeline):
     result = chest_pipeline.run(b"\x00\x01garbage").result
     assert result.outcome == "rejected" and result.rejection == "unsupported"
-    assert "physician" in render_reply(result)
+    assert "physician" not in render_reply(result)  # nothing was read: no prompt about "this result"
 
 
 def test_gradcam_setting_uses_pytorch_grad_cam(fake_models):
@@ -117,7 +119,7 @@ def test_poor_photo_of_an_xray_is_refused_with_advice(chest_pipeline):
     analysis = chest_pipeline.run(dark)
     assert analysis.result.outcome == "retake" and analysis.result.retake == ["too_dark"]
     assert "body_part" not in analysis.result.timings_ms and analysis.overlay_jpeg is None
-    assert "too dark" in render_reply(analysis.result) and "physician" in render_reply(analysis.result)
+    assert "too dark" in render_reply(analysis.result) and "physician" not in render_reply(analysis.result)
 
 
 def test_photo_of_a_film_is_straightened_and_the_reply_says_so(chest_pipeline, pack):
@@ -144,7 +146,9 @@ def test_open_set_check_says_unknown_part_only_above_its_threshold(tmp_path, thr
     if outcome == "body_part_unknown":
         assert result.body_part is None and result.findings == []
         reply = render_reply(result)
-        assert reply.startswith("This looks like an X-ray of a body part I cannot read yet") and "physician" in reply
+        assert reply.startswith("This looks like an X-ray of a body part I cannot read yet")
+        assert "physician" not in reply
+        assert reply.splitlines()[-1] == "So far I can only analyse X-rays of the chest."
 
 
 @pytest.mark.parametrize(("film", "photo"), [(0.5, 2.0), (2.0, 0.5)])
@@ -188,8 +192,8 @@ def test_open_set_arrays_are_checked_by_hash(tmp_path):
         Pipeline.load(models)
 
 
-@pytest.mark.parametrize(("modality", "start", "footer"), [
-    ("ct", "This looks like a CT scan", True), ("ultrasound", "This looks like an ultrasound image", True),
+@pytest.mark.parametrize(("modality", "start", "footer"), [  # refusals read nothing: no physician prompt
+    ("ct", "This looks like a CT scan", False), ("ultrasound", "This looks like an ultrasound image", False),
     ("non_medical", "Sorry, this does not look like an X-ray image", False)])
 def test_modality_head_names_what_the_gate_refused(tmp_path, modality, start, footer):
     result = Pipeline.load(make_models_dir(tmp_path, xray=False, modality=modality)).run(IMAGE).result

@@ -115,10 +115,17 @@ def main(argv: list[str] | None = None) -> int:
                    help="verdict: at most this share of val normal films hear 'worth showing a doctor soon'")
     c.add_argument("--urgent-ppv", type=float, default=0.5,
                    help="urgent wording only when the val PPV's 95 %% Wilson lower bound reaches this")
+    c.add_argument("--clinician-min-specificity", type=float, default=0.85,
+                   help="clinician: every ▲ point keeps at least this val specificity")
+    c.add_argument("--clinician-flags-per-normal", type=float, default=0.5,
+                   help="clinician: at most this many ▲ per val normal film, all labels together")
+    c.add_argument("--clinician-only", action="store_true",
+                   help="refit the clinician points only, on the card's own calibration: calibration, ECE, "
+                        "screening points and verdict stay exactly as they are")
     c.add_argument("--bootstrap-rounds", type=int, default=1000)
     c.add_argument("--dry-run", action="store_true", help="print, do not write the card")
 
-    r = commands.add_parser("measure-replies", help="chest: what the real pipeline flags in screening mode")
+    r = commands.add_parser("measure-replies", help="chest: what the real pipeline flags (screening or clinician mode)")
     data_args(r)
     r.add_argument("--models", type=Path, help="models folder (default: the repository's models/)")
     r.add_argument("--split", default="test", choices=["val", "test"])
@@ -173,10 +180,13 @@ def main(argv: list[str] | None = None) -> int:
         cache = args.cache or cache_dir_from_environment() / "calibrate"
         data = " + ".join(f"{Path(m).parent.name}/{Path(m).name}" for m in args.manifest) or data_name
         card = calibrate(args.model, records, data, cache, args.backend, args.threads,
-                         write=not args.dry_run, auc_floor=args.auc_floor, normal_flag_rate=args.normal_flag_rate,
+                         write=not args.dry_run, clinician_only=args.clinician_only, auc_floor=args.auc_floor,
+                         normal_flag_rate=args.normal_flag_rate,
                          min_ppv=args.min_ppv,
                          verdict_normal_rate=args.verdict_normal_rate, urgent_ppv=args.urgent_ppv,
-                         bootstrap_rounds=args.bootstrap_rounds)
+                         bootstrap_rounds=args.bootstrap_rounds,
+                         clinician_min_specificity=args.clinician_min_specificity,
+                         clinician_flags_per_normal=args.clinician_flags_per_normal)
         print(json.dumps(summary(card), indent=1))
         return 0
     if args.command == "measure-replies":

@@ -4,7 +4,8 @@ Requests from the HTTP API (``envelope.channel == "api"``) are answered by ``wor
 the answer is stored in Redis for ``GET /v1/analyses/{id}`` and the signed callback queued.
 
 The text (from the JSON result, ``diagnosis.messages.render_reply``) and then the overlays (one per
-drawn finding, each with its own localized caption: one as a photo, several as one album) are sent
+drawn finding: one as a photo with its localized caption, several as one album with one caption on
+its first photo, naming each photo's finding in order) are sent
 exactly once: each part is marked in Redis *after* Telegram accepted it and the mark is checked
 before sending, so retried or redelivered tasks never send twice. In clinician mode an analysed
 result adds a last part, ``report``: the one-page PDF (``diagnosis.pdf_report``, in the user's
@@ -235,10 +236,12 @@ def send_reply(
                 out.send_document(chat_id, document, REPORT_FILENAME, caption=report_caption(request.language),
                                   reply_to=request.reply_to_message_id)
             elif part in ("photo", "album"):
-                photos = [(jpeg, overlay_caption(label, result, request.language)) for label, jpeg in overlays]
+                captions = [overlay_caption(label, result, request.language) for label, _jpeg in overlays]
                 if part == "photo":
-                    out.send_photo(chat_id, photos[0][0], caption=photos[0][1], reply_to=request.reply_to_message_id)
-                else:
+                    out.send_photo(chat_id, overlays[0][1], caption=captions[0], reply_to=request.reply_to_message_id)
+                else:  # one caption for the album, on its first photo: Telegram shows it once, under the album
+                    caption = album_caption(captions)
+                    photos = [(jpeg, caption if index == 0 else None) for index, (_label, jpeg) in enumerate(overlays)]
                     out.send_media_group(chat_id, photos, reply_to=request.reply_to_message_id)
             else:
                 out.send_text(chat_id, payload, reply_to=request.reply_to_message_id)
@@ -321,6 +324,13 @@ def overlay_caption(label: str | None, result: dict[str, Any] | None, language: 
     probability = next((f.get("probability") for f in (result or {}).get("findings", [])
                         if f.get("label") == label), None)
     return caption(label, probability, language)[:TELEGRAM_CAPTION_LIMIT]
+
+
+def album_caption(captions: list[str]) -> str:
+    """The album's one caption: each photo's title in order, the colours and "not a diagnosis" once."""
+    from diagnosis.messages import album_caption as caption
+
+    return caption(captions)[:TELEGRAM_CAPTION_LIMIT]
 
 
 def _best_effort(call: Any, *args: Any, **kwargs: Any) -> None:

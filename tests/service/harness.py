@@ -327,7 +327,7 @@ class PrivateRedis:
 # --------------------------------------------------------------------------- what a chat received
 @dataclass
 class ChatSummary:
-    results: list[str]  # final answers: findings, early exits, rejections, apologies (physician prompt)
+    results: list[str]  # final answers: readings and apologies (physician prompt), early exits, rejections
     photos: int  # overlays: sendPhoto calls plus every photo of an album (sendMediaGroup)
     overlay_sends: int  # overlay deliveries: one per sendPhoto or sendMediaGroup (an album is one part)
     acks: int  # "Received, analysing…"
@@ -347,13 +347,28 @@ def chat_summary(fake: Any, chat_id: int, language: str = "en") -> ChatSummary:
 
     physician = gettext_for(language)(PHYSICIAN)
     texts = fake.texts_to(chat_id)
-    results = [t for t in texts if physician in t]
+    openings = non_result_openings(language)
+    results = [t for t in texts if physician in t or t.split("\n", 1)[0] in openings]
     acks = [t for t in texts if t.startswith(translator(language)[0]("Received, analysing…"))]
     edits = [str(c.params.get("text", "")) for c in fake.calls_of("editMessageText", chat_id)]
     notices = [t for t in texts + edits if t not in results and any(h in t for h in RESEND_HINTS)]
     singles, albums = fake.calls_of("sendPhoto", chat_id), fake.calls_of("sendMediaGroup", chat_id)
     photos = len(singles) + len(fake.album_photos(chat_id))
     return ChatSummary(results, photos, len(singles) + len(albums), len(acks), notices)
+
+
+def non_result_openings(language: str) -> set[str]:
+    """First lines of every reply that gives no reading (refusals, retakes, parts not analysed): they
+    carry no physician prompt (diagnosis.messages), so they are told apart by how they open."""
+    from diagnosis.messages import BODY_PARTS, MODALITIES, REJECTIONS, render_reply
+    from diagnosis.report import DiagnosisResult
+
+    results = [DiagnosisResult(outcome="rejected", rejection=code) for code in REJECTIONS]
+    results += [DiagnosisResult(outcome="not_xray", modality=m) for m in [None, "non_medical", *MODALITIES]]
+    results += [DiagnosisResult(outcome="body_part_not_analysed", body_part=part) for part in BODY_PARTS]
+    results += [DiagnosisResult(outcome=o) for o in ("body_part_unknown", "body_part_uncertain")]
+    results += [DiagnosisResult(outcome="retake", retake=["blurred"])]
+    return {render_reply(r, language).split("\n", 1)[0] for r in results}
 
 
 # --------------------------------------------------------------------------- images

@@ -105,7 +105,7 @@ def store_album(redis_client, key: str) -> dict[str, bytes]:
     return overlays
 
 
-def test_album_is_sent_once_in_drawn_order_with_localized_captions(telegram, fake, redis_client):
+def test_album_is_sent_once_in_drawn_order_with_one_localized_caption(telegram, fake, redis_client):
     out, settings, _ = telegram
     keys = settings.keys
     overlays = store_album(redis_client, keys.overlay("a1"))
@@ -120,10 +120,13 @@ def test_album_is_sent_once_in_drawn_order_with_localized_captions(telegram, fak
     photos = fake.album_photos(CHAT)
     assert [jpeg for jpeg, _ in photos] == [overlays["Effusion"], overlays["Pleural_Thickening"]]
     assert [len(message["photo"]) for message in album.result] == [1, 1]  # the fake answers a message per photo
-    first, second = (caption for _, caption in photos)
-    assert first.startswith("Тепловая карта: Плевральный выпот (оценка модели 81%)")
-    assert "Утолщение плевры" in second and "64%" in second and "Pleural_Thickening" not in second
-    assert all("Красный" in caption and "не диагноз" in caption for _, caption in photos)
+    caption, second = (caption for _, caption in photos)
+    assert second == ""  # one caption per album: Telegram shows it once, under the album
+    lines = caption.splitlines()
+    assert lines[0].startswith("1. Тепловая карта: Плевральный выпот (оценка модели 81%)")  # each photo, in order
+    assert lines[1].startswith("2. ") and "Утолщение плевры" in lines[1] and "64%" in lines[1]
+    assert "Pleural_Thickening" not in caption
+    assert sum("Красный" in line for line in lines) == 1 and sum("не диагноз" in line for line in lines) == 1
     assert not redis_client.exists(keys.blob("a1"), keys.overlay("a1"))
     assert redis_client.exists(keys.done("a1"), keys.sent("a1", "text0"), keys.sent("a1", "album")) == 3
 

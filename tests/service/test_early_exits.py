@@ -1,6 +1,6 @@
 """End to end for the early exits: a natural photo (not an X-ray), a hand radiograph (not analysed yet),
 an X-ray of a body part the model does not know, a CT slice named as such, and a non-medical photo
-(refused politely, without the physician footer).
+(refused politely). None of them was read, so none carries the physician prompt.
 
 Each scenario gets its own worker, loaded with factory models that force that route.
 """
@@ -21,11 +21,13 @@ pytestmark = pytest.mark.slow
 
 SCENARIOS = {
     # scenario: (factory arguments, image, start of the reply, physician footer)
-    "not_xray": ({"xray": False}, "natural", "This does not look like an X-ray image", True),
-    "hand": ({"xray": True, "body_part": "hand"}, "hand", "A hand X-ray was recognised", True),
+    # No reading was given, so no physician prompt (it speaks of "this result"): issue #22.
+    "not_xray": ({"xray": False}, "natural", "This does not look like an X-ray image.", False),
+    "hand": ({"xray": True, "body_part": "hand"}, "hand",
+             "I recognised an X-ray of the hand.\nSo far I can only analyse X-rays of the chest.", False),
     "unknown_part": ({"xray": True, "open_set_threshold": 0.5}, "hand",
-                     "This looks like an X-ray of a body part I cannot read yet", True),
-    "ct": ({"xray": False, "modality": "ct"}, "natural", "This looks like a CT scan", True),
+                     "This looks like an X-ray of a body part I cannot read yet", False),
+    "ct": ({"xray": False, "modality": "ct"}, "natural", "This looks like a CT scan", False),
     "non_medical": ({"xray": False, "modality": "non_medical"}, "natural",
                     "Sorry, this does not look like an X-ray image", False),
 }
@@ -40,7 +42,7 @@ def scenario(request, fake_telegram, redis_db, tmp_path_factory):
     worker.stop()
 
 
-def test_early_exit_reply_has_reason_physician_prompt_and_no_overlay(scenario, start_bot, fake, redis_client):
+def test_early_exit_reply_has_its_reason_no_physician_prompt_and_no_overlay(scenario, start_bot, fake, redis_client):
     worker, image, expected, footer = scenario
     user = 801
     with start_bot():

@@ -13,7 +13,10 @@ val only:
   finding at all): each may flag the same share of them, the largest with at most
   ``--normal-flag-rate`` of normal films flagged at all and at most 0.2 flags per normal film; a
   label whose val PPV at its point stays below ``--min-ppv`` is dropped and the others share again;
-- **clinician** points: every label at Youden's J on val;
+- **clinician** points: every label at the point of highest Youden's J on val among those with val
+  specificity ≥ ``--clinician-min-specificity`` (0.85) that flag no more than a share of val normal
+  films that is the same for every label, the largest share with at most
+  ``--clinician-flags-per-normal`` (0.5) ▲ per normal film in all;
 - **verdict**: a point on the normal-vs-abnormal score (the calibrated ``abnormal`` output, or a
   logistic regression on the 14 calibrated logits for a card without one) chosen so that, together
   with any screening flag, at most ``--verdict-normal-rate`` of val normal films hear "worth showing a
@@ -51,7 +54,7 @@ from diagnosis.operating import calibrated as apply_calibration
 from diagnosis.operating import logit, screening_flags
 
 from ..data.datasets import CHEST_LABELS, Record, labelled_films, targets
-from ..measure.metrics import ECE_BINS, bootstrap_auc_intervals, ece, youden_threshold
+from ..measure.metrics import ECE_BINS, bootstrap_auc_intervals, ece
 
 log = logging.getLogger(__name__)
 URGENT_CAPABLE = ("Pneumothorax",)  # labels whose plain meaning may say "urgent" when the PPV allows
@@ -160,10 +163,144 @@ def budget_share(normal_scores: np.ndarray, rate: float, max_flags: float) -> fl
     return best
 
 
+def lowest_threshold_with_specificity(truth: np.ndarray, scores: np.ndarray, min_specificity: float) -> float:
+    """The lowest card threshold at which at least ``min_specificity`` of the negatives stay below it."""
+    negatives = scores[truth == 0]
+    if len(negatives) == 0:
+        return 0.0
+    return high_specificity_threshold(negatives, 1.0 - min_specificity)
+
+
+def best_youden_at_or_above(truth: np.ndarray, scores: np.ndarray, floor: float) -> float:
+    """Among thresholds ≥ ``floor`` (the card's 6 decimals), the one with the highest Youden's J on
+    these films; ``floor`` itself when no higher one is better (or the split has one class only)."""
+    positives, negatives = scores[truth == 1], scores[truth == 0]
+    if len(positives) == 0 or len(negatives) == 0:
+        return floor
+    candidates = np.unique(np.concatenate([[floor], scores[scores >= floor]]))
+    positives, negatives = np.sort(positives), np.sort(negatives)
+    sensitivity = 1 - np.searchsorted(positives, candidates, side="left") / len(positives)  # share ≥ candidate
+    specificity = np.searchsorted(negatives, candidates, side="left") / len(negatives)  # share < candidate
+    best = int(np.argmax(sensitivity + specificity))  # the first (lowest) of equal J
+    return floor if best == 0 else _up(float(candidates[best]))
+
+
+def clinician_thresholds(cal: np.ndarray, truth: np.ndarray, normal: np.ndarray, min_specificity: float,
+                         max_flags_per_normal: float, steps: int = 200,
+                         ceilings: list[float | None] | None = None) -> tuple[float, list[float | None]]:
+    """Clinician points, one per label, on val: each label's point is the highest-J point among those
+    with specificity ≥ ``min_specificity`` that flag at most a share ``s`` of the normal films (no
+    finding); ``s`` is the same for every label and the largest for which normal films get at most
+    ``max_flags_per_normal`` ▲ on average. A label's ``ceilings`` entry (its screening point) caps its
+    point, so that whatever screening flags is ▲ too. A label whose point catches no val film with
+    it gets no point (None: a ▲ never right on val says nothing) and the others share again.
+    Returns (s, thresholds)."""
+    k = cal.shape[1]
+    ceilings = ceilings or [None] * k
+    spec_floor = [lowest_threshold_with_specificity(truth[:, j], cal[:, j], min_specificity) for j in range(k)]
+    active = list(range(k))
+
+    def points(share: float) -> list[float | None]:
+        out: list[float | None] = [None] * k
+        for j in active:
+            point = best_youden_at_or_above(truth[:, j], cal[:, j],
+                                            max(spec_floor[j], high_specificity_threshold(cal[normal, j], share)))
+            out[j] = point if ceilings[j] is None else min(point, ceilings[j])
+        return out
+
+    def marks(thresholds: list[float | None]) -> float:
+        columns = [j for j in range(k) if thresholds[j] is not None]
+        limits = np.asarray([thresholds[j] for j in columns])
+        return float((cal[normal][:, columns] >= limits).sum(axis=1).mean()) if columns else 0.0
+
+    while True:
+        best_share, best = 0.0, points(0.0)
+        for share in np.linspace(0.0, 1.0 - min_specificity, steps + 1)[1:]:
+            thresholds = points(float(share))
+            if marks(thresholds) > max_flags_per_normal:
+                break
+            best_share, best = float(share), thresholds
+        never_right = [j for j in active if ceilings[j] is None and not (cal[truth[:, j] == 1, j] >= best[j]).any()]
+        if not never_right:
+            break
+        active = [j for j in active if j not in never_right]
+    for j in sorted(set(range(k)) - set(active)):  # one dropped at a smaller share may be right at this one
+        active.append(j)
+        again = points(best_share)
+        if (cal[truth[:, j] == 1, j] >= again[j]).any() and marks(again) <= max_flags_per_normal:
+            best = again
+        else:
+            active.remove(j)
+    return best_share, best
+
+
+def clinician_points(labels: list[str], val_cal: np.ndarray, val_truth: np.ndarray, test_cal: np.ndarray,
+                     test_truth: np.ndarray, min_specificity: float = 0.85, flags_per_normal: float = 0.5,
+                     screening: dict[str, float] | None = None) -> tuple[dict[str, LabelPoint], dict]:
+    """The clinician points (chosen on val, test only reported) and their entries in ``method``;
+    ``screening``: the screening points of the eligible labels (a clinician point never exceeds it)."""
+    screening = screening or {}
+    n_labels = len(labels)
+    val_abnormal = (val_truth.sum(axis=1) > 0).astype(float)
+    test_abnormal = (test_truth.sum(axis=1) > 0).astype(float)
+    ceilings = [screening.get(label) for label in labels]
+    share, thresholds = clinician_thresholds(val_cal[:, :n_labels], val_truth, val_abnormal == 0, min_specificity,
+                                             flags_per_normal, ceilings=ceilings)
+    points: dict[str, LabelPoint] = {}
+    for i, label in enumerate(labels):
+        points[label] = LabelPoint(eligible=thresholds[i] is not None, threshold=thresholds[i],
+                                   val=_round(figures(val_truth[:, i], val_cal[:, i], thresholds[i])),
+                                   test=_round(figures(test_truth[:, i], test_cal[:, i], thresholds[i])))
+    method = {
+        "clinician": f"every label at the point of highest Youden's J on val among those with val specificity ≥ "
+                     f"{min_specificity} that flag at most the same share ({_r(share)}) of val normal films (no "
+                     f"finding) as every other label, the largest share with at most {flags_per_normal} ▲ per normal "
+                     f"film in all (a clinician reading 14 marks learns something from ▲ only when a normal film "
+                     f"rarely gets one); never above the label's screening point (what screening flags is ▲ too); "
+                     f"a label whose point catches no val film with it gets no point (its estimate is still listed)",
+        "clinician_min_specificity": min_specificity,
+        "clinician_flags_per_normal": flags_per_normal,
+        "clinician_share_per_label": _r(share),
+        "clinician_flags": {"val": clinician_flag_summary(points, labels, val_cal, val_abnormal),
+                            "test": clinician_flag_summary(points, labels, test_cal, test_abnormal)},
+    }
+    return points, method
+
+
+def refit_clinician(card: ModelCard, val_raw: np.ndarray, val_truth: np.ndarray, test_raw: np.ndarray,
+                    test_truth: np.ndarray, *, clinician_min_specificity: float = 0.85,
+                    clinician_flags_per_normal: float = 0.5, **_ignored) -> ModelCard:
+    """A copy of a calibrated ``card`` with new clinician points only, on its own calibration: the
+    calibration, ECE, screening points and verdict stay exactly as they were."""
+    if card.calibration is None or card.operating_points is None:
+        raise SystemExit("--clinician-only needs a card calibrated before (run calibrate without it first)")
+    card = card.model_copy(deep=True)
+    screening = {label: p.threshold for label, p in card.operating_points.screening.items()
+                 if p.eligible and p.threshold is not None}
+    points, method = clinician_points(card.labels, apply_calibration(card, val_raw), val_truth,
+                                      apply_calibration(card, test_raw), test_truth, clinician_min_specificity,
+                                      clinician_flags_per_normal, screening)
+    card.operating_points.clinician = points
+    card.operating_points.method.update(method)
+    return card
+
+
+def clinician_flag_summary(points: dict[str, LabelPoint], labels: list[str], cal: np.ndarray,
+                           abnormal: np.ndarray) -> dict:
+    thresholds = np.asarray([np.inf if points[label].threshold is None else points[label].threshold
+                             for label in labels])
+    counts = (cal[:, :len(labels)] >= thresholds).sum(axis=1)
+    return {"normal_films": int((abnormal == 0).sum()),
+            "flags_per_normal_film": _r(counts[abnormal == 0].mean()),
+            "normal_with_a_flag": _r((counts[abnormal == 0] > 0).mean()),
+            "abnormal_with_a_flag": _r((counts[abnormal == 1] > 0).mean())}
+
+
 def calibrate_card(card: ModelCard, val_raw: np.ndarray, val_truth: np.ndarray, test_raw: np.ndarray,
                    test_truth: np.ndarray, *, auc_floor: float = 0.7, normal_flag_rate: float = 0.10,
                    max_flags_per_normal: float = 0.2, min_ppv: float = 0.1,
                    verdict_normal_rate: float = 0.15, urgent_ppv: float = 0.5, bootstrap_rounds: int = 1000,
+                   clinician_min_specificity: float = 0.85, clinician_flags_per_normal: float = 0.5,
                    data: str = "") -> ModelCard:
     """A copy of ``card`` with ``calibration``, ``ece`` and ``operating_points`` fitted on val."""
     labels, n_labels = card.labels, len(card.labels)
@@ -222,12 +359,9 @@ def calibrate_card(card: ModelCard, val_raw: np.ndarray, val_truth: np.ndarray, 
                                       val=_round(val_fig), test=_round(figures(test_truth[:, i], test_cal[:, i],
                                                                                 threshold)))
 
-    clinician: dict[str, LabelPoint] = {}
-    for i, label in enumerate(labels):
-        threshold = _up(youden_threshold(val_truth[:, i], val_cal[:, i]))
-        clinician[label] = LabelPoint(eligible=True, threshold=threshold,
-                                      val=_round(figures(val_truth[:, i], val_cal[:, i], threshold)),
-                                      test=_round(figures(test_truth[:, i], test_cal[:, i], threshold)))
+    clinician, clinician_method = clinician_points(
+        labels, val_cal, val_truth, test_cal, test_truth, clinician_min_specificity, clinician_flags_per_normal,
+        {label: p.threshold for label, p in screening.items() if p.eligible and p.threshold is not None})
 
     # Verdict: the score, then the point that keeps "see a doctor soon" for ≤ verdict_normal_rate of val normals.
     points = OperatingPoints(screening=screening, clinician=clinician)
@@ -282,7 +416,7 @@ def calibrate_card(card: ModelCard, val_raw: np.ndarray, val_truth: np.ndarray, 
                      f"{round(1 / min_ppv) if min_ppv else '∞'} flags right) is dropped and the others share again",
         "min_ppv": min_ppv,
         "screening_share_per_label": _r(share), "max_flags_per_normal": max_flags_per_normal,
-        "clinician": "Youden's J per label on val",
+        **clinician_method,
         "verdict": f"'see a doctor soon' when the {verdict.output} score reaches its threshold or any screening "
                    f"flag is raised; threshold chosen so at most {verdict_normal_rate} of val normal films hear it",
         "urgent": f"only for {', '.join(URGENT_CAPABLE)} when eligible and the 95 % Wilson lower bound of its val "
@@ -302,7 +436,7 @@ def _round(fig: PointFigures) -> PointFigures:
 
 
 def calibrate(model: Path, records: list[Record], data: str, cache: Path | None = None, backend: str = "onnx",
-              threads: int | None = None, write: bool = True, **options) -> ModelCard:
+              threads: int | None = None, write: bool = True, clinician_only: bool = False, **options) -> ModelCard:
     card = read_card(model, verify=True)
     if card.body_part != "chest" or not set(card.labels) <= set(CHEST_LABELS):
         raise SystemExit("calibrate needs a chest model with ChestX-ray14 labels")
@@ -317,7 +451,10 @@ def calibrate(model: Path, records: list[Record], data: str, cache: Path | None 
     for split, (raw, _) in splits.items():
         if np.isnan(raw).any():
             raise SystemExit(f"{split}: some films could not be read")
-    card = calibrate_card(card, *splits["val"], *splits["test"], data=data, **options)
+    if clinician_only:
+        card = refit_clinician(card, *splits["val"], *splits["test"], **options)
+    else:
+        card = calibrate_card(card, *splits["val"], *splits["test"], data=data, **options)
     if write:
         write_card(model, card)
     return card
@@ -339,6 +476,11 @@ def summary(card: ModelCard) -> dict:
                                                                  "prevalence", "auc"})}
                       for label, p in points.screening.items() if p.eligible},
         "not_eligible": [label for label, p in points.screening.items() if not p.eligible],
+        "clinician_flags": points.method.get("clinician_flags"),
+        "clinician": {label: {"threshold": p.threshold,
+                              "val": p.val.model_dump(include={"sensitivity", "specificity", "ppv", "auc"}),
+                              "test": p.test.model_dump(include={"sensitivity", "specificity", "ppv"})}
+                      for label, p in points.clinician.items()},
         "verdict": {"output": points.verdict.output, "threshold": points.verdict.threshold,
                     "val": points.verdict.val.model_dump(), "test": points.verdict.test.model_dump()},
     }
