@@ -161,12 +161,14 @@ class OrientationSpec(BaseModel):
     L2-normalised; pooling would forget where the neck or the fingers are). ``classes`` are the turns,
     counter-clockwise in degrees, that bring an upright film to the picture as sent, plus "not_xray";
     ``arrays`` holds "weight" (classes × features) and "bias". A picture is turned back upright only
-    when a turn other than 0 reaches ``min_probability``.
+    when a turn other than 0 reaches ``min_probability`` — or ``min_probability_refused`` when the
+    gate refuses the picture as sent (an upright X-ray almost never is, so turning it risks little).
     """
 
     classes: list[Literal["0", "90", "180", "270", "not_xray"]]
     arrays: AuxiliaryFile
     min_probability: float = 0.5
+    min_probability_refused: float | None = None  # None: ``min_probability`` for every picture
     method_notes: str = ""
     metrics: dict[str, Any] = Field(default_factory=dict)
 

@@ -213,7 +213,7 @@ def render_reply(result: DiagnosisResult, language: str = "en") -> str:
             names = ", ".join(finding_name(label, language) for label in result.heatmap_labels)
             lines.append(fill(_("The heatmap pictures show, for {names}, the areas that raised (red) or lowered "
                                 "(blue) the model's estimate."), language, names=names))
-    if result.turned and result.outcome != "retake":
+    if result.turned and result.is_xray and result.outcome != "retake":  # turned, and then read as an X-ray
         lines.append(_(TURNED_NOTE))
     if result.rectified and result.outcome != "retake":
         lines.append(_(RECTIFIED_NOTE))

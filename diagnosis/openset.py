@@ -113,6 +113,8 @@ class OrientationHead:
         arrays = load_arrays(folder, spec.arrays)
         self.classes, self.weight, self.bias = spec.classes, arrays["weight"], arrays["bias"]
         self.min_probability = spec.min_probability
+        refused = spec.min_probability_refused
+        self.min_probability_refused = spec.min_probability if refused is None else refused
         if self.weight.shape[0] != len(self.classes) or self.bias.shape != (len(self.classes),):
             raise CardError(f"orientation arrays in {Path(folder).name!r} do not fit its {len(self.classes)} classes")
 
@@ -121,10 +123,13 @@ class OrientationHead:
         shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
         return shifted / shifted.sum(axis=1, keepdims=True)
 
-    def turns(self, feature_maps: np.ndarray) -> list[int]:
+    def turns(self, feature_maps: np.ndarray, accepted: np.ndarray) -> list[int]:
+        """``accepted``: the gate's decision on each picture as sent (its floor: see OrientationSpec)."""
         if feature_maps.shape[1] * feature_maps.shape[2] * feature_maps.shape[3] != self.weight.shape[1]:
             raise CardError("the gate's feature maps do not fit the orientation head (another input size?)")
-        return [decide_turn(row, self.classes, self.min_probability) for row in self.probabilities(feature_maps)]
+        floors = np.where(accepted, self.min_probability, self.min_probability_refused)
+        return [decide_turn(row, self.classes, floor)
+                for row, floor in zip(self.probabilities(feature_maps), floors, strict=True)]
 
 
 def decide_turn(probabilities: np.ndarray, classes: list[str], min_probability: float) -> int:

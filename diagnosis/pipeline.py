@@ -223,9 +223,9 @@ class Pipeline:
     def _gate(self, items: list[_Item]) -> None:
         card = self.gate.card
         probs, features = self._infer(self.gate, items, "gate")
-        if self.gate.orientation is not None:
-            probs, features = self._turn_upright(items, probs, features)
         index, threshold = card.labels.index(card.positive_label), card.threshold(card.positive_label)
+        if self.gate.orientation is not None:
+            probs, features = self._turn_upright(items, probs, features, probs[:, index] >= threshold)
         accepted = probs[:, index] >= threshold
         modalities = self.gate.modality.name(features, accepted) if self.gate.modality else [None] * len(items)
         for item, row, is_xray, modality in zip(items, probs, accepted, modalities, strict=True):
@@ -239,13 +239,13 @@ class Pipeline:
                 # "retake" (quality-first sent 30 of 426 non-X-ray test images a retake request).
                 item.result.outcome, item.result.retake = "retake", item.problems
 
-    def _turn_upright(self, items: list[_Item], probs: np.ndarray,
-                      features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _turn_upright(self, items: list[_Item], probs: np.ndarray, features: np.ndarray,
+                      accepted: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """A film sent sideways or upside down is turned upright before anything reads it, and the
         gate looks again at the upright film (it was trained on upright films only). Costs one extra
         gate pass, for turned pictures only."""
         clock = time.perf_counter()
-        turns = self.gate.orientation.turns(features)
+        turns = self.gate.orientation.turns(features, accepted)
         turned = [i for i, turn in enumerate(turns) if turn]
         for i in turned:
             item = items[i]

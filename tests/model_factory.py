@@ -94,7 +94,8 @@ def add_modality(folder: Path, modality: str) -> None:
     write_card(folder, card)
 
 
-def add_orientation(folder: Path, turn: str, min_probability: float = 0.5) -> None:
+def add_orientation(folder: Path, turn: str, min_probability: float = 0.5,
+                    min_probability_refused: float | None = None) -> None:
     """An orientation head that says ``turn`` ("0", "90", "180", "270" or "not_xray") for every image
     with probability ~0.9 (zero weights, its bias)."""
     card = read_card(folder)
@@ -103,7 +104,8 @@ def add_orientation(folder: Path, turn: str, min_probability: float = 0.5) -> No
     spec = _arrays(folder, "orientation.safetensors", {
         "weight": np.zeros((len(classes), 1024 * side * side)),
         "bias": np.array([np.log(0.9 / 0.025) if c == turn else 0.0 for c in classes])})
-    card.orientation = OrientationSpec(classes=classes, arrays=spec, min_probability=min_probability)
+    card.orientation = OrientationSpec(classes=classes, arrays=spec, min_probability=min_probability,
+                                       min_probability_refused=min_probability_refused)
     write_card(folder, card)
 
 
@@ -112,7 +114,7 @@ def make_models_dir(root: Path, *, xray: bool = True, body_part: str = "chest", 
         operating_points: bool = True, open_set_threshold: float | None = None,
         chest_floor: float | None = None, modality: str | None = None,
         open_set_photo_threshold: float | None = None, orientation: str | None = None,
-        orientation_min_probability: float = 0.5) -> Path:
+        orientation_min_probability: float = 0.5, orientation_min_probability_refused: float | None = None) -> Path:
     """gate + body_part (chest/hand/knee) + chest models under ``root``; returns ``root``.
 
     ``operating_points=False`` gives a chest card as written before calibration (no points).
@@ -127,7 +129,7 @@ def make_models_dir(root: Path, *, xray: bool = True, body_part: str = "chest", 
     if modality:
         add_modality(root / "gate", modality)
     if orientation:
-        add_orientation(root / "gate", orientation, orientation_min_probability)
+        add_orientation(root / "gate", orientation, orientation_min_probability, orientation_min_probability_refused)
     make_model(root / "body_part", role="body_part", labels=PARTS, activation="softmax",
                biases=[body_part_confidence if p == body_part else 0.0 for p in PARTS],
                min_confidence=0.5, size=size)

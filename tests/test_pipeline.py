@@ -229,3 +229,16 @@ def test_orientation_head_works_in_a_batch_with_the_gate_seeing_the_turned_films
     results = [a.result for a in pipeline.run_batch([IMAGE, encode(Image.fromarray(TALL), "PNG"), b"junk"])]
     assert [r.turned for r in results] == [270, 270, 0]
     assert [r.outcome for r in results] == ["analysed", "analysed", "rejected"]
+
+
+@pytest.mark.parametrize(("xray", "turned"), [(False, 90), (True, 0)])
+def test_a_picture_the_gate_refuses_as_sent_is_turned_at_the_lower_floor(tmp_path, xray, turned):
+    """Head at ~0.9 for "90"; floors 0.95 (accepted as sent) and 0.5 (refused as sent)."""
+    models = make_models_dir(tmp_path, xray=xray, orientation="90", orientation_min_probability=0.95,
+                             orientation_min_probability_refused=0.5)
+    result = Pipeline.load(models).run(encode(Image.fromarray(TALL), "PNG")).result
+    assert result.turned == turned
+    # The stand-in gate refuses whatever it sees: the turned picture stays "not an X-ray", and the
+    # reply does not talk about turning a picture it did not read.
+    assert result.outcome == ("analysed" if xray else "not_xray")
+    assert "I turned your picture" not in render_reply(result)

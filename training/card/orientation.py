@@ -9,10 +9,14 @@ class "not_xray". Each picture is seen as the service sees it (decode, photo ste
 ``training.features``) and the gate's whole post-ReLU map (1024 × 4 × 4 at 128 px, flattened and
 L2-normalised; its pooled features cannot tell a film turned by 90 from one turned by 270 well:
 0.92 vs 0.96 on val) is fitted by a multinomial logistic regression on train; C is chosen by accuracy
-on val radiographs, and the smallest ``min_probability`` that turns at most ``--max-upright-turned``
-of the upright val radiographs away from upright. Reported on val and test: the head's accuracy per
-part and turn, and what the gate then decides on the picture it sees (turned back or not), for
-radiographs and for non-X-rays, beside the gate alone on the picture as sent.
+on val radiographs (``--c-grid``), and the smallest ``min_probability`` that turns at most
+``--max-upright-turned`` of the upright val radiographs away from upright; for pictures the gate
+refuses as sent (an upright X-ray rarely is) a lower ``min_probability_refused``: the one that leaves
+the most val radiographs upright and accepted while the gate accepts no more val non-X-rays than it
+did before any turn (at most ``--max-extra-accepted`` more, all four turns together). Reported on
+val and test: the head's accuracy per part and turn, and what the gate then decides on the picture it
+sees (turned back or not), for radiographs and for non-X-rays, beside the gate alone on the picture
+as sent.
 """
 
 from __future__ import annotations
@@ -69,7 +73,8 @@ def flatten(maps: np.ndarray) -> np.ndarray:
 
 
 def run(model: Path, records: list[Record], cache: Path, write: bool = True,
-        max_upright_turned: float = 0.005) -> dict:
+        max_upright_turned: float = 0.005, c_grid: tuple[float, ...] = (10.0, 30.0, 100.0),
+        max_extra_accepted: float = 0.005) -> dict:
     card = read_card(model)
     chosen = choose_records(records)
     store = FeatureStore(model, cache, spatial=True)
@@ -93,7 +98,7 @@ def run(model: Path, records: list[Record], cache: Path, write: bool = True,
     x = flatten(maps)
 
     searched = {}
-    for c in (10.0, 30.0, 100.0):
+    for c in c_grid:
         fitted = LogisticRegression(C=c, max_iter=3000).fit(x[train], y[train])
         on_films = val & (y < len(TURNS))
         searched[c] = (float(np.mean(fitted.predict(x[on_films]) == y[on_films])), fitted)
@@ -110,22 +115,38 @@ def run(model: Path, records: list[Record], cache: Path, write: bool = True,
         if np.mean(np.asarray(turned) != 0) <= max_upright_turned:
             floor = float(candidate)
             break
-    decided = np.array([decide_turn(p, CLASSES, floor) for p in probs]).reshape(n, len(TURNS))
-
     gate = softmax(logits[:, : len(card.labels)].astype(np.float64), axis=1)
     gate = gate[:, card.labels.index(card.positive_label)].reshape(n, len(TURNS))
     threshold = card.threshold(card.positive_label)
-    # The view the gate finally sees: the picture as sent (turned by t), turned back by the head's answer.
-    seen = (np.arange(len(TURNS))[None, :] - decided // 90) % len(TURNS)
-    accepted_after = np.take_along_axis(gate, seen, axis=1) >= threshold
     accepted_before = gate >= threshold
+    per_picture = probs.reshape(n, len(TURNS), len(CLASSES))
+
+    def decide(refused_floor: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The turns undone, the view the gate finally sees (the picture as sent, turned by t, turned
+        back by the head's answer) and whether it accepts that view."""
+        floors = np.where(accepted_before, floor, refused_floor)
+        turns = np.array([[decide_turn(per_picture[i, t], CLASSES, floors[i, t]) for t in range(len(TURNS))]
+                          for i in range(n)])
+        views = (np.arange(len(TURNS))[None, :] - turns // 90) % len(TURNS)
+        return turns, views, np.take_along_axis(gate, views, axis=1) >= threshold
+
+    in_val = split == "val"
+    allowed = accepted_before[in_val & ~xray].mean() + max_extra_accepted
+    refused_floor, best = floor, -1.0
+    for candidate in np.round(np.arange(0.40, floor + 0.001, 0.05), 2):
+        _, views, accepted = decide(float(candidate))
+        kept = float((accepted & (views == 0))[in_val & xray].mean())
+        if accepted[in_val & ~xray].mean() <= allowed and kept > best:
+            refused_floor, best = float(candidate), kept
+    _, seen, accepted_after = decide(refused_floor)
 
     def figures(mask: np.ndarray) -> dict:
         out: dict = {"n": int(mask.sum())}
         if not mask.any():
             return out
         for name, rows_of in (("upright_after", seen == 0), ("gate_accepts_before", accepted_before),
-                              ("gate_accepts_after", accepted_after)):
+                              ("gate_accepts_after", accepted_after),
+                              ("upright_and_accepted_after", accepted_after & (seen == 0))):
             out[name] = {str(t): round(float(rows_of[mask, i].mean()), 4) for i, t in enumerate(TURNS)}
         return out
 
@@ -143,13 +164,18 @@ def run(model: Path, records: list[Record], cache: Path, write: bool = True,
                "c_search_val_accuracy": {str(c): round(v[0], 4) for c, v in searched.items()},
                "val": report("val"), "test": report("test")}
     spec = OrientationSpec(
-        classes=CLASSES, arrays=AuxiliaryFile(file=ARRAYS_FILE, sha256=""), min_probability=floor, metrics=metrics,
-        method_notes=(f"multinomial logistic regression (C={best_c}, chosen by val accuracy on radiographs) on the "
+        classes=CLASSES, arrays=AuxiliaryFile(file=ARRAYS_FILE, sha256=""), min_probability=floor,
+        min_probability_refused=refused_floor, metrics=metrics,
+        method_notes=(f"multinomial logistic regression (C={best_c}, chosen from {list(c_grid)} by val accuracy on "
+                      f"radiographs) on the "
                       f"gate's flattened, L2-normalised 1024×4×4 post-ReLU map; {int(train.sum())} train pictures "
                       f"(radiographs at 0/90/180/270 degrees, non-X-rays at every turn as 'not_xray'); "
                       f"min_probability {floor}: the smallest that turns at most {max_upright_turned:.1%} of the "
-                      f"upright val radiographs; command: python -m training orientation --model models/gate "
-                      f"--manifest ../shared/data/xray-pack/manifest.csv"))
+                      f"upright val radiographs; min_probability_refused {refused_floor} (pictures the gate refuses "
+                      f"as sent): the most val radiographs upright and accepted, with the gate accepting at most "
+                      f"{max_extra_accepted:.1%} more val non-X-rays than before any turn; command: python -m "
+                      f"training orientation --model models/gate --manifest ../shared/data/xray-pack/manifest.csv "
+                      f"--c-grid {','.join(str(c) for c in c_grid)}"))
     if write:
         save_file({"weight": np.ascontiguousarray(weight), "bias": np.ascontiguousarray(bias)},
                   str(Path(model) / ARRAYS_FILE))
@@ -163,7 +189,9 @@ def run(model: Path, records: list[Record], cache: Path, write: bool = True,
 def main(args) -> int:
     from ..data.datasets import load_sources
 
-    return emit_report(run(args.model, load_sources(args.manifest), args.cache, write=not args.dry_run), args.json)
+    return emit_report(run(args.model, load_sources(args.manifest), args.cache, write=not args.dry_run,
+                           c_grid=tuple(float(c) for c in args.c_grid.split(",")),
+                           max_extra_accepted=args.max_extra_accepted), args.json)
 
 
 def add_arguments(parser) -> None:
@@ -171,5 +199,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--manifest", action="append", required=True)
     parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "orientation",
                         help="forward-pass cache (not the repository)")
+    parser.add_argument("--c-grid", default="10,30,100", help="inverse regularisation strengths tried on val")
+    parser.add_argument("--max-extra-accepted", type=float, default=0.005,
+                        help="val non-X-rays the gate may accept beyond what it accepted before any turn")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--dry-run", action="store_true", help="measure only; leave the card alone")
