@@ -68,11 +68,6 @@ class Analysis:
     result: DiagnosisResult
     overlays: list[tuple[str, bytes]] = field(default_factory=list)  # (label, JPEG), one per drawn finding
 
-    @property
-    def overlay_jpeg(self) -> bytes | None:
-        """The first overlay (the flagged finding with the highest estimate), for older callers."""
-        return self.overlays[0][1] if self.overlays else None
-
 
 @dataclass
 class _Item:
