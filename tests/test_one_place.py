@@ -13,23 +13,27 @@ from contract.envelope import MODES, RequestEnvelope
 from contract.settings import BACKENDS, HEATMAPS, ServiceSettings
 from diagnosis import backends
 from diagnosis.config import PipelineConfig
+from training.data.datasets import CHEST_LABELS
 
 PACKAGES = ("contract", "diagnosis", "bot", "worker", "training", "api", "bench")
 
 
-def sources() -> dict[str, str]:
-    """Every Python file of the service and training packages, found from the repository root
-    (not the working directory), by its path relative to the root."""
+def sources(*extra: str) -> dict[str, str]:
+    """Every Python file of the service and training packages (and ``extra`` folders), found from the
+    repository root (not the working directory), by its path relative to the root."""
     return {str(path.relative_to(ROOT)): path.read_text(encoding="utf-8")
-            for package in PACKAGES for path in sorted((ROOT / package).rglob("*.py"))}
+            for package in PACKAGES + extra for path in sorted((ROOT / package).rglob("*.py"))}
 
 
-@pytest.mark.parametrize(("name", "words"), [("modes", MODES), ("heatmap kinds", HEATMAPS),
-                                             ("backend names", ("onnx", "openvino", "openvino-bf16"))])
-def test_each_list_is_written_once(name, words):
+@pytest.mark.parametrize(("words", "home", "extra"), [
+    (MODES, "contract/envelope.py", ()), (HEATMAPS, "contract/settings.py", ()),
+    (("onnx", "openvino", "openvino-bf16"), "contract/settings.py", ()),
+    (tuple(CHEST_LABELS[:3]), "training/data/datasets.py", ("tests",)),
+])  # fmt: skip
+def test_each_list_is_written_once(words, home, extra):
     spelled = re.compile(r"""["']""" + r"""["']\s*,\s*["']""".join(map(re.escape, words)) + r"""["']""")
-    places = sorted(path for path, text in sources().items() if spelled.search(text))
-    assert places == ["contract/envelope.py" if name == "modes" else "contract/settings.py"], places
+    places = sorted(path for path, text in sources(*extra).items() if spelled.search(text))
+    assert places == [home], places
 
 
 def test_every_backend_the_settings_accept_can_be_built():
