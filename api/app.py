@@ -21,7 +21,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
 from bot.dispatch import Dispatcher
 from contract.analyses import SCHEMA_VERSION
-from contract.monitoring import API_REQUESTS, API_SECONDS, QueueDepthCollector
+from contract.monitoring import API_REQUESTS, API_SECONDS, queue_collector
 from contract.settings import ServiceSettings
 
 from . import problems, routes
@@ -123,5 +123,5 @@ def _openapi(app: FastAPI) -> dict:
 def _register_queue_depth(settings: ServiceSettings) -> None:
     global _collector_registered
     if not _collector_registered:
-        REGISTRY.register(QueueDepthCollector(settings.broker_url))
+        REGISTRY.register(queue_collector(settings))
         _collector_registered = True

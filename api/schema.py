@@ -10,6 +10,7 @@ from typing import Literal
 
 from pydantic import BaseModel
 
+from contract.envelope import Mode
 from contract.i18n import LANGUAGES
 from diagnosis.report import DiagnosisResult
 
@@ -34,7 +35,7 @@ class Analysis(BaseModel):
     id: str
     url: str
     status: Literal["queued", "processing", "succeeded", "failed"]
-    mode: Literal["screening", "clinician"]
+    mode: Mode
     language: Language
     created_at: str
     completed_at: str | None

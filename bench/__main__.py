@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from diagnosis.config import models_dir_from_environment
+from diagnosis.config import BACKENDS, models_dir_from_environment
 
 ROOT = Path(__file__).resolve().parent.parent
 STAGES = ["decode", "photo", "preprocess", "gate", "body_part", "chest", "heatmap", "overlay", "total"]
@@ -264,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=30)
     parser.add_argument("--worker-images", type=int, default=None, help="default 200 (CPU), 3000 (CUDA)")
     parser.add_argument("--no-worker", action="store_true", help="skip the Celery worker measurements")
-    parser.add_argument("--backend", default=None, choices=["onnx", "openvino", "openvino-bf16", "torch"],
+    parser.add_argument("--backend", default=None, choices=[b for b in BACKENDS if b != "eager"],
                         help="optimised backend (default: openvino-bf16 on the CPU, else onnx; torch on CUDA)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (CUDA runs the torch backend)")
     parser.add_argument("--seconds", type=float, default=5, help="length of each throughput measurement")
@@ -308,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
                   baseline_p50_ms=phone["baseline"]["total"]["p50"], speedup=phone["speedup"])
     del baseline
 
-    backends = ["torch"] if cuda else ["torch", "onnx", "openvino", "openvino-bf16"]
+    backends = ["torch"] if cuda else [b for b in BACKENDS if b != "eager"]
     report["model_latency_ms"] = model_latency(args.models, backends, args.device, batches[:2],
                                                max(args.runs // 2, 2), None)
     print("\np50 ms per batch, each model alone")

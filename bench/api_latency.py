@@ -27,6 +27,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from contract.settings import BACKENDS
+
 ROOT = Path(__file__).resolve().parent.parent
 LOCK_KEY = "xray-second-opinion:test-session-lock"  # the service tests' claim (tests/service/harness.py)
 
@@ -141,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.api_latency", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", type=Path, default=ROOT / "models", help="the shipped models (default models/)")
-    parser.add_argument("--backend", default="openvino-bf16", choices=["onnx", "openvino", "openvino-bf16", "torch"],
+    parser.add_argument("--backend", default="openvino-bf16", choices=[b for b in BACKENDS if b != "eager"],
                         help="the CPU workers' backend (docker-compose.yml's default: openvino-bf16)")
     parser.add_argument("--threads", type=int, default=2, help="TORCH_THREADS of the inference worker")
     parser.add_argument("--runs", type=int, default=30, help="images per input, one at a time")

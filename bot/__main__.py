@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from datetime import timedelta
 
-from contract.monitoring import serve_metrics
+from contract.monitoring import serve_service_metrics
 from contract.settings import Settings
 from contract.telegram import quiet_http_logging
 
@@ -22,7 +22,7 @@ def main() -> None:
     configure_logging(settings.LOG_LEVEL)
     webhook = settings.webhook_options() if settings.BOT_MODE == "webhook" else None  # checked before starting
     application = build_application(settings)
-    serve_metrics(settings.METRICS_PORT, settings.REDIS_URL)
+    serve_service_metrics(settings)
     if webhook is not None:
         # Plain HTTP on WEBHOOK_LISTEN:WEBHOOK_PORT behind the operator's TLS proxy; registers
         # WEBHOOK_URL with Telegram, which then sends the secret token with every update.

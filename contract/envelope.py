@@ -9,11 +9,12 @@ JSON only (Celery refuses pickle); the image itself stays in Redis under ``blob_
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, get_args
 
 from pydantic import BaseModel, ConfigDict
 
-MODES = ("screening", "clinician")  # the reply's audience (diagnosis.operating); /mode in the bot
+Mode = Literal["screening", "clinician"]  # the reply's audience (diagnosis.operating); /mode in the bot
+MODES: tuple[str, ...] = get_args(Mode)  # the one list: bot, API, CLI, pipeline and training import it
 CHANNELS = ("telegram", "api")  # where the answer goes
 
 
@@ -27,7 +28,7 @@ class RequestEnvelope(BaseModel):
     language: str  # a code of contract.i18n.LANGUAGES (en, ru, kk, fa …): the language of the answer
     ack_message_id: int | None = None  # "Received, analysing…", replaced by the answer
     # screening (default, for anyone) or clinician (all findings with their operating points): /mode
-    mode: Literal["screening", "clinician"] = "screening"
+    mode: Mode = "screening"
     # telegram: chat_id / reply_to / ack are Telegram's. api: chat_id is 0, the answer is stored for
     # GET /v1/analyses/{request_id} and, with callback_url, POSTed there signed for ``client`` (key name).
     channel: Literal["telegram", "api"] = "telegram"

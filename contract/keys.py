@@ -142,14 +142,7 @@ class Keys:
         return f"{self.prefix}api-watchdog"
 
     def request_keys(self, request_id: str) -> list[str]:
-        """Every per-request key except the delivery marks (use ``sent_pattern`` for those)."""
-        return [
-            self.blob(request_id),
-            self.overlay(request_id),
-            self.attempts(request_id),
-            self.lock(request_id),
-            self.done(request_id),
-        ]
-
-    def sent_pattern(self, request_id: str) -> str:
-        return f"{self.prefix}sent:{request_id}:*"
+        """The request's image and what was made from it, deleted once the user has the answer
+        (``worker.deliver.cleanup``). Not the lock, nor the done and sent marks: they outlive the
+        answer so that a redelivered task does not answer twice."""
+        return [self.blob(request_id), self.overlay(request_id), self.attempts(request_id)]

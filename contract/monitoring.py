@@ -115,14 +115,27 @@ class QueueDepthCollector:
 _serving: set[int] = set()
 
 
-def serve_metrics(port: int | None, redis_url: str | None = None) -> bool:
-    """Start the /metrics HTTP server once per process; returns whether it is (now) serving."""
+def queue_collector(settings) -> QueueDepthCollector:
+    """The queue-depth collector of a service process (``contract.settings.ServiceSettings``): the
+    queues are on the Celery broker (CELERY_BROKER_URL, else REDIS_URL)."""
+    return QueueDepthCollector(settings.broker_url)
+
+
+def serve_service_metrics(settings) -> bool:
+    """/metrics of the bot and the workers: on METRICS_PORT, with ``queue_collector``."""
+    return serve_metrics(settings.METRICS_PORT, lambda: queue_collector(settings))
+
+
+def serve_metrics(port: int | None, queues=None) -> bool:
+    """Start the /metrics HTTP server once per process; returns whether it is (now) serving.
+    ``queues``: a broker URL whose Celery queues ``xray_queue_depth`` reports, or a callable making
+    that collector (``queue_collector``)."""
     if not port:
         return False
     if port in _serving:
         return True
-    if redis_url:
-        REGISTRY.register(QueueDepthCollector(redis_url))
+    if queues:
+        REGISTRY.register(queues() if callable(queues) else QueueDepthCollector(queues))
     start_http_server(port)
     _serving.add(port)
     log.info("Prometheus metrics on :%d/metrics", port)

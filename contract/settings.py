@@ -11,13 +11,20 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Literal, get_args
 from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from .keys import Keys
+
+# How the networks run (diagnosis.backends) and how heatmaps are made (diagnosis.heatmap): the one
+# list of each, imported by the pipeline configuration, the CLI and training.
+Backend = Literal["torch", "onnx", "openvino", "openvino-bf16", "eager"]
+BACKENDS: tuple[str, ...] = get_args(Backend)
+Heatmap = Literal["cam", "gradcam"]
+HEATMAPS: tuple[str, ...] = get_args(Heatmap)
 
 # Retry countdowns up to this stay with Celery (an ETA message, held unacknowledged by the worker);
 # longer ones are parked in Redis (worker.scheduler). Part of the visibility timeout below.
@@ -68,8 +75,8 @@ class ServiceSettings(BaseSettings):
     # (OpenVINO, CPU, from the same export; compiled blob cached too), "openvino-bf16" (the same at
     # bf16), "torch" (CPU or
     # CUDA: channels_last, bf16 autocast on CUDA) or "eager" (naive fp32, the benchmark's baseline).
-    BACKEND: Literal["onnx", "openvino", "openvino-bf16", "torch", "eager"] | None = None
-    HEATMAP: Literal["cam", "gradcam"] | None = None  # cam = Grad-CAM from the forward pass (identical here)
+    BACKEND: Backend | None = None
+    HEATMAP: Heatmap | None = None  # cam = Grad-CAM from the forward pass (identical here)
     # Body part → model folder (name under MODELS_DIR or absolute), e.g. {"chest": "chest_xrv"}.
     ABNORMALITY_MODELS: dict[str, str] = Field(default_factory=dict)
     XRAY_CACHE_DIR: Path | None = None  # ONNX exports (default ~/.cache/xray-second-opinion)

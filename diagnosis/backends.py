@@ -20,11 +20,10 @@ import numpy as np
 import torch
 
 from .cards import ModelCard
-from .config import DEFAULT_CACHE_DIR
+from .config import BACKENDS, DEFAULT_CACHE_DIR
 from .network import DenseNetClassifier
 
 log = logging.getLogger(__name__)
-BACKENDS = ("torch", "onnx", "openvino", "eager")
 
 
 GPU_BUCKETS = (1, 8, 32, 128)  # CUDA: batches are padded to one of these fixed sizes

@@ -22,9 +22,10 @@ import os
 import sys
 from pathlib import Path
 
+from contract.envelope import MODES
 from contract.i18n import DEFAULT_LANGUAGE, LANGUAGES, pick_language
 
-from .config import BACKEND_NAMES, PipelineConfig, cache_dir_from_environment, models_dir_from_environment
+from .config import BACKENDS, HEATMAPS, PipelineConfig, cache_dir_from_environment, models_dir_from_environment
 
 
 def _language(code: str) -> str:
@@ -45,15 +46,15 @@ def _parser() -> argparse.ArgumentParser:
                         "<stem>_heatmap_<n>_<label>.jpg")
     parser.add_argument("--models", type=Path,
                         help="folder of model folders (default: $MODELS_DIR, else the repo's models/)")
-    parser.add_argument("--mode", default="screening", choices=["screening", "clinician"],
+    parser.add_argument("--mode", default=MODES[0], choices=list(MODES),
                         help="screening: a verdict and only the findings the model checks reliably (default); "
                              "clinician: every finding with its operating point and sensitivity/specificity/AUC")
     parser.add_argument("--language", default="en", type=_language, choices=list(LANGUAGES),
                         help="language of the report; a regional tag falls back to its language (pt-BR → pt)")
-    parser.add_argument("--backend", default=PipelineConfig.backend, choices=list(BACKEND_NAMES),
+    parser.add_argument("--backend", default=PipelineConfig.backend, choices=list(BACKENDS),
                         help="torch (CPU or CUDA), onnx (ONNX Runtime, CPU), openvino / openvino-bf16 (CPU) or "
                              "eager (naive baseline)")
-    parser.add_argument("--heatmap", default=PipelineConfig.heatmap, choices=["cam", "gradcam"],
+    parser.add_argument("--heatmap", default=PipelineConfig.heatmap, choices=list(HEATMAPS),
                         help="cam: from the forward pass (fast, equal to Grad-CAM here); gradcam: pytorch-grad-cam")
     parser.add_argument("--device", default=PipelineConfig.device)
     parser.add_argument("--threads", type=int, help="intra-op threads of the backend (default: theirs)")

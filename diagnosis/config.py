@@ -10,14 +10,14 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
+
+from contract.settings import BACKENDS, HEATMAPS, Backend, Heatmap
 
 DEFAULT_MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
 DEFAULT_CACHE_DIR = Path.home() / ".cache" / "xray-second-opinion"  # ONNX exports, by weights hash
 
-Backend = Literal["torch", "onnx", "openvino", "openvino-bf16", "eager"]
-BACKEND_NAMES = ("torch", "onnx", "openvino", "openvino-bf16", "eager")
-Heatmap = Literal["cam", "gradcam"]
+__all__ = ["BACKENDS", "HEATMAPS", "Backend", "Heatmap", "PipelineConfig"]
 
 
 def models_dir_from_environment() -> Path:
@@ -54,10 +54,10 @@ class PipelineConfig:
     compile: bool = False
 
     def __post_init__(self) -> None:
-        if self.backend not in BACKEND_NAMES:
-            raise ValueError(f"unknown backend {self.backend!r}: choose one of {', '.join(BACKEND_NAMES)}")
-        if self.heatmap not in ("cam", "gradcam"):
-            raise ValueError("heatmap must be 'cam' or 'gradcam'")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"unknown backend {self.backend!r}: choose one of {', '.join(BACKENDS)}")
+        if self.heatmap not in HEATMAPS:
+            raise ValueError(f"heatmap must be one of {', '.join(HEATMAPS)}")
         object.__setattr__(self, "models_dir", Path(self.models_dir))
         object.__setattr__(self, "cache_dir", Path(self.cache_dir))
 

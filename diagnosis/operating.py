@@ -18,10 +18,11 @@ from __future__ import annotations
 
 import numpy as np
 
+from contract.envelope import MODES
+
 from .cards import LabelPoint, ModelCard
 from .report import Finding
 
-MODES = ("screening", "clinician")
 _EPS = 1e-12
 
 

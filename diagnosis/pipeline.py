@@ -21,7 +21,7 @@ import torch
 
 from .backends import make_runner
 from .cards import CardError, ModelCard, discover, sha256_of
-from .config import PipelineConfig
+from .config import HEATMAPS, PipelineConfig
 from .heatmap import class_evidence, grad_cam
 from .intake import DecodedImage, ImageRejected, decode
 from .network import DenseNetClassifier, load_model
@@ -68,11 +68,6 @@ class Analysis:
     result: DiagnosisResult
     overlays: list[tuple[str, bytes]] = field(default_factory=list)  # (label, JPEG), one per drawn finding
 
-    @property
-    def overlay_jpeg(self) -> bytes | None:
-        """The first overlay (the flagged finding with the highest estimate), for older callers."""
-        return self.overlays[0][1] if self.overlays else None
-
 
 @dataclass
 class _Item:
@@ -87,8 +82,8 @@ class _Item:
 class Pipeline:
     def __init__(self, gate: LoadedModel, body_part: LoadedModel, abnormality: dict[str, LoadedModel],
                  heatmap: str = "cam", photo_step: bool = True):
-        if heatmap not in ("cam", "gradcam"):
-            raise ValueError("heatmap must be 'cam' or 'gradcam'")
+        if heatmap not in HEATMAPS:
+            raise ValueError(f"heatmap must be one of {', '.join(HEATMAPS)}")
         self.gate, self.body_part, self.abnormality, self.heatmap = gate, body_part, abnormality, heatmap
         self.photo_step = photo_step  # find/straighten the film in phone photos, refuse bad shots
         self.versions = {m.card.name: m.card.version for m in (gate, body_part, *abnormality.values())}

@@ -7,6 +7,8 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
+from contract.envelope import Mode
+
 Outcome = Literal["analysed", "not_xray", "body_part_not_analysed", "body_part_uncertain", "body_part_unknown",
                   "retake", "rejected"]
 # What a non-X-ray image seems to be (the gate card's modality head): named in the refusal; a
@@ -14,7 +16,6 @@ Outcome = Literal["analysed", "not_xray", "body_part_not_analysed", "body_part_u
 Modality = Literal["xray", "ct", "mri", "ultrasound", "other_medical", "non_medical"]
 
 
-Mode = Literal["screening", "clinician"]
 # no_strong_sign: nothing the model checks reliably crossed its point; see_doctor: signs worth showing
 # a doctor soon; urgent: a flagged label whose PPV justifies it; unsure: the card has no validated points.
 Verdict = Literal["no_strong_sign", "see_doctor", "urgent", "unsure"]

@@ -29,11 +29,8 @@ from diagnosis.cards import (
     write_card,
 )
 from diagnosis.network import DenseNetClassifier, save_weights
+from training.data.datasets import CHEST_LABELS
 
-CHEST_LABELS = [
-    "Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule", "Pneumonia",
-    "Pneumothorax", "Consolidation", "Edema", "Emphysema", "Fibrosis", "Pleural_Thickening", "Hernia",
-]  # fmt: skip
 PARTS = ["chest", "hand", "knee"]
 
 

@@ -49,7 +49,7 @@ def test_batch_equals_single_runs(fake_models):
         assert [f.label for f in analysis.result.findings] == [f.label for f in single.result.findings]
         for a, b in zip(analysis.result.findings, single.result.findings, strict=True):
             assert a.probability == pytest.approx(b.probability, abs=1e-5)
-        assert (analysis.overlay_jpeg is None) == (single.overlay_jpeg is None)
+        assert bool(analysis.overlays) == bool(single.overlays)
 
 
 def test_flip_average_is_the_mean_over_the_image_and_its_mirror(tmp_path):

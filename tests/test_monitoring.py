@@ -69,3 +69,26 @@ def test_queue_age_comes_from_the_stamp_every_publisher_sets():
     finally:
         producer.close()
         client.delete(queue)
+
+
+def test_bot_and_worker_read_queue_depth_from_the_broker(caplog):
+    """With CELERY_BROKER_URL apart from REDIS_URL, the queues are on the broker: the depth is read
+    there (a REDIS_URL nobody listens on is never asked)."""
+    import logging
+
+    import pytest
+    import redis
+
+    from contract.monitoring import queue_collector
+    from contract.settings import ServiceSettings
+
+    broker = "redis://127.0.0.1:6379/15"
+    try:
+        redis.Redis.from_url(broker).ping()
+    except redis.ConnectionError:
+        pytest.skip("Redis is not reachable at 127.0.0.1:6379")
+    settings = ServiceSettings(REDIS_URL="redis://127.0.0.1:9/0", CELERY_BROKER_URL=broker)
+    with caplog.at_level(logging.WARNING, logger="contract.monitoring"):
+        samples = [s for m in queue_collector(settings).collect() if m.name == "xray_queue_depth" for s in m.samples]
+    assert any(s.labels == {"queue": "inference"} for s in samples)
+    assert "queue depth unavailable" not in caplog.text

@@ -30,7 +30,7 @@ def test_chest_route_gives_findings_heatmap_and_timings(chest_pipeline):
     assert result.heatmap_labels == [f.label for f in result.positive_findings]
     # One overlay per drawn finding, in the same order, each the film alone (not panels side by side).
     assert [label for label, _ in analysis.overlays] == result.heatmap_labels
-    assert analysis.overlay_jpeg == analysis.overlays[0][1]
+    assert analysis.overlays and analysis.overlays[0][1]
     for _, jpeg in analysis.overlays:
         overlay = Image.open(io.BytesIO(jpeg))
         assert overlay.mode == "RGB" and overlay.format == "JPEG"
@@ -54,7 +54,7 @@ def test_no_positive_finding_draws_the_top_one(tmp_path):
 def test_not_xray_exits_early_without_overlay(tmp_path):
     analysis = Pipeline.load(make_models_dir(tmp_path, xray=False)).run(IMAGE)
     assert analysis.result.outcome == "not_xray" and not analysis.result.is_xray
-    assert analysis.overlay_jpeg is None and analysis.result.findings == []
+    assert not analysis.overlays and analysis.result.findings == []
     assert "body_part" not in analysis.result.timings_ms  # later models skipped
 
 
@@ -65,7 +65,7 @@ def test_body_part_without_model_says_so(tmp_path):
     assert analysis.result.analysable_parts == ["chest"]  # from the abnormality cards present
     assert render_reply(analysis.result).splitlines() == ["I recognised an X-ray of the hand.",
                                                            "So far I can only analyse X-rays of the chest."]
-    assert analysis.overlay_jpeg is None
+    assert not analysis.overlays
 
 
 def test_uncertain_body_part_asks_for_clearer_image(tmp_path):
@@ -102,7 +102,7 @@ def test_bad_input_becomes_a_rejected_result(chest_pipeline):
 def test_gradcam_setting_uses_pytorch_grad_cam(fake_models):
     pipeline = Pipeline.load(fake_models, heatmap="gradcam")
     analysis = pipeline.run(IMAGE)
-    assert analysis.overlay_jpeg and analysis.result.heatmap_labels
+    assert analysis.overlays and analysis.result.heatmap_labels
 
 
 def test_large_image_overlay_is_capped(chest_pipeline):
@@ -118,7 +118,7 @@ def test_poor_photo_of_an_xray_is_refused_with_advice(chest_pipeline):
     dark = encode(Image.fromarray((gradient(300, 260, texture=True) * 0.1).astype(np.uint8)), "PNG")
     analysis = chest_pipeline.run(dark)
     assert analysis.result.outcome == "retake" and analysis.result.retake == ["too_dark"]
-    assert "body_part" not in analysis.result.timings_ms and analysis.overlay_jpeg is None
+    assert "body_part" not in analysis.result.timings_ms and not analysis.overlays
     assert "too dark" in render_reply(analysis.result) and "physician" not in render_reply(analysis.result)
 
 

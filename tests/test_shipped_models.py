@@ -52,7 +52,7 @@ def test_chest_image_gets_findings_and_overlay(pipeline, pack):
     row = pack_rows(pack, lambda r: r["body_part"] == "chest", 1)[0]
     analysis = pipeline.run((pack / row["path"]).read_bytes())
     assert analysis.result.outcome == "analysed"
-    assert len(analysis.result.findings) == 14 and analysis.overlay_jpeg
+    assert len(analysis.result.findings) == 14 and analysis.overlays
     assert "physician" in render_reply(analysis.result)
 
 

@@ -160,3 +160,39 @@ def test_missing_imagenet_weights_fail_clearly(tiny_pack, tmp_path):
                            str(tmp_path / "none.safetensors")], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert proc.returncode != 0
     assert "Refusing to silently train from scratch" in proc.stderr
+
+
+def test_refused_files_are_dropped_and_counted(tmp_path):
+    """A file the intake refuses is not scored (it never reaches the models in the service): evaluate
+    and calibrate leave it out and say how many they left out."""
+    from model_factory import CHEST_LABELS as LABELS
+    from model_factory import make_models_dir
+
+    from training.card.calibrate import calibrate
+    from training.data.datasets import load_manifest
+    from training.measure.evaluate import evaluate_model
+
+    models = make_models_dir(tmp_path / "models", size=32, operating_points=False)
+    rows = []
+    for split in ("val", "test"):
+        for index in range(6):
+            name = f"images/{split}_{index}.png"
+            write_image(tmp_path / name, index)
+            labels = [int((index + j) % 3 == 0) for j in range(14)] if index % 2 else [0] * 14
+            rows.append([name, "nih_cxr14", split, 1, "chest", f"p{index}", 0, "radiograph", *labels])
+        (tmp_path / f"images/{split}_refused.png").write_bytes(b"not an image")
+        rows.append([f"images/{split}_refused.png", "nih_cxr14", split, 1, "chest", "px", 0, "radiograph", *[1] * 14])
+    with (tmp_path / "manifest.csv").open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["path", "source", "split", "is_xray", "body_part", "patient_id", "phone_photo", "kind",
+                         *LABELS])
+        writer.writerows(rows)
+    records = load_manifest(tmp_path / "manifest.csv")
+
+    report = evaluate_model(models / "chest", records, "test", device="cpu", bootstrap_rounds=10)
+    assert report["n"] == 6 and report["refused_by_intake"] == 1
+    gate = evaluate_model(models / "gate", records, "test", device="cpu")
+    assert gate["n"] == 6 and gate["refused_by_intake"] == 1
+    card = calibrate(models / "chest", records, "tiny", cache=None, bootstrap_rounds=10)
+    assert card.operating_points.method["refused_by_intake"] == {"val": 1, "test": 1}
+    assert card.ece["val"]["n"] == 6

@@ -13,6 +13,9 @@ import logging
 import sys
 from pathlib import Path
 
+from contract.envelope import MODES
+from contract.settings import BACKENDS
+
 from .measure.reports import emit_report, write_report
 
 # Commands whose module keeps its own argparse: `python -m training NAME ARGS…` runs that module's main(ARGS).
@@ -91,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--json", type=Path, help="write the metrics here")
     e.add_argument("--plots", type=Path, help="folder for ROC / confusion PNGs")
     e.add_argument("--device", default="auto")
-    e.add_argument("--backend", choices=["torch", "onnx", "openvino", "openvino-bf16"], default="torch",
+    e.add_argument("--backend", choices=[b for b in BACKENDS if b != "eager"], default="torch",
                    help="how images are run (onnx: ONNX Runtime on the CPU, as the worker can; openvino-bf16:"
                         " OpenVINO at bf16, to measure what bf16 costs in accuracy)")
     e.add_argument("--bootstrap-rounds", type=int, default=1000, help="chest: resamples for the 95 %% intervals")
@@ -129,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     data_args(r)
     r.add_argument("--models", type=Path, help="models folder (default: the repository's models/)")
     r.add_argument("--split", default="test", choices=["val", "test"])
-    r.add_argument("--mode", default="screening", choices=["screening", "clinician"])
+    r.add_argument("--mode", default=MODES[0], choices=list(MODES))
     r.add_argument("--backend", choices=["torch", "onnx"], default="onnx")
     r.add_argument("--threads", type=int)
     r.add_argument("--limit", type=int, help="first N films only (a quick look)")

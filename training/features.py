@@ -18,22 +18,58 @@ import torch
 from safetensors.numpy import load_file, save_file
 
 from diagnosis.backends import make_runner
+from diagnosis.cards import InputSpec
 from diagnosis.intake import ImageRejected, decode
 from diagnosis.network import load_model
-from diagnosis.photo import models_view
+from diagnosis.photo import Rectified, models_view
 from diagnosis.preprocess import to_model_input
 
 log = logging.getLogger(__name__)
 
 
-def service_view(path: Path) -> np.ndarray | None:
-    """The grayscale image the models see for the file at ``path`` (decode, then the photo step);
-    None when the service's intake refuses the file (it never reaches the models)."""
+def service_read(path: Path) -> Rectified | None:
+    """What the models see of the file at ``path`` (decode, then the photo step), with whether the
+    photo step straightened it; None when the service's intake refuses the file (it never reaches
+    the models)."""
     try:
         decoded = decode(Path(path).read_bytes())
     except ImageRejected:
         return None
-    return models_view(decoded).gray
+    return models_view(decoded)
+
+
+def service_view(path: Path) -> np.ndarray | None:
+    """The grayscale image the models see for the file at ``path``; None when the intake refuses it."""
+    view = service_read(path)
+    return None if view is None else view.gray
+
+
+def service_logits(runner, spec: InputSpec, paths: list[Path], batch: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """Logits of ``runner`` (``diagnosis.backends``) on the files the intake reads, and the mask of
+    those files over ``paths``: a refused file is dropped, as the service never runs it."""
+    logits, read = [], np.zeros(len(paths), bool)
+    for start in range(0, len(paths), batch):
+        views = [service_view(p) for p in paths[start:start + batch]]
+        ok = [i for i, view in enumerate(views) if view is not None]
+        read[[start + i for i in ok]] = True
+        if ok:
+            logits.append(runner(model_batch([views[i] for i in ok], spec))[0])
+    return (np.concatenate(logits) if logits else np.zeros((0, 0), np.float32)), read
+
+
+def model_batch(images: list[np.ndarray], spec: InputSpec) -> np.ndarray:
+    """The card's preprocessing (``diagnosis.preprocess.to_model_input``) of gray images, stacked."""
+    return np.stack([to_model_input(g, spec.size, spec.mean, spec.std) for g in images])
+
+
+def drop_refused(rows: list, *arrays: np.ndarray) -> tuple[list, list[np.ndarray], int]:
+    """Leave out the rows whose file the intake refused (NaN outputs: the service never runs them);
+    returns the rows and arrays kept and how many were refused (reported as ``refused_by_intake``)."""
+    first = arrays[0].reshape(len(arrays[0]), -1)
+    read = np.isfinite(first[:, 0]) if first.shape[1] else np.ones(len(first), bool)
+    if not read.all():
+        log.info("%d of %d files refused by the intake, left out", int((~read).sum()), len(read))
+    return ([r for r, ok in zip(rows, read, strict=True) if ok], [a[read] for a in arrays], int((~read).sum()))
 
 
 class FeatureStore:
@@ -66,9 +102,7 @@ class FeatureStore:
         if self._runner is None:
             self._runner = make_runner("onnx", self.network, self.card, torch.device("cpu"),
                                        self.cache / "onnx", self.threads)
-        spec = self.card.input
-        batch = np.stack([to_model_input(g, spec.size, spec.mean, spec.std) for g in images])
-        logits, maps = self._runner(batch)
+        logits, maps = self._runner(model_batch(images, self.card.input))
         if self.spatial:
             return logits.astype(np.float32), maps.reshape(len(maps), -1).astype(np.float16)
         return logits.astype(np.float32), maps.mean(axis=(2, 3)).astype(np.float32)

@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# The exact commands that produced the shipped models/ from the xray-pack, in order.
+# The exact commands that produced the shipped models/ from the xray-pack, in order: for each model,
+# training, its export, then every post-hoc card step of its card (training/card/__init__.py POST_HOC;
+# tests/test_recipe.py replays them on a tiny pack and checks each card has every shipped section).
 # Usage: training/train_pack.sh [PACK_DIR] [RUNS_DIR]   (resumable: re-run to continue)
 # Stage 1 of each model ran on the 2-core CPU machine (~2-4 min per epoch); the chest model's stage 2
 # ran on one NVIDIA H200 (~11 s per epoch with 5 DataLoader workers: pass DEVICE=cuda WORKERS=5).
@@ -21,11 +23,18 @@ $PY -m training train --task gate --manifest "$M" --manifest "$RUNS/synthetic_ga
     --out "$RUNS/gate_photos" --init-from "$RUNS/gate" --epochs 20 --epoch-size 3000 --workers "$WORKERS" \
     --device "$DEVICE"
 $PY -m training export --run "$RUNS/gate_photos" --out models/gate --manifest "$M"
+# The gate's card steps, on the exported weights (export keeps every section it does not own, but a
+# section fitted on the previous weights must be fitted again): the head that names CT / MRI /
+# ultrasound / not medical. The orientation head is not shipped yet (#27: the gate card has none).
+$PY -m training modality --model models/gate --manifest "$M"
+# $PY -m training orientation --model models/gate --manifest "$M"
 
 # Body part starts from the gate's backbone (it has already seen every pack radiograph).
 $PY -m training train --task body_part --manifest "$M" --out "$RUNS/body_part" --epochs "${BODY_EPOCHS:-4}" \
     --epoch-size 2000 --init-from "$RUNS/gate"
 $PY -m training export --run "$RUNS/body_part" --out models/body_part --manifest "$M"
+# The body part's card step: the unknown-part check and the chest floor.
+$PY -m training open-set --model models/body_part --manifest "$M"
 
 # Chest, stage 1: from the body-part backbone (pretraining on every pack radiograph), paper chest recipe.
 $PY -m training train --task chest --manifest "$M" --out "$RUNS/chest" --epochs "${CHEST_EPOCHS:-8}" \

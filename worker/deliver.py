@@ -343,9 +343,7 @@ def _best_effort(call: Any, *args: Any, **kwargs: Any) -> None:
 
 def cleanup(r: redis.Redis, keys: Keys, request: RequestEnvelope, overlay_key: str | None) -> None:
     """The user has the answer (or cannot get one): delete the image and the overlay now."""
-    names = [keys.blob(request.request_id), keys.overlay(request.request_id), keys.attempts(request.request_id),
-             request.blob_key]
-    names += [overlay_key] if overlay_key else []
+    names = [*keys.request_keys(request.request_id), request.blob_key, *([overlay_key] if overlay_key else [])]
     r.delete(*names)
     if request.channel == "telegram":
         leave_turns(r, keys, request.chat_id, request.request_id)  # later replies of the chat need not wait

@@ -20,7 +20,7 @@ import redis
 from celery.signals import worker_process_init, worker_process_shutdown, worker_ready
 
 from contract.keys import INFERENCE_QUEUE
-from contract.monitoring import serve_metrics
+from contract.monitoring import serve_service_metrics
 from contract.pacing import Limits, Pacer
 from contract.redis_client import connect
 from contract.settings import CELERY_COUNTDOWN_MAX_S, ServiceSettings, Settings
@@ -205,7 +205,7 @@ def _prepare_process(**_: Any) -> None:
         _preload()
     _start_scheduler()
     try:  # metrics live in the process that runs the tasks (one child per worker: one port)
-        serve_metrics(get_settings().METRICS_PORT, get_settings().REDIS_URL)
+        serve_service_metrics(get_settings())
     except OSError:
         process_logger.warning("metrics port %s busy; this process serves no metrics", get_settings().METRICS_PORT)
 

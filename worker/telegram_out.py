@@ -29,7 +29,6 @@ from typing import TypeVar
 
 from redis.exceptions import RedisError
 from telegram import Bot, InputFile, InputMediaPhoto, LinkPreviewOptions, ReplyParameters
-from telegram.constants import ChatAction
 from telegram.error import BadRequest, ChatMigrated, Forbidden, InvalidToken, NetworkError, RetryAfter, TelegramError
 from telegram.request import HTTPXRequest
 
@@ -202,13 +201,6 @@ class TelegramOut:
         except (Deferred, Undeliverable) as error:
             logger.info("deleteMessage skipped: %s", error)
             return False
-
-    def chat_action(self, chat_id: int, action: str = ChatAction.TYPING) -> None:
-        """Best effort, no retries."""
-        try:
-            self._run(lambda bot: bot.send_chat_action(chat_id=chat_id, action=action))
-        except Exception as error:
-            logger.debug("sendChatAction skipped: %s", type(error).__name__)
 
     def close(self) -> None:
         loop, bot = self._loop, self._bot

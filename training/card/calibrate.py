@@ -54,6 +54,7 @@ from diagnosis.operating import calibrated as apply_calibration
 from diagnosis.operating import logit, screening_flags
 
 from ..data.datasets import CHEST_LABELS, Record, labelled_films, targets
+from ..features import drop_refused
 from ..measure.metrics import ECE_BINS, bootstrap_auc_intervals, ece
 
 log = logging.getLogger(__name__)
@@ -441,20 +442,20 @@ def calibrate(model: Path, records: list[Record], data: str, cache: Path | None 
     if card.body_part != "chest" or not set(card.labels) <= set(CHEST_LABELS):
         raise SystemExit("calibrate needs a chest model with ChestX-ray14 labels")
     order = [CHEST_LABELS.index(label) for label in card.labels]
-    splits = {}
+    splits, refused = {}, {}
     for split in ("val", "test"):
         films = labelled_films(records, split)
         if not films:
             raise SystemExit(f"no NIH films with all 14 labels in split {split!r}")
-        splits[split] = (raw_outputs(model, films, cache, backend, threads=threads), targets(films)[:, order])
+        raw = raw_outputs(model, films, cache, backend, threads=threads)
+        films, (raw,), refused[split] = drop_refused(films, raw)  # the intake refuses them: never run
+        splits[split] = (raw, targets(films)[:, order])
         log.info("%s: %d films", split, len(films))
-    for split, (raw, _) in splits.items():
-        if np.isnan(raw).any():
-            raise SystemExit(f"{split}: some films could not be read")
     if clinician_only:
         card = refit_clinician(card, *splits["val"], *splits["test"], **options)
     else:
         card = calibrate_card(card, *splits["val"], *splits["test"], data=data, **options)
+    card.operating_points.method["refused_by_intake"] = refused
     if write:
         write_card(model, card)
     return card

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import platform
 from collections import Counter
 from datetime import date
@@ -12,13 +13,16 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from diagnosis.cards import InputSpec, ModelCard, WeightsSpec, write_card
+from diagnosis.cards import CARD_FILE, InputSpec, ModelCard, WeightsSpec, write_card
 from diagnosis.network import DenseNetClassifier, save_weights
 
 from ..data.datasets import NIH_SOURCES, SYNTHETIC_PREFIX, Record
 from ..data.tasks import Task
 from ..measure.evaluate import evaluate_model, model_outputs
 from ..measure.metrics import youden_threshold
+from . import EXPORT_OWNS, POST_HOC
+
+log = logging.getLogger(__name__)
 
 LICENCES = {  # from the xray-pack README; carried forward into every card that uses the source
     "nih_cxr14": "NIH public release, citation requested (Wang et al. 2017)",
@@ -69,6 +73,7 @@ def export_run(run_dir: Path, out: Path, records: list[Record], data_name: str, 
     model = DenseNetClassifier(len(task.outputs), flip_average=flip_average)  # thresholds see what the service sees
     model.load_state_dict({k: v.float() for k, v in load_file(str(run_dir / "best.safetensors")).items()})
     positive = "xray" if task.name == "gate" else None
+    previous = _previous_card(out)
     sha, dtype_name = save_weights(model, out, dtype=dtype)
     # What the run trained on (recorded by train), else the train rows of the data given here.
     sources = meta.get("train_sources") or Counter(r.source for r in records if r.split == "train" and task.applies(r))
@@ -104,15 +109,44 @@ def export_run(run_dir: Path, out: Path, records: list[Record], data_name: str, 
         weights=WeightsSpec(sha256=sha, dtype=dtype_name),
         flip_average=flip_average,
     )
+    card = keep_sections(card, previous)
     write_card(out, card)
     set_operating_points(out, card, task, records, device, backend)
     write_card(out, card)
     test = evaluate_model(out, records, "test", device=device, backend=backend)
     manifests = " ".join(f"--manifest {name.strip()}" for name in data_name.split(","))
-    card.metrics = {"test": test,
-                    "measured_with": f"python -m training evaluate --model {out} {manifests} --split test"}
+    card.metrics = card.metrics | {
+        "test": test, "measured_with": f"python -m training evaluate --model {out} {manifests} --split test"}
     write_card(out, card)
     return card
+
+
+def _previous_card(folder: Path) -> dict | None:
+    path = folder / CARD_FILE
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+def keep_sections(card: ModelCard, previous: dict | None) -> ModelCard:
+    """``card`` with every field export does not own taken from the card it replaces (open set,
+    modality, orientation, calibration, operating points, other metrics…), so re-exporting never
+    erases a post-hoc section. Sections fitted on other weights are kept but named in a warning:
+    the recipe (training/train_pack.sh) refits them after the last export."""
+    if not previous:
+        return card
+    kept = {k: v for k, v in previous.items() if k not in EXPORT_OWNS and v not in (None, {}, [])}
+    fresh = card.model_dump(mode="json")
+    merged = fresh | kept
+    merged["metrics"] = previous.get("metrics", {}) | fresh["metrics"]
+    if previous.get("weights", {}).get("sha256") != card.weights.sha256:
+        stale = sorted({POST_HOC[k] for k in kept if k in POST_HOC})
+        if stale:
+            log.warning("kept card sections fitted on the previous weights; refit them: %s",
+                        ", ".join(f"python -m training {c}" for c in stale))
+    try:
+        return ModelCard.model_validate(merged)
+    except ValueError as error:
+        raise SystemExit(f"the card in {card.name!r} has sections that do not fit the new run ({error}); "
+                         "refit them or remove them from card.json before exporting") from None
 
 
 def set_operating_points(folder: Path, card: ModelCard, task: Task, records: list[Record], device: str,
@@ -121,7 +155,8 @@ def set_operating_points(folder: Path, card: ModelCard, task: Task, records: lis
     val = [r for r in records if r.split == "val" and task.applies(r)]
     if task.name == "chest":  # NIH films: the other chest sources differ in hospital and population too
         val = [r for r in val if r.source in NIH_SOURCES] or val
-    probs, targets = model_outputs(folder, val, device, backend)
+    probs, targets, read = model_outputs(folder, val, device, backend)  # files the intake refuses are dropped
+    val = [r for r, ok in zip(val, read, strict=True) if ok]
     if task.name == "chest":
         for i, label in enumerate(task.labels):
             known = ~np.isnan(targets[:, i])

@@ -33,7 +33,7 @@ from diagnosis.cards import AuxiliaryFile, ModalitySpec, read_card, sha256_of, w
 from diagnosis.openset import decide
 
 from ..data.datasets import Record
-from ..features import FeatureStore
+from ..features import FeatureStore, drop_refused
 from ..measure.reports import emit_report
 
 log = logging.getLogger(__name__)
@@ -75,10 +75,7 @@ def run(model: Path, records: list[Record], cache: Path, max_train_xray_per_part
     card = read_card(model)
     chosen = choose_records(records, max_train_xray_per_part)
     logits, pooled = FeatureStore(model, cache).outputs([r.path for r in chosen])
-    read = np.isfinite(pooled[:, 0])  # files the service's intake refuses never reach the gate
-    if not read.all():
-        log.info("%d files refused by the intake, left out", int((~read).sum()))
-    chosen, logits, pooled = [r for r, ok in zip(chosen, read, strict=True) if ok], logits[read], pooled[read]
+    chosen, (logits, pooled), refused = drop_refused(chosen, logits, pooled)  # never reach the gate
     truth = np.array([modality_of(r) for r in chosen])
     splits = np.array([r.split for r in chosen])
     y = np.array([CLASSES.index(t) for t in truth])
@@ -130,6 +127,7 @@ def run(model: Path, records: list[Record], cache: Path, max_train_xray_per_part
                                                        & (told != "non_medical")))}
 
     metrics = {"data": "pack manifest: fit on train, C on val, reported on val and test",
+               "refused_by_intake": refused,
                "train_counts": {c: int(np.sum(train & (truth == c))) for c in CLASSES},
                "c_search_val_balanced_accuracy": {str(c): round(v[0], 4) for c, v in searched.items()},
                "val": figures(val), "test": figures(test)}

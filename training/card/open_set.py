@@ -48,7 +48,7 @@ from diagnosis.cards import AuxiliaryFile, OpenSetSpec, read_card, sha256_of, wr
 from diagnosis.openset import mahalanobis
 
 from ..data.datasets import Record
-from ..features import FeatureStore
+from ..features import FeatureStore, drop_refused, service_read
 from ..measure.reports import emit_report
 
 log = logging.getLogger(__name__)
@@ -143,8 +143,7 @@ def run(model: Path, records: list[Record], cache: Path, keep: float, chest_keep
     chosen = choose_records(records, labels, max_train_per_part)
     store = FeatureStore(model, cache)
     logits, pooled = store.outputs([r.path for r in chosen])
-    read = np.isfinite(pooled[:, 0])  # files the service's intake refuses never reach the models
-    chosen, logits, pooled = [r for r, ok in zip(chosen, read, strict=True) if ok], logits[read], pooled[read]
+    chosen, (logits, pooled), refused = drop_refused(chosen, logits, pooled)  # never reach the models
     logits = logits[:, : len(labels)].astype(np.float64)
     probs = softmax(logits, axis=1)
     parts = np.array([r.body_part for r in chosen])
@@ -301,6 +300,7 @@ def run(model: Path, records: list[Record], cache: Path, keep: float, chest_keep
         "val_known": {"before": report(val, False, True), "after": report(val, True, True)},
         "test_known": {"before": report(test, False, True), "after": report(test, True, True)},
         "holdout_unknown_parts": {"before": report(unknown, False, False), "after": report(unknown, True, False)},
+        "refused_by_intake": refused,
         "straightened_films": {"val": int(film_rect[val].sum()), "test": int(film_rect[test].sum()),
                                "holdout": int(film_rect[unknown].sum())},
         "score_comparison": comparison,
@@ -378,20 +378,13 @@ def synthetic_photo_features(store: FeatureStore, chosen: list[Record], seed: in
 def film_rectified(store: FeatureStore, chosen: list[Record]) -> np.ndarray:
     """Did the service's photo step straighten each file (``result.rectified``; never for DICOM)?
     Real phone photos of films in the pack take the photo threshold when it does. Kept beside the cache."""
-    from diagnosis.intake import ImageRejected, decode
-    from diagnosis.photo import models_view
-
     flags_file = store.cache / f"{store.file.stem}-rectified.json"
     flags = json.loads(flags_file.read_text()) if flags_file.is_file() else {}
     for record in chosen:
         key = f"file:{record.path}"
         if key not in flags:
-            try:
-                decoded = decode(Path(record.path).read_bytes())
-            except ImageRejected:
-                flags[key] = False
-                continue
-            flags[key] = models_view(decoded).rectified
+            view = service_read(record.path)
+            flags[key] = view is not None and view.rectified
     flags_file.write_text(json.dumps(flags))
     return np.array([bool(flags[f"file:{r.path}"]) for r in chosen])
 

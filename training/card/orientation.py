@@ -36,7 +36,7 @@ from diagnosis.cards import AuxiliaryFile, OrientationSpec, read_card, sha256_of
 from diagnosis.openset import decide_turn
 
 from ..data.datasets import Record
-from ..features import FeatureStore, service_view
+from ..features import FeatureStore, drop_refused, service_view
 from ..measure.reports import emit_report
 
 log = logging.getLogger(__name__)
@@ -80,12 +80,9 @@ def run(model: Path, records: list[Record], cache: Path, write: bool = True,
     store = FeatureStore(model, cache, spatial=True)
     keys = [f"{r.path}#{turn}" for r in chosen for turn in TURNS]
     logits, maps = store.outputs(keys, views=turned_view)
-    n = len(chosen)
-    read = np.isfinite(logits[:, 0]).reshape(n, len(TURNS)).all(axis=1)  # the intake refuses the rest
-    log.info("%d of %d files refused by the intake, left out", int((~read).sum()), n)
-    chosen = [r for r, ok in zip(chosen, read, strict=True) if ok]
-    rows = np.repeat(read, len(TURNS))
-    logits, maps = logits[rows], maps[rows]
+    per_file = (len(chosen), len(TURNS), -1)  # a refused file is refused at every turn
+    chosen, (logits, maps), refused = drop_refused(chosen, logits.reshape(per_file), maps.reshape(per_file))
+    logits, maps = logits.reshape(-1, logits.shape[-1]), maps.reshape(-1, maps.shape[-1])
     n = len(chosen)
     xray = np.array([r.is_xray for r in chosen])
     group = np.array([(r.body_part or "unknown") if r.is_xray else "not_xray" for r in chosen])
@@ -161,6 +158,7 @@ def run(model: Path, records: list[Record], cache: Path, write: bool = True,
     metrics = {"data": "pack manifest: every radiograph of the smaller parts, sampled chest films and non-X-rays "
                        f"({CAPS}), each at 4 turns; fit on train, C and min_probability on val, reported on val "
                        "and test",
+               "refused_by_intake": refused,
                "c_search_val_accuracy": {str(c): round(v[0], 4) for c, v in searched.items()},
                "val": report("val"), "test": report("test")}
     spec = OrientationSpec(

@@ -8,16 +8,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
 
 from diagnosis.backends import make_runner
 from diagnosis.cards import ModelCard, read_card
 from diagnosis.network import load_model
 
 from ..data.datasets import CHEST_LABELS, NIH_SOURCES, Record
-from ..data.images import RecordDataset
 from ..data.tasks import Task
-from ..runtime import pick_device, predict
+from ..features import service_logits
+from ..runtime import pick_device
 from .metrics import auc_report, bootstrap_auc_intervals, classification_report, masked_auc
 
 
@@ -97,27 +96,24 @@ def per_source_abnormal(records: list[Record], truth: np.ndarray, scores: np.nda
 
 
 def model_outputs(folder: Path | str, records: list[Record], device: str = "auto", backend: str = "torch",
-                  batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
-    """Probabilities of a model folder on records, loaded and run as the service runs it
-    (``backend`` "onnx": ONNX Runtime on the CPU, several times faster than eager torch there)."""
-    card, model = load_model(folder, pick_device(device) if backend == "torch" else "cpu")
+                  batch_size: int = 64) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Probabilities and targets of a model folder on the records whose file the service's intake
+    reads, seen and run as the service sees and runs them (``training.features.service_logits``;
+    ``backend`` "onnx": ONNX Runtime on the CPU, several times faster than eager torch there), and
+    the mask of those records: a file the intake refuses is dropped, never scored."""
+    torch_device = pick_device(device) if backend == "torch" else torch.device("cpu")
+    card, model = load_model(folder, torch_device)
     task = task_for_card(card)
-    dataset = RecordDataset(records, task, card.input.size, card.input.mean, card.input.std, cache_side=None)
-    if backend == "torch":
-        probs, targets, _ = predict(model.to(memory_format=torch.channels_last), dataset, batch_size,
-                                    next(model.parameters()).device, task.activation)
-        return probs, targets
     with tempfile.TemporaryDirectory() as cache:  # this export only: the service caches its own
-        runner = make_runner(backend, model, card, torch.device("cpu"), Path(cache))
-        logits, targets = [], []
-        for images, target in DataLoader(dataset, batch_size=batch_size, shuffle=False):
-            logits.append(runner(images.numpy())[0])
-            targets.append(target.numpy())
-    logits = np.concatenate(logits).astype(np.float64)
+        runner = make_runner(backend, model, card, torch_device, Path(cache))
+        logits, read = service_logits(runner, card.input, [r.path for r in records], batch_size)
+    logits = logits.astype(np.float64).reshape(int(read.sum()), len(card.outputs))
+    targets = np.stack([task.target(r) for r, ok in zip(records, read, strict=True) if ok]) if read.any() \
+        else np.zeros((0,))
     if task.activation == "softmax":
         shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
-        return shifted / shifted.sum(axis=1, keepdims=True), np.concatenate(targets)
-    return 1 / (1 + np.exp(-logits)), np.concatenate(targets)
+        return shifted / shifted.sum(axis=1, keepdims=True), targets, read
+    return 1 / (1 + np.exp(-logits)), targets, read
 
 
 def evaluate_model(folder: Path | str, records: list[Record], split: str = "test", device: str = "auto",
@@ -127,7 +123,9 @@ def evaluate_model(folder: Path | str, records: list[Record], split: str = "test
     chosen = select(records, task_for_card(card), split)
     if not chosen:
         raise SystemExit(f"no rows of split {split!r} apply to model {card.name!r}")
-    probs, targets = model_outputs(folder, chosen, device, backend, batch_size)
+    probs, targets, read = model_outputs(folder, chosen, device, backend, batch_size)
+    refused = int((~read).sum())  # the service refuses these files: they are not scored
+    chosen = [r for r, ok in zip(chosen, read, strict=True) if ok]
     task = task_for_card(card)
     if task.activation == "sigmoid":
         report = chest_report(card, chosen, probs, bootstrap_rounds)
@@ -140,7 +138,7 @@ def evaluate_model(folder: Path | str, records: list[Record], split: str = "test
         report["per_kind"] = per_group_accuracy(chosen, targets, predicted)
         if plots:
             plot_confusion(report["confusion"], Path(plots) / f"{card.name}_confusion.png")
-    report.update(model=card.name, version=card.version, split=split)
+    report.update(model=card.name, version=card.version, split=split, refused_by_intake=refused)
     return report
 
 

@@ -1,0 +1,102 @@
+"""One place per fact: modes, backend names and heatmap kinds are each written once (in contract/) and
+imported everywhere else; every backend the settings accept is one the runner factory knows."""
+
+from __future__ import annotations
+
+import re
+from typing import get_args
+
+import pytest
+from conftest import ROOT
+
+from contract.envelope import MODES, RequestEnvelope
+from contract.settings import BACKENDS, HEATMAPS, ServiceSettings
+from diagnosis import backends
+from diagnosis.config import PipelineConfig
+from training.data.datasets import CHEST_LABELS
+
+PACKAGES = ("contract", "diagnosis", "bot", "worker", "training", "api", "bench")
+
+
+def sources(*extra: str) -> dict[str, str]:
+    """Every Python file of the service and training packages (and ``extra`` folders), found from the
+    repository root (not the working directory), by its path relative to the root."""
+    return {str(path.relative_to(ROOT)): path.read_text(encoding="utf-8")
+            for package in PACKAGES + extra for path in sorted((ROOT / package).rglob("*.py"))}
+
+
+@pytest.mark.parametrize(("words", "home", "extra"), [
+    (MODES, "contract/envelope.py", ()), (HEATMAPS, "contract/settings.py", ()),
+    (("onnx", "openvino", "openvino-bf16"), "contract/settings.py", ()),
+    (tuple(CHEST_LABELS[:3]), "training/data/datasets.py", ("tests",)),
+])  # fmt: skip
+def test_each_list_is_written_once(words, home, extra):
+    spelled = re.compile(r"""["']""" + r"""["']\s*,\s*["']""".join(map(re.escape, words)) + r"""["']""")
+    places = sorted(path for path, text in sources(*extra).items() if spelled.search(text))
+    assert places == [home], places
+
+
+def test_every_backend_the_settings_accept_can_be_built():
+    accepted = get_args(get_args(ServiceSettings.model_fields["BACKEND"].annotation)[0])
+    assert set(accepted) == set(BACKENDS) == set(backends.BACKENDS)
+    assert "openvino-bf16" in backends.BACKENDS
+    for backend in BACKENDS:
+        PipelineConfig(backend=backend)  # the configuration takes every name the settings take
+    assert set(get_args(RequestEnvelope.model_fields["mode"].annotation)) == set(MODES)
+
+
+@pytest.mark.parametrize(("path", "name"), [("worker/telegram_out.py", "TelegramOut"), ("contract/keys.py", "Keys"),
+                                            ("diagnosis/pipeline.py", "Analysis")])
+def test_no_dead_public_methods(path, name):
+    """Every public method or property of these classes is used somewhere in the packages."""
+    import ast
+
+    tree = ast.parse((ROOT / path).read_text())
+    [cls] = [node for node in tree.body if isinstance(node, ast.ClassDef) and node.name == name]
+    methods = [n.name for n in cls.body if isinstance(n, ast.FunctionDef) and not n.name.startswith("_")]
+    code = "\n".join(sources().values())
+    unused = [m for m in methods if not re.search(rf"\.{m}\b", code)]
+    assert not unused, f"{name}: {unused} never used"
+
+
+def test_cleanup_deletes_the_request_keys_and_keeps_the_marks():
+    """deliver.cleanup deletes exactly Keys.request_keys (+ the envelope's blob and the overlay it was
+    given); the lock and the done mark stay, so a redelivered task does not answer twice."""
+    import secrets
+
+    import redis
+
+    from contract.envelope import RequestEnvelope
+    from contract.keys import Keys
+    from worker.deliver import cleanup
+
+    client = redis.Redis.from_url("redis://127.0.0.1:6379/15")
+    try:
+        client.ping()
+    except redis.ConnectionError:
+        pytest.skip("Redis is not reachable at 127.0.0.1:6379")
+    keys, request_id = Keys(f"test-cleanup-{secrets.token_hex(4)}:"), "r1"
+    request = RequestEnvelope(request_id=request_id, blob_key=keys.blob("other"), chat_id=1, reply_to_message_id=None,
+                              language="en")
+    gone = [*keys.request_keys(request_id), request.blob_key, keys.overlay("given")]
+    kept = [keys.lock(request_id), keys.done(request_id), keys.sent(request_id, "text")]
+    try:
+        for key in gone + kept:
+            client.set(key, "1", ex=60)
+        cleanup(client, keys, request, keys.overlay("given"))
+        assert client.exists(*gone) == 0 and client.exists(*kept) == len(kept)
+    finally:
+        client.delete(*gone, *kept)
+
+
+def test_env_example_lists_every_setting():
+    """.env.example names every setting of contract.settings (set or commented out with its default),
+    and nothing else but the compose-only variables of docker-compose.yml."""
+    from contract.settings import Settings
+
+    text = (ROOT / ".env.example").read_text()
+    named = set(re.findall(r"^#? ?([A-Z][A-Z0-9_]+)=", text, re.MULTILINE))
+    assert not set(Settings.model_fields) - named, sorted(set(Settings.model_fields) - named)
+    compose = (ROOT / "docker-compose.yml").read_text()
+    others = named - set(Settings.model_fields)
+    assert others and all(name in compose for name in others), sorted(others)

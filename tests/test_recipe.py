@@ -1,0 +1,127 @@
+"""The recipe replays: training/train_pack.sh, run on a tiny pack with tiny settings, builds cards with
+every section the shipped cards have, that load in the pipeline; re-exporting never erases a section."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+import shlex
+
+import pytest
+from conftest import ROOT
+from test_training import write_image
+
+from diagnosis.config import PipelineConfig
+from diagnosis.pipeline import Pipeline
+from training.__main__ import main
+from training.card import EXPORT_OWNS, POST_HOC
+from training.data.datasets import CHEST_LABELS
+
+SHIPPED = {"gate": "gate", "body_part": "body_part", "chest": "chest"}  # folder → `train --task`
+# Per split: (kind, body part, count); hip has too few train films for the body-part model (min-count 3),
+# so it is the open-set check's hold-out part, as the pack's hip and wrist films are.
+PACK_ROWS = [("radiograph", "chest", (8, 6, 6)), ("radiograph", "hand", (4, 2, 2)), ("radiograph", "hip", (2, 1, 1)),
+             *((kind, "", (2, 1, 1)) for kind in ("ct", "mri", "ultrasound", "dermoscopy", "natural_photo"))]
+TINY = {  # the tiny settings of each step; the model folder and manifest come from the recipe
+    "train": ["--size", "32", "--batch-size", "4", "--epochs", "1", "--epoch-size", "8", "--min-count", "3"],
+    "export": [],
+    "calibrate": ["--bootstrap-rounds", "20"],
+    "open-set": ["--train-photos", "0", "--val-photos", "0", "--holdout-photos", "0"],
+    "modality": [],
+    "orientation": [],
+}
+
+
+def recipe_steps() -> dict[str, list[str]]:
+    """Per shipped model folder: the `python -m training` commands train_pack.sh runs on it after its
+    last export (export first), in order."""
+    script = (ROOT / "training" / "train_pack.sh").read_text().replace("\\\n", " ")
+    steps: dict[str, list[str]] = {name: [] for name in SHIPPED}
+    for line in script.splitlines():
+        if not line.startswith("$PY -m training "):  # commented-out lines are not the recipe
+            continue
+        words = shlex.split(line.split("#")[0])
+        command = words[3]
+        target = next((words[i + 1] for i, w in enumerate(words) if w in ("--model", "--out")), "")
+        target = re.sub(r"^\$(CHEST_V1|CHEST_V2)$", "models/chest", target.strip('"'))
+        folder = target.removeprefix("models/")
+        if folder in steps and command == "export":
+            steps[folder] = ["export"]
+        elif folder in steps and command in TINY:
+            steps[folder].append(command)
+    return steps
+
+
+def shipped_sections(folder: str) -> set[str]:
+    card = json.loads((ROOT / "models" / folder / "card.json").read_text())
+    return {key for key, value in card.items() if value not in (None, {}, [], "") and key not in EXPORT_OWNS}
+
+
+@pytest.fixture(scope="module")
+def recipe_pack(tmp_path_factory):
+    """A manifest in the pack's format: every modality class, three body parts, NIH-labelled chest films."""
+    root = tmp_path_factory.mktemp("recipe-pack")
+    rows, seed = [], 0
+    for kind, part, counts in PACK_ROWS:
+        for split, count in zip(("train", "val", "test"), counts, strict=True):
+            for index in range(count):
+                seed += 1
+                name = f"images/{split}_{kind}_{part}_{index}.png"
+                xray = kind == "radiograph"
+                write_image(root / name, seed, bright=xray)
+                labels = ([int((index + j) % 5 == 0) for j in range(14)] if index % 2 else [0] * 14) \
+                    if part == "chest" else [""] * 14  # odd: some findings; even: a normal film
+                source = "nih_cxr14" if part == "chest" else f"tiny_{kind}"
+                rows.append([name, source, split, int(xray), part, f"p{seed}", 0, kind, *labels])
+    with (root / "manifest.csv").open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["path", "source", "split", "is_xray", "body_part", "patient_id", "phone_photo", "kind",
+                         *CHEST_LABELS])
+        writer.writerows(rows)
+    return root / "manifest.csv"
+
+
+def training(*args: str) -> None:
+    """``python -m training ARGS`` in this process (the recipe's dozen steps would spend minutes importing)."""
+    assert main(list(args)) == 0, f"python -m training {' '.join(args)}"
+
+
+def test_the_recipe_runs_every_card_step_of_each_shipped_card():
+    steps = recipe_steps()
+    for folder in SHIPPED:
+        needed = [POST_HOC[s] for s in shipped_sections(folder) if s in POST_HOC]
+        assert steps[folder][:1] == ["export"], f"train_pack.sh never exports models/{folder}"
+        missing = sorted(set(needed) - set(steps[folder]))
+        assert not missing, f"train_pack.sh exports models/{folder} but never runs {missing} after it"
+
+
+def test_replay_builds_cards_with_every_shipped_section(recipe_pack, tmp_path):
+    """Train tiny, then each model's recipe steps (export, then its post-hoc card steps) on the tiny
+    pack; every section the shipped card of that role has is there, the pipeline loads the three, and
+    exporting again (the recipe exports the chest model three times) keeps every section."""
+    models, cache = tmp_path / "models", tmp_path / "cache"
+    manifest = ["--manifest", str(recipe_pack)]
+    for folder, task in SHIPPED.items():
+        run = tmp_path / "runs" / folder
+        extra = ["--no-balance"] if task == "chest" else []
+        training("train", "--task", task, "--out", str(run), *manifest, *TINY["train"], *extra)
+        for step in recipe_steps()[folder]:
+            if step == "export":
+                training("export", "--run", str(run), "--out", str(models / folder), *manifest)
+            else:
+                training(step, "--model", str(models / folder), *manifest, "--cache", str(cache / step), *TINY[step])
+    before = {}
+    for folder in SHIPPED:
+        card = json.loads((models / folder / "card.json").read_text())
+        have = {key for key, value in card.items() if value not in (None, {}, [], "")}
+        assert shipped_sections(folder) <= have, f"{folder}: missing {sorted(shipped_sections(folder) - have)}"
+        before[folder] = card
+    Pipeline.load(PipelineConfig(models_dir=models, backend="onnx", cache_dir=cache / "onnx"))
+
+    for folder in ("gate", "body_part"):  # a second export of the same run keeps what it does not own
+        training("export", "--run", str(tmp_path / "runs" / folder), "--out", str(models / folder), *manifest)
+        card = json.loads((models / folder / "card.json").read_text())
+        for section in shipped_sections(folder):
+            assert card[section] == before[folder][section], f"{folder}: export changed {section}"
+    Pipeline.load(PipelineConfig(models_dir=models, backend="onnx", cache_dir=cache / "onnx"))
