@@ -124,8 +124,21 @@ class OpenSetSpec(BaseModel):
     label_min_confidence: dict[str, float] = Field(default_factory=dict)
     # The same floors for straightened photos (chosen on val photos); None: ``label_min_confidence``.
     photo_label_min_confidence: dict[str, float] | None = None
+    # A film the classifier names with at least ``confident_probability`` may lie further out, up to
+    # ``confident_threshold``, before it is called a part the model cannot read: a percentile
+    # threshold alone refuses its share of good films, most of which the classifier is sure of
+    # (chosen on val from a curve of known parts kept vs hold-out parts refused). None: no allowance.
+    confident_probability: float | None = None
+    confident_threshold: float | None = None
     method_notes: str = ""
     metrics: dict[str, Any] = Field(default_factory=dict)
+
+    def is_unknown(self, distance: float, confidence: float, rectified: bool) -> bool:
+        """The one rule (pipeline and training alike): is this film a part the model cannot read?"""
+        if distance <= self.threshold_for(rectified):
+            return False
+        confident = self.confident_probability is not None and confidence >= self.confident_probability
+        return not (confident and self.confident_threshold is not None and distance <= self.confident_threshold)
 
     def threshold_for(self, rectified: bool) -> float:
         """The threshold for one input: the photo threshold when the photo step straightened it."""

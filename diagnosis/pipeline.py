@@ -274,7 +274,8 @@ class Pipeline:
             item.result.body_part_probability = float(row[top])
             if distance is not None:
                 item.result.body_part_novelty = round(float(distance), 3)
-            if distance is not None and distance > card.open_set.threshold_for(item.result.rectified):
+            if distance is not None and card.open_set.is_unknown(float(distance), float(row[top]),
+                                                                 item.result.rectified):
                 item.result.outcome = "body_part_unknown"
             elif row[top] < max(card.min_confidence or 0.0, floors.get(label, 0.0)):
                 item.result.outcome = "body_part_uncertain"

@@ -68,7 +68,7 @@ def _arrays(folder: Path, name: str, arrays: dict[str, np.ndarray]) -> Auxiliary
 
 
 def add_open_set(folder: Path, threshold: float, chest_floor: float | None = None,
-                 photo_threshold: float | None = None) -> None:
+                 photo_threshold: float | None = None, confident: tuple[float, float] | None = None) -> None:
     """Open-set arrays whose distance is exactly 1 for every image (zero means, identity precision,
     L2-normalised features): a threshold below 1 makes every film "unknown", above 1 none
     (``photo_threshold``: the same for photos the photo step straightened)."""
@@ -77,7 +77,9 @@ def add_open_set(folder: Path, threshold: float, chest_floor: float | None = Non
     spec = _arrays(folder, "open_set.safetensors", {"means": np.zeros((len(card.labels), features)),
                                                     "precision": np.eye(features)})
     card.open_set = OpenSetSpec(arrays=spec, threshold=threshold, photo_threshold=photo_threshold,
-                                label_min_confidence={"chest": chest_floor} if chest_floor is not None else {})
+                                label_min_confidence={"chest": chest_floor} if chest_floor is not None else {},
+                                confident_probability=confident[0] if confident else None,
+                                confident_threshold=confident[1] if confident else None)
     write_card(folder, card)
 
 

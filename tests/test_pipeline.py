@@ -242,3 +242,16 @@ def test_a_picture_the_gate_refuses_as_sent_is_turned_at_the_lower_floor(tmp_pat
     # reply does not talk about turning a picture it did not read.
     assert result.outcome == ("analysed" if xray else "not_xray")
     assert "I turned your picture" not in render_reply(result)
+
+
+@pytest.mark.parametrize(("confidence", "allowance", "outcome"), [
+    (8.0, (0.99, 2.0), "analysed"),  # sure of the part, within the allowance: named
+    (8.0, (0.99, 0.9), "body_part_unknown"),  # beyond the allowance
+    (1.0, (0.99, 2.0), "body_part_unknown"),  # not sure enough of the part for the allowance
+    (8.0, None, "body_part_unknown")])  # no allowance: the threshold alone
+def test_a_confident_film_may_lie_further_out_before_it_is_an_unknown_part(tmp_path, confidence, allowance, outcome):
+    from model_factory import add_open_set
+
+    models = make_models_dir(tmp_path, body_part_confidence=confidence)
+    add_open_set(models / "body_part", threshold=0.5, confident=allowance)  # every film lies at distance 1
+    assert Pipeline.load(models).run(IMAGE).result.outcome == outcome

@@ -426,6 +426,9 @@ def main(args) -> int:
     from ..data.datasets import load_sources
 
     records = load_sources(args.manifest)
+    if args.confident_only:
+        return emit_report(fit_confident(args.model, records, args.cache, write=not args.dry_run,
+                                         max_wrong=args.max_wrong), args.json)
     result = run(args.model, records, args.cache, args.keep, args.chest_keep, args.max_train_per_part,
                  write=not args.dry_run, train_photos=args.train_photos, val_photos=args.val_photos,
                  holdout_photos=args.holdout_photos, photo_keep=args.photo_keep)
@@ -454,5 +457,123 @@ def add_arguments(parser) -> None:
                         help="share of straightened val photos the photo threshold keeps")
     parser.add_argument("--holdout-photos", type=int, default=5,
                         help="synthetic photos per hip/wrist film (seeds 0, 1, ...); val ones take part in the choice")
+    parser.add_argument("--confident-only", action="store_true",
+                        help="keep the fitted check; choose only its allowance for films the classifier is sure of")
+    parser.add_argument("--max-wrong", type=float, default=0.05,
+                        help="--confident-only: share of train/val hold-out films and photos that may be named")
     parser.add_argument("--photos", type=int, default=0,
                         help="also measure body part = chest on synthetic photos of N val and N test chest films")
+
+
+def fit_confident(model: Path, records: list[Record], cache: Path, write: bool = True, val_photos: int = 40,
+                  holdout_photos: int = 2, max_wrong: float = 0.05) -> dict:
+    """The card's confident allowance (``OpenSetSpec.confident_probability`` / ``confident_threshold``),
+    keeping its arrays, threshold and floors: chosen on val from a curve of known parts kept (val films,
+    the pack's real val photos, synthetic photos of val films) vs hold-out parts refused (hip and wrist
+    films of train and val and synthetic photos of them: never fitted on); the most known parts kept
+    with at most ``max_wrong`` of the hold-out named as a known part and none called chest. Reported
+    on test (known films, real photos, the test hold-out films and photos of them)."""
+    from diagnosis.openset import load_arrays
+
+    card = read_card(model)
+    spec, labels = card.open_set, card.labels
+    if spec is None:
+        raise SystemExit(f"{model}: the card has no open_set section; run python -m training open-set first")
+    arrays = load_arrays(model, spec.arrays)
+    store = FeatureStore(model, cache)
+    xrays = [r for r in records if r.is_xray and r.body_part and not r.synthetic]
+
+    def rows(chosen: list[Record], seed: int | None = None) -> dict:
+        if seed is None:
+            logits, pooled = store.outputs([r.path for r in chosen])
+            rect = film_rectified(store, chosen)
+        else:
+            logits, pooled, rect = synthetic_photo_features(store, chosen, seed)
+        ok = np.isfinite(pooled[:, 0])  # the intake refuses the rest: never run
+        probs = softmax(logits[ok, : len(labels)].astype(np.float64), axis=1)
+        return {"distance": mahalanobis(pooled[ok], arrays["means"], arrays["precision"], spec.normalise).min(axis=1),
+                "probs": probs, "rect": np.asarray(rect, bool)[ok],
+                "part": [r.body_part for r, k in zip(chosen, ok, strict=True) if k]}
+
+    def said(entry: dict, allowance: tuple[float | None, float | None]) -> list[str]:
+        trial = spec.model_copy(update={"confident_probability": allowance[0], "confident_threshold": allowance[1]})
+        out = []
+        for distance, row, rect in zip(entry["distance"], entry["probs"], entry["rect"], strict=True):
+            top = int(row.argmax())
+            if trial.is_unknown(float(distance), float(row[top]), bool(rect)):
+                out.append("unknown")
+            elif row[top] < max(card.min_confidence or 0.0, trial.floors_for(bool(rect)).get(labels[top], 0.0)):
+                out.append("uncertain")
+            else:
+                out.append(labels[top])
+        return out
+
+    def films(split: str, known: bool, photo: bool = False) -> list[Record]:
+        return sorted((r for r in xrays if r.split == split and (r.body_part in labels) == known
+                       and r.phone_photo == photo), key=_stable)
+
+    sets = {
+        "val_films": rows(films("val", True)), "val_real_photos": rows(films("val", True, photo=True)),
+        "val_synthetic_photos": rows([r for part in labels
+                                      for r in [f for f in films("val", True) if f.body_part == part][:val_photos]], 0),
+        "test_films": rows(films("test", True)), "test_real_photos": rows(films("test", True, photo=True)),
+    }
+    choosing = [r for r in xrays if r.body_part not in labels and r.split != "test"]
+    reporting = [r for r in xrays if r.body_part not in labels and r.split == "test"]
+    sets["holdout_choose"] = _merge([rows(choosing)] + [rows(choosing, s) for s in range(holdout_photos)])
+    sets["holdout_test"] = _merge([rows(reporting)] + [rows(reporting, s) for s in range(holdout_photos)])
+
+    def figures(allowance: tuple[float | None, float | None]) -> dict:
+        out = {}
+        for name, entry in sets.items():
+            words = said(entry, allowance)
+            if name.startswith("holdout"):
+                named = [w for w in words if w not in ("unknown", "uncertain")]
+                out[name] = {"n": len(words), "named_known_part": len(named), "called_chest": named.count("chest"),
+                             "wrong_part_rate": round(len(named) / max(len(words), 1), 4)}
+            else:
+                right = sum(w == t for w, t in zip(words, entry["part"], strict=True))
+                out[name] = {"n": len(words), "named_right": round(right / max(len(words), 1), 4),
+                             "unknown": words.count("unknown"), "uncertain": words.count("uncertain")}
+        return out
+
+    def kept(f: dict) -> float:
+        known = ("val_films", "val_real_photos", "val_synthetic_photos")
+        return sum(f[k]["named_right"] * f[k]["n"] for k in known) / max(sum(f[k]["n"] for k in known), 1)
+
+    before = figures((None, None))
+    best, best_figures = (None, None), before
+    curve = []
+    for probability in (0.9, 0.95, 0.98, 0.99, 0.995):
+        for factor in np.round(np.arange(1.1, 3.01, 0.1), 2):
+            allowance = (probability, round(float(spec.threshold * factor), 4))
+            f = figures(allowance)
+            h = f["holdout_choose"]
+            ok = h["called_chest"] == 0 and h["wrong_part_rate"] <= max_wrong
+            curve.append({"confident_probability": probability, "confident_threshold": allowance[1],
+                          "val_known_named_right": round(kept(f), 4), "holdout_wrong_part_rate": h["wrong_part_rate"],
+                          "holdout_called_chest": h["called_chest"], "allowed": ok})
+            if ok and kept(f) > kept(best_figures):
+                best, best_figures = allowance, f
+    report = {"data": "pack manifest: val known-part films, real val photos and synthetic photos (seed 0) of at most "
+                      f"{val_photos} val films per part (kept); hip and wrist films of train and val and "
+                      f"{holdout_photos} synthetic photos of each (refused) choose; test reports",
+              "chosen": {"confident_probability": best[0], "confident_threshold": best[1]},
+              "before": before, "after": best_figures, "curve": curve}
+    if write and best[0] is not None:
+        card.open_set = spec.model_copy(update={
+            "confident_probability": best[0], "confident_threshold": best[1],
+            "method_notes": spec.method_notes + (
+                f"; confident allowance: a film named with ≥ {best[0]} may lie out to {best[1]} (chosen on val: the "
+                f"most known parts kept with ≤ {max_wrong:.0%} of the train/val hold-out films and photos named, none "
+                "chest; command: python -m training open-set --model models/body_part --manifest "
+                "../shared/data/xray-pack/manifest.csv --confident-only)"),
+            "metrics": {**spec.metrics, "confident_allowance": report}})
+        write_card(model, card)
+    return report
+
+
+def _merge(entries: list[dict]) -> dict:
+    return {"distance": np.concatenate([e["distance"] for e in entries]),
+            "probs": np.concatenate([e["probs"] for e in entries]),
+            "rect": np.concatenate([e["rect"] for e in entries]), "part": [p for e in entries for p in e["part"]]}
