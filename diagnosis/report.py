@@ -57,6 +57,10 @@ class DiagnosisResult(BaseModel):
     # The verdict's point and its val figures: threshold, sensitivity, specificity, ppv.
     verdict_point: dict[str, float | None] = Field(default_factory=dict)
     heatmap_labels: list[str] = Field(default_factory=list)  # findings drawn in the overlay
+    # Parallel to heatmap_labels: each overlay's hottest red point [x, y] in the pixels of the image
+    # as it was sent (through the photo step's crop and an upright turn, mapped back); None when the
+    # overlay shows no red (e.g. a finding drawn although it was not flagged: its red is not drawn).
+    peaks: list[list[int] | None] = Field(default_factory=list)
     rejection: str | None = None  # ImageRejected.code when outcome == "rejected"
     retake: list[str] = Field(default_factory=list)  # quality problem codes when outcome == "retake"
     rectified: bool = False  # a photo of a film/screen was straightened and cropped before analysis
