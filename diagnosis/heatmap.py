@@ -104,17 +104,19 @@ def without_red(heatmap: np.ndarray) -> np.ndarray:
 
 
 def upsampled(heatmap: np.ndarray, width: int, height: int) -> np.ndarray:
-    """The map at ``width`` × ``height`` pixels (bicubic, as the overlay draws it)."""
-    return cv2.resize(heatmap.astype(np.float32), (width, height), interpolation=cv2.INTER_CUBIC)
+    """The map at ``width`` × ``height`` pixels (bicubic, as the overlay draws it, kept within the
+    map's own range: no overshoot)."""
+    big = cv2.resize(heatmap.astype(np.float32), (width, height), interpolation=cv2.INTER_CUBIC)
+    return np.clip(big, float(heatmap.min()), float(heatmap.max()))
 
 
 def hottest_red_point(heatmap: np.ndarray, width: int, height: int) -> tuple[float, float] | None:
     """(x, y) pixel centre of the map's maximum on a ``width`` × ``height`` image the map covers
-    (e.g. the model's input), or None when nothing is red (the maximum is ≤ 0)."""
+    (e.g. the model's input), or None when nothing is red (no cell is > 0)."""
+    if heatmap.size == 0 or float(heatmap.max()) <= 0:
+        return None
     big = upsampled(heatmap, width, height)
     row, column = np.unravel_index(int(np.argmax(big)), big.shape)
-    if big[row, column] <= 0:
-        return None
     return float(column) + 0.5, float(row) + 0.5
 
 
