@@ -23,7 +23,7 @@ decomposition of the estimate over the image: each cell adds S_c(i,j)/(h·w) to 
 * ``relative_evidence`` (what the overlays show when the card has a ``heatmap`` section, issue #22):
   ``S_c`` minus the mean of ``S_c`` over normal val films, divided by a fixed per-finding scale.
   The signed map alone is negative almost everywhere for a finding at a low estimate, so it only
-  ever said "this lowered the estimate" and pointed nowhere (pointing game 0.04 on the pack boxes).
+  ever said "this lowered the estimate" and pointed nowhere (1 of the 80 pack boxes hit).
   Relative to normal films, red means "here this film raised the estimate more than a typical
   normal film does", and because the scale is fixed (not the film's own maximum) a normal film stays
   faint. The map's mean is exactly the film's logit minus the mean normal film's logit (÷ scale):
