@@ -20,6 +20,22 @@ three, else the top one):
   the baseline) with one and three panels vs the OpenCV renderer, one JPEG per panel.
 
 ``--save DIR`` writes the overlays of the first films (JPEG and a PNG copy for viewers) to look at.
+
+With ``--boxes nih-bboxes.csv`` (issue #22) it measures instead *where* the maps point, on the pack's
+radiologist boxes (never used for fitting anything), all maps in the same run:
+
+* **pointing game**: each box's finding is drawn (``Pipeline.run(draw=[label])``, red included
+  whatever was flagged); a hit is the overlay's ``peaks`` entry (its hottest red point, in the input
+  image's pixels) inside the box, no margin; a map with no red misses. Compared: the shipped map
+  (the card's ``heatmap``: evidence minus the normal mean), today's signed map (``class_evidence``),
+  the Grad-CAM reference (pytorch-grad-cam at ``features.denseblock3``, 8 × 8, and at the final
+  ReLU, 4 × 4) and a fixed point at the image centre.
+* **share ratio**: the share of the map's red evidence (positive part, upsampled to the image) that
+  lies inside the box, divided by the box's share of the film; the median over boxes (0 without red).
+* on ``--split`` films: of the overlays of **flagged** findings, the share that show a red area ≥ 2 %
+  of the film (pixels whose rendered colour is visibly red); on films with all 14 labels 0, the red
+  and the coloured share of the top finding's map drawn with red; and the time per overlay (map +
+  rendering) of each map, same run.
 """
 
 from __future__ import annotations
@@ -36,13 +52,23 @@ import cv2
 import numpy as np
 
 from diagnosis.config import PipelineConfig, models_dir_from_environment
-from diagnosis.heatmap import class_activation_map, class_evidence, is_flat
+from diagnosis.heatmap import (
+    class_activation_map,
+    class_evidence,
+    grad_cam,
+    hottest_red_point,
+    is_flat,
+    upsampled,
+)
 from diagnosis.intake import decode
 from diagnosis.overlay import _blend, _upsample, fit_film, render_overlays
 from diagnosis.photo import rectify
-from diagnosis.pipeline import Pipeline
+from diagnosis.pipeline import Pipeline, to_input_pixels
 from training.measure.reports import emit_report
 
+CHEST_LABEL_NAMES = ("Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule", "Pneumonia",
+                     "Pneumothorax", "Consolidation", "Edema", "Emphysema", "Fibrosis", "Pleural_Thickening",
+                     "Hernia")
 COLOUR_LEVELS = 8  # a pixel "has colour" when a channel differs from the plain film by more than this
 BLANK_SHARE = 0.01  # a panel with fewer coloured pixels than this share is blank
 
@@ -55,6 +81,8 @@ def chest_films(manifest: Path, split: str, limit: int | None) -> list[Path]:
                 and row["phone_photo"] == "0"]
     if limit and limit < len(rows):  # evenly spread over the split, not its first rows
         rows = [rows[i] for i in np.linspace(0, len(rows) - 1, limit).round().astype(int)]
+    for row in rows:  # the 14 labels, for telling normal films (all 0) apart
+        _LABEL_ROWS[str(root / row["path"])] = [v for k, v in row.items() if k in CHEST_LABEL_NAMES]
     return [root / row["path"] for row in rows]
 
 
@@ -210,6 +238,201 @@ def measure(manifest: Path, split: str, limit: int | None, models: Path, save: P
     }
 
 
+RED_AREA = 0.02  # a flagged finding's overlay should show at least this share of the film in red
+CHEST_LABELS_14 = 14
+
+
+def red_share(film: np.ndarray, heatmap: np.ndarray) -> tuple[float, float]:
+    """(visibly red, visibly coloured) shares of the film's pixels in the rendered overlay."""
+    height, width = film.shape[:2]
+    shown = _blend(film, _upsample(heatmap, width, height))
+    coloured = cv2.absdiff(film, shown).max(axis=2) > COLOUR_LEVELS
+    red = coloured & (shown[..., 2].astype(int) > shown[..., 0].astype(int))
+    return float(red.mean()), float(coloured.mean())
+
+
+def gradcam_block3(network, tensor, index: int) -> np.ndarray:
+    """pytorch-grad-cam's GradCAM at the output of denseblock3 (8 × 8 at 128 px), at input size."""
+    import torch
+    from pytorch_grad_cam import GradCAM
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    with torch.inference_mode(False), torch.enable_grad(), \
+            GradCAM(model=network, target_layers=[network.features.denseblock3]) as cam:
+        return cam(input_tensor=tensor.float().clone(), targets=[ClassifierOutputTarget(index)])[0]
+
+
+def box_share_ratio(big: np.ndarray, box: tuple[float, float, float, float]) -> float:
+    """Share of the positive evidence inside the box ÷ the box's share of the image (0: no red)."""
+    x, y, w, h = box
+    height, width = big.shape
+    columns, rows = np.meshgrid(np.arange(width) + 0.5, np.arange(height) + 0.5)
+    inside = (columns >= x) & (columns <= x + w) & (rows >= y) & (rows <= y + h)
+    positive = np.maximum(big, 0.0)
+    total = float(positive.sum())
+    if total <= 0 or not inside.any():
+        return 0.0
+    return float(positive[inside].sum()) / total / float(inside.mean())
+
+
+def inside(point, box) -> bool:
+    if point is None:
+        return False
+    x, y, w, h = box
+    px, py = point[0] + 0.5, point[1] + 0.5  # the pixel's centre
+    return x <= px <= x + w and y <= py <= y + h
+
+
+def pointing(pipeline: Pipeline, boxes_csv: Path, save: Path | None) -> dict:
+    """The pointing game and share ratio on the radiologist boxes, every map in the same run."""
+    import torch
+
+    chest = pipeline.abnormality["chest"]
+    weights = chest.network.classifier.weight.detach().float().cpu().numpy()
+    root = boxes_csv.parent
+    with boxes_csv.open(encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    maps = ("shipped", "today_signed", "gradcam_block3", "gradcam_final", "centre")
+    hits: dict[str, list[bool]] = {m: [] for m in maps}
+    ratios: dict[str, list[float]] = {m: [] for m in maps}
+    per_label: dict[str, dict[str, list[bool]]] = {}
+    skipped = 0
+    for row in rows:
+        data = (root / row["path"]).read_bytes()
+        box = tuple(float(row[k]) for k in ("x", "y", "w", "h"))
+        analysis = pipeline.run(data, file=row["path"], draw=[row["label"]])
+        result = analysis.result
+        if result.outcome != "analysed" or result.body_part != "chest":
+            skipped += 1
+            for m in maps:  # the service gives no map: a miss for every map
+                hits[m].append(False)
+                ratios[m].append(0.0)
+            continue
+        gray = decode(data).gray
+        upright = np.ascontiguousarray(np.rot90(gray, -result.turned // 90)) if result.turned else gray
+        prepared = chest.prepare(upright)
+        _, features = chest.runner(prepared[None])
+        index = chest.card.labels.index(row["label"])
+        size = chest.card.input.size
+        shipped = chest.baseline.evidence(index, weights[index], features[0]) if chest.baseline else None
+        tensor = torch.from_numpy(prepared)[None]
+        candidates = {
+            "shipped": shipped,
+            "today_signed": class_evidence(weights[index], features[0]),
+            "gradcam_block3": gradcam_block3(chest.network, tensor, index),
+            "gradcam_final": grad_cam(chest.network, tensor, index),
+        }
+        height, width = upright.shape
+        for name, heatmap in candidates.items():
+            if heatmap is None:
+                continue
+            point = hottest_red_point(heatmap, size, size)
+            if point is not None:
+                point = to_input_pixels((point[0] * width / size, point[1] * height / size), (height, width),
+                                        result.turned, None, gray.shape)
+            if name == "shipped":  # what --json says must be what is measured
+                assert point == result.peaks[0], (point, result.peaks)
+            hits[name].append(inside(point, box))
+            big = upsampled(heatmap, width, height)
+            if result.turned:
+                big = np.ascontiguousarray(np.rot90(big, result.turned // 90))
+            ratios[name].append(box_share_ratio(big, box))
+        centre = [gray.shape[1] // 2, gray.shape[0] // 2]
+        hits["centre"].append(inside(centre, box))
+        ratios["centre"].append(0.0)  # a point carries no evidence map
+        per_label.setdefault(row["label"], {m: [] for m in maps})
+        for m in maps:
+            if hits[m]:
+                per_label[row["label"]][m].append(hits[m][-1])
+        if save is not None and len(list(save.glob("box_*.jpg"))) < 200:
+            save.mkdir(parents=True, exist_ok=True)
+            stem = f"box_{Path(row['path']).stem}_{row['label']}"
+            (save / f"{stem}.jpg").write_bytes(analysis.overlays[0][1])
+    return {
+        "boxes": len(rows),
+        "boxes_not_analysed_as_chest": skipped,
+        "pointing_game": {m: round(float(np.mean(h)), 3) for m, h in hits.items() if h},
+        "hits": {m: int(np.sum(h)) for m, h in hits.items() if h},
+        "median_share_ratio": {m: round(float(np.median(r)), 2) for m, r in ratios.items() if r and m != "centre"},
+        "pointing_by_finding": {label: {"boxes": len(v["centre"]),
+                                        **{m: int(np.sum(h)) for m, h in v.items() if h}}
+                                for label, v in sorted(per_label.items())},
+    }
+
+
+def red_areas(pipeline: Pipeline, films: list[Path], repeats_timing: int = 20) -> dict:
+    """Flagged findings: share of overlays with a red area ≥ RED_AREA; normal films: red/coloured share
+    of the top finding drawn with red; time per overlay (map + rendering at display size) per map."""
+    import torch
+
+    chest = pipeline.abnormality["chest"]
+    weights = chest.network.classifier.weight.detach().float().cpu().numpy()
+    labels = chest.card.labels
+    flagged_red, normal_red, normal_coloured, today_flagged_red = [], [], [], []
+    normal_films = {str(p) for p in films if all(v == "0" for v in _labels_of(p, labels))}
+    timing_sample = None
+    for path in films:
+        data = path.read_bytes()
+        result = pipeline.run(data, file=str(path), make_overlay=False).result
+        if result.outcome != "analysed" or result.body_part != "chest":
+            continue
+        gray = decode(data).gray
+        upright = np.ascontiguousarray(np.rot90(gray, -result.turned // 90)) if result.turned else gray
+        prepared = chest.prepare(upright)
+        _, features = chest.runner(prepared[None])
+        film = fit_film(upright)
+        for finding in result.positive_findings[:3]:
+            index = labels.index(finding.label)
+            flagged_red.append(red_share(film, chest.baseline.evidence(index, weights[index], features[0]))[0])
+            today_flagged_red.append(red_share(film, class_evidence(weights[index], features[0]))[0])
+        if str(path) in normal_films and result.findings:
+            index = labels.index(result.findings[0].label)
+            red, coloured = red_share(film, chest.baseline.evidence(index, weights[index], features[0]))
+            normal_red.append(red)
+            normal_coloured.append(coloured)
+        if timing_sample is None:
+            timing_sample = (upright, prepared, features[0], labels.index(result.findings[0].label))
+    timing = {}
+    if timing_sample is not None:
+        upright, prepared, feature_map, index = timing_sample
+        tensor = torch.from_numpy(prepared)[None]
+        calls = {
+            "today_signed_ms": lambda: render_overlays(upright, [class_evidence(weights[index], feature_map)]),
+            "shipped_ms": lambda: render_overlays(upright, [chest.baseline.evidence(index, weights[index],
+                                                                                    feature_map)]),
+            "gradcam_block3_ms": lambda: render_overlays(upright, [gradcam_block3(chest.network, tensor, index)]),
+        }
+        times: dict[str, list[float]] = {name: [] for name in calls}
+        for round_ in range(repeats_timing + 1):
+            for name, call in calls.items():
+                clock = time.perf_counter()
+                call()
+                if round_:
+                    times[name].append((time.perf_counter() - clock) * 1000)
+        timing = {"film_px": list(upright.shape[::-1]), "repeats": repeats_timing,
+                  **{name: round(statistics.median(v), 2) for name, v in times.items()}}
+    return {
+        "flagged_overlays": len(flagged_red),
+        f"flagged_with_red_area_ge_{RED_AREA:.0%}_shipped": round(float(np.mean(np.array(flagged_red) >= RED_AREA)), 3)
+        if flagged_red else None,
+        f"flagged_with_red_area_ge_{RED_AREA:.0%}_today_signed":
+            round(float(np.mean(np.array(today_flagged_red) >= RED_AREA)), 3) if today_flagged_red else None,
+        "normal_films": len(normal_red),
+        "normal_top_finding_red_share_median": round(float(np.median(normal_red)), 4) if normal_red else None,
+        "normal_top_finding_red_share_p90": round(float(np.percentile(normal_red, 90)), 4) if normal_red else None,
+        "normal_top_finding_coloured_share_median": round(float(np.median(normal_coloured)), 4)
+        if normal_coloured else None,
+        "time_per_overlay_map_plus_render": timing,
+    }
+
+
+_LABEL_ROWS: dict[str, list[str]] = {}
+
+
+def _labels_of(path: Path, labels: list[str]) -> list[str]:
+    return _LABEL_ROWS.get(str(path), ["?"])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m training measure-heatmaps", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -225,9 +448,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", type=Path, help="also write the figures here")
     parser.add_argument("--save", type=Path, help="write the overlays of the first films here (JPEG + PNG)")
     parser.add_argument("--threads", type=int, help="torch threads")
+    parser.add_argument("--boxes", type=Path, help="nih-bboxes.csv: measure where the maps point (pointing game, "
+                        "share ratio), then red areas and time per overlay on --split films")
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.boxes:
+        models = args.models or models_dir_from_environment()
+        pipeline = Pipeline.load(PipelineConfig(models_dir=models, threads=args.threads))
+        report = {"command": "python -m training measure-heatmaps " + " ".join(sys.argv[2:]),
+                  "pointing": pointing(pipeline, args.boxes, args.save),
+                  "split": args.split,
+                  "films": red_areas(pipeline, chest_films(args.manifest, args.split, args.limit))}
+        return emit_report(report, args.json)
     report = measure(args.manifest, args.split, args.limit, args.models or models_dir_from_environment(),
                      args.save, args.threads)
     return emit_report(report, args.json)

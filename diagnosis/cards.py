@@ -186,6 +186,23 @@ class OrientationSpec(BaseModel):
     metrics: dict[str, Any] = Field(default_factory=dict)
 
 
+class HeatmapSpec(BaseModel):
+    """Abnormality model: what the overlays show (diagnosis.heatmap.relative_evidence).
+
+    ``arrays`` holds "mean" (labels × h × w): the mean signed class-evidence map ``W_c · A`` over
+    normal val films (all labels 0), and "scale" (labels): the excess over that mean, in the same
+    units, that is drawn at full colour. A film's map is ``(W_c · A − mean_c) / scale_c`` clipped to
+    [-1, 1]: red where this film raised the finding's estimate more than a typical normal film does,
+    blue where less. Fitted by ``python -m training heatmap-baseline``.
+    """
+
+    method: Literal["evidence_minus_normal_mean"] = "evidence_minus_normal_mean"
+    layer: str = "relu (post-ReLU output of features.norm5)"
+    arrays: AuxiliaryFile
+    method_notes: str = ""
+    metrics: dict[str, Any] = Field(default_factory=dict)
+
+
 class ModelCard(BaseModel):
     """Card schema (MONAI network_data_format + torchxrayvision labels/op-thresholds, combined)."""
 
@@ -213,6 +230,8 @@ class ModelCard(BaseModel):
     open_set: OpenSetSpec | None = None  # body_part: recognise parts it was not trained on
     modality: ModalitySpec | None = None  # gate: name CT / MRI / ultrasound when refusing an image
     orientation: OrientationSpec | None = None  # gate: turn a film sent sideways or upside down upright
+    # abnormality: overlays relative to normal films; None: the older signed map scaled per film
+    heatmap: HeatmapSpec | None = None
     metrics: dict[str, Any] = Field(default_factory=dict)
     # Written by ``python -m training calibrate``; absent on older cards (diagnosis.operating then
     # flags nothing in screening mode and says it is unsure).
@@ -244,6 +263,8 @@ class ModelCard(BaseModel):
             raise ValueError("modality belongs on a gate card, with unique classes")
         if self.orientation and (self.role != "gate" or "0" not in self.orientation.classes):
             raise ValueError("orientation belongs on a gate card, with the class '0'")
+        if self.heatmap and self.role != "abnormality":
+            raise ValueError("heatmap belongs on an abnormality card")
         unknown = set(self.thresholds) - set(self.labels)
         if unknown:
             raise ValueError(f"thresholds for unknown labels: {sorted(unknown)}")

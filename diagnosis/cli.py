@@ -11,6 +11,11 @@ the source's study (``diagnosis.dicom_out``; UIDs under ``--uid-root`` or ``$DIC
 ``--pdf DIR`` an analysed input gives ``DIR/<stem>_report.pdf``, one page in ``--language`` and
 ``--page-size`` (``diagnosis.pdf_report``). ``--json`` lists them as ``dicom_files`` and ``pdf``.
 
+``--json`` carries ``peaks``, parallel to ``overlays`` and ``heatmap_labels``: each overlay's hottest
+red point [x, y] in the pixels of the image as sent (null: that overlay has no red). ``--draw LABEL``
+(repeatable) draws exactly those findings' overlays, red included, whatever the mode flags: for
+measuring where the maps point (``python -m training measure-heatmaps``).
+
 The reply is rendered here, in ``--language``; ``--json`` carries it as ``message``.
 """
 
@@ -56,6 +61,9 @@ def _parser() -> argparse.ArgumentParser:
                              "eager (naive baseline)")
     parser.add_argument("--heatmap", default=PipelineConfig.heatmap, choices=list(HEATMAPS),
                         help="cam: from the forward pass (fast, equal to Grad-CAM here); gradcam: pytorch-grad-cam")
+    parser.add_argument("--draw", action="append", metavar="LABEL",
+                        help="draw this finding's overlay (a card label, e.g. Effusion; repeatable), red included, "
+                             "whatever the mode flags: for measuring where the maps point")
     parser.add_argument("--device", default=PipelineConfig.device)
     parser.add_argument("--threads", type=int, help="intra-op threads of the backend (default: theirs)")
     parser.add_argument("--dicom-out", type=Path, metavar="DIR",
@@ -115,8 +123,13 @@ def main(argv: list[str] | None = None) -> int:
         if data is None:  # a missing file is reported like any other unreadable input
             analysis = Analysis(DiagnosisResult(file=str(path), outcome="rejected", rejection="unreadable"))
         else:
-            wants_overlays = any(x is not None for x in (args.out, args.dicom_out, args.pdf))
-            analysis = pipeline.run(data, file=str(path), make_overlay=wants_overlays, mode=args.mode)
+            wants_overlays = any(x is not None for x in (args.out, args.dicom_out, args.pdf, args.draw))
+            try:
+                analysis = pipeline.run(data, file=str(path), make_overlay=wants_overlays, mode=args.mode,
+                                        draw=args.draw)
+            except ValueError as error:  # --draw names a label the model does not have
+                print(f"xray-diagnose: {error}", file=sys.stderr)
+                return 2
         result = analysis.result
         if result.outcome == "rejected":
             failures += 1

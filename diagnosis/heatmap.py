@@ -20,13 +20,23 @@ decomposition of the estimate over the image: each cell adds S_c(i,j)/(h·w) to 
   check against pytorch-grad-cam's ``GradCAM`` (``grad_cam``, also the ``heatmap="gradcam"``
   reference path). It is blank whenever S_c ≤ 0 everywhere, which is the common case for a
   finding the model does not see (63–70 % of the panels sent before this change were blank).
+* ``relative_evidence`` (what the overlays show when the card has a ``heatmap`` section, issue #22):
+  ``S_c`` minus the mean of ``S_c`` over normal val films, divided by a fixed per-finding scale.
+  The signed map alone is negative almost everywhere for a finding at a low estimate, so it only
+  ever said "this lowered the estimate" and pointed nowhere (1 of the 80 pack boxes hit).
+  Relative to normal films, red means "here this film raised the estimate more than a typical
+  normal film does", and because the scale is fixed (not the film's own maximum) a normal film stays
+  faint. The map's mean is exactly the film's logit minus the mean normal film's logit (÷ scale):
+  the decomposition still adds up. Figures: docs/heatmaps.md.
 """
 
 from __future__ import annotations
 
+import cv2
 import numpy as np
 import torch
 
+from .cards import CardError, HeatmapSpec
 from .network import DenseNetClassifier
 
 FLAT = 1e-12  # a signed map whose largest |value| is below this has no structure to show
@@ -56,6 +66,58 @@ def symmetric_scale(cam: np.ndarray) -> np.ndarray:
 def class_evidence(class_weights: np.ndarray, features: np.ndarray) -> np.ndarray:
     """The displayed map: signed class evidence in [-1, 1] (positive raised the estimate)."""
     return symmetric_scale(signed_map(class_weights, features))
+
+
+class NormalBaseline:
+    """The card's ``heatmap`` arrays: the mean normal-film map per label and the full-colour scale."""
+
+    def __init__(self, folder, spec: HeatmapSpec, labels: list[str]):
+        from .openset import load_arrays
+
+        arrays = load_arrays(folder, spec.arrays)
+        self.spec, self.mean, self.scale = spec, arrays["mean"].astype(np.float32), arrays["scale"].astype(np.float32)
+        if self.mean.ndim != 3 or len(self.mean) != len(labels) or self.scale.shape != (len(labels),):
+            raise CardError(f"heatmap arrays do not fit the card's {len(labels)} labels")
+        if not np.all(self.scale > 0):
+            raise CardError("heatmap scales must be positive")
+
+    def evidence(self, index: int, class_weights: np.ndarray, features: np.ndarray) -> np.ndarray:
+        if features.shape[1:] != self.mean.shape[1:]:
+            raise CardError(f"feature map {features.shape[1:]} does not fit the heatmap baseline "
+                            f"{self.mean.shape[1:]} (another input size?)")
+        return relative_evidence(class_weights, features, self.mean[index], float(self.scale[index]))
+
+
+def relative_evidence(class_weights: np.ndarray, features: np.ndarray, normal_mean: np.ndarray,
+                      scale: float) -> np.ndarray:
+    """(S_c − mean normal S_c) / scale, clipped to [-1, 1]: red where this film raised the estimate
+    more than a typical normal film does. ``scale`` is fixed per finding, so a film close to the
+    normal ones stays faint instead of being stretched to full colour."""
+    excess = signed_map(class_weights, features) - normal_mean
+    return np.clip(excess / scale, -1.0, 1.0).astype(np.float32)
+
+
+def without_red(heatmap: np.ndarray) -> np.ndarray:
+    """The map with its positive part removed: drawn for a finding that was not flagged, so that the
+    overlay never marks an area as evidence of a finding the reply does not report."""
+    return np.minimum(heatmap, 0.0).astype(np.float32)
+
+
+def upsampled(heatmap: np.ndarray, width: int, height: int) -> np.ndarray:
+    """The map at ``width`` × ``height`` pixels (bicubic, as the overlay draws it, kept within the
+    map's own range: no overshoot)."""
+    big = cv2.resize(heatmap.astype(np.float32), (width, height), interpolation=cv2.INTER_CUBIC)
+    return np.clip(big, float(heatmap.min()), float(heatmap.max()))
+
+
+def hottest_red_point(heatmap: np.ndarray, width: int, height: int) -> tuple[float, float] | None:
+    """(x, y) pixel centre of the map's maximum on a ``width`` × ``height`` image the map covers
+    (e.g. the model's input), or None when nothing is red (no cell is > 0)."""
+    if heatmap.size == 0 or float(heatmap.max()) <= 0:
+        return None
+    big = upsampled(heatmap, width, height)
+    row, column = np.unravel_index(int(np.argmax(big)), big.shape)
+    return float(column) + 0.5, float(row) + 0.5
 
 
 def class_activation_map(class_weights: np.ndarray, features: np.ndarray) -> np.ndarray:

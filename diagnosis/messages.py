@@ -92,8 +92,14 @@ TURNED_NOTE = N_("I turned your picture upright before reading it.")
 # Overlay captions (diagnosis/overlay.py draws no words: the title and the colours' meaning are here).
 OVERLAY_TITLE = N_("Heat map: {name} (model estimate {p}).")
 OVERLAY_TITLE_UNNAMED = N_("Heat map of the model's estimate.")
-OVERLAY_COLOURS = N_("Red: areas that raised this estimate. Blue: areas that lowered it. The stronger the "
-                     "colour, the larger the effect.")
+# Red/blue are relative to films without findings (diagnosis.heatmap.relative_evidence, issue #22).
+OVERLAY_COLOURS = N_("Red: areas where this film raised the estimate more than typical films without findings do. "
+                     "Blue: areas where it raised it less. The stronger the colour, the larger the difference.")
+# A finding drawn although nothing was flagged: its red is not drawn (diagnosis.pipeline), and the
+# caption says so, so that the picture never looks like evidence of a finding the reply does not report.
+OVERLAY_TITLE_NOT_FLAGGED = N_("Map for {name}, which was not flagged (model estimate {p}): no area is marked red.")
+OVERLAY_COLOURS_NOT_FLAGGED = N_("Blue: areas where this film raised the estimate less than typical films without "
+                                 "findings do. The map does not show a finding.")
 OVERLAY_NOT_A_DIAGNOSIS = N_("This is not a diagnosis: only a physician can interpret the image.")
 
 PHYSICIAN = N_("This is an automated second opinion, not a diagnosis. Please show the image and this "
@@ -131,9 +137,16 @@ def body_part_name(part: str, language: str) -> str:
     return _(BODY_PARTS[part]) if part in BODY_PARTS else part
 
 
-def overlay_caption(label: str | None, probability: float | None, language: str) -> str:
-    """Caption of one overlay photo: the finding in words, its estimate, what red and blue mean."""
+def overlay_caption(label: str | None, probability: float | None, language: str, flagged: bool = True) -> str:
+    """Caption of one overlay photo: the finding in words, its estimate, what red and blue mean.
+
+    ``flagged`` False: the finding was drawn although the reply flags nothing, so its overlay has no
+    red (``diagnosis.pipeline``); the caption says it was not flagged and what the blue means."""
     _ = gettext_for(language)
+    if label and not flagged:
+        title = fill(_(OVERLAY_TITLE_NOT_FLAGGED), language, name=finding_name(label, language),
+                     p=_percent(probability))
+        return "\n".join([title, _(OVERLAY_COLOURS_NOT_FLAGGED), _(OVERLAY_NOT_A_DIAGNOSIS)])
     title = (fill(_(OVERLAY_TITLE), language, name=finding_name(label, language), p=_percent(probability))
              if label else _(OVERLAY_TITLE_UNNAMED))
     return "\n".join([title, _(OVERLAY_COLOURS), _(OVERLAY_NOT_A_DIAGNOSIS)])

@@ -82,7 +82,9 @@ def _upsample(heatmap: np.ndarray, width: int, height: int) -> np.ndarray:
     Smooth: bicubic to 1/8 of the display size in float, then bilinear on the uint8 index (cheap)."""
     small = (max(2, width // 8), max(2, height // 8))
     heat = cv2.resize(heatmap.astype(np.float32), small, interpolation=cv2.INTER_CUBIC)
-    index = cv2.convertScaleAbs(np.clip(heat, -1.0, 1.0), alpha=127.5, beta=127.5)
+    # Bicubic overshoots: keep within the map's own range, so a map without red never gains red rings.
+    low, high = max(float(heatmap.min()), -1.0), min(float(heatmap.max()), 1.0)
+    index = cv2.convertScaleAbs(np.clip(heat, low, high), alpha=127.5, beta=127.5)
     return cv2.resize(index, (width, height), interpolation=cv2.INTER_LINEAR)
 
 

@@ -16,13 +16,14 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import cv2
 import numpy as np
 import torch
 
 from .backends import make_runner
 from .cards import CardError, ModelCard, discover, sha256_of
 from .config import HEATMAPS, PipelineConfig
-from .heatmap import class_evidence, grad_cam
+from .heatmap import NormalBaseline, class_evidence, grad_cam, hottest_red_point, without_red
 from .intake import DecodedImage, ImageRejected, decode
 from .network import DenseNetClassifier, load_model
 from .openset import BodyPartNovelty, ModalityHead, OrientationHead
@@ -45,6 +46,7 @@ class LoadedModel:
     novelty: BodyPartNovelty | None = None  # body part: the card's open-set check, when it has one
     modality: ModalityHead | None = None  # gate: names what a refused image is, when the card has one
     orientation: OrientationHead | None = None  # gate: turns a film sent sideways or upside down upright
+    baseline: NormalBaseline | None = None  # abnormality: overlays relative to normal films (card ``heatmap``)
 
     @property
     def input_key(self) -> tuple:
@@ -74,6 +76,8 @@ class _Item:
     result: DiagnosisResult
     decoded: DecodedImage | None = None
     image: np.ndarray | None = None  # what the models see: the decoded image, or the straightened film
+    corners: np.ndarray | None = None  # the photo step's film corners in the input's pixels (None: not cropped)
+    sent_shape: tuple[int, int] | None = None  # (height, width) of the image as sent, once decoded
     problems: list[str] = field(default_factory=list)  # quality problems: a retake if the gate says X-ray
     inputs: dict = field(default_factory=dict)  # one resized array per input contract
     overlays: list[tuple[str, bytes]] = field(default_factory=list)
@@ -111,7 +115,8 @@ class Pipeline:
             novelty = BodyPartNovelty(folder, card.open_set, len(card.labels)) if card.open_set else None
             modality = ModalityHead(folder, card.modality) if card.modality else None
             orientation = OrientationHead(folder, card.orientation) if card.orientation else None
-            return LoadedModel(folder, card, network, runner, novelty, modality, orientation)
+            baseline = NormalBaseline(folder, card.heatmap, card.labels) if card.heatmap else None
+            return LoadedModel(folder, card, network, runner, novelty, modality, orientation, baseline)
 
         folders = discover(models_dir)
         by_role: dict[str, list[Path]] = {"gate": [], "body_part": [], "abnormality": []}
@@ -136,15 +141,18 @@ class Pipeline:
                    config.photo_step)
 
     def run(self, data: bytes, file: str | None = None, make_overlay: bool = True,
-            mode: str = "screening") -> Analysis:
+            mode: str = "screening", draw: list[str] | None = None) -> Analysis:
         """Analyse one image. Never raises for bad input: that becomes outcome "rejected".
 
         ``mode``: "screening" (flags only what the model is good enough at, at a high-specificity
-        point) or "clinician" (all labels at their per-label point); see ``diagnosis.operating``."""
-        return self.run_batch([data], [file], make_overlay, [mode])[0]
+        point) or "clinician" (all labels at their per-label point); see ``diagnosis.operating``.
+        ``draw``: labels whose overlays are drawn, red included, whatever the mode flags (for
+        measuring where the maps point, ``xray-diagnose --draw``); None: what the reply flags."""
+        return self.run_batch([data], [file], make_overlay, [mode], draw)[0]
 
     def run_batch(self, datas: list[bytes], files: list[str | None] | None = None,
-                  make_overlay: bool = True, modes: list[str] | None = None) -> list[Analysis]:
+                  make_overlay: bool = True, modes: list[str] | None = None,
+                  draw: list[str] | None = None) -> list[Analysis]:
         started = time.perf_counter()
         modes = modes or ["screening"] * len(datas)
         unknown = set(modes) - set(MODES)
@@ -166,7 +174,7 @@ class Pipeline:
         for part, model in self.abnormality.items():
             chosen = [i for i in active if i.result.outcome == "analysed" and i.result.body_part == part]
             if chosen:
-                self._abnormality(model, chosen, part, make_overlay)
+                self._abnormality(model, chosen, part, make_overlay, draw)
         for item in active:
             if item.result.outcome == "analysed" and item.result.body_part not in self.abnormality:
                 item.result.outcome = "body_part_not_analysed"
@@ -180,6 +188,7 @@ class Pipeline:
         try:
             item.decoded = decode(data)
             item.result.input_format = item.decoded.format
+            item.sent_shape = item.decoded.gray.shape[:2]
         except ImageRejected as rejected:
             item.result.outcome, item.result.rejection = "rejected", rejected.code
         item.result.timings_ms["decode"] = _ms(clock)
@@ -196,7 +205,7 @@ class Pipeline:
         problems = check_quality(item.decoded.gray, straightened)
         item.result.rectified = straightened.rectified
         item.result.timings_ms["photo"] = _ms(clock)
-        item.image, item.problems = straightened.gray, problems
+        item.image, item.problems, item.corners = straightened.gray, problems, straightened.corners
 
     def _infer(self, model: LoadedModel, items: list[_Item], stage: str) -> tuple[np.ndarray, np.ndarray]:
         clock = time.perf_counter()
@@ -282,7 +291,8 @@ class Pipeline:
             else:
                 item.result.body_part = label
 
-    def _abnormality(self, model: LoadedModel, items: list[_Item], part: str, make_overlay: bool) -> None:
+    def _abnormality(self, model: LoadedModel, items: list[_Item], part: str, make_overlay: bool,
+                     draw: list[str] | None = None) -> None:
         card = model.card
         probs, features = self._infer(model, items, part)
         point = verdict_point(card)  # the card's, the same for every film
@@ -293,19 +303,31 @@ class Pipeline:
             result.verdict_point = dict(point)
             if not make_overlay:
                 continue
-            self._overlays(model, item, feature_map)
+            self._overlays(model, item, feature_map, draw)
 
-    def _overlays(self, model: LoadedModel, item: _Item, feature_map: np.ndarray) -> None:
+    def _overlays(self, model: LoadedModel, item: _Item, feature_map: np.ndarray,
+                  draw: list[str] | None = None) -> None:
         """One overlay per drawn finding: what the reply flags (at most three), else the top finding
-        among those the reply speaks about (screening: the labels the model is reliable at)."""
+        among those the reply speaks about (screening: the labels the model is reliable at), drawn
+        without red: nothing was flagged, so no area may look like a finding's evidence.
+        ``draw`` (measuring): exactly these labels, red included, whatever was flagged."""
         result = item.result
         clock = time.perf_counter()
-        drawn = result.positive_findings[:MAX_HEATMAP_PANELS]
-        if not drawn:  # findings are sorted by probability: the first is the top one
-            reliable = [f for f in result.findings if f.eligible] if result.mode == "screening" else []
-            drawn = (reliable or result.findings)[:1]
+        if draw is not None:
+            unknown = set(draw) - set(model.card.labels)
+            if unknown:
+                raise ValueError(f"cannot draw {sorted(unknown)}: not labels of {model.card.name!r}")
+            drawn, red = [next(f for f in result.findings if f.label == label) for label in draw], True
+        else:
+            drawn, red = result.positive_findings[:MAX_HEATMAP_PANELS], True
+            if not drawn:  # findings are sorted by probability: the first is the top one
+                reliable = [f for f in result.findings if f.eligible] if result.mode == "screening" else []
+                drawn, red = (reliable or result.findings)[:1], False
         result.heatmap_labels = [f.label for f in drawn]
         maps = [self._heatmap(model, item, feature_map, f.label) for f in drawn]
+        if not red and model.baseline is not None:
+            maps = [without_red(m) for m in maps]
+        result.peaks = [self._peak(model, item, m) for m in maps]
         result.timings_ms["heatmap"] = _ms(clock)
         clock = time.perf_counter()
         jpegs = render_overlays(item.image, maps)  # over the straightened film, if any
@@ -317,15 +339,24 @@ class Pipeline:
         model for ``part`` on images, run exactly as ``run_batch`` runs it (intake, photo step, the
         card's preprocessing, the same runner with its mirror averaging), without gate and body part:
         for fitting operating points on labelled films. An undecodable image gives a row of NaN."""
+        return self.model_outputs(part, datas)[0]
+
+    def model_outputs(self, part: str, datas: list[bytes]) -> tuple[np.ndarray, list[np.ndarray | None]]:
+        """``model_probabilities`` and each image's post-ReLU feature map (None where undecodable):
+        for fitting the heatmaps' normal baseline (``python -m training heatmap-baseline``)."""
         model = self.abnormality[part]
         items = [_Item(DiagnosisResult(outcome="analysed")) for _ in datas]
         for item, data in zip(items, datas, strict=True):
             self._read(item, data)
         out = np.full((len(items), len(model.card.outputs)), np.nan)
+        maps: list[np.ndarray | None] = [None] * len(items)
         ready = [i for i, item in enumerate(items) if item.image is not None]
         if ready:
-            out[ready] = self._infer(model, [items[i] for i in ready], part)[0]
-        return out
+            probs, features = self._infer(model, [items[i] for i in ready], part)
+            out[ready] = probs
+            for i, feature_map in zip(ready, features, strict=True):
+                maps[i] = feature_map
+        return out, maps
 
     def _heatmap(self, model: LoadedModel, item: _Item, feature_map: np.ndarray, label: str) -> np.ndarray:
         index = model.card.labels.index(label)
@@ -333,7 +364,44 @@ class Pipeline:
             tensor = torch.from_numpy(item.inputs[model.input_key])[None]
             return grad_cam(model.network, tensor.to(next(model.network.parameters()).device), index)
         weights = model.network.classifier.weight[index].detach().float().cpu().numpy()
-        return class_evidence(weights, feature_map)  # signed, never blank: see diagnosis.heatmap
+        if model.baseline is not None:  # relative to normal films: see diagnosis.heatmap.relative_evidence
+            return model.baseline.evidence(index, weights, feature_map)
+        return class_evidence(weights, feature_map)  # older cards: signed, scaled per film
+
+    def _peak(self, model: LoadedModel, item: _Item, heatmap: np.ndarray) -> list[int] | None:
+        """The map's hottest red point in the pixels of the image as sent (None: no red)."""
+        size = model.card.input.size  # the map covers the model's (squashed) input
+        point = hottest_red_point(heatmap, size, size)
+        if point is None:
+            return None
+        height, width = item.image.shape[:2]
+        upright = (point[0] * width / size, point[1] * height / size)
+        return to_input_pixels(upright, (height, width), item.result.turned, item.corners, item.sent_shape)
+
+
+def to_input_pixels(point: tuple[float, float], shape: tuple[int, int], turned: int,
+                    corners: np.ndarray | None, sent_shape: tuple[int, int] | None) -> list[int]:
+    """A point (x, y in continuous pixel coordinates: 0…width, pixel centres at +0.5) of the image
+    the models read (``shape``: its height, width), mapped back to the pixel [column, row] of the
+    image as sent: first the upright turn is undone (``turned``: degrees counter-clockwise the
+    picture arrived turned, undone by ``np.rot90(·, -turned // 90)``), then the photo step's crop and
+    straightening (``corners``: the film's corners TL, TR, BR, BL in the input's pixels)."""
+    x, y = point
+    height, width = shape
+    if turned == 90:
+        x, y = y, width - x
+    elif turned == 180:
+        x, y = width - x, height - y
+    elif turned == 270:
+        x, y = height - y, x
+    if corners is not None:  # the straightened film → the photo (inverse of photo._straighten's warp)
+        rows, columns = (height, width) if turned in (0, 180) else (width, height)
+        target = np.float32([[0, 0], [columns - 1, 0], [columns - 1, rows - 1], [0, rows - 1]])
+        matrix = cv2.getPerspectiveTransform(target, corners.astype(np.float32))
+        mapped = cv2.perspectiveTransform(np.float32([[[x - 0.5, y - 0.5]]]), matrix)[0, 0]
+        x, y = float(mapped[0]) + 0.5, float(mapped[1]) + 0.5
+    limit_y, limit_x = sent_shape if sent_shape is not None else (height, width)
+    return [int(min(max(np.floor(x), 0), limit_x - 1)), int(min(max(np.floor(y), 0), limit_y - 1))]
 
 
 def _ms(since: float) -> float:

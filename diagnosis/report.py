@@ -77,6 +77,10 @@ class DiagnosisResult(BaseModel):
     # Body parts this service has an abnormality model for (from the cards present), for the reply to
     # a film it does not analyse; empty from older workers and hand-made results.
     analysable_parts: list[str] = Field(default_factory=list)
+    # Parallel to heatmap_labels: each overlay's hottest red point [x, y] in the pixels of the image
+    # as it was sent (through the photo step's crop and an upright turn, mapped back); None when the
+    # overlay shows no red (e.g. a finding drawn although it was not flagged: its red is not drawn).
+    peaks: list[list[int] | None] = Field(default_factory=list)
     rejection: str | None = None  # ImageRejected.code when outcome == "rejected"
     retake: list[str] = Field(default_factory=list)  # quality problem codes when outcome == "retake"
     rectified: bool = False  # a photo of a film/screen was straightened and cropped before analysis

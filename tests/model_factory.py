@@ -14,6 +14,7 @@ from safetensors.numpy import save_file
 
 from diagnosis.cards import (
     AuxiliaryFile,
+    HeatmapSpec,
     InputSpec,
     LabelPoint,
     ModalitySpec,
@@ -108,19 +109,32 @@ def add_orientation(folder: Path, turn: str, min_probability: float = 0.5,
     write_card(folder, card)
 
 
+def add_heatmap_baseline(folder: Path, mean: float | np.ndarray = 0.0, scale: float = 1.0) -> None:
+    """The card's ``heatmap`` arrays: a normal mean map (a constant, or one array per label) and one
+    colour scale for every label, at the card's final-map size (input size / 32)."""
+    card = read_card(folder)
+    cells = card.input.size // 32
+    means = np.broadcast_to(np.asarray(mean, dtype=np.float32), (len(card.labels), cells, cells)).copy()
+    spec = _arrays(folder, "heatmap.safetensors", {"mean": means, "scale": np.full(len(card.labels), scale)})
+    card.heatmap = HeatmapSpec(arrays=spec)
+    write_card(folder, card)
+
+
 def make_models_dir(root: Path, *, xray: bool = True, body_part: str = "chest", positives: tuple[str, ...] = (
         "Effusion", "Cardiomegaly"), body_part_confidence: float = 8.0, size: int = 64,
         operating_points: bool = True, open_set_threshold: float | None = None,
         chest_floor: float | None = None, modality: str | None = None,
         open_set_photo_threshold: float | None = None, orientation: str | None = None,
-        orientation_min_probability: float = 0.5, orientation_min_probability_refused: float | None = None) -> Path:
+        orientation_min_probability: float = 0.5, orientation_min_probability_refused: float | None = None,
+        heatmap_baseline: bool = True) -> Path:
     """gate + body_part (chest/hand/knee) + chest models under ``root``; returns ``root``.
 
     ``operating_points=False`` gives a chest card as written before calibration (no points).
     ``open_set_threshold`` (< 1: every film an unknown part; > 1: none) and ``chest_floor`` add the
     body-part card's open-set check (``open_set_photo_threshold``: its photo threshold); ``modality``
     adds a gate modality head naming that class; ``orientation`` a gate orientation head that says
-    that turn for every image (at ~0.9, against ``orientation_min_probability``)."""
+    that turn for every image (at ~0.9, against ``orientation_min_probability``); ``heatmap_baseline``
+    the chest card's ``heatmap`` arrays (a zero normal mean, scale 1), as the shipped card has them."""
     root = Path(root)
     make_model(root / "gate", role="gate", labels=["not_xray", "xray"], activation="softmax",
                biases=[-8.0, 8.0] if xray else [8.0, -8.0], positive_label="xray",
@@ -140,4 +154,6 @@ def make_models_dir(root: Path, *, xray: bool = True, body_part: str = "chest", 
     make_model(root / "chest", role="abnormality", body_part="chest", labels=CHEST_LABELS,
                activation="sigmoid", biases=chest_biases, thresholds=dict.fromkeys(CHEST_LABELS, 0.5), size=size,
                operating_points=stand_in_points(CHEST_LABELS) if operating_points else None)
+    if heatmap_baseline:
+        add_heatmap_baseline(root / "chest")
     return root

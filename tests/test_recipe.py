@@ -30,6 +30,7 @@ TINY = {  # the tiny settings of each step; the model folder and manifest come f
     "open-set": ["--train-photos", "0", "--val-photos", "0", "--holdout-photos", "0"],
     "modality": [],
     "orientation": [],
+    "heatmap-baseline": [],
 }
 
 

@@ -98,6 +98,8 @@ $PY -m training export --run "$RUNS/chest_v3" --out models/chest --manifest "$M"
 # Export writes thresholds (Youden) and test metrics; the screening/clinician operating points,
 # calibration and the verdict come from the val split again:
 $PY -m training calibrate --model models/chest --manifest "$M" --manifest "$MX"
+# Overlays relative to normal films: the mean evidence map of the normal NIH val films and the colour scale.
+$PY -m training heatmap-baseline --model models/chest --manifest "$M"
 # Do the paediatric films help or hurt adult films? (docs/training.md, "Paediatric films"; tops started from v2, i.e. run with
 # CHEST_V2 pointing at v2 and before the export above; seeds 0 and 1, share 0.05 vs 0:
 # no difference beyond the seed spread on NIH val; without them children's normal films look abnormal.)

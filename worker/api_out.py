@@ -49,10 +49,12 @@ def compose_answer(request: RequestEnvelope, result: dict[str, Any] | None, fail
     parsed = DiagnosisResult.model_validate(result)
     urls = [overlay_path(request_id, number) for number in range(1, len(labels) + 1)]
     probabilities = {f.label: f.probability for f in parsed.findings}
+    flagged = {f.label for f in parsed.positive_findings}
     parsed = parsed.model_copy(update={"file": None, "overlays": urls, "overlay": urls[0] if urls else None})
     parsed.message = render_reply(parsed, language)
     overlays = [{"n": number, "label": label, "url": url,
-                 "caption": overlay_caption(label, probabilities.get(label), language)}
+                 "caption": overlay_caption(label, probabilities.get(label), language,
+                                            flagged=label in flagged or not parsed.findings)}
                 for number, (label, url) in enumerate(zip(labels, urls, strict=True), start=1)]
     return {"status": "succeeded", "completed_at": now_iso(), "result": parsed.model_dump(mode="json"),
             "overlays": overlays, "error": None}

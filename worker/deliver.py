@@ -321,9 +321,10 @@ def overlay_caption(label: str | None, result: dict[str, Any] | None, language: 
     """The localized caption of one overlay: the finding in words, its estimate, what the colours mean."""
     from diagnosis.messages import overlay_caption as caption
 
-    probability = next((f.get("probability") for f in (result or {}).get("findings", [])
-                        if f.get("label") == label), None)
-    return caption(label, probability, language)[:TELEGRAM_CAPTION_LIMIT]
+    finding = next((f for f in (result or {}).get("findings", []) if f.get("label") == label), {})
+    # Drawn although not flagged (nothing was): the overlay has no red and the caption says so.
+    return caption(label, finding.get("probability"), language,
+                   flagged=bool(finding.get("positive", True)))[:TELEGRAM_CAPTION_LIMIT]
 
 
 def album_caption(captions: list[str]) -> str:
