@@ -22,7 +22,7 @@ from diagnosis.intake import ImageRejected, decode
 from diagnosis.messages import PHYSICIAN, analysed_heading, gettext_for, rejection_text
 
 from .conftest import start_worker
-from .harness import sample_image
+from .harness import chat_summary, sample_image
 
 pytestmark = pytest.mark.slow
 
@@ -47,8 +47,8 @@ def worker(fake_telegram, redis_db, tmp_path_factory):
 
 
 def replies(fake, chat_id: int, language: str = "en") -> list[str]:
-    """Result texts (those ending with the physician prompt) sent to a chat."""
-    return [t for t in fake.texts_to(chat_id) if physician(language) in t]
+    """Final answers sent to a chat: readings (with the physician prompt) and refusals (by their opening)."""
+    return chat_summary(fake, chat_id, language).results
 
 
 def overlay_sends(fake, chat_id: int) -> list:
@@ -90,11 +90,15 @@ def test_chest_photo_gets_one_findings_text_and_one_overlay(worker, start_bot, f
     [album] = overlay_sends(fake, user)
     assert album.method == "sendMediaGroup" and album.at > fake.calls_of("sendMessage", user)[-1].at
     photos = overlay_photos(fake, user)
-    assert [caption.split(" (")[0] for _, caption in photos] == [f"Heat map: {name}" for name in drawn]
-    for jpeg, caption in photos:
+    # One caption for the album, under its first photo: the numbered titles, then the colours once.
+    first, *others = [caption for _, caption in photos]
+    assert not any(others)
+    titles = [line.split(" (")[0] for line in first.split("\n")[: len(drawn)]]
+    assert titles == [f"{number}. Heat map: {name}" for number, name in enumerate(drawn, start=1)]
+    assert first.count("Red: areas where this film raised the estimate") == 1 and "not a diagnosis" in first
+    for jpeg, _ in photos:
         image = Image.open(io.BytesIO(jpeg))
         assert jpeg.startswith(JPEG_MAGIC) and max(image.size) <= 1280
-        assert "Red: areas that raised this estimate" in caption and "not a diagnosis" in caption
     assert len({jpeg for jpeg, _ in photos}) == len(photos)  # a different map per finding
     for call in (fake.calls_of("sendMessage", user)[-1], album):
         assert call.params["reply_parameters"]["message_id"] == message["message_id"]
@@ -151,10 +155,9 @@ def test_russian_and_kazakh_replies(worker, start_bot, fake):
     assert replies(fake, russian, "ru")[0].startswith(analysed_line("ru"))
     assert replies(fake, kazakh, "kk")[0].startswith(analysed_line("kk"))
     assert analysed_line("ru") != analysed_line("en") != analysed_line("kk")
-    for _, caption in overlay_photos(fake, russian):
-        assert caption.startswith("Тепловая карта: ") and "Красный" in caption and "Effusion" not in caption
-    for _, caption in overlay_photos(fake, kazakh):
-        assert caption.startswith("Жылу картасы: ") and "Қызыл" in caption and "Effusion" not in caption
+    for chat, title, red in ((russian, "Тепловая карта: ", "Красный"), (kazakh, "Жылу картасы: ", "Қызыл")):
+        first, *others = [caption for _, caption in overlay_photos(fake, chat)]  # one caption per album
+        assert title in first.split("\n")[0] and red in first and "Effusion" not in first and not any(others)
 
 
 # ----------------------------------------------------------------------- tasks sent directly (no bot)
