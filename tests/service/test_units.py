@@ -98,7 +98,9 @@ def test_tasks_are_named_routed_and_accept_what_the_bot_sends():
     sent = diagnose_kwargs(envelope)
     assert set(inspect.signature(diagnose.run).parameters) == set(sent)
     assert RequestEnvelope.model_validate(sent["envelope"]) == envelope  # one JSON field, round trip
-    assert {"envelope", "result", "overlay_key", "failure"} == set(inspect.signature(deliver.run).parameters)
+    # turn_since: set only by deliver itself, when it waits for an earlier reply of the same chat.
+    assert {"envelope", "result", "overlay_key", "failure", "turn_since"} == set(
+        inspect.signature(deliver.run).parameters)
 
 
 def test_importing_the_worker_loads_no_torch():
