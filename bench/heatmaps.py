@@ -64,11 +64,9 @@ from diagnosis.intake import decode
 from diagnosis.overlay import _blend, _upsample, fit_film, render_overlays
 from diagnosis.photo import rectify
 from diagnosis.pipeline import Pipeline, to_input_pixels
+from training.data.datasets import CHEST_LABELS
 from training.measure.reports import emit_report
 
-CHEST_LABEL_NAMES = ("Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule", "Pneumonia",
-                     "Pneumothorax", "Consolidation", "Edema", "Emphysema", "Fibrosis", "Pleural_Thickening",
-                     "Hernia")
 COLOUR_LEVELS = 8  # a pixel "has colour" when a channel differs from the plain film by more than this
 BLANK_SHARE = 0.01  # a panel with fewer coloured pixels than this share is blank
 
@@ -82,7 +80,7 @@ def chest_films(manifest: Path, split: str, limit: int | None) -> list[Path]:
     if limit and limit < len(rows):  # evenly spread over the split, not its first rows
         rows = [rows[i] for i in np.linspace(0, len(rows) - 1, limit).round().astype(int)]
     for row in rows:  # the 14 labels, for telling normal films (all 0) apart
-        _LABEL_ROWS[str(root / row["path"])] = [v for k, v in row.items() if k in CHEST_LABEL_NAMES]
+        _LABEL_ROWS[str(root / row["path"])] = [v for k, v in row.items() if k in CHEST_LABELS]
     return [root / row["path"] for row in rows]
 
 

@@ -84,6 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--percentile", type=float, default=99.0,
                         help="the colour scale: this percentile of |excess| over normal val cells is full colour")
     parser.add_argument("--threads", type=int)
+    parser.add_argument("--cache", type=Path, help="the models' ONNX export cache (default: the service's; not the "
+                                                   "repository)")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     parser.add_argument("--dry-run", action="store_true", help="print, do not write the card")
     args = parser.parse_args(argv)
@@ -92,8 +94,9 @@ def main(argv: list[str] | None = None) -> int:
     folder = args.model
     card = read_card(folder)
     part = card.body_part
+    options = {"cache_dir": args.cache} if args.cache else {}
     pipeline = Pipeline.load(PipelineConfig(models_dir=folder.parent, threads=args.threads,
-                                            abnormality_models={part: str(folder.resolve())}))
+                                            abnormality_models={part: str(folder.resolve())}, **options))
     films = normal_val_films(args.manifest, card.labels)
     log.info("%d normal val films", len(films))
     maps = evidence_maps(pipeline, part, films)
