@@ -23,18 +23,18 @@ from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
-from safetensors.numpy import save_file
 from scipy.special import softmax
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import balanced_accuracy_score, confusion_matrix
 from sklearn.preprocessing import StandardScaler
 
-from diagnosis.cards import AuxiliaryFile, ModalitySpec, read_card, sha256_of, write_card
+from diagnosis.cards import AuxiliaryFile, ModalitySpec, read_card, write_card
 from diagnosis.openset import decide
 
 from ..data.datasets import Record
 from ..features import FeatureStore, drop_refused
 from ..measure.reports import emit_report
+from . import write_arrays
 
 log = logging.getLogger(__name__)
 ARRAYS_FILE = "modality.safetensors"
@@ -142,12 +142,8 @@ def run(model: Path, records: list[Record], cache: Path, max_train_xray_per_part
                       f"{int(train.sum())} train images; command: python -m training modality --model "
                       "models/gate --manifest ../shared/data/xray-pack/manifest.csv"))
     if write:
-        # C order: scikit-learn's coef_ can be Fortran-ordered, and safetensors writes the raw buffer.
-        arrays = {"weight": weight, "bias": bias, "mean": scaler.mean_, "scale": scaler.scale_}
-        save_file({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in arrays.items()},
-                  str(Path(model) / ARRAYS_FILE))
-        (Path(model) / ARRAYS_FILE).chmod(0o644)
-        spec.arrays = AuxiliaryFile(file=ARRAYS_FILE, sha256=sha256_of(Path(model) / ARRAYS_FILE))
+        spec.arrays = write_arrays(model, ARRAYS_FILE, {"weight": weight, "bias": bias, "mean": scaler.mean_,
+                                                        "scale": scaler.scale_})
         card.modality = spec
         write_card(model, card)
     return spec.model_dump(mode="json")

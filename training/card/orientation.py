@@ -28,16 +28,16 @@ from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
-from safetensors.numpy import save_file
 from scipy.special import softmax
 from sklearn.linear_model import LogisticRegression
 
-from diagnosis.cards import AuxiliaryFile, OrientationSpec, read_card, sha256_of, write_card
+from diagnosis.cards import AuxiliaryFile, OrientationSpec, read_card, write_card
 from diagnosis.openset import decide_turn
 
 from ..data.datasets import Record
 from ..features import FeatureStore, drop_refused, service_view
 from ..measure.reports import emit_report
+from . import write_arrays
 
 log = logging.getLogger(__name__)
 ARRAYS_FILE = "orientation.safetensors"
@@ -175,10 +175,7 @@ def run(model: Path, records: list[Record], cache: Path, write: bool = True,
                       f"training orientation --model models/gate --manifest ../shared/data/xray-pack/manifest.csv "
                       f"--c-grid {','.join(str(c) for c in c_grid)}"))
     if write:
-        save_file({"weight": np.ascontiguousarray(weight), "bias": np.ascontiguousarray(bias)},
-                  str(Path(model) / ARRAYS_FILE))
-        (Path(model) / ARRAYS_FILE).chmod(0o644)
-        spec.arrays = AuxiliaryFile(file=ARRAYS_FILE, sha256=sha256_of(Path(model) / ARRAYS_FILE))
+        spec.arrays = write_arrays(model, ARRAYS_FILE, {"weight": weight, "bias": bias})
         card.orientation = spec
         write_card(model, card)
     return spec.model_dump(mode="json")
