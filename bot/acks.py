@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+from collections import OrderedDict
 from functools import partial
 from typing import Any
 
@@ -32,6 +33,7 @@ logger = logging.getLogger(__name__)
 ACK_PACE_BUDGET_S = 60.0
 FLUSH_MAX_S = 300.0  # a flusher that cannot get its message through gives up after this (logged)
 ATTEMPTS = 5  # network errors per call before the flusher gives up
+REMEMBERED_BURSTS = 10_000  # message ids of sent acknowledgements kept in memory (a Redis restart forgets them)
 
 
 class BurstAcks:
@@ -45,6 +47,9 @@ class BurstAcks:
         self._set_message = redis_client.register_script(SET_MESSAGE_LUA)
         self._flushers: dict[str, asyncio.Task] = {}
         self._wanted: set[str] = set()  # bursts joined since their flusher last read the count
+        # burst → message id of the acknowledgement this process sent: what the watchdog edits when a
+        # Redis restart has wiped the burst's state (``bot.pending``).
+        self._sent: OrderedDict[str, int] = OrderedDict()
 
     async def join(self, chat_id: int, request_id: str) -> tuple[str, int, bool]:
         """The burst this request belongs to: (burst id, images it covers, True if this opened it)."""
@@ -57,6 +62,16 @@ class BurstAcks:
     async def leave(self, request_id: str) -> int:
         """The request is answered or given up (``contract.bursts.LEAVE_LUA`` codes)."""
         return int(await self._leave(keys=[self.keys.ack_of(request_id)], args=[self.keys.prefix, request_id]))
+
+    def sent_message(self, burst: str | None) -> int | None:
+        """The acknowledgement this process sent for ``burst``, from memory (survives a Redis restart)."""
+        return self._sent.get(burst) if burst else None
+
+    def _remember(self, burst: str, message_id: int) -> None:
+        self._sent[burst] = message_id
+        self._sent.move_to_end(burst)
+        while len(self._sent) > REMEMBERED_BURSTS:
+            self._sent.popitem(last=False)
 
     async def message_id(self, burst: str) -> int | None:
         raw = await self.redis.hget(self.keys.ack(burst), "message")
@@ -141,6 +156,7 @@ class BurstAcks:
                         # All answered while it was on its way: the answers stand, the acknowledgement goes.
                         await self._call(partial(bot.delete_message, chat_id, sent.message_id), deadline)
                         return
+                    self._remember(burst, sent.message_id)
                     shown = count
                 elif count > shown:
                     await self._call(partial(bot.edit_message_text, text, chat_id=chat_id, message_id=message),

@@ -175,7 +175,7 @@ async def accept_image(
         return
     await note(enqueued=1)
     if svc.pending is not None:
-        svc.pending.add(PendingRequest(envelope=request, user_id=user.id, accepted_at=time.monotonic()))
+        svc.pending.add(PendingRequest(envelope=request, user_id=user.id, accepted_at=time.monotonic(), burst=burst))
     BOT_UPDATES.labels("enqueued").inc()
     logger.info("request %s enqueued (%d waiting before it)", request_id, waiting)
 

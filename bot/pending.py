@@ -59,6 +59,7 @@ class PendingRequest:
     missing_since: float | None = None
     unseen: int = 0  # consecutive checks that found its image but no task message
     requeued: int = 0  # times the watchdog enqueued its ``diagnose`` again
+    burst: str | None = None  # the burst whose acknowledgement covers it (``bot.acks``)
 
     @property
     def request_id(self) -> str:
@@ -155,6 +156,11 @@ class PendingRequests:
             left = await self.acks.leave(request.request_id)
             if left != UNKNOWN:
                 ack_message_id = left if left > 0 else None
+            elif ack_message_id is None:
+                # Redis forgot the burst (a restart). The acknowledgement was sent after the request was
+                # queued, so the envelope lacks it; this process remembers it. If an answer arrived
+                # before the restart it deleted that message, the edit below fails and nothing is said.
+                ack_message_id = self.acks.sent_message(pending.burst)
         if ack_message_id is not None:
             try:
                 await bot.edit_message_text(text, chat_id=request.chat_id, message_id=ack_message_id)

@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+from types import SimpleNamespace
 
 import pytest
 from telegram.error import BadRequest
 
+from bot.acks import BurstAcks
 from bot.dispatch import Dispatcher
 from bot.inflight import QUEUES, UNACKED, message_request_id, request_ids_in_flight
 from bot.pending import MAX_REQUEUES, PendingRequest, PendingRequests
@@ -21,7 +23,7 @@ from contract.texts import lost as lost_text
 from worker.deliver import send_reply
 from worker.scheduler import Scheduler
 
-from .harness import PrivateRedis
+from .harness import PrivateRedis, delete_service_keys
 
 CHAT = 1801
 
@@ -113,6 +115,36 @@ def test_answered_before_redis_forgot_it_means_the_acknowledgement_is_gone_and_n
     settings = make_settings()
     bot = StubBot(deleted={500})  # the worker deleted the acknowledgement when it answered
     told, _ = rounds(settings, bot, [request("answered-then-wiped")], [1.0, 1.0 + settings.lost_grace_s])
+    assert told == [[], []] and not bot.edits and not bot.sent
+
+
+def test_a_burst_acknowledgement_sent_after_the_request_was_queued_is_remembered_across_a_redis_wipe(
+        make_settings, redis_client):
+    """The burst's acknowledgement is sent in the background, after the request was queued, so the
+    envelope carries no message id. Answered, then Redis forgot everything (a restart): the watchdog
+    edits the acknowledgement this bot sent, finds it deleted by the answer, and says nothing."""
+    settings = make_settings()
+
+    class AckBot(StubBot):
+        async def send_message(self, chat_id, text, reply_parameters=None):
+            return SimpleNamespace(message_id=500)
+
+    async def main():
+        store = Store(settings)
+        acks = BurstAcks(store.redis, settings.keys, merge_s=5.0, ttl_s=60)
+        burst, _count, opened = await acks.join(CHAT, "answered-in-a-burst")
+        acks.acknowledge(AckBot(), CHAT, burst, opened, 7, "ru", 0)
+        await asyncio.gather(*acks._flushers.values())
+        delete_service_keys(redis_client)  # the restart: done marks and burst state are gone
+        pending = PendingRequests(settings, store, acks=acks)
+        pending.add(PendingRequest(envelope=envelope("answered-in-a-burst", ack=None), user_id=CHAT,
+                                   accepted_at=0.0, burst=burst))
+        bot = StubBot(deleted={500})  # the answer deleted the acknowledgement
+        told = [await pending.check(bot, now=now) for now in (1.0, 1.0 + settings.lost_grace_s)]
+        await store.close()
+        return told, bot
+
+    told, bot = asyncio.run(main())
     assert told == [[], []] and not bot.edits and not bot.sent
 
 
