@@ -37,6 +37,8 @@ FINDINGS = {
     "Hernia": (N_("Hiatal hernia"), N_("part of the stomach may reach up into the chest")),
 }
 # Urgent wording, used only for a label whose card point allows it (``urgent``: its PPV justifies it).
+# Its keys are the one list of labels that may be called urgent: ``python -m training calibrate`` marks
+# a point ``urgent`` only for them.
 URGENT_MEANING = {
     "Pneumothorax": N_("air may be outside the lung; urgent if you are short of breath"),
 }

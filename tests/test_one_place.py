@@ -100,3 +100,25 @@ def test_env_example_lists_every_setting():
     compose = (ROOT / "docker-compose.yml").read_text()
     others = named - set(Settings.model_fields)
     assert others and all(name in compose for name in others), sorted(others)
+
+
+def test_the_urgent_labels_are_written_once():
+    """The labels whose reply may say "urgent" are the keys of diagnosis.messages.URGENT_MEANING (the
+    wording needs them anyway); calibration imports them instead of keeping a list of its own."""
+    import ast
+
+    from diagnosis.messages import URGENT_MEANING
+    from training.card import calibrate
+
+    homes = []
+    for path, text in sources().items():
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, ast.Assign | ast.AnnAssign):
+                names = [t.id for t in (node.targets if isinstance(node, ast.Assign) else [node.target])
+                         if isinstance(t, ast.Name)]
+                labels = [c.value for c in ast.walk(node.value) if isinstance(c, ast.Constant)
+                          and c.value in CHEST_LABELS] if node.value else []
+                if labels and any("URGENT" in name for name in names):
+                    homes.append(f"{path}:{names[0]}")
+    assert homes == ["diagnosis/messages.py:URGENT_MEANING"], homes
+    assert calibrate.URGENT_MEANING is URGENT_MEANING
