@@ -23,6 +23,7 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 
 from contract.analyses import analysis_path, callback_target_refused
 from contract.envelope import MODES
+from contract.formats import FORMAT_NAMES
 from contract.i18n import LANGUAGES
 from contract.monitoring import ERRORS
 
@@ -59,7 +60,7 @@ Client = Annotated[str, Depends(authenticate)]
 
 UPLOAD_BODY = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
     "type": "object", "required": ["image"], "properties": {
-        "image": {"type": "string", "format": "binary", "description": "JPEG, PNG or DICOM (WebP, TIFF, BMP too)"},
+        "image": {"type": "string", "format": "binary", "description": FORMAT_NAMES},
         "mode": {"type": "string", "enum": list(MODES), "default": "screening"},
         "language": {"type": "string", "enum": list(LANGUAGES), "default": "en"},
         "callback_url": {"type": "string", "format": "uri", "description": "POSTed the finished analysis, signed"},

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from contract.formats import FORMAT_NAMES
 from contract.i18n import N_, fill, isolate, load_catalog, pick_language
 from contract.keys import TELEGRAM_DOWNLOAD_LIMIT_MB
 
@@ -52,8 +53,8 @@ BODY_PARTS = {
 REJECTIONS = {
     "empty": N_("The file is empty. Please send the image again."),
     "too_large": N_("The file is larger than {limit_mb} MB. Please send a smaller image or a photo of the film."),
-    "unsupported": N_("I could not recognise this file as an image. Please send a JPEG, PNG, WebP, TIFF "
-                      "or DICOM file, or simply a photo."),
+    "unsupported": N_("I could not recognise this file as an image. Please send an image file ({formats}), "
+                      "or simply a photo."),
     "corrupt": N_("The image file seems damaged or incomplete. Please send it again, or take a new photo."),
     "too_small": N_("The image is too small to analyse. Please send a larger, sharper image."),
     "too_many_pixels": N_("The image is too large in pixels to analyse safely. Please send a smaller version."),
@@ -168,7 +169,8 @@ def album_caption(captions: list[str]) -> str:
 
 def rejection_text(code: str, language: str) -> str:
     _ = gettext_for(language)
-    return fill(_(REJECTIONS.get(code, REJECTIONS["corrupt"])), language, limit_mb=TELEGRAM_DOWNLOAD_LIMIT_MB)
+    return fill(_(REJECTIONS.get(code, REJECTIONS["corrupt"])), language, limit_mb=TELEGRAM_DOWNLOAD_LIMIT_MB,
+                formats=FORMAT_NAMES)
 
 
 def apology(language: str) -> str:

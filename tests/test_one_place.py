@@ -122,3 +122,72 @@ def test_the_urgent_labels_are_written_once():
                     homes.append(f"{path}:{names[0]}")
     assert homes == ["diagnosis/messages.py:URGENT_MEANING"], homes
     assert calibrate.URGENT_MEANING is URGENT_MEANING
+
+
+FORMAT_WORDS = re.compile(r"\b(jpe?g|png|webp|tiff?|bmp|dicom|dcm)\b", re.IGNORECASE)
+FORMAT_FAMILY = {"jpg": "jpeg", "tif": "tiff", "dcm": "dicom"}
+
+
+def decodable_formats() -> list[str]:
+    """The user-facing name of every format the intake decodes: each format Pillow can write, and DICOM,
+    tried on a small picture (whatever the intake's own list says)."""
+    import contextlib
+    import io
+    import warnings
+
+    import numpy as np
+    from dicom_factory import make_dicom
+    from PIL import Image
+
+    from contract.formats import FORMATS
+    from diagnosis.intake import ImageRejected, decode
+
+    picture = Image.fromarray(np.tile(np.arange(96, dtype=np.uint8), (96, 1)))
+    Image.init()  # every plugin, so that Image.SAVE lists every writable format
+    accepted = {decode(make_dicom(np.asarray(picture))).format}
+    for pil in sorted(set(Image.SAVE)):
+        buffer = io.BytesIO()
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)  # Pillow's old formats still count
+                picture.convert("RGB").save(buffer, format=pil)
+        except Exception:  # a format Pillow cannot write this picture in: nothing to try
+            continue
+        with contextlib.suppress(ImageRejected):  # a format the intake refuses: nothing to name
+            accepted.add(decode(buffer.getvalue()).format)
+    names = {f.pil or f.name: f.name for f in FORMATS}
+    assert accepted <= set(names), f"the intake decodes {sorted(accepted - set(names))}, which FORMATS does not name"
+    return sorted(names[fmt] for fmt in accepted)
+
+
+def test_every_format_the_intake_takes_is_named_in_every_language():
+    from api.texts import page_texts
+    from contract import texts
+    from contract.i18n import LANGUAGES
+    from diagnosis.messages import rejection_text
+
+    formats = decodable_formats()
+    assert "BMP" in formats and "DICOM" in formats and "WebP" in formats
+    for language in LANGUAGES:
+        said = {"start": texts.start(language), "help": texts.help_text(language, 10, 60),
+                "not an image": texts.not_an_image_file(language), "other": texts.other_message(language),
+                "unsupported": rejection_text("unsupported", language), "page": str(page_texts(language)["intro"])}
+        missing = {what: [f for f in formats if f not in text] for what, text in said.items()}
+        assert not any(missing.values()), (language, missing)
+
+
+def test_the_formats_are_listed_in_one_place():
+    """No code, page or catalog lists formats of its own (three or more format names close together):
+    contract/formats.py is the list; the intake, the bot's filter and every text are built from it."""
+    files = [path for package in PACKAGES for path in sorted((ROOT / package).rglob("*"))
+             if path.suffix in (".py", ".html", ".js", ".po") and path != ROOT / "contract" / "formats.py"]
+    lists = []
+    for path in files:
+        text = path.read_text(encoding="utf-8")
+        found = [(m.start(), FORMAT_FAMILY.get(m.group(1).lower(), m.group(1).lower()))
+                 for m in FORMAT_WORDS.finditer(text)]
+        for i, (start, _family) in enumerate(found):
+            if len({family for at, family in found[i:] if at - start <= 60}) >= 3:
+                lists.append(f"{path.relative_to(ROOT)}:{text.count(chr(10), 0, start) + 1}")
+                break
+    assert lists == [], lists
