@@ -152,11 +152,12 @@ def not_an_image_file(language: str) -> str:
                   "or send the X-ray as a photo."), language, formats=FORMAT_NAMES)
 
 
-def too_large(language: str) -> str:
+def too_large(language: str, limit_mb: int = TELEGRAM_DOWNLOAD_LIMIT_MB) -> str:
+    """The one "too large" refusal, wherever it is made: the bot before downloading, the intake's refusal
+    in a reply (``diagnosis.messages.rejection_text``), the HTTP API (with its own limit)."""
     _, _n = translator(language)
-    return fill(_("This file is too large: Telegram lets bots download at most {limit_mb} MB. "
-                  "Please send the X-ray as a photo, or reduce the file size first."), language,
-                limit_mb=TELEGRAM_DOWNLOAD_LIMIT_MB)
+    return fill(_("The file is larger than {limit_mb} MB. Please send a smaller image or a photo of the film."),
+                language, limit_mb=limit_mb)
 
 
 def rate_limited(language: str, wait_s: float, accepted: int | None = None, refused: int | None = None) -> str:

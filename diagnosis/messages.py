@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from contract import texts as bot_texts
 from contract.formats import FORMAT_NAMES
 from contract.i18n import N_, fill, isolate, load_catalog, pick_language
 from contract.keys import TELEGRAM_DOWNLOAD_LIMIT_MB
@@ -52,7 +53,6 @@ BODY_PARTS = {
 }  # fmt: skip
 REJECTIONS = {
     "empty": N_("The file is empty. Please send the image again."),
-    "too_large": N_("The file is larger than {limit_mb} MB. Please send a smaller image or a photo of the film."),
     "unsupported": N_("I could not recognise this file as an image. Please send an image file ({formats}), "
                       "or simply a photo."),
     "corrupt": N_("The image file seems damaged or incomplete. Please send it again, or take a new photo."),
@@ -168,6 +168,8 @@ def album_caption(captions: list[str]) -> str:
 
 
 def rejection_text(code: str, language: str) -> str:
+    if code == "too_large":  # the bot refuses such a file before downloading it: one wording, in contract.texts
+        return bot_texts.too_large(language)
     _ = gettext_for(language)
     return fill(_(REJECTIONS.get(code, REJECTIONS["corrupt"])), language, limit_mb=TELEGRAM_DOWNLOAD_LIMIT_MB,
                 formats=FORMAT_NAMES)

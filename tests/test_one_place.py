@@ -191,3 +191,23 @@ def test_the_formats_are_listed_in_one_place():
                 lists.append(f"{path.relative_to(ROOT)}:{text.count(chr(10), 0, start) + 1}")
                 break
     assert lists == [], lists
+
+
+def test_too_large_is_said_one_way():
+    """The bot's refusal before download, the intake's refusal in a reply (worker, CLI) and the API's
+    413 say the same text in every language, from one msgid; no other text refuses a file for its size
+    in megabytes."""
+    from contract import texts
+    from contract.i18n import LANGUAGES
+    from diagnosis.messages import rejection_text
+
+    for language in LANGUAGES:
+        assert rejection_text("too_large", language) == texts.too_large(language), language
+    sizes = re.compile(r"""["'][^"'\n]*\b(too large|too big|larger than|bigger than)\b[^"'\n]*(\{limit|MB)""",
+                       re.IGNORECASE)
+    said = sorted(path for path, text in sources().items() if sizes.search(text))
+    assert said == ["contract/texts.py"], said
+    catalogs = [path for domain in ("contract", "diagnosis", "api") for path in (ROOT / domain).rglob("*.po")
+                if re.search(r'^"?[^"\n]*(too large|larger than)[^"\n]*\{limit_mb\}', path.read_text(), re.MULTILINE)
+                and "contract/locales" not in str(path)]
+    assert not catalogs, catalogs

@@ -360,10 +360,11 @@ def chat_summary(fake: Any, chat_id: int, language: str = "en") -> ChatSummary:
 def non_result_openings(language: str) -> set[str]:
     """First lines of every reply that gives no reading (refusals, retakes, parts not analysed): they
     carry no physician prompt (diagnosis.messages), so they are told apart by how they open."""
-    from diagnosis.messages import BODY_PARTS, MODALITIES, REJECTIONS, render_reply
+    from diagnosis.intake import ImageRejected
+    from diagnosis.messages import BODY_PARTS, MODALITIES, render_reply
     from diagnosis.report import DiagnosisResult
 
-    results = [DiagnosisResult(outcome="rejected", rejection=code) for code in REJECTIONS]
+    results = [DiagnosisResult(outcome="rejected", rejection=code) for code in ImageRejected.CODES]
     results += [DiagnosisResult(outcome="not_xray", modality=m) for m in [None, "non_medical", *MODALITIES]]
     results += [DiagnosisResult(outcome="body_part_not_analysed", body_part=part) for part in BODY_PARTS]
     results += [DiagnosisResult(outcome=o) for o in ("body_part_unknown", "body_part_uncertain")]
