@@ -43,19 +43,23 @@ def not_allowed(language: str, user_id: int | str) -> str:
                   "ask the operator to add it."), language, user_id=user_id)
 
 
-def start(language: str) -> str:
-    """/start: what the bot does and does not do, the disclaimer, privacy in two lines."""
+def start(language: str, analysable: str = "") -> str:
+    """/start: what the bot does and does not do, the disclaimer, privacy in two lines. ``analysable``: the
+    sentence naming the body parts the models present read (``diagnosis.messages.analysable_sentence``,
+    the same as in the reply to a film of another part; the bot builds it from the model cards)."""
     _, _n = translator(language)
-    return fill(_(
+    intro = fill(_(
         "Hello! I give a second opinion on X-ray images.\n\n"
         "Send me a radiograph as a photo or as a file ({formats}, up to {limit_mb} MB). "
-        "I check that it is an X-ray and which body part it shows; for chest X-rays I estimate the "
-        "probability of common findings and send a heat map of the regions that drove them.\n\n"
+        "I check that it is an X-ray and which body part it shows; for the body parts I can analyse, I estimate "
+        "the probability of common findings and send a heat map of the regions that drove them."
+    ), language, formats=FORMAT_NAMES, limit_mb=TELEGRAM_DOWNLOAD_LIMIT_MB)
+    limits = _(
         "What I do not do: I do not make a diagnosis and I do not replace a physician or a radiologist. "
-        "Other body parts are not analysed yet. Always discuss your images and any result with a physician.\n\n"
+        "Always discuss your images and any result with a physician.\n\n"
         "Privacy: your image is held in memory for at most one hour and deleted once you have the answer; "
-        "nothing is written to disk. Details: /privacy. Language: /language. Help: /help."
-    ), language, formats=FORMAT_NAMES, limit_mb=TELEGRAM_DOWNLOAD_LIMIT_MB) + "\n\n" + _(MODE_HINT)
+        "nothing is written to disk. Details: /privacy. Language: /language. Help: /help.")
+    return "\n\n".join(part for part in (intro, analysable, limits, _(MODE_HINT)) if part)
 
 
 def help_text(language: str, images: int, window_s: int) -> str:

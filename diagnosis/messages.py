@@ -245,11 +245,17 @@ def render_reply(result: DiagnosisResult, language: str = "en") -> str:
 def analysable_lines(result: DiagnosisResult, language: str) -> list[str]:
     """"So far I can only analyse X-rays of the chest." from the parts the result says the service reads
     (the abnormality cards present); none known (an older worker's result): no line."""
-    if not result.analysable_parts:
-        return []
+    sentence = analysable_sentence(result.analysable_parts, language)
+    return [sentence] if sentence else []
+
+
+def analysable_sentence(parts: list[str], language: str) -> str:
+    """"So far I can only analyse X-rays of the chest.": the one sentence naming the parts the service reads,
+    in the reply to a film of another part and in the bot's /start (``cards.analysable_parts``); "" for none."""
+    if not parts:
+        return ""
     _ = gettext_for(language)
-    parts = ", ".join(body_part_name(part, language) for part in result.analysable_parts)
-    return [fill(_(ANALYSABLE_PARTS), language, parts=parts)]
+    return fill(_(ANALYSABLE_PARTS), language, parts=", ".join(body_part_name(part, language) for part in parts))
 
 
 def verdict_lines(result: DiagnosisResult, language: str) -> list[str]:

@@ -211,3 +211,37 @@ def test_too_large_is_said_one_way():
                 if re.search(r'^"?[^"\n]*(too large|larger than)[^"\n]*\{limit_mb\}', path.read_text(), re.MULTILINE)
                 and "contract/locales" not in str(path)]
     assert not catalogs, catalogs
+
+
+def test_start_names_the_parts_of_the_model_cards_present(tmp_path):
+    """/start says which body parts are analysed from the abnormality cards present (the JSON only, as
+    the bot reads them), in the very sentence of the reply to a film of another part; no language's
+    /start text names a part of its own."""
+    import json
+    import shutil
+
+    from contract import texts
+    from contract.i18n import LANGUAGES
+    from diagnosis.cards import analysable_parts
+    from diagnosis.config import DEFAULT_MODELS_DIR
+    from diagnosis.messages import analysable_sentence, body_part_name, render_reply
+    from diagnosis.report import DiagnosisResult
+
+    assert analysable_parts(DEFAULT_MODELS_DIR) == ["chest"]
+    for name in ("gate", "body_part", "chest"):
+        shutil.copy(DEFAULT_MODELS_DIR / name / "card.json", (tmp_path / name).mkdir() or tmp_path / name)
+    knee = json.loads((tmp_path / "chest" / "card.json").read_text()) | {"name": "knee", "body_part": "knee"}
+    (tmp_path / "knee").mkdir()
+    (tmp_path / "knee" / "card.json").write_text(json.dumps(knee))
+    parts = analysable_parts(tmp_path)
+    assert parts == ["chest", "knee"] and analysable_parts(tmp_path, {"hand": "hand_v2"}) == ["chest", "hand", "knee"]
+    assert analysable_parts(tmp_path / "nowhere") == []
+    for language in LANGUAGES:
+        sentence = analysable_sentence(parts, language)
+        reply = render_reply(DiagnosisResult(outcome="body_part_not_analysed", body_part="hand",
+                                             analysable_parts=parts), language)
+        assert sentence and sentence in reply.splitlines(), language
+        assert sentence in texts.start(language, sentence), language
+        bare = texts.start(language)
+        assert not [part for part in ("chest", "knee", "hand") if body_part_name(part, language) in bare], language
+    assert "chest" not in texts.start("en").lower()
