@@ -245,3 +245,26 @@ def test_start_names_the_parts_of_the_model_cards_present(tmp_path):
         bare = texts.start(language)
         assert not [part for part in ("chest", "knee", "hand") if body_part_name(part, language) in bare], language
     assert "chest" not in texts.start("en").lower()
+
+
+def test_one_telegram_retry_loop():
+    """The bot's HTTP layer (contract.telegram.RetryingRequest) and the delivery worker
+    (worker.telegram_out.TelegramOut) both run contract.telegram.retrying; neither has a loop of its own
+    that sleeps between tries."""
+    import ast
+
+    loops = []
+    for path in ("contract/telegram.py", "worker/telegram_out.py"):
+        tree = ast.parse((ROOT / path).read_text())
+        for function in ast.walk(tree):
+            if not isinstance(function, ast.FunctionDef | ast.AsyncFunctionDef):
+                continue
+            for loop in (node for node in ast.walk(function) if isinstance(node, ast.While | ast.For)):
+                sleeps = [call for call in ast.walk(loop) if isinstance(call, ast.Call) and
+                          (getattr(call.func, "attr", None) or getattr(call.func, "id", "")).endswith("sleep")]
+                if sleeps:
+                    loops.append(f"{path}:{function.name}")
+    assert sorted(set(loops)) == ["contract/telegram.py:retrying"], loops
+    users = [path for path in ("contract/telegram.py", "worker/telegram_out.py")
+             if re.search(r"\bretrying\(", (ROOT / path).read_text().split("async def retrying(", 1)[-1])]
+    assert users == ["contract/telegram.py", "worker/telegram_out.py"], users
