@@ -21,6 +21,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
 from bot.dispatch import Dispatcher
 from contract.analyses import SCHEMA_VERSION
+from contract.formats import FORMAT_NAMES
 from contract.monitoring import API_REQUESTS, API_SECONDS, queue_collector
 from contract.settings import ServiceSettings
 
@@ -36,7 +37,7 @@ PAGE_CSP = ("default-src 'self'; img-src 'self' blob: data:; style-src 'self'; s
             "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'")
 _collector_registered = False
 
-DESCRIPTION = """Post an X-ray (JPEG, PNG or DICOM), get the same analysis as the Telegram bot: whether it is an
+DESCRIPTION = "Post an X-ray (" + FORMAT_NAMES + """), get the same analysis as the Telegram bot: whether it is an
 X-ray, which body part, the chest findings with their probabilities, heat maps and the prompt to see
 a physician. **A decision aid, not a diagnosis.** Authenticate with `Authorization: Bearer <key>`.
 Errors are RFC 9457 problem details. Analysis schema version """ + SCHEMA_VERSION + "; see docs/api.md."

@@ -21,8 +21,10 @@ from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBea
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
+from contract import texts as bot_texts
 from contract.analyses import analysis_path, callback_target_refused
 from contract.envelope import MODES
+from contract.formats import FORMAT_NAMES
 from contract.i18n import LANGUAGES
 from contract.monitoring import ERRORS
 
@@ -59,22 +61,26 @@ Client = Annotated[str, Depends(authenticate)]
 
 UPLOAD_BODY = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
     "type": "object", "required": ["image"], "properties": {
-        "image": {"type": "string", "format": "binary", "description": "JPEG, PNG or DICOM (WebP, TIFF, BMP too)"},
+        "image": {"type": "string", "format": "binary", "description": FORMAT_NAMES},
         "mode": {"type": "string", "enum": list(MODES), "default": "screening"},
         "language": {"type": "string", "enum": list(LANGUAGES), "default": "en"},
         "callback_url": {"type": "string", "format": "uri", "description": "POSTed the finished analysis, signed"},
     }}}}}}
 
 
-async def read_capped(request: Request, limit: int) -> bytes:
+async def read_capped(request: Request, image_limit: int) -> bytes:
+    """The form's bytes, refused once they pass the image limit and the form's own overhead (before the
+    form's language is known: the one "too large" wording, in English)."""
+    limit = image_limit + MULTIPART_OVERHEAD
+    too_large = Problem(413, "too-large", bot_texts.too_large("en", image_limit // 2**20), code="too_large")
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise Problem(413, "too-large", f"The upload is larger than {limit // (1024 * 1024)} MB.")
+        raise too_large
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:
-            raise Problem(413, "too-large", f"The upload is larger than {limit // (1024 * 1024)} MB.")
+            raise too_large
         chunks.append(chunk)
     return b"".join(chunks)
 
@@ -157,7 +163,7 @@ async def create_analysis(request: Request, client: Client,
                           idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key", max_length=200)] = None
                           ) -> JSONResponse:
     settings, store = request.app.state.settings, request.app.state.store
-    body = await read_capped(request, settings.API_MAX_UPLOAD_BYTES + MULTIPART_OVERHEAD)
+    body = await read_capped(request, settings.API_MAX_UPLOAD_BYTES)
     form = await parse_form(request, body)
     del body
     language = field(form, "language", "en", tuple(LANGUAGES))
@@ -170,7 +176,8 @@ async def create_analysis(request: Request, client: Client,
     data = await upload.read()
     await upload.close()
     if len(data) > settings.API_MAX_UPLOAD_BYTES:
-        raise Problem(413, "too-large", f"The image is larger than {settings.API_MAX_UPLOAD_BYTES // 2**20} MB.")
+        raise Problem(413, "too-large", bot_texts.too_large(language, settings.API_MAX_UPLOAD_BYTES // 2**20),
+                      code="too_large")
     await check_image(data, language)
 
     request_id = store.new_request_id()

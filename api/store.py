@@ -10,10 +10,9 @@ import secrets
 import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
-from urllib.parse import urlsplit
 
 from contract.analyses import decode_hash, now_iso, resource
-from contract.redis_client import connect_async
+from contract.redis_client import AsyncStore
 from contract.settings import ServiceSettings
 
 # Daily quota and sliding-window rate limit in one step. Returns {0, 0} admitted, {1, ms} rate
@@ -45,27 +44,12 @@ def seconds_to_utc_midnight(now: datetime | None = None) -> int:
     return max(1, int((tomorrow - now).total_seconds()) + 1)
 
 
-class ApiStore:
+class ApiStore(AsyncStore):
+    """The API's Redis (``broker`` None, another broker kind: lost tasks cannot be looked for)."""
+
     def __init__(self, settings: ServiceSettings):
-        self.settings = settings
-        self.keys = settings.keys
-        self.redis = connect_async(settings.REDIS_URL)
+        super().__init__(settings)
         self._admit = self.redis.register_script(_ADMIT_LUA)
-        broker = settings.broker_url
-        if broker == settings.REDIS_URL:
-            self.broker: Any = self.redis
-        elif urlsplit(broker).scheme in ("redis", "rediss", "unix"):
-            self.broker = connect_async(broker)
-        else:  # another broker kind: lost tasks cannot be looked for
-            self.broker = None
-
-    async def close(self) -> None:
-        await self.redis.aclose()
-        if self.broker is not None and self.broker is not self.redis:
-            await self.broker.aclose()
-
-    async def ping(self) -> bool:
-        return bool(await self.redis.ping())
 
     @staticmethod
     def new_request_id() -> str:

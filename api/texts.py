@@ -14,15 +14,15 @@ from functools import cache
 from pathlib import Path
 
 from contract import texts as bot_texts
-from contract.i18n import LANGUAGES, N_, RTL, load_catalog, pick_language
+from contract.formats import ACCEPT, FORMAT_NAMES
+from contract.i18n import LANGUAGES, N_, RTL, fill, load_catalog, pick_language
 
 DOMAIN = "web"
 LOCALES_DIR = Path(__file__).parent / "locales"
 
 PAGE = {
     "title": N_("X-ray second opinion"),
-    "intro": N_("Send a radiograph (JPEG, PNG or DICOM) and get the model's estimates. A decision aid, "
-                "not a diagnosis."),
+    "intro": N_("Send a radiograph ({formats}) and get the model's estimates. A decision aid, not a diagnosis."),
     "key_label": N_("API key"),
     "key_hint": N_("Kept in this browser tab only, until you close it."),
     "key_save": N_("Use this key"),
@@ -58,9 +58,11 @@ def page_texts(language: str) -> dict[str, object]:
     language = pick_language(language)
     _ = gettext_for(language)
     d_ = diagnosis_gettext(language)
-    strings: dict[str, object] = {key: _(text) for key, text in PAGE.items()}
+    strings: dict[str, object] = {key: fill(_(text), language, formats=FORMAT_NAMES) if "{formats}" in text else
+                                  _(text) for key, text in PAGE.items()}
     strings.update({
         "language": language,
+        "accept": ACCEPT,  # the file picker's formats
         "dir": "rtl" if language in RTL else "ltr",
         "languages": dict(LANGUAGES),
         "received": bot_texts.received(language, 0),

@@ -27,10 +27,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from contract.redis_client import claim_empty_db
 from contract.settings import BACKENDS
 
 ROOT = Path(__file__).resolve().parent.parent
-LOCK_KEY = "xray-second-opinion:test-session-lock"  # the service tests' claim (tests/service/harness.py)
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -46,25 +46,6 @@ def cpu_description() -> str:
                 cpu = line.split(":", 1)[1].strip()
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return f"{cpu}; {usable} usable cores of {os.cpu_count()}"
-
-
-def claim_redis(base_url: str = "redis://127.0.0.1:6379"):
-    import redis
-
-    explicit = os.environ.get("BENCH_REDIS_URL")
-    if explicit:
-        client = redis.Redis.from_url(explicit)
-        client.ping()
-        return explicit, client
-    for db in range(2, 16):
-        client = redis.Redis.from_url(f"{base_url}/{db}")
-        client.ping()
-        if client.set(LOCK_KEY, str(os.getpid()), nx=True, ex=3600):
-            if client.dbsize() == 1:
-                return f"{base_url}/{db}", client
-            client.delete(LOCK_KEY)
-        client.close()
-    raise RuntimeError("no empty Redis database (2-15) is free")
 
 
 def free_port() -> int:
@@ -154,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import httpx
 
-    redis_url, redis_client = claim_redis()
+    redis_url, redis_client = claim_empty_db(os.environ.get("BENCH_REDIS_URL"))
     inputs = {"examples/chest_xray.jpg": (ROOT / "examples" / "chest_xray.jpg").read_bytes(),
               "phone-style 1280×960 JPEG": phone_jpeg()}
     with tempfile.TemporaryDirectory(prefix="bench-api-") as tmp:

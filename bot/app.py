@@ -26,6 +26,8 @@ from contract.pacing import AsyncPacer, Limits
 from contract.settings import Settings
 from contract.telegram import RetryingRequest
 from contract.texts import COMMANDS, translator
+from diagnosis.cards import analysable_parts
+from diagnosis.config import DEFAULT_MODELS_DIR
 
 from . import access, commands, images
 from .acks import BurstAcks
@@ -76,7 +78,8 @@ def build_application(settings: Settings) -> Application:
     # The watchdog enqueues a request again when the broker lost its task (bot.pending).
     acks = BurstAcks(store.redis, settings.keys, settings.ACK_MERGE_S, settings.BLOB_TTL_S)
     pending = PendingRequests(settings, store, requeue=dispatcher.enqueue, acks=acks)
-    application.bot_data["services"] = Services(settings, store, dispatcher, pending, intake, acks)
+    parts = analysable_parts(settings.MODELS_DIR or DEFAULT_MODELS_DIR, settings.ABNORMALITY_MODELS)
+    application.bot_data["services"] = Services(settings, store, dispatcher, pending, intake, acks, parts)
 
     application.add_handler(TypeHandler(Update, access.gate), group=-1)
     new_messages = filters.UpdateType.MESSAGE

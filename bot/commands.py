@@ -16,6 +16,7 @@ from contract import texts
 from contract.envelope import MODES
 from contract.i18n import DEFAULT_LANGUAGE, LANGUAGES
 from contract.monitoring import BOT_UPDATES, ERRORS
+from diagnosis.messages import analysable_sentence
 
 from .services import language_of, services
 
@@ -26,7 +27,9 @@ LANGUAGE_CALLBACK = "lang:"
 
 async def start(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
     """/start: what the bot does and does not do, the disclaimer, privacy in two lines."""
-    await update.effective_message.reply_text(texts.start(await language_of(update, context)))
+    language = await language_of(update, context)
+    await update.effective_message.reply_text(
+        texts.start(language, analysable_sentence(services(context).analysable_parts, language)))
 
 
 async def help_command(update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:

@@ -21,6 +21,7 @@ from telegram.ext import ContextTypes
 from contract import texts
 from contract.bursts import UNKNOWN
 from contract.envelope import RequestEnvelope
+from contract.formats import EXTENSIONS, MIME_TYPES
 from contract.keys import TELEGRAM_DOWNLOAD_LIMIT
 from contract.monitoring import BOT_UPDATES
 
@@ -29,24 +30,18 @@ from .services import language_of, services
 
 logger = logging.getLogger(__name__)
 
-IMAGE_MIME_TYPES = frozenset({
-    "image/jpeg", "image/jpg", "image/pjpeg", "image/png", "image/webp", "image/tiff", "image/tif",
-    "image/bmp", "image/x-ms-bmp", "application/dicom",
-})
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".tif", ".tiff", ".bmp",
-                              ".dcm", ".dicom", ".dic"})
 GENERIC_MIME_TYPES = frozenset({"", "application/octet-stream", "binary/octet-stream"})
 
 
 def is_image_document(file_name: str | None, mime_type: str | None) -> bool:
-    """JPEG/PNG/WebP/TIFF/BMP/DICOM by MIME type or extension; extension-less (DICOM) files too.
+    """A format of ``contract.formats`` by MIME type or extension; extension-less (DICOM) files too.
 
     The worker detects the real format from the bytes, so a wrong guess here only costs a polite
     "unsupported" answer, never a crash.
     """
     mime = (mime_type or "").lower().split(";")[0].strip()
     suffix = PurePosixPath(file_name or "").suffix.lower()
-    if mime in IMAGE_MIME_TYPES or suffix in IMAGE_EXTENSIONS:
+    if mime in MIME_TYPES or suffix in EXTENSIONS:
         return True
     # DICOM files are often called "IM0001" or "1.2.840.113619.2.55.3.6046": no usable extension.
     return mime in GENERIC_MIME_TYPES and (suffix == "" or suffix[1:].isdigit())

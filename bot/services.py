@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from telegram import Update
 from telegram.ext import ContextTypes
@@ -27,6 +27,7 @@ class Services:
     pending: PendingRequests | None = None  # accepted requests not yet seen answered (bot.pending)
     intake: Intake | None = None  # durable intake: per-update notes let an interrupted handler resume
     acks: BurstAcks | None = None  # one acknowledgement per burst of images (bot.acks)
+    analysable_parts: list[str] = field(default_factory=list)  # body parts with an abnormality model (/start)
 
 
 def services(context: ContextTypes.DEFAULT_TYPE) -> Services:

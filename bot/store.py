@@ -8,14 +8,11 @@ from __future__ import annotations
 
 import secrets
 import time
-from urllib.parse import urlsplit
-
-import redis.asyncio as aioredis
 
 from contract.envelope import MODES
 from contract.i18n import LANGUAGES, pick_language
 from contract.keys import INFERENCE_QUEUE
-from contract.redis_client import connect_async
+from contract.redis_client import AsyncStore
 from contract.settings import ServiceSettings
 
 # Sliding window: drop timestamps older than the window, admit if fewer than the limit remain.
@@ -47,28 +44,13 @@ return 1
 """
 
 
-class Store:
+class Store(AsyncStore):
+    """The bot's Redis (``broker`` None, another broker kind: no queue position)."""
+
     def __init__(self, settings: ServiceSettings):
-        self.settings = settings
-        self.keys = settings.keys
-        self.redis = connect_async(settings.REDIS_URL)
-        broker = settings.broker_url
-        if broker == settings.REDIS_URL:
-            self.broker: aioredis.Redis | None = self.redis
-        elif urlsplit(broker).scheme in ("redis", "rediss", "unix"):
-            self.broker = connect_async(broker)
-        else:  # another broker kind: no queue position
-            self.broker = None
+        super().__init__(settings)
         self._rate_script = self.redis.register_script(_RATE_LIMIT_LUA)
         self._claim_script = self.redis.register_script(_CLAIM_LOST_LUA)
-
-    async def close(self) -> None:
-        await self.redis.aclose()
-        if self.broker is not None and self.broker is not self.redis:
-            await self.broker.aclose()
-
-    async def ping(self) -> bool:
-        return bool(await self.redis.ping())
 
     # ------------------------------------------------------------- language
     async def language(self, user_id: int | None, telegram_code: str | None) -> str:

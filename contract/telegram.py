@@ -1,12 +1,12 @@
-"""One Telegram retry policy for the bot and the workers, and the bot's retrying HTTP layer.
+"""One Telegram retry loop for the bot and the workers (``retrying``), and the bot's retrying HTTP layer.
 
 The policy: a 429 whose ``retry_after`` is at most ``MAX_INLINE_RETRY_AFTER_S`` is waited out in
-place; 5xx and network errors are retried up to ``ATTEMPTS`` tries per call with exponential backoff
-and jitter (``backoff``); anything longer or permanent goes to the caller. The bot applies it in
-``RetryingRequest`` (python-telegram-bot's HTTP layer: without it one "Too Many Requests" or "Bad
-Gateway" would lose an acknowledgement, a command's answer or a download); the delivery worker in
-``worker.telegram_out.TelegramOut.call``, which turns what is left into a Celery retry countdown.
-URLs are never logged: they contain the bot token.
+place; 5xx and network errors are retried with exponential backoff and jitter (``backoff``); at most
+``ATTEMPTS`` tries per call; anything longer or permanent goes to the caller as python-telegram-bot
+raised it. The bot runs it in ``RetryingRequest`` (python-telegram-bot's HTTP layer: without it one
+"Too Many Requests" or "Bad Gateway" would lose an acknowledgement, a command's answer or a download);
+the delivery worker in ``worker.telegram_out.TelegramOut.call``, which turns what is left into a
+Celery retry countdown. URLs are never logged: they contain the bot token.
 """
 
 from __future__ import annotations
@@ -14,16 +14,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
-import json
 import logging
 import math
 import os
 import random
 import warnings
+from collections.abc import Awaitable, Callable
 from datetime import timedelta
-from typing import Any
+from typing import Any, TypeVar
 
-from telegram.error import RetryAfter
+from telegram.error import BadRequest, NetworkError, RetryAfter
 from telegram.request import HTTPXRequest, RequestData
 
 from .monitoring import TELEGRAM_429
@@ -51,6 +51,45 @@ def retry_after_seconds(error: RetryAfter) -> float:
     return value.total_seconds() if isinstance(value, timedelta) else float(value)
 
 
+T = TypeVar("T")
+
+
+async def retrying(send: Callable[[], Awaitable[T]], what: str, sender: str, *, attempts: int = ATTEMPTS,
+                   max_inline_wait_s: float = MAX_INLINE_RETRY_AFTER_S,
+                   sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
+                   before: Callable[[], Awaitable[Any]] | None = None,
+                   on_flood: Callable[[float], Awaitable[Any]] | None = None) -> T:
+    """The one retry loop: ``send()`` (one Bot API call) at most ``attempts`` times. A 429
+    (``RetryAfter``) is counted for ``sender`` (``bot`` or ``worker``), told to ``on_flood`` (the pacer
+    holds the chat) and waited out when ``retry_after`` ≤ ``max_inline_wait_s``; a network error or 5xx
+    (``NetworkError``, ``TimedOut``, not ``BadRequest``) waits ``backoff``; whatever is left, a longer
+    429 and anything permanent (``Forbidden``, ``BadRequest``, ``InvalidToken``…) is raised unchanged.
+    ``before()`` runs before every try (the send slot; what it raises goes to the caller)."""
+    attempt = 0
+    while True:
+        if before is not None:
+            await before()
+        attempt += 1
+        try:
+            return await send()
+        except RetryAfter as error:
+            TELEGRAM_429.labels(sender).inc()
+            wait = retry_after_seconds(error)
+            if on_flood is not None:
+                with contextlib.suppress(Exception):  # every sender honours Telegram's retry_after
+                    await on_flood(wait)
+            if wait > max_inline_wait_s or attempt >= attempts:
+                raise
+            wait += 0.1
+            logger.info("%s: 429, waiting %.1fs as told", what, wait)
+        except NetworkError as error:
+            if isinstance(error, BadRequest) or attempt >= attempts:  # BadRequest subclasses NetworkError
+                raise
+            wait = backoff(attempt - 1)
+            logger.info("%s: %s, retrying in %.1fs", what, type(error).__name__, wait)
+        await sleep(wait)
+
+
 def quiet_http_logging() -> None:
     """httpx logs every request URL at INFO, and Bot API URLs contain the bot token; so does
     python-telegram-bot's Bot at DEBUG ("Set Bot API URL: …/bot<token>")."""
@@ -59,14 +98,6 @@ def quiet_http_logging() -> None:
     quiet = max(logging.INFO, logging.getLogger().getEffectiveLevel())
     for name in ("telegram.Bot", "telegram.ext.ExtBot"):
         logging.getLogger(name).setLevel(quiet)
-
-
-def _retry_after(payload: bytes) -> float | None:
-    try:
-        value = json.loads(payload)["parameters"]["retry_after"]
-        return float(value)
-    except (ValueError, KeyError, TypeError):
-        return None
 
 
 # How long a send may wait for its slot in the current task (None: the request's default). A
@@ -86,10 +117,11 @@ def paced_chat(endpoint: str, request_data: RequestData | None) -> int | None:
 
 
 class RetryingRequest(HTTPXRequest):
-    """``HTTPXRequest`` that retries a Bot API call on 429 (short ``retry_after``) and on 5xx, and
-    with a ``pacer`` waits for a send slot first (Telegram's limits, shared with the workers).
+    """``HTTPXRequest`` whose calls and downloads go through ``retrying`` (429 with a short
+    ``retry_after``, 5xx and network errors), and with a ``pacer`` wait for a send slot first
+    (Telegram's limits, shared with the workers).
 
-    ``getUpdates`` is left alone (the updater has its own retry loop). A send slot further away than
+    ``getUpdates`` is tried once (the updater has its own retry loop). A send slot further away than
     ``max_pace_wait_s`` raises ``RetryAfter`` without calling Telegram, as Telegram would have.
     """
 
@@ -114,31 +146,22 @@ class RetryingRequest(HTTPXRequest):
         except RedisError as error:  # no shared pace without Redis: send, Telegram's 429s still apply
             logger.warning("send pacing unavailable (%s)", type(error).__name__)
 
-    async def do_request(self, url: str, method: str, request_data: RequestData | None = None,
-                         **timeouts: Any) -> tuple[int, bytes]:
+    async def post(self, url: str, request_data: RequestData | None = None, **timeouts: Any) -> Any:
         endpoint = url.rsplit("/", 1)[-1]
         chat_id = paced_chat(endpoint, request_data) if self._pacer is not None else None
-        attempt = 0
-        while True:
-            if chat_id is not None:
-                await self._wait_for_slot(chat_id)
-            code, payload = await super().do_request(url, method, request_data, **timeouts)
-            attempt += 1
-            if code == 429:
-                TELEGRAM_429.labels("bot").inc()
-            if code == 429 and chat_id is not None:
-                with contextlib.suppress(Exception):  # every sender honours Telegram's retry_after
-                    await self._pacer.penalise(chat_id, _retry_after(payload) or 1.0)
-            if code < 429 or attempt >= self._attempts or endpoint == "getUpdates":
-                return code, payload
-            if code == 429:
-                wait = _retry_after(payload)
-                if wait is None or wait > self._max_inline_wait_s:
-                    return code, payload
-                wait += 0.1
-            elif code >= 500:
-                wait = backoff(attempt - 1)
-            else:
-                return code, payload
-            logger.info("%s: HTTP %d, retrying in %.1fs", endpoint, code, wait)
-            await asyncio.sleep(wait)
+        post = super().post
+
+        async def penalise(wait: float) -> None:
+            await self._pacer.penalise(chat_id, wait)
+
+        return await retrying(lambda: post(url, request_data, **timeouts), endpoint, "bot",
+                              attempts=1 if endpoint == "getUpdates" else self._attempts,
+                              max_inline_wait_s=self._max_inline_wait_s,
+                              before=None if chat_id is None else lambda: self._wait_for_slot(chat_id),
+                              on_flood=None if chat_id is None else penalise)
+
+    async def retrieve(self, url: str, **timeouts: Any) -> bytes:
+        """A file download (``getFile``'s path), retried like a call; never logged (the URL holds the token)."""
+        retrieve = super().retrieve
+        return await retrying(lambda: retrieve(url, **timeouts), "download", "bot", attempts=self._attempts,
+                              max_inline_wait_s=self._max_inline_wait_s)

@@ -12,6 +12,7 @@ import math
 from collections.abc import Callable
 from pathlib import Path
 
+from .formats import FORMAT_NAMES
 from .i18n import N_, fill, load_catalog, pick_language
 from .keys import TELEGRAM_DOWNLOAD_LIMIT_MB
 
@@ -42,19 +43,23 @@ def not_allowed(language: str, user_id: int | str) -> str:
                   "ask the operator to add it."), language, user_id=user_id)
 
 
-def start(language: str) -> str:
-    """/start: what the bot does and does not do, the disclaimer, privacy in two lines."""
+def start(language: str, analysable: str = "") -> str:
+    """/start: what the bot does and does not do, the disclaimer, privacy in two lines. ``analysable``: the
+    sentence naming the body parts the models present read (``diagnosis.messages.analysable_sentence``,
+    the same as in the reply to a film of another part; the bot builds it from the model cards)."""
     _, _n = translator(language)
-    return fill(_(
+    intro = fill(_(
         "Hello! I give a second opinion on X-ray images.\n\n"
-        "Send me a radiograph as a photo or as a file (JPEG, PNG, WebP, TIFF or DICOM, up to {limit_mb} MB). "
-        "I check that it is an X-ray and which body part it shows; for chest X-rays I estimate the "
-        "probability of common findings and send a heat map of the regions that drove them.\n\n"
+        "Send me a radiograph as a photo or as a file ({formats}, up to {limit_mb} MB). "
+        "I check that it is an X-ray and which body part it shows; for the body parts I can analyse, I estimate "
+        "the probability of common findings and send a heat map of the regions that drove them."
+    ), language, formats=FORMAT_NAMES, limit_mb=TELEGRAM_DOWNLOAD_LIMIT_MB)
+    limits = _(
         "What I do not do: I do not make a diagnosis and I do not replace a physician or a radiologist. "
-        "Other body parts are not analysed yet. Always discuss your images and any result with a physician.\n\n"
+        "Always discuss your images and any result with a physician.\n\n"
         "Privacy: your image is held in memory for at most one hour and deleted once you have the answer; "
-        "nothing is written to disk. Details: /privacy. Language: /language. Help: /help."
-    ), language, limit_mb=TELEGRAM_DOWNLOAD_LIMIT_MB) + "\n\n" + _(MODE_HINT)
+        "nothing is written to disk. Details: /privacy. Language: /language. Help: /help.")
+    return "\n\n".join(part for part in (intro, analysable, limits, _(MODE_HINT)) if part)
 
 
 def help_text(language: str, images: int, window_s: int) -> str:
@@ -68,8 +73,8 @@ def help_text(language: str, images: int, window_s: int) -> str:
     ), language, limit=images, minutes=minutes)
     return fill(_(
         "How to use this bot:\n"
-        "• Send an X-ray as a photo, or as a file for full quality: JPEG, PNG, WebP, TIFF or DICOM, up to "
-        "{limit_mb} MB. Albums work too: every image gets its own answer.\n"
+        "• Send an X-ray as a photo, or as a file for full quality: {formats}, up to {limit_mb} MB. "
+        "Albums work too: every image gets its own answer.\n"
         "• Photographing a film or a screen? Hold the phone parallel to it, fill the frame, avoid glare.\n"
         "• You get the findings with their probabilities and, when there is one, a heat map.\n"
         "• {limit_line}\n\n"
@@ -79,7 +84,7 @@ def help_text(language: str, images: int, window_s: int) -> str:
         "/privacy – what is stored and for how long\n"
         "/forget – delete everything the service holds about you\n"
         "/help – this message"
-    ), language, limit_line=limit_line, limit_mb=TELEGRAM_DOWNLOAD_LIMIT_MB) + "\n" + _(
+    ), language, limit_line=limit_line, formats=FORMAT_NAMES, limit_mb=TELEGRAM_DOWNLOAD_LIMIT_MB) + "\n" + _(
         "/mode – screening replies (default) or clinician replies with every finding")
 
 
@@ -147,15 +152,16 @@ def mode_unknown(language: str) -> str:
 # --------------------------------------------------------------------------- images
 def not_an_image_file(language: str) -> str:
     _, _n = translator(language)
-    return _("I cannot analyse this type of file. Please send a JPEG, PNG, WebP, TIFF or DICOM file, "
-             "or send the X-ray as a photo.")
+    return fill(_("I cannot analyse this type of file. Please send an image file ({formats}), "
+                  "or send the X-ray as a photo."), language, formats=FORMAT_NAMES)
 
 
-def too_large(language: str) -> str:
+def too_large(language: str, limit_mb: int = TELEGRAM_DOWNLOAD_LIMIT_MB) -> str:
+    """The one "too large" refusal, wherever it is made: the bot before downloading, the intake's refusal
+    in a reply (``diagnosis.messages.rejection_text``), the HTTP API (with its own limit)."""
     _, _n = translator(language)
-    return fill(_("This file is too large: Telegram lets bots download at most {limit_mb} MB. "
-                  "Please send the X-ray as a photo, or reduce the file size first."), language,
-                limit_mb=TELEGRAM_DOWNLOAD_LIMIT_MB)
+    return fill(_("The file is larger than {limit_mb} MB. Please send a smaller image or a photo of the film."),
+                language, limit_mb=limit_mb)
 
 
 def rate_limited(language: str, wait_s: float, accepted: int | None = None, refused: int | None = None) -> str:
@@ -210,8 +216,8 @@ def other_message(language: str) -> str:
     """Text, stickers, video, voice, unknown commands: what to send instead."""
     _, _n = translator(language)
     return fill(_("I analyse X-ray images only. Please send a radiograph as a photo, or as a file "
-                  "(JPEG, PNG, WebP, TIFF or DICOM, up to {limit_mb} MB). More: /help"), language,
-                limit_mb=TELEGRAM_DOWNLOAD_LIMIT_MB)
+                  "({formats}, up to {limit_mb} MB). More: /help"), language,
+                formats=FORMAT_NAMES, limit_mb=TELEGRAM_DOWNLOAD_LIMIT_MB)
 
 
 def internal_error(language: str) -> str:

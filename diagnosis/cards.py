@@ -338,3 +338,16 @@ def discover(models_dir: Path | str) -> dict[str, tuple[Path, ModelCard]]:
     for folder in sorted(p for p in root.iterdir() if (p / CARD_FILE).is_file()):
         found[folder.name] = (folder, read_card(folder, verify=False))
     return found
+
+
+def analysable_parts(models_dir: Path | str, chosen: dict[str, str] | None = None) -> list[str]:
+    """The body parts the service analyses, as the pipeline picks its abnormality models: the parts chosen
+    by name (``ABNORMALITY_MODELS``) and the part of every abnormality card under ``models_dir``. Only the
+    cards' JSON is read (no weights, no torch): the bot names the parts in /start from here."""
+    parts = set(chosen or {})
+    try:
+        found = discover(models_dir)
+    except CardError:  # no models folder here (a bot without the models volume): the chosen parts only
+        return sorted(parts)
+    return sorted(parts | {card.body_part for _folder, card in found.values()
+                           if card.role == "abnormality" and card.body_part})

@@ -1,6 +1,6 @@
 """Bytes → 8-bit grayscale image. The one door every image comes through.
 
-Formats are detected from content, never from a file name. Anything we cannot or will not decode
+Formats (``contract.formats``) are detected from content, never from a file name. Anything we cannot or will not decode
 raises ``ImageRejected`` whose ``code`` maps to a message that is safe to show a user: it never
 carries a stack trace, a path or DICOM patient data.
 """
@@ -14,12 +14,12 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageOps
 
+from contract.formats import PIL_FORMATS
 from contract.keys import TELEGRAM_DOWNLOAD_LIMIT
 
 MAX_INPUT_BYTES = TELEGRAM_DOWNLOAD_LIMIT  # what a bot can download is what we accept (CLI too)
 MAX_PIXELS = 40_000_000  # ~ 6300×6300; a decompression bomb stops here, before decoding
 MIN_SIDE = 64
-PIL_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF")
 
 # Pillow's own bomb check warns above MAX_IMAGE_PIXELS and raises at twice that; ours runs first.
 Image.MAX_IMAGE_PIXELS = MAX_PIXELS
@@ -42,7 +42,7 @@ CHROMA_MIN = 2.0  # mean |R−G| + |G−B| of a colour picture with visible colo
 @dataclass(frozen=True)
 class DecodedImage:
     gray: np.ndarray  # uint8, H×W, display orientation (EXIF applied, MONOCHROME1 inverted)
-    format: str  # JPEG, PNG, WEBP, BMP, TIFF or DICOM
+    format: str  # Pillow's name of a format of contract.formats.PIL_FORMATS, or DICOM
     # The file held real colour (a camera's cast and noise); digital radiographs are gray even when
     # saved as RGB (all 76 real phone photos of the pack are colour, 74 of them above CHROMA_MIN).
     colour: bool = False

@@ -11,6 +11,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from contract import texts as bot_texts
+from contract.formats import FORMAT_NAMES
 from contract.i18n import N_, fill, isolate, load_catalog, pick_language
 from contract.keys import TELEGRAM_DOWNLOAD_LIMIT_MB
 
@@ -37,6 +39,8 @@ FINDINGS = {
     "Hernia": (N_("Hiatal hernia"), N_("part of the stomach may reach up into the chest")),
 }
 # Urgent wording, used only for a label whose card point allows it (``urgent``: its PPV justifies it).
+# Its keys are the one list of labels that may be called urgent: ``python -m training calibrate`` marks
+# a point ``urgent`` only for them.
 URGENT_MEANING = {
     "Pneumothorax": N_("air may be outside the lung; urgent if you are short of breath"),
 }
@@ -49,9 +53,8 @@ BODY_PARTS = {
 }  # fmt: skip
 REJECTIONS = {
     "empty": N_("The file is empty. Please send the image again."),
-    "too_large": N_("The file is larger than {limit_mb} MB. Please send a smaller image or a photo of the film."),
-    "unsupported": N_("I could not recognise this file as an image. Please send a JPEG, PNG, WebP, TIFF "
-                      "or DICOM file, or simply a photo."),
+    "unsupported": N_("I could not recognise this file as an image. Please send an image file ({formats}), "
+                      "or simply a photo."),
     "corrupt": N_("The image file seems damaged or incomplete. Please send it again, or take a new photo."),
     "too_small": N_("The image is too small to analyse. Please send a larger, sharper image."),
     "too_many_pixels": N_("The image is too large in pixels to analyse safely. Please send a smaller version."),
@@ -165,8 +168,11 @@ def album_caption(captions: list[str]) -> str:
 
 
 def rejection_text(code: str, language: str) -> str:
+    if code == "too_large":  # the bot refuses such a file before downloading it: one wording, in contract.texts
+        return bot_texts.too_large(language)
     _ = gettext_for(language)
-    return fill(_(REJECTIONS.get(code, REJECTIONS["corrupt"])), language, limit_mb=TELEGRAM_DOWNLOAD_LIMIT_MB)
+    return fill(_(REJECTIONS.get(code, REJECTIONS["corrupt"])), language, limit_mb=TELEGRAM_DOWNLOAD_LIMIT_MB,
+                formats=FORMAT_NAMES)
 
 
 def apology(language: str) -> str:
@@ -239,11 +245,17 @@ def render_reply(result: DiagnosisResult, language: str = "en") -> str:
 def analysable_lines(result: DiagnosisResult, language: str) -> list[str]:
     """"So far I can only analyse X-rays of the chest." from the parts the result says the service reads
     (the abnormality cards present); none known (an older worker's result): no line."""
-    if not result.analysable_parts:
-        return []
+    sentence = analysable_sentence(result.analysable_parts, language)
+    return [sentence] if sentence else []
+
+
+def analysable_sentence(parts: list[str], language: str) -> str:
+    """"So far I can only analyse X-rays of the chest.": the one sentence naming the parts the service reads,
+    in the reply to a film of another part and in the bot's /start (``cards.analysable_parts``); "" for none."""
+    if not parts:
+        return ""
     _ = gettext_for(language)
-    parts = ", ".join(body_part_name(part, language) for part in result.analysable_parts)
-    return [fill(_(ANALYSABLE_PARTS), language, parts=parts)]
+    return fill(_(ANALYSABLE_PARTS), language, parts=", ".join(body_part_name(part, language) for part in parts))
 
 
 def verdict_lines(result: DiagnosisResult, language: str) -> list[str]:

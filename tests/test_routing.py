@@ -1,6 +1,5 @@
 """The orientation head's fitting command and the routing measurement, on stand-in models and a tiny pack."""
 
-import csv
 import json
 import subprocess
 import sys
@@ -10,10 +9,10 @@ import pytest
 from conftest import ROOT
 from model_factory import make_models_dir
 from PIL import Image
+from tiny_pack import run_training, write_tiny_pack
 
 from diagnosis.cards import read_card
 from diagnosis.pipeline import Pipeline
-from training.data.datasets import CHEST_LABELS
 from training.measure.routing import turn
 
 
@@ -28,29 +27,11 @@ def write_film(path, seed, size=(96, 72)):
 
 @pytest.fixture(scope="module")
 def film_pack(tmp_path_factory):
-    root = tmp_path_factory.mktemp("films")
-    rows = []
-    for split, count in (("train", 16), ("val", 8), ("test", 6)):
-        for index in range(count):
-            name = f"images/{split}_{index}.png"
-            xray = index % 4 != 0
-            part = ("chest", "hand", "hip")[index % 3] if xray else ""
-            write_film(root / name, hash((split, index)) % 1000)
-            rows.append([name, "tiny", split, int(xray), part, f"p{index}", 0,
-                         "radiograph" if xray else "natural_photo", *([0] * 14)])
-    with (root / "manifest.csv").open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["path", "source", "split", "is_xray", "body_part", "patient_id", "phone_photo", "kind",
-                         *CHEST_LABELS])
-        writer.writerows(rows)
-    return root / "manifest.csv"
+    def film(split, index, path):
+        write_film(path, hash((split, index)) % 1000)
+        return index % 4 != 0, ("chest", "hand", "hip")[index % 3], None
 
-
-def run_training(*args):
-    proc = subprocess.run([sys.executable, "-m", "training", *args], capture_output=True, text=True, cwd=ROOT,
-                          timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc
+    return write_tiny_pack(tmp_path_factory.mktemp("films"), {"train": 16, "val": 8, "test": 6}, film)
 
 
 def test_turn_keeps_the_whole_film_and_black_corners():

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from conftest import ROOT
 from PIL import Image
+from tiny_pack import run_training, write_tiny_pack
 
 from training.data.datasets import CHEST_LABELS, load_chestxray14, load_folder_tree, load_manifest, load_mura
 from training.data.tasks import make_task
@@ -82,30 +83,12 @@ def test_pack_manifest_and_body_part_task(pack):
 @pytest.fixture(scope="module")
 def tiny_pack(tmp_path_factory):
     """A manifest in the pack's format: bright 'radiographs' (hand, chest) and dark 'photos'."""
-    root = tmp_path_factory.mktemp("pack")
-    rows = []
-    for split, count in (("train", 12), ("val", 6), ("test", 6)):
-        for index in range(count):
-            part = ("chest", "hand")[index % 2]
-            name = f"images/{split}_{index}.png"
-            xray = index % 3 != 0
-            write_image(root / name, hash((split, index)) % 1000, bright=xray)
-            labels = [int((index + j) % 4 == 0) for j in range(14)] if xray and part == "chest" else [0] * 14
-            rows.append([name, "tiny", split, int(xray), part if xray else "", f"p{index}", 0,
-                         "radiograph" if xray else "natural_photo", *labels])
-    with (root / "manifest.csv").open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["path", "source", "split", "is_xray", "body_part", "patient_id", "phone_photo", "kind",
-                         *CHEST_LABELS])
-        writer.writerows(rows)
-    return root / "manifest.csv"
+    def film(split, index, path):
+        part, xray = ("chest", "hand")[index % 2], index % 3 != 0
+        write_image(path, hash((split, index)) % 1000, bright=xray)
+        return xray, part, [int((index + j) % 4 == 0) for j in range(14)] if xray and part == "chest" else None
 
-
-def run_training(*args):
-    proc = subprocess.run([sys.executable, "-m", "training", *args], capture_output=True, text=True,
-                          cwd=ROOT, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc
+    return write_tiny_pack(tmp_path_factory.mktemp("pack"), {"train": 12, "val": 6, "test": 6}, film)
 
 
 def test_train_resume_export_evaluate_gate(tiny_pack, tmp_path):

@@ -2,12 +2,13 @@
 
 Celery tasks are synchronous; PTB is asyncio. Each worker process runs one event loop in a daemon
 thread with one initialised ``Bot`` (its HTTP connection pool is reused), created lazily after the
-fork. Errors are sorted for the caller, with the retry policy shared with the bot (``contract.telegram``):
+fork. Each call runs the retry loop shared with the bot (``contract.telegram.retrying``: short 429s
+waited out, 5xx and network errors retried with backoff, ``ATTEMPTS`` tries); what it gives up on is
+sorted for the caller:
 
-* ``telegram.error.RetryAfter`` (429): waits up to ``MAX_INLINE_RETRY_AFTER_S`` are honoured inline,
-  longer ones raise ``Deferred(retry_after)`` so the task is retried with that countdown;
-* 5xx / ``NetworkError`` / ``TimedOut``: up to ``ATTEMPTS`` tries with exponential backoff and jitter,
-  then ``Deferred`` with a longer backoff;
+* ``telegram.error.RetryAfter`` (429) longer than ``MAX_INLINE_RETRY_AFTER_S``: ``Deferred(retry_after)``,
+  so the task is retried with that countdown;
+* 5xx / ``NetworkError`` / ``TimedOut`` after ``ATTEMPTS`` tries: ``Deferred`` with a longer backoff;
 * ``Forbidden`` (bot blocked), ``BadRequest`` (chat gone…), ``InvalidToken``: ``Undeliverable``.
 
 With a ``pacer`` (``contract.pacing``) every message first waits for its send slot, shared by all
@@ -32,17 +33,16 @@ from telegram import Bot, InputFile, InputMediaPhoto, LinkPreviewOptions, ReplyP
 from telegram.error import BadRequest, ChatMigrated, Forbidden, InvalidToken, NetworkError, RetryAfter, TelegramError
 from telegram.request import HTTPXRequest
 
-from contract.monitoring import TELEGRAM_429
 from contract.pacing import Pacer, TooLong
 from contract.settings import Settings
-from contract.telegram import ATTEMPTS, MAX_INLINE_RETRY_AFTER_S, backoff, quiet_http_logging, retry_after_seconds
+from contract.telegram import ATTEMPTS, backoff, quiet_http_logging, retry_after_seconds, retrying
 
 logger = logging.getLogger(__name__)
 quiet_http_logging()  # Bot API URLs contain the bot token
 
 T = TypeVar("T")
 
-CALL_TIMEOUT_S = 120.0
+CALL_TIMEOUT_S = 120.0  # per try
 
 
 class Deferred(Exception):
@@ -100,11 +100,14 @@ class TelegramOut:
         async def call() -> T:
             return await make_call(await self._get_bot())
 
-        return asyncio.run_coroutine_threadsafe(call(), loop).result(timeout=CALL_TIMEOUT_S)
+        future = asyncio.run_coroutine_threadsafe(call(), loop)
+        try:
+            return future.result(timeout=CALL_TIMEOUT_S * ATTEMPTS)  # every try of the retry loop
+        except TimeoutError:
+            future.cancel()  # not left running: a late send would answer twice
+            raise
 
-    def _wait_for_slot(self, what: str, chat_id: int | None) -> None:
-        if self._pacer is None or chat_id is None:
-            return
+    def _wait_for_slot(self, what: str, chat_id: int) -> None:
         try:
             self._pacer.wait_turn(chat_id, self.settings.PACE_MAX_WAIT_S)
         except TooLong as too_long:
@@ -112,39 +115,34 @@ class TelegramOut:
         except RedisError as error:  # no shared pace without Redis: send, Telegram's 429s still apply
             logger.warning("%s: send pacing unavailable (%s)", what, type(error).__name__)
 
-    def _penalise(self, chat_id: int | None, wait: float) -> None:
-        if self._pacer is not None and chat_id is not None:
-            with contextlib.suppress(RedisError):
-                self._pacer.penalise(chat_id, wait)
-
     def call(self, what: str, make_call: Callable[[Bot], Awaitable[T]], chat_id: int | None = None) -> T:
-        """Run one Bot API call with the retry policy described in the module docstring; a message to
-        ``chat_id`` waits for its send slot first (``None``: not a message, not paced)."""
-        network_failures = 0
-        while True:
-            self._wait_for_slot(what, chat_id)
-            try:
-                return self._run(make_call)
-            except RetryAfter as error:
-                TELEGRAM_429.labels("worker").inc()
-                wait = retry_after_seconds(error)
-                self._penalise(chat_id, wait)
-                if wait > MAX_INLINE_RETRY_AFTER_S:
-                    raise Deferred(wait, f"{what}: flood control") from None
-                logger.info("%s: 429, waiting %.1fs as told", what, wait)
-                self._sleep(wait + 0.1)
-            except (Forbidden, InvalidToken, ChatMigrated, BadRequest) as error:
-                # BadRequest subclasses NetworkError: handled here, before the transient branch.
-                raise Undeliverable(f"{what}: {type(error).__name__}: {error.message}") from None
-            except (NetworkError, TimeoutError, OSError) as error:
-                network_failures += 1
-                if network_failures >= ATTEMPTS:
-                    raise Deferred(backoff(network_failures + 2), f"{what}: {type(error).__name__}") from None
-                delay = backoff(network_failures - 1)
-                logger.info("%s: %s, retrying in %.1fs", what, type(error).__name__, delay)
-                self._sleep(delay)
-            except TelegramError as error:
-                raise Undeliverable(f"{what}: {type(error).__name__}: {error.message}") from None
+        """Run one Bot API call through the shared retry loop and sort what it gives up on (module
+        docstring); a message to ``chat_id`` waits for its send slot first (``None``: not a message,
+        not paced). The pacer and the sleeps are synchronous: they run off the event loop."""
+        paced = self._pacer is not None and chat_id is not None
+
+        async def before() -> None:
+            await asyncio.to_thread(self._wait_for_slot, what, chat_id)
+
+        async def on_flood(wait: float) -> None:
+            await asyncio.to_thread(self._pacer.penalise, chat_id, wait)
+
+        async def sleep(seconds: float) -> None:
+            await asyncio.to_thread(self._sleep, seconds)
+
+        try:
+            return self._run(lambda bot: retrying(lambda: make_call(bot), what, "worker", sleep=sleep,
+                                                  before=before if paced else None,
+                                                  on_flood=on_flood if paced else None))
+        except RetryAfter as error:
+            raise Deferred(retry_after_seconds(error), f"{what}: flood control") from None
+        except (Forbidden, InvalidToken, ChatMigrated, BadRequest) as error:
+            # BadRequest subclasses NetworkError: handled here, before the transient branch.
+            raise Undeliverable(f"{what}: {type(error).__name__}: {error.message}") from None
+        except (NetworkError, TimeoutError, OSError) as error:
+            raise Deferred(backoff(ATTEMPTS + 2), f"{what}: {type(error).__name__}") from None
+        except TelegramError as error:
+            raise Undeliverable(f"{what}: {type(error).__name__}: {error.message}") from None
 
     # ------------------------------------------------------------------ API used by the tasks
     @staticmethod

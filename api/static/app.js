@@ -17,6 +17,7 @@
     document.documentElement.lang = texts.language || language;
     document.documentElement.dir = texts.dir === "rtl" ? "rtl" : "ltr";  // Persian and Arabic read right to left
     document.title = texts.title;
+    if (texts.accept) $("image").accept = texts.accept;  // the formats the intake takes (contract/formats.py)
     document.querySelectorAll("[data-text]").forEach((node) => {
       const value = texts[node.dataset.text];
       if (typeof value === "string") node.textContent = value;

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import httpx
 
-from .harness import ROOT, free_port
+from .harness import ROOT, ServiceProcess, free_port
 
 
 def pack_chest_film(pack: Path) -> Path:
@@ -49,53 +49,28 @@ def revoke_key(env: dict[str, str], name: str) -> None:
     api_command(env, "keys", "revoke", "--name", name)
 
 
-class ApiProcess:
+class ApiProcess(ServiceProcess):
+    """``python -m api`` (uvicorn) on a free loopback port; ready once ``/readyz`` answers 200."""
+
+    name = "the API"
+
     def __init__(self, env: dict[str, str], log_path: Path):
-        self.env = dict(env)
+        super().__init__(dict(env), log_path)
         self.port = int(self.env.setdefault("API_PORT", str(free_port())))
         self.env.setdefault("API_HOST", "127.0.0.1")
-        self.log_path = log_path
-        self.process: subprocess.Popen | None = None
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    def ready(self) -> bool:
+        with contextlib.suppress(httpx.HTTPError):
+            return httpx.get(self.url + "/readyz", timeout=2).status_code == 200
+        return False
+
     def start(self, timeout: float = 60.0) -> ApiProcess:
-        self._log = self.log_path.open("ab")
-        env = {**self.env, "PYTHONUNBUFFERED": "1"}
-        self.process = subprocess.Popen([sys.executable, "-m", "api"], cwd=ROOT, env=env, stdout=self._log,
-                                        stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(self.url + "/readyz", timeout=2).status_code == 200:
-                    return self
-            if self.process.poll() is not None:
-                break
-            time.sleep(0.2)
-        self.stop()
-        raise RuntimeError(f"the API did not become ready; log:\n{self.log()[-4000:]}")
-
-    def log(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
-
-    def stop(self) -> None:
-        if self.process is None:
-            return
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(20)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(10)
-        self.process = None
-        with contextlib.suppress(Exception):
-            self._log.close()
+        self._launch([sys.executable, "-m", "api"], self.env, timeout, ready=self.ready)
+        return self
 
 
 class CallbackReceiver:

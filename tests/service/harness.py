@@ -10,6 +10,7 @@
   ``pool="prefork"`` runs it as production does (one child; time limits enforced), ``extra_args``
   adds options such as ``--include tests.service.poison_plugin``.
 * ``BotProcess``: ``python -m bot`` as a subprocess (to SIGKILL it, or to keep its log apart).
+* ``ServiceProcess``: what the worker, the bot and the API processes share (start until ready, log, stop, kill).
 * ``PrivateRedis``: a throw-away ``redis-server`` on a free port (no persistence, a password), for
   tests that kill and restart Redis: never the shared one on 6379.
 * ``chat_summary``: what one chat received, sorted into results, overlays, acknowledgements, notices.
@@ -38,30 +39,18 @@ import numpy as np
 import redis
 from PIL import Image
 
+from contract.redis_client import claim_empty_db
 from contract.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
 PACK = Path(os.environ.get("XRAY_PACK", ROOT.parent / "shared" / "data" / "xray-pack"))
-LOCK_KEY = "xray-second-opinion:test-session-lock"
 
 
 # --------------------------------------------------------------------------- Redis
-def claim_redis_db(base_url: str = "redis://127.0.0.1:6379") -> tuple[str, redis.Redis]:
-    """An empty database, locked for this session: ``(url, client)``. Raises ``ConnectionError``."""
-    explicit = os.environ.get("XSO_TEST_REDIS_URL")
-    if explicit:
-        client = redis.Redis.from_url(explicit)
-        client.ping()
-        return explicit, client
-    for db in range(2, 16):
-        client = redis.Redis.from_url(f"{base_url}/{db}")
-        client.ping()
-        if client.set(LOCK_KEY, f"{os.getpid()}", nx=True, ex=3600):
-            if client.dbsize() == 1:
-                return f"{base_url}/{db}", client
-            client.delete(LOCK_KEY)
-        client.close()
-    raise RuntimeError("no empty Redis database (2-15) is free for the tests")
+def claim_redis_db() -> tuple[str, redis.Redis]:
+    """An empty database, locked for this session (``XSO_TEST_REDIS_URL`` when set): ``(url, client)``.
+    Raises ``ConnectionError``."""
+    return claim_empty_db(os.environ.get("XSO_TEST_REDIS_URL"))
 
 
 def release_redis_db(client: redis.Redis) -> None:
@@ -143,45 +132,34 @@ class BotRunner:
         await application.post_shutdown(application)
 
 
-# --------------------------------------------------------------------------- the worker
-class WorkerProcess:
-    """A real Celery worker subprocess (solo pool), started once per module or session.
-    ``XSO_WORKER_POOL=threads`` runs the solo ones as the batched thread-pool worker instead."""
+# --------------------------------------------------------------------------- services as processes
+class ServiceProcess:
+    """A service as a subprocess with its output in a log file: started and waited for until ``ready()``
+    (``failed()``: give up at once), stopped with SIGTERM (SIGKILL after ``stop_wait_s``), or killed.
+    The worker, the bot and the HTTP API (``api_harness.ApiProcess``) are each one of these."""
 
-    def __init__(self, env: dict[str, str], log_path: Path, queues: str = "inference,delivery",
-                 pool: str = "solo", extra_args: tuple[str, ...] = ()):
+    name = "service"
+    stop_wait_s = 20.0
+
+    def __init__(self, env: dict[str, str], log_path: Path):
         self.env = env
         self.log_path = log_path
-        self.queues = queues
-        self.pool = pool
-        self.extra_args = tuple(extra_args)
         self.process: subprocess.Popen | None = None
 
-    def start(self, timeout: float = 120.0, wait_for_models: bool = True) -> WorkerProcess:
-        env = {**os.environ, **self.env, "PYTHONUNBUFFERED": "1"}
-        pool, concurrency = self.pool, "1"
-        if os.environ.get("XSO_WORKER_POOL") == "threads" and pool == "solo":
-            # The batched CPU worker (docs/performance.md): a thread pool feeding the micro-batcher.
-            pool, concurrency = "threads", "8"
-            env.update(BATCH_MAX="8", BATCH_WAIT_MS="5", BATCH_LOOPS="2", TORCH_THREADS="1")
-        command = [
-            sys.executable, "-m", "celery", "-A", "worker", "worker",
-            "-Q", self.queues, "--pool", pool, "--concurrency", concurrency,
-            "--without-gossip", "--without-mingle", "--without-heartbeat",
-            "-n", f"test-{uuid.uuid4().hex[:8]}@%h", "--loglevel", "INFO", *self.extra_args,
-        ]
+    def _launch(self, command: list[str], env: dict[str, str], timeout: float, ready: Any,
+                failed: Any = None, poll_s: float = 0.2) -> None:
         self._log = self.log_path.open("ab")
-        self.process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT)
+        self.process = subprocess.Popen(command, cwd=ROOT, env={**env, "PYTHONUNBUFFERED": "1"}, stdout=self._log,
+                                        stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            text = self.log()
-            if " ready." in text and ("models loaded" in text or not wait_for_models):
-                return self
-            if "loading the models failed" in text or self.process.poll() is not None:
+            if ready():
+                return
+            if (failed is not None and failed()) or self.process.poll() is not None:
                 break
-            time.sleep(0.2)
+            time.sleep(poll_s)
         self.stop()
-        raise RuntimeError(f"worker did not become ready; log:\n{self.log()[-4000:]}")
+        raise RuntimeError(f"{self.name} did not become ready; log:\n{self.log()[-4000:]}")
 
     def log(self) -> str:
         try:
@@ -200,9 +178,9 @@ class WorkerProcess:
         if self.process is None:
             return
         if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)  # warm shutdown
+            self.process.send_signal(signal.SIGTERM)  # a warm shutdown
             try:
-                self.process.wait(20)
+                self.process.wait(self.stop_wait_s)
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait(10)
@@ -211,57 +189,55 @@ class WorkerProcess:
             self._log.close()
 
 
+# --------------------------------------------------------------------------- the worker
+class WorkerProcess(ServiceProcess):
+    """A real Celery worker subprocess (solo pool), started once per module or session.
+    ``XSO_WORKER_POOL=threads`` runs the solo ones as the batched thread-pool worker instead."""
+
+    name = "worker"
+
+    def __init__(self, env: dict[str, str], log_path: Path, queues: str = "inference,delivery",
+                 pool: str = "solo", extra_args: tuple[str, ...] = ()):
+        super().__init__(env, log_path)
+        self.queues = queues
+        self.pool = pool
+        self.extra_args = tuple(extra_args)
+
+    def start(self, timeout: float = 120.0, wait_for_models: bool = True) -> WorkerProcess:
+        env = {**os.environ, **self.env}
+        pool, concurrency = self.pool, "1"
+        if os.environ.get("XSO_WORKER_POOL") == "threads" and pool == "solo":
+            # The batched CPU worker (docs/performance.md): a thread pool feeding the micro-batcher.
+            pool, concurrency = "threads", "8"
+            env.update(BATCH_MAX="8", BATCH_WAIT_MS="5", BATCH_LOOPS="2", TORCH_THREADS="1")
+        command = [
+            sys.executable, "-m", "celery", "-A", "worker", "worker",
+            "-Q", self.queues, "--pool", pool, "--concurrency", concurrency,
+            "--without-gossip", "--without-mingle", "--without-heartbeat",
+            "-n", f"test-{uuid.uuid4().hex[:8]}@%h", "--loglevel", "INFO", *self.extra_args,
+        ]
+        def ready() -> bool:
+            text = self.log()
+            return " ready." in text and ("models loaded" in text or not wait_for_models)
+
+        self._launch(command, env, timeout, ready=ready, failed=lambda: "loading the models failed" in self.log())
+        return self
+
+
 # --------------------------------------------------------------------------- the bot as a process
-class BotProcess:
+class BotProcess(ServiceProcess):
     """``python -m bot`` against the fake; ready once it long-polls. ``kill()`` is a SIGKILL."""
 
-    def __init__(self, env: dict[str, str], log_path: Path):
-        self.env = env
-        self.log_path = log_path
-        self.process: subprocess.Popen | None = None
+    name = "bot"
+    stop_wait_s = 30.0
 
     def start(self, fake: Any, timeout: float = 60.0, ready: Any = None) -> BotProcess:
         """Ready once it long-polls (or once ``ready()`` is true, e.g. a webhook was registered)."""
         started = time.monotonic()
-        env = {**os.environ, "HEARTBEAT_FILE": "", "POLL_TIMEOUT_S": "1", **self.env, "PYTHONUNBUFFERED": "1"}
-        self._log = self.log_path.open("ab")
-        self.process = subprocess.Popen([sys.executable, "-m", "bot"], cwd=ROOT, env=env, stdout=self._log,
-                                        stderr=subprocess.STDOUT)
-        deadline = started + timeout
-        while time.monotonic() < deadline:
-            if ready() if ready is not None else any(call.at >= started for call in fake.calls_of("getUpdates")):
-                return self
-            if self.process.poll() is not None:
-                break
-            time.sleep(0.1)
-        self.stop()
-        raise RuntimeError(f"bot did not start polling; log:\n{self.log()[-4000:]}")
-
-    def log(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
-
-    def kill(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            os.kill(self.process.pid, signal.SIGKILL)
-            self.process.wait(10)
-        self.stop()
-
-    def stop(self) -> None:
-        if self.process is None:
-            return
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(10)
-        self.process = None
-        with contextlib.suppress(Exception):
-            self._log.close()
+        env = {**os.environ, "HEARTBEAT_FILE": "", "POLL_TIMEOUT_S": "1", **self.env}
+        self._launch([sys.executable, "-m", "bot"], env, timeout, poll_s=0.1, ready=ready or (
+            lambda: any(call.at >= started for call in fake.calls_of("getUpdates"))))
+        return self
 
 
 # --------------------------------------------------------------------------- a private Redis
@@ -360,10 +336,11 @@ def chat_summary(fake: Any, chat_id: int, language: str = "en") -> ChatSummary:
 def non_result_openings(language: str) -> set[str]:
     """First lines of every reply that gives no reading (refusals, retakes, parts not analysed): they
     carry no physician prompt (diagnosis.messages), so they are told apart by how they open."""
-    from diagnosis.messages import BODY_PARTS, MODALITIES, REJECTIONS, render_reply
+    from diagnosis.intake import ImageRejected
+    from diagnosis.messages import BODY_PARTS, MODALITIES, render_reply
     from diagnosis.report import DiagnosisResult
 
-    results = [DiagnosisResult(outcome="rejected", rejection=code) for code in REJECTIONS]
+    results = [DiagnosisResult(outcome="rejected", rejection=code) for code in ImageRejected.CODES]
     results += [DiagnosisResult(outcome="not_xray", modality=m) for m in [None, "non_medical", *MODALITIES]]
     results += [DiagnosisResult(outcome="body_part_not_analysed", body_part=part) for part in BODY_PARTS]
     results += [DiagnosisResult(outcome=o) for o in ("body_part_unknown", "body_part_uncertain")]

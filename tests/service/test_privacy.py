@@ -30,10 +30,11 @@ from dicom_factory import make_dicom
 from model_factory import make_models_dir
 from PIL import Image, PngImagePlugin
 
+from contract.redis_client import LOCK_KEY
 from diagnosis.messages import analysed_heading, rejection_text
 
 from .conftest import TOKEN, worker_env
-from .harness import LOCK_KEY, ROOT, BotProcess, WorkerProcess, chat_summary, sample_image
+from .harness import ROOT, BotProcess, WorkerProcess, chat_summary, sample_image
 
 pytestmark = pytest.mark.slow
 

@@ -50,6 +50,7 @@ from diagnosis.cards import (
     read_card,
     write_card,
 )
+from diagnosis.messages import URGENT_MEANING
 from diagnosis.operating import calibrated as apply_calibration
 from diagnosis.operating import logit, screening_flags
 
@@ -58,7 +59,6 @@ from ..features import drop_refused
 from ..measure.metrics import ECE_BINS, bootstrap_auc_intervals, ece
 
 log = logging.getLogger(__name__)
-URGENT_CAPABLE = ("Pneumothorax",)  # labels whose plain meaning may say "urgent" when the PPV allows
 
 
 # ----------------------------------------------------------------------------- films and raw outputs
@@ -354,7 +354,7 @@ def calibrate_card(card: ModelCard, val_raw: np.ndarray, val_truth: np.ndarray, 
         threshold = high_specificity_threshold(val_cal[normal, i], share) if label in eligible else None
         val_fig = figures(val_truth[:, i], val_cal[:, i], threshold)
         val_fig.auc_ci95 = [_r(v) for v in intervals.get(label, [])] or None
-        urgent = bool(threshold is not None and label in URGENT_CAPABLE
+        urgent = bool(threshold is not None and label in URGENT_MEANING
                       and wilson_lower(round(val_fig.ppv * val_fig.flagged), val_fig.flagged) >= urgent_ppv)
         screening[label] = LabelPoint(eligible=threshold is not None, threshold=threshold, urgent=urgent,
                                       val=_round(val_fig), test=_round(figures(test_truth[:, i], test_cal[:, i],
@@ -420,7 +420,7 @@ def calibrate_card(card: ModelCard, val_raw: np.ndarray, val_truth: np.ndarray, 
         **clinician_method,
         "verdict": f"'see a doctor soon' when the {verdict.output} score reaches its threshold or any screening "
                    f"flag is raised; threshold chosen so at most {verdict_normal_rate} of val normal films hear it",
-        "urgent": f"only for {', '.join(URGENT_CAPABLE)} when eligible and the 95 % Wilson lower bound of its val "
+        "urgent": f"only for {', '.join(URGENT_MEANING)} when eligible and the 95 % Wilson lower bound of its val "
                   f"PPV at the screening point is ≥ {urgent_ppv}",
         "auc_floor": auc_floor, "normal_flag_rate": normal_flag_rate,
         "verdict_normal_rate": verdict_normal_rate, "urgent_ppv": urgent_ppv,

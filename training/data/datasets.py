@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from contract.formats import EXTENSIONS
+
 CHEST_LABELS = [
     "Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule", "Pneumonia",
     "Pneumothorax", "Consolidation", "Edema", "Emphysema", "Fibrosis", "Pleural_Thickening", "Hernia",
@@ -30,7 +32,6 @@ MURA_PARTS = {
     "XR_ELBOW": "elbow", "XR_FINGER": "finger", "XR_FOREARM": "forearm", "XR_HAND": "hand",
     "XR_HUMERUS": "humerus", "XR_SHOULDER": "shoulder", "XR_WRIST": "wrist",
 }  # fmt: skip
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".dcm"}
 
 
 SYNTHETIC_PREFIX = "synthetic_"  # source name of training.data.synthetic_photos output: synthetic_<original source>
@@ -196,7 +197,7 @@ def load_folder_tree(root: Path | str, is_xray: bool | None = None, val_fraction
             label = class_dir.name.lower()
             radiograph = label in BODY_PARTS if is_xray is None else is_xray
             for path in sorted(class_dir.rglob("*")):
-                if path.suffix.lower() not in IMAGE_SUFFIXES:
+                if path.suffix.lower() not in EXTENSIONS:
                     continue
                 record_split = split or _split_by_hash(str(path.parent.relative_to(root)) + path.stem
                                                        if path.parent == class_dir else
