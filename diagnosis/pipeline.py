@@ -90,6 +90,7 @@ class Pipeline:
             raise ValueError(f"heatmap must be one of {', '.join(HEATMAPS)}")
         self.gate, self.body_part, self.abnormality, self.heatmap = gate, body_part, abnormality, heatmap
         self.photo_step = photo_step  # find/straighten the film in phone photos, refuse bad shots
+        self.refuse_bad_shots = True  # False: read every picture whatever the quality check says (measuring)
         # The models' input side: a picture at least this large never has "too few pixels".
         self.input_side = max(m.card.input.size for m in (gate, body_part, *abnormality.values()))
         self.versions = {m.card.name: m.card.version for m in (gate, body_part, *abnormality.values())}
@@ -241,7 +242,7 @@ class Pipeline:
             item.result.modality = modality
             if not item.result.is_xray:
                 item.result.outcome = "not_xray"
-            elif item.problems:
+            elif item.problems and self.refuse_bad_shots:
                 # Asked only once the gate sees an X-ray: a selfie should hear "not an X-ray", not
                 # "retake" (quality-first sent 30 of 426 non-X-ray test images a retake request).
                 item.result.outcome, item.result.retake = "retake", item.problems

@@ -173,3 +173,16 @@ def test_curve_keeps_far_good_films_but_never_names_a_held_out_part_chest():
     assert chosen["holdout_called_chest"] == 0 and chosen["holdout_wrong_part_rate"] <= 0.10
     # The fixed 97 % point would have refused most of the tail.
     assert (hand[90:] > np.quantile(np.r_[chest, hand], 0.97)).sum() >= 8
+
+
+def test_a_measuring_pipeline_can_read_past_the_quality_check(tmp_path):
+    """``refuse_bad_shots=False`` (``measure-quality --cost``) reads a picture the check would send back."""
+    import io
+
+    dark = io.BytesIO()
+    Image.fromarray(np.full((200, 200), 12, np.uint8)).save(dark, format="PNG")
+    pipeline = Pipeline.load(make_models_dir(tmp_path / "models"))
+    sent_back = pipeline.run(dark.getvalue()).result
+    assert sent_back.outcome == "retake" and sent_back.retake == ["too_dark"]
+    pipeline.refuse_bad_shots = False
+    assert pipeline.run(dark.getvalue()).result.outcome == "analysed"
