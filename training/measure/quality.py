@@ -147,7 +147,9 @@ def rule_cost(manifest: Path, split: str, per_part: int, seed: int = 0) -> dict:
     quality check off (``Pipeline.refuse_bad_shots``) reads the split's radiographs of the known
     parts as sent, synthetic photos (``synthetic_photos``, seed (seed, i)) of ``per_part`` films per
     part and degraded copies of them (``degrade``, sent as JPEG); per (kind, code) and for the clean
-    pictures of each kind: how many, and the share whose reply named the right part."""
+    pictures of each kind: how many, and the share whose reply named the right part. Every rule is
+    applied to every picture here (files judged as photos too), so the table says for each kind of
+    picture whether a rule's refusals are pictures the models would misread."""
     import hashlib
     from collections import defaultdict
 
@@ -193,9 +195,11 @@ def rule_cost(manifest: Path, split: str, per_part: int, seed: int = 0) -> dict:
             result = analysis.result
             if result.input_format is None:
                 continue
-            decoded = decode(data)  # the codes the check would give, as the pipeline computes them
-            codes = check_quality(decoded.gray, models_view(decoded), looks_photographed(decoded.gray, decoded.colour),
-                                  input_side) if decoded.format != "DICOM" else []
+            # Every rule on every picture (as if each were a photo), so that a rule's cost shows for each
+            # kind of picture, files included, whichever kinds the service asks it of.
+            decoded = decode(data)
+            codes = check_quality(decoded.gray, models_view(decoded), True, input_side) \
+                if decoded.format != "DICOM" else []
             right = result.outcome in ("analysed", "body_part_not_analysed") and result.body_part == record.body_part
             for key in [f"{kind}: {code}" for code in codes] or [f"{kind}: clean"]:
                 counts[key]["n"] += 1
