@@ -75,6 +75,17 @@ ADVICE: dict[str, str] = {
     "film_too_small": N_("The film fills too little of the photo. Come closer so that the film fills most of "
                          "the frame, and hold the phone parallel to the film."),
 }
+# The same problems in a file that does not look like a photo (diagnosis.photo.looks_photographed):
+# asking to photograph it better would be wrong; ask for the original file. Glare and a film too
+# small in the frame are asked of photos only (diagnosis.quality).
+ADVICE_FILE: dict[str, str] = {
+    "too_dark": N_("The image is too dark. Please send the original file from the clinic, or a photo of the film "
+                   "on a lit light box."),
+    "too_bright": N_("The image is too bright and washed out. Please send the original file from the clinic."),
+    "blurred": N_("The image is blurred. Please send the original file from the clinic, or a sharp photo of the "
+                  "whole film."),
+    "too_small": N_("The image has too few pixels. Please send the original file from the clinic."),
+}
 
 # Non-X-ray images the gate card's modality head can name: one whole sentence each (translations
 # need the noun's own grammar). Medical images keep the physician footer; non-medical ones do not.
@@ -89,6 +100,7 @@ SEND_RADIOGRAPH = N_("Please send a radiograph: a file from the clinic, or a str
                      "film or screen.")
 
 RETAKE_HEADING = N_("The photo is not good enough to analyse:")  # followed by the advice, one per line
+RETAKE_HEADING_FILE = N_("This image is not good enough to analyse:")  # the same for a file (not a photo)
 RECTIFIED_NOTE = N_("The photo was straightened and cropped to the film before analysis.")
 TURNED_NOTE = N_("I turned your picture upright before reading it.")
 
@@ -195,8 +207,9 @@ def render_reply(result: DiagnosisResult, language: str = "en") -> str:
     if result.outcome == "rejected":
         lines.append(rejection_text(result.rejection or "corrupt", language))
     elif result.outcome == "retake":
-        lines.append(_(RETAKE_HEADING))
-        lines.extend(f"• {_(ADVICE[code])}" for code in result.retake if code in ADVICE)
+        advice = ADVICE if result.photographed else {**ADVICE, **ADVICE_FILE}
+        lines.append(_(RETAKE_HEADING if result.photographed else RETAKE_HEADING_FILE))
+        lines.extend(f"• {_(advice[code])}" for code in result.retake if code in advice)
     elif result.outcome == "not_xray" and result.modality in MODALITIES:
         lines.append(_(MODALITIES[result.modality]))
         lines.append(_(SEND_RADIOGRAPH))

@@ -29,7 +29,7 @@ from .network import DenseNetClassifier, load_model
 from .openset import BodyPartNovelty, ModalityHead, OrientationHead
 from .operating import MODES, assess, verdict_point
 from .overlay import render_overlays
-from .photo import models_view
+from .photo import looks_photographed, models_view
 from .preprocess import to_model_input
 from .quality import check_quality
 from .report import DiagnosisResult
@@ -90,6 +90,9 @@ class Pipeline:
             raise ValueError(f"heatmap must be one of {', '.join(HEATMAPS)}")
         self.gate, self.body_part, self.abnormality, self.heatmap = gate, body_part, abnormality, heatmap
         self.photo_step = photo_step  # find/straighten the film in phone photos, refuse bad shots
+        self.refuse_bad_shots = True  # False: read every picture whatever the quality check says (measuring)
+        # The models' input side: a picture at least this large never has "too few pixels".
+        self.input_side = max(m.card.input.size for m in (gate, body_part, *abnormality.values()))
         self.versions = {m.card.name: m.card.version for m in (gate, body_part, *abnormality.values())}
         self.card_hashes = {m.card.name: sha256_of(m.folder / "card.json")
                             for m in (gate, body_part, *abnormality.values()) if (m.folder / "card.json").is_file()}
@@ -202,8 +205,9 @@ class Pipeline:
             return
         clock = time.perf_counter()
         straightened = models_view(item.decoded)
-        problems = check_quality(item.decoded.gray, straightened)
-        item.result.rectified = straightened.rectified
+        photographed = looks_photographed(item.decoded.gray, item.decoded.colour)
+        problems = check_quality(item.decoded.gray, straightened, photographed, self.input_side)
+        item.result.rectified, item.result.photographed = straightened.rectified, photographed
         item.result.timings_ms["photo"] = _ms(clock)
         item.image, item.problems, item.corners = straightened.gray, problems, straightened.corners
 
@@ -238,7 +242,7 @@ class Pipeline:
             item.result.modality = modality
             if not item.result.is_xray:
                 item.result.outcome = "not_xray"
-            elif item.problems:
+            elif item.problems and self.refuse_bad_shots:
                 # Asked only once the gate sees an X-ray: a selfie should hear "not an X-ray", not
                 # "retake" (quality-first sent 30 of 426 non-X-ray test images a retake request).
                 item.result.outcome, item.result.retake = "retake", item.problems

@@ -15,6 +15,8 @@ phone photos of films included, and deliberately degraded copies of them), then 
       ("glare"). Degraded copies (300 per kind) refused with the matching code: too_dark 100 %,
       too_bright 100 %, blurred 98.3 %, glare 92.7 %, film_too_small 92.7 % (the rest: a film that
       small was not found at all, so nothing tells it apart from a digital file).
+    Since glare is asked of photos only (2026-12-06, issue #21; the same commands): val 4 / 2007
+    (0.20 %), test 6 / 1511 (0.40 %: 5 very dark hand files, 1 spine file of 512 px judged as a photo).
 """
 
 from __future__ import annotations
@@ -46,8 +48,14 @@ CODES = ("too_dark", "too_bright", "blurred", "glare", "too_small", "film_too_sm
 # The advice texts live with every other user-facing text, in messages.py (no OpenCV there).
 
 
-def check_quality(gray: np.ndarray, rectified: Rectified) -> list[str]:
-    """Problem codes for an intake image (empty list: fine to analyse), in ``CODES`` order."""
+def check_quality(gray: np.ndarray, rectified: Rectified, photographed: bool = True, input_side: int = 0) -> list[str]:
+    """Problem codes for an intake image (empty list: fine to analyse), in ``CODES`` order.
+
+    ``photographed`` (``diagnosis.photo.looks_photographed``): only a photo of a film can carry a
+    lamp's reflection; in a digital file a bright blob clear of the edge is a metal implant or a
+    marker (on val it refused 9 of 2,001 good files, most of them shoulder implants, docs/photos.md).
+    ``input_side``: the models' input side; a picture at least that large never has "too few
+    pixels": when its straightened film is that small, the film was photographed from too far."""
     metrics = quality_metrics(gray, rectified)
     problems = []
     if metrics["p99"] < DARK_P99:
@@ -56,11 +64,13 @@ def check_quality(gray: np.ndarray, rectified: Rectified) -> list[str]:
         problems.append("too_bright")
     if metrics["blur"] > BLUR_EFFECT and "too_dark" not in problems and "too_bright" not in problems:
         problems.append("blurred")  # a nearly flat image always looks blurred: exposure is the cause
-    if metrics["glare"] > GLARE_FRACTION or metrics["specular"] > SPECULAR_FRACTION:
+    if photographed and (metrics["glare"] > GLARE_FRACTION or metrics["specular"] > SPECULAR_FRACTION):
         problems.append("glare")
-    if metrics["short_side"] < MIN_SIDE:
+    few_pixels = metrics["short_side"] < MIN_SIDE
+    if few_pixels and min(gray.shape) < input_side:
         problems.append("too_small")
-    if rectified.rectified and rectified.film_fraction < MIN_FILM_FRACTION:
+    far = rectified.film_fraction < MIN_FILM_FRACTION or (few_pixels and "too_small" not in problems)
+    if rectified.rectified and far:
         problems.append("film_too_small")
     return problems
 

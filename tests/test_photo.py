@@ -212,8 +212,11 @@ def test_quality_refuses_bad_shots_with_the_right_code(chest_images, code):
 def test_quality_refuses_a_film_with_too_few_pixels():
     film = np.tile(np.linspace(0, 255, 50, dtype=np.uint8), (40, 1))
     corners = np.float32([[10, 10], [60, 10], [60, 50], [10, 50]])
-    assert "too_small" in check_quality(np.zeros((300, 300), np.uint8),
-                                        Rectified(gray=film, rectified=True, corners=corners, film_fraction=0.3))
+    found = Rectified(gray=film, rectified=True, corners=corners, film_fraction=0.3)
+    assert "too_small" in check_quality(np.zeros((100, 100), np.uint8), found, input_side=128)
+    # A picture as large as the models' input has pixels enough: its film was photographed from too far.
+    large = check_quality(np.zeros((300, 300), np.uint8), found, input_side=128)
+    assert "film_too_small" in large and "too_small" not in large
 
 
 def test_every_code_has_advice():

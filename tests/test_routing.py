@@ -81,3 +81,89 @@ def test_routing_counts_what_the_reply_names_per_group_and_turn(film_pack, tmp_p
     # The stand-in gate accepts everything: non-X-rays are "accepted", never right.
     assert groups["not_xray:natural_photo"]["right"] == 0.0
     assert set(report["by_angle"]) == {"0", "90"}
+
+
+# Issue #21: good films turned away. One test per rule.
+
+def _implant_film(size=250):
+    """A digital film (gray, under 400 px) with a small saturated blob clear of the edge on a dark
+    surround: what a shoulder implant looks like, and what a lamp's reflection looks like in a photo."""
+    rng = np.random.default_rng(3)
+    film = rng.integers(30, 120, (size, size)).astype(np.uint8)
+    yy, xx = np.mgrid[:size, :size]
+    film[(yy - size // 2) ** 2 + (xx - size // 2) ** 2 <= (size // 12) ** 2] = 255
+    return film
+
+
+def test_glare_is_asked_of_photos_only():
+    from diagnosis.photo import rectify
+    from diagnosis.quality import check_quality
+
+    film = _implant_film()
+    assert "glare" in check_quality(film, rectify(film, photographed=False), photographed=True)
+    assert "glare" not in check_quality(film, rectify(film, photographed=False), photographed=False)
+
+
+def test_a_digital_film_with_an_implant_is_read_not_sent_back(tmp_path):
+    import io
+
+    models = make_models_dir(tmp_path / "models")
+    buffer = io.BytesIO()
+    Image.fromarray(_implant_film()).save(buffer, format="PNG")
+    result = Pipeline.load(models).run(buffer.getvalue()).result
+    assert result.outcome == "analysed" and not result.photographed and result.retake == []
+    photo = io.BytesIO()
+    Image.fromarray(np.dstack([_implant_film(640)] * 3)).save(photo, format="PNG")
+    assert Pipeline.load(models).run(photo.getvalue()).result.photographed
+
+
+def test_retake_words_fit_what_was_sent():
+    from diagnosis.messages import render_reply
+    from diagnosis.report import DiagnosisResult
+
+    file = render_reply(DiagnosisResult(outcome="retake", is_xray=True, retake=["too_dark"]), "en")
+    photo = render_reply(DiagnosisResult(outcome="retake", is_xray=True, retake=["too_dark"], photographed=True), "en")
+    assert "photo is not" not in file and "original file" in file
+    assert "The photo is not good enough" in photo and "original file" not in photo
+
+
+def _scores(rng, n, centre, spread=0.1):
+    return np.abs(rng.normal(centre, spread, n))
+
+
+def test_curve_keeps_far_good_films_but_never_names_a_held_out_part_chest():
+    from training.card.open_set import choose_on_curve
+
+    rng = np.random.default_rng(0)
+    labels = ["chest", "hand"]
+
+    def probs(n, part, confidence=0.995):
+        row = np.full((n, 2), 1 - confidence)
+        row[:, labels.index(part)] = confidence
+        return row
+
+    # Val films: most near 1.0, a tail out to 1.6 (the tail a 97 % quantile would refuse).
+    chest, hand = _scores(rng, 200, 1.0), np.r_[_scores(rng, 90, 1.0), np.linspace(1.3, 1.6, 10)]
+    known = {"val_films": (np.r_[probs(200, "chest"), probs(100, "hand")], np.r_[chest, hand],
+                           np.zeros(300, bool), np.array(["chest"] * 200 + ["hand"] * 100))}
+    # Hold-out: one film at 2.4 the classifier calls chest, the rest far out.
+    holdout = (np.r_[probs(1, "chest"), probs(19, "hand")], np.r_[2.4, np.full(19, 9.0)], np.zeros(20, bool))
+    chosen = choose_on_curve(known, holdout, None, None, labels, 0.6, max_wrong=0.10)
+    assert chosen["kept"] == 1.0 and chosen["kept_by_set"]["val_films"] == 1.0  # the tail is kept
+    assert 1.6 <= chosen["threshold"] < 2.4  # ... and the held-out "chest" refused
+    assert chosen["holdout_called_chest"] == 0 and chosen["holdout_wrong_part_rate"] <= 0.10
+    # The fixed 97 % point would have refused most of the tail.
+    assert (hand[90:] > np.quantile(np.r_[chest, hand], 0.97)).sum() >= 8
+
+
+def test_a_measuring_pipeline_can_read_past_the_quality_check(tmp_path):
+    """``refuse_bad_shots=False`` (``measure-quality --cost``) reads a picture the check would send back."""
+    import io
+
+    dark = io.BytesIO()
+    Image.fromarray(np.full((200, 200), 12, np.uint8)).save(dark, format="PNG")
+    pipeline = Pipeline.load(make_models_dir(tmp_path / "models"))
+    sent_back = pipeline.run(dark.getvalue()).result
+    assert sent_back.outcome == "retake" and sent_back.retake == ["too_dark"]
+    pipeline.refuse_bad_shots = False
+    assert pipeline.run(dark.getvalue()).result.outcome == "analysed"

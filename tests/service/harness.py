@@ -344,7 +344,7 @@ def non_result_openings(language: str) -> set[str]:
     results += [DiagnosisResult(outcome="not_xray", modality=m) for m in [None, "non_medical", *MODALITIES]]
     results += [DiagnosisResult(outcome="body_part_not_analysed", body_part=part) for part in BODY_PARTS]
     results += [DiagnosisResult(outcome=o) for o in ("body_part_unknown", "body_part_uncertain")]
-    results += [DiagnosisResult(outcome="retake", retake=["blurred"])]
+    results += [DiagnosisResult(outcome="retake", retake=["blurred"], photographed=p) for p in (False, True)]
     return {render_reply(r, language).split("\n", 1)[0] for r in results}
 
 

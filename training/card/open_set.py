@@ -135,9 +135,96 @@ def summary(said: list[str], truth: list[str], known: bool) -> dict:
     return entry
 
 
+KEEP_GRID = (0.9, 0.95, 0.97, 0.98, 0.99, 0.995, 0.998, 1.0)  # quantiles of the val known-part scores tried
+BEYOND_GRID = (1.1, 1.25, 1.5, 2.0)  # and multiples of the farthest one
+CHEST_KEEP_GRID = (0.98, 0.99, 0.995, 1.0)  # shares of the passing val chest films the chest floor keeps
+
+
+def _grid(scores: np.ndarray) -> list[float]:
+    if not len(scores):
+        return []
+    return sorted({round(float(np.quantile(scores, q)), 4) for q in KEEP_GRID}
+                  | {round(float(scores.max() * f), 4) for f in BEYOND_GRID})
+
+
+def choose_on_curve(known: dict[str, tuple], holdout: tuple, photos_known: tuple | None,
+                    photos_holdout: tuple | None, labels: list[str], min_confidence: float,
+                    max_wrong: float) -> dict:
+    """The unknown-part thresholds and chest floors, chosen on val from a curve.
+
+    ``known``: name → (probs, score, rectified, true part) of val films and real val photos;
+    ``photos_known``: the same for synthetic val photos (None: no photo threshold); ``holdout`` and
+    ``photos_holdout``: (probs, score, rectified) of films and photos of parts the model does not know
+    (never fitted on). Kept = the mean over every (set, part) of the share named right; the point kept
+    is the one with the most kept among those naming at most ``max_wrong`` of the hold-out as a known
+    part and none as chest; ties go to the stricter thresholds (more room for parts never seen)."""
+    sets = dict(known)
+    if photos_known is not None:
+        sets["val_synthetic_photos"] = photos_known
+    hold = [holdout] + ([photos_holdout] if photos_holdout is not None else [])
+    chest = labels.index("chest") if "chest" in labels else None
+    films = np.concatenate([s[1][~np.asarray(s[2], bool)] for s in known.values()])
+    film_grid = _grid(films if len(films) else np.concatenate([s[1] for s in known.values()]))
+    photo_scores = photos_known[1][photos_known[2]] if photos_known is not None else np.zeros(0)
+    photo_grid = _grid(photo_scores) or [None]
+
+    def chest_floor(threshold: float, photo_threshold: float | None, keep: float, photo: bool) -> float:
+        rows = [s for s in ([photos_known] if photo else list(known.values())) if s is not None]
+        passing = [s[0][(np.asarray(s[2], bool) == photo) & (s[3] == "chest")
+                        & (s[1] <= (photo_threshold if photo else threshold))] for s in rows]
+        chest_probs = np.concatenate([p[:, chest] for p in passing]) if passing else np.zeros(0)
+        if not len(chest_probs):
+            return round(float(min_confidence), 4)
+        return round(float(max(min_confidence, np.quantile(chest_probs, 1 - keep))), 4)
+
+    def said(entry: tuple, threshold: float, photo_threshold: float | None, floors: dict, photo_floors: dict):
+        rect = np.asarray(entry[2], bool)
+        limits = np.where(rect, photo_threshold if photo_threshold is not None else threshold, threshold)
+        per_row = np.array([photo_floors if r else floors for r in rect]) if len(rect) else np.array([])
+        return outcomes(entry[0], entry[1], limits, labels, min_confidence, per_row)
+
+    curve = []
+    best = None
+    for threshold in film_grid:
+        for photo_threshold in photo_grid:
+            if photo_threshold is not None and photo_threshold < threshold:
+                continue
+            for keep in CHEST_KEEP_GRID if chest is not None else (1.0,):
+                floors = {"chest": chest_floor(threshold, photo_threshold, keep, False)} if chest is not None else {}
+                photo_floors = ({"chest": chest_floor(threshold, photo_threshold, keep, True)}
+                                if chest is not None and photo_threshold is not None else floors)
+                shares, per_set = [], {}
+                for name, entry in sets.items():
+                    words = said(entry, threshold, photo_threshold, floors, photo_floors)
+                    right = np.asarray(words) == entry[3]
+                    per_set[name] = round(float(right.mean()), 4) if len(right) else None
+                    shares += [float(right[entry[3] == part].mean()) for part in labels if (entry[3] == part).any()]
+                words = [w for entry in hold for w in said(entry, threshold, photo_threshold, floors, photo_floors)]
+                named = [w for w in words if w not in ("unknown", "uncertain")]
+                point = {"threshold": threshold, "photo_threshold": photo_threshold, "chest_keep": keep,
+                         "floors": floors, "photo_floors": photo_floors,
+                         "kept": round(float(np.mean(shares)), 4) if shares else 0.0, "kept_by_set": per_set,
+                         "holdout_n": len(words), "holdout_named": len(named),
+                         "holdout_wrong_part_rate": round(len(named) / max(len(words), 1), 4),
+                         "holdout_called_chest": named.count("chest")}
+                point["allowed"] = point["holdout_called_chest"] == 0 and point["holdout_wrong_part_rate"] <= max_wrong
+                curve.append(point)
+                if point["allowed"] and (best is None or point["kept"] > best["kept"]):
+                    best = point
+    if best is None:  # nothing meets the bound: the strictest point
+        best = curve[0]
+    frontier = [p for p in curve if p["allowed"] and not any(
+        q["allowed"] and q["kept"] > p["kept"] and q["holdout_wrong_part_rate"] <= p["holdout_wrong_part_rate"]
+        for q in curve)]
+    compact = sorted({(p["kept"], p["holdout_wrong_part_rate"]): p for p in frontier}.values(), key=lambda p: p["kept"])
+    return {**{k: v for k, v in best.items() if k != "allowed"}, "max_wrong": max_wrong, "points_tried": len(curve),
+            "frontier": [{k: p[k] for k in ("threshold", "photo_threshold", "chest_keep", "kept",
+                                             "holdout_wrong_part_rate")} for p in compact]}
+
+
 def run(model: Path, records: list[Record], cache: Path, keep: float, chest_keep: float, max_train_per_part: int,
         write: bool = True, train_photos: int = 0, seed: int = 1, val_photos: int = 0,
-        holdout_photos: int = 5, photo_keep: float = 0.95) -> dict:
+        holdout_photos: int = 5, photo_keep: float = 0.95, curve: bool = True, max_wrong: float = 0.05) -> dict:
     card = read_card(model)
     labels = card.labels
     chosen = choose_records(records, labels, max_train_per_part)
@@ -278,6 +365,33 @@ def run(model: Path, records: list[Record], cache: Path, keep: float, chest_keep
         photo_floor = float(max(min_confidence, np.quantile(v["probs"][passing, labels.index("chest")],
                                                             1 - chest_keep)))
         photo_floors = {"chest": round(photo_floor, 4)}
+    chosen_on_curve = None
+    if curve:
+        # The thresholds and the chest floors from a curve on val: known parts named right (val films,
+        # the pack's real val photos, synthetic val photos; the mean of the per-part shares) against
+        # hold-out parts refused (hip and wrist films of train and val, never fitted on, and synthetic
+        # photos of them): the most known parts kept with at most ``max_wrong`` of the hold-out named
+        # as a known part and none called chest. A fixed share of val films (``keep``) refuses that
+        # share of good films by design (issue #21).
+        phone = np.array([r.phone_photo for r in chosen])
+        val_sets = {"val_films": val & ~phone, "val_real_photos": val & phone}
+        holdout_choose = unknown & (splits != "test")
+        chosen_on_curve = choose_on_curve(
+            {name: (probs[m], score[m], film_rect[m], parts[m]) for name, m in val_sets.items()},
+            (probs[holdout_choose], score[holdout_choose], film_rect[holdout_choose]),
+            ((photos["val_known"]["probs"], photos["val_known"]["score"][normalise], photos["val_known"]["rect"],
+              photos["val_known"]["part"]) if photos else None),
+            ((photos["holdout"]["probs"][photos["holdout"]["split"] != "test"],
+              photos["holdout"]["score"][normalise][photos["holdout"]["split"] != "test"],
+              photos["holdout"]["rect"][photos["holdout"]["split"] != "test"]) if photos else None),
+            labels, min_confidence, max_wrong)
+        threshold = chosen_on_curve["threshold"]
+        photo_threshold = chosen_on_curve["photo_threshold"] if photos else None
+        floors = chosen_on_curve["floors"]
+        photo_floors = chosen_on_curve["photo_floors"] if photos else None
+        comparison[best] = {**comparison[best], "threshold": threshold,
+                            **({"photo_threshold": photo_threshold} if photos else {})}
+        limits = film_limits(comparison[best])
     film_floors = np.array([photo_floors if r and photo_floors is not None else floors for r in film_rect])
 
     def report(mask: np.ndarray, with_open_set: bool, is_known: bool) -> dict:
@@ -308,6 +422,8 @@ def run(model: Path, records: list[Record], cache: Path, keep: float, chest_keep
     if photos:
         metrics["val_photos_known"] = report_photos("val_known", True)
         metrics["holdout_photos"] = report_photos("holdout", False)
+    if chosen_on_curve is not None:
+        metrics["curve"] = chosen_on_curve
     spec_arrays = AuxiliaryFile(file=ARRAYS_FILE, sha256="")
     means, precision = fitted[normalise]
     spec = OpenSetSpec(
@@ -315,18 +431,28 @@ def run(model: Path, records: list[Record], cache: Path, keep: float, chest_keep
         photo_threshold=round(photo_threshold, 4) if photo_threshold is not None else None,
         photo_label_min_confidence=photo_floors,
         method_notes=(f"{best}: squared Mahalanobis distance of the pooled features to the nearest part mean "
-                      f"(shared Ledoit-Wolf covariance, fitted on {int(train.sum())} train films and "
-                      f"{train_photos} synthetic photos of train films per part, seed {seed}); threshold keeps "
-                      f"{keep:.0%} of {int(val.sum())} known-part val films; photo_threshold (inputs the photo step "
-                      f"straightened) keeps {photo_keep:.0%} of the straightened synthetic photos (seed 0) of at most "
-                      f"{val_photos} val films per part; chest floors keep {chest_keep:.0%} of the val chest films "
-                      "(label_min_confidence) and of the straightened val chest photos (photo_label_min_confidence) "
-                      f"that pass (not below min_confidence); score chosen on the {int(val_unknown.sum())} val "
+                      f"(shared Ledoit-Wolf covariance, fitted on {int(train.sum())} train films (the pack's real "
+                      f"train photos among them) and {train_photos} synthetic photos of train films per part, "
+                      f"seed {seed}); "
+                      + (f"threshold, photo_threshold (inputs the photo step straightened) and chest floors chosen "
+                         f"on val from a curve of known parts named right (mean of the per-part shares over "
+                         f"{int(val.sum())} val films and real val photos and the synthetic photos (seed 0) of at "
+                         f"most {val_photos} val films per part) vs hold-out parts refused (hip and wrist films of "
+                         f"train and val and {holdout_photos} synthetic photos of each): the most kept with at most "
+                         f"{max_wrong:.0%} of the hold-out named and none called chest"
+                         if curve else
+                         f"threshold keeps {keep:.0%} of {int(val.sum())} known-part val films; photo_threshold "
+                         f"(inputs the photo step straightened) keeps {photo_keep:.0%} of the straightened synthetic "
+                         f"photos (seed 0) of at most {val_photos} val films per part; chest floors keep "
+                         f"{chest_keep:.0%} of the val chest films (label_min_confidence) and of the straightened val "
+                         "chest photos (photo_label_min_confidence) that pass (not below min_confidence)")
+                      + f"; score chosen on the {int(val_unknown.sum())} val "
                       f"hold-out films and {holdout_photos} synthetic photos of each (fewest named as a known part, "
                       "then the "
                       "widest margin to the threshold); "
                       "command: python -m training open-set --model models/body_part --manifest "
-                      "../shared/data/xray-pack/manifest.csv"),
+                      "../shared/data/xray-pack/manifest.csv"
+                      + (f" --max-wrong {max_wrong}" if curve else " --fixed-keep")),
         metrics=metrics)
     if write:
         save_file({"means": np.ascontiguousarray(means, dtype=np.float32),
@@ -431,7 +557,8 @@ def main(args) -> int:
                                          max_wrong=args.max_wrong), args.json)
     result = run(args.model, records, args.cache, args.keep, args.chest_keep, args.max_train_per_part,
                  write=not args.dry_run, train_photos=args.train_photos, val_photos=args.val_photos,
-                 holdout_photos=args.holdout_photos, photo_keep=args.photo_keep)
+                 holdout_photos=args.holdout_photos, photo_keep=args.photo_keep, curve=not args.fixed_keep,
+                 max_wrong=args.max_wrong)
     if args.photos:
         result["synthetic_chest_photos"] = [photo_routing(args.model, records, args.cache, split, args.photos)
                                             for split in ("val", "test")]
@@ -443,7 +570,12 @@ def add_arguments(parser) -> None:
     parser.add_argument("--manifest", action="append", required=True)
     parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "open-set",
                         help="forward-pass cache (not the repository)")
-    parser.add_argument("--keep", type=float, default=0.97, help="share of known-part val films kept")
+    parser.add_argument("--keep", type=float, default=0.97,
+                        help="share of known-part val films kept (--fixed-keep; else the reference point of the "
+                             "score comparison)")
+    parser.add_argument("--fixed-keep", action="store_true",
+                        help="thresholds and chest floors from --keep, --photo-keep and --chest-keep instead of the "
+                             "val curve of known parts kept vs hold-out parts refused")
     parser.add_argument("--chest-keep", type=float, default=0.98, help="share of passing val chest films routed")
     parser.add_argument("--max-train-per-part", type=int, default=1500)
     parser.add_argument("--json", type=Path)
@@ -460,7 +592,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--confident-only", action="store_true",
                         help="keep the fitted check; choose only its allowance for films the classifier is sure of")
     parser.add_argument("--max-wrong", type=float, default=0.05,
-                        help="--confident-only: share of train/val hold-out films and photos that may be named")
+                        help="share of train/val hold-out films and photos that may be named as a known part "
+                             "(the curve; --confident-only)")
     parser.add_argument("--photos", type=int, default=0,
                         help="also measure body part = chest on synthetic photos of N val and N test chest films")
 

@@ -1,7 +1,7 @@
 """How often does the quality check refuse real radiographs, and does it refuse bad shots?
 
     python -m training measure-quality --manifest ../shared/data/xray-pack/manifest.csv --split test \\
-        [--json OUT] [--degraded 300] [--seed 0]
+        [--json OUT] [--degraded 300] [--seed 0] [--cost 40]
 
 Real radiographs: every ``is_xray=1`` row of the split, phone photos of films included, decoded by
 ``diagnosis.intake`` and rectified by ``diagnosis.photo`` exactly as in the pipeline. The share the
@@ -24,11 +24,12 @@ import cv2
 import numpy as np
 
 from diagnosis.intake import ImageRejected, decode
-from diagnosis.photo import rectify
+from diagnosis.photo import looks_photographed, models_view, rectify
 from diagnosis.quality import CODES, check_quality, quality_metrics
 
 from ..data.synthetic_photos import synthesise_with_corners, to_gray
 
+INPUT_SIDE = 128  # the shipped models' input side (card input.size): "too few pixels" only below it
 DEGRADATIONS = ("too_dark", "too_bright", "blurred", "glare", "film_too_small")
 
 
@@ -62,6 +63,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", default=None, help="write the figures here")
     parser.add_argument("--degraded", type=int, default=300, help="degraded copies per kind (0: none)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--cost", type=int, default=0, metavar="PER_PART",
+                        help="also read the split with the check off (files, real photos, synthetic photos and "
+                             "degraded copies of PER_PART films per part): share named right per rule")
     args = parser.parse_args(argv)
 
     manifest = Path(args.manifest)
@@ -72,13 +76,14 @@ def main(argv: list[str] | None = None) -> int:
     grays = []
     for row in rows:
         try:
-            gray = decode((manifest.parent / row["path"]).read_bytes()).gray
+            decoded = decode((manifest.parent / row["path"]).read_bytes())
         except ImageRejected as error:
             print(f"skipped {row['path']}: {error.code}", file=sys.stderr)
             continue
-        result = rectify(gray)
+        gray = decoded.gray
+        result = models_view(decoded)  # as the service sees the file (diagnosis.pipeline)
         rectified_count += result.rectified
-        problems = check_quality(gray, result)
+        problems = check_quality(gray, result, looks_photographed(gray, decoded.colour), INPUT_SIDE)
         metrics.append(quality_metrics(gray, result))
         grays.append(gray)
         if problems:
@@ -108,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         for index in picks:
             bad = degrade(grays[index], kind, rng)
             result = rectify(bad)
-            problems = check_quality(bad, result)
+            problems = check_quality(bad, result, True, INPUT_SIDE)  # a bad shot: judged as a photo
             kind_metrics.append(quality_metrics(bad, result))
             hit += kind in problems
             any_refusal += bool(problems)
@@ -127,9 +132,79 @@ def main(argv: list[str] | None = None) -> int:
     print("  real radiographs, metric quantiles (0.1 %, 1 %, 50 %, 99 %, 99.9 %):")
     for name, values in report["real_metric_quantiles"].items():
         print(f"    {name:14s} {values}")
+    if args.cost:
+        report["cost"] = rule_cost(manifest, args.split, args.cost)
+        print("  with the check off, share named right per rule (kind, code: n, named right):")
+        for key, figures in report["cost"].items():
+            print(f"    {key:40s} {figures['n']:5d} {figures['named_right']:.3f}")
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
     return 0
+
+
+def rule_cost(manifest: Path, split: str, per_part: int, seed: int = 0) -> dict:
+    """Does each rule refuse pictures the models would misread? The shipped pipeline with the
+    quality check off (``Pipeline.refuse_bad_shots``) reads the split's radiographs of the known
+    parts as sent, synthetic photos (``synthetic_photos``, seed (seed, i)) of ``per_part`` films per
+    part and degraded copies of them (``degrade``, sent as JPEG); per (kind, code) and for the clean
+    pictures of each kind: how many, and the share whose reply named the right part. Every rule is
+    applied to every picture here (files judged as photos too), so the table says for each kind of
+    picture whether a rule's refusals are pictures the models would misread."""
+    import hashlib
+    from collections import defaultdict
+
+    from diagnosis.pipeline import Pipeline
+
+    from ..data.datasets import load_sources
+    from .routing import as_jpeg
+
+    pipeline = Pipeline.load(backend="onnx", threads=1)
+    pipeline.refuse_bad_shots = False
+    input_side = pipeline.input_side
+    labels = pipeline.body_part.card.labels
+    records = sorted((r for r in load_sources([str(manifest)]) if r.split == split and r.is_xray
+                      and not r.synthetic and r.body_part in labels),
+                     key=lambda r: hashlib.sha256(r.path.name.encode()).hexdigest())
+    jobs: list[tuple[str, object, int | None]] = [("real_photo" if r.phone_photo else "file", r, None)
+                                                   for r in records]
+    taken: Counter = Counter()
+    films = []
+    for record in (r for r in records if not r.phone_photo):
+        if taken[record.body_part] < per_part:
+            taken[record.body_part] += 1
+            films.append(record)
+    for index, record in enumerate(films):
+        jobs += [(kind, record, index) for kind in ("synthetic_photo", *(f"degraded:{k}" for k in DEGRADATIONS[:4]))]
+
+    def picture(kind: str, record, index: int | None) -> bytes:
+        data = record.path.read_bytes()
+        if index is None:
+            return data
+        gray = decode(data).gray
+        rng = np.random.default_rng((seed, index))
+        if kind == "synthetic_photo":
+            return as_jpeg(to_gray(synthesise_with_corners(gray, rng)[0]))
+        return as_jpeg(degrade(gray, kind.split(":")[1], rng))
+
+    counts: dict[str, Counter] = defaultdict(Counter)
+    for start in range(0, len(jobs), 16):
+        chunk = jobs[start:start + 16]
+        datas = [picture(*job) for job in chunk]
+        for (kind, record, _), data, analysis in zip(chunk, datas, pipeline.run_batch(datas, make_overlay=False),
+                                                     strict=True):
+            result = analysis.result
+            if result.input_format is None:
+                continue
+            # Every rule on every picture (as if each were a photo), so that a rule's cost shows for each
+            # kind of picture, files included, whichever kinds the service asks it of.
+            decoded = decode(data)
+            codes = check_quality(decoded.gray, models_view(decoded), True, input_side) \
+                if decoded.format != "DICOM" else []
+            right = result.outcome in ("analysed", "body_part_not_analysed") and result.body_part == record.body_part
+            for key in [f"{kind}: {code}" for code in codes] or [f"{kind}: clean"]:
+                counts[key]["n"] += 1
+                counts[key]["right"] += right
+    return {key: {"n": c["n"], "named_right": round(c["right"] / c["n"], 4)} for key, c in sorted(counts.items())}
 
 
 def _quantiles(metrics: list[dict[str, float]]) -> dict[str, list[float]]:
