@@ -119,6 +119,9 @@ OVERLAY_NOT_A_DIAGNOSIS = N_("This is not a diagnosis: only a physician can inte
 
 PHYSICIAN = N_("This is an automated second opinion, not a diagnosis. Please show the image and this "
                "result to a physician, who can examine you and decide what it means.")
+# A radiograph (or another medical image) that was not read still belongs with a physician; the
+# prompt above speaks of "this result", so an unread image gets its own line.
+PHYSICIAN_UNREAD = N_("I have not analysed this image. Please show it to a physician.")
 
 # Nothing flagged: what was not found first, then that the check misses many cases (never "normal").
 NO_CLEAR_SIGN = N_("No clear sign of {names} was found, but this check misses many cases, so it does not rule "
@@ -200,6 +203,10 @@ def analysed_heading(part: str, language: str) -> str:
                           part=body_part_name(part, language)))
 
 
+# Radiographs the service recognised but did not read: the reply still sends them to a physician.
+UNREAD_MEDICAL = ("body_part_not_analysed", "body_part_unknown", "body_part_uncertain")
+
+
 def render_reply(result: DiagnosisResult, language: str = "en") -> str:
     """The complete reply text for one result, ending with the prompt to see a physician."""
     _ = gettext_for(language)
@@ -252,6 +259,9 @@ def render_reply(result: DiagnosisResult, language: str = "en") -> str:
     if result.outcome == "analysed":  # the physician prompt speaks of "this result": only where a reading was given
         lines.append("")
         lines.append("⚕️ " + _(PHYSICIAN))
+    elif result.outcome in UNREAD_MEDICAL or (result.outcome == "not_xray" and result.modality in MODALITIES):
+        lines.append("")
+        lines.append("⚕️ " + _(PHYSICIAN_UNREAD))
     return "\n".join(lines)
 
 

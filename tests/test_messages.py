@@ -5,7 +5,7 @@ from babel.messages.extract import extract_from_dir
 
 from contract.i18n import LANGUAGES, pick_language
 from diagnosis.messages import PHYSICIAN as PROMPT
-from diagnosis.messages import apology, gettext_for, render_reply
+from diagnosis.messages import PHYSICIAN_UNREAD, UNREAD_MEDICAL, apology, gettext_for, render_reply
 from diagnosis.report import DiagnosisResult, Finding
 
 PHYSICIAN = {"en": "physician", "ru": "врачу", "kk": "дәрігерге", "uz": "shifokorga", "ky": "дарыгерге",
@@ -44,11 +44,17 @@ RESULTS = [
 @pytest.mark.parametrize("language", list(LANGUAGES))
 @pytest.mark.parametrize("result", RESULTS, ids=lambda r: f"{r.outcome}-{r.modality}")
 def test_the_physician_prompt_ends_a_reading_and_only_a_reading(result, language):
-    """The prompt says "show the image and this result to a physician": it follows a reading, and a
-    refusal, a retake request or a part not analysed gives none (there is no result to show)."""
+    """The prompt says "show the image and this result to a physician": it follows a reading only.
+    A radiograph recognised but not read, and a medical image that is not an X-ray, end with their own
+    line sending the image to a physician; a corrupt file or an image that is not medical gets none."""
     text = render_reply(result, language)
+    last = text.splitlines()[-1]
+    unread_medical = result.outcome in UNREAD_MEDICAL or result.modality in ("ct", "other_medical")
     if result.outcome == "analysed":
-        assert PHYSICIAN[language] in text.splitlines()[-1] and text.splitlines()[-1].startswith("⚕️ ")
+        assert PHYSICIAN[language] in last and last.startswith("⚕️ ")
+    elif unread_medical:
+        assert last == "⚕️ " + gettext_for(language)(PHYSICIAN_UNREAD) and PHYSICIAN[language] in last
+        assert gettext_for(language)(PROMPT) not in text
     else:
         assert gettext_for(language)(PROMPT) not in text and "⚕" not in text
 
@@ -64,7 +70,9 @@ def test_retake_and_analysed_photo_prompt(language):
 def test_other_part_says_what_it_is_and_what_can_be_read_without_probabilities():
     hand = RESULTS[2]
     assert render_reply(hand, "en").splitlines() == ["I recognised an X-ray of the hand.",
-                                                     "So far I can only analyse X-rays of the chest."]
+                                                     "So far I can only analyse X-rays of the chest.", "",
+                                                     "⚕️ I have not analysed this image. Please show it to a "
+                                                     "physician."]
     assert "%" not in render_reply(hand, "ru") and "кисти" in render_reply(hand, "ru")
     assert "грудной клетки" in render_reply(hand, "ru").splitlines()[1]
     # the list comes from the result (the abnormality cards present), not from the text
@@ -75,7 +83,7 @@ def test_other_part_says_what_it_is_and_what_can_be_read_without_probabilities()
     for outcome in ("body_part_unknown", "body_part_uncertain"):
         text = render_reply(DiagnosisResult(outcome=outcome, is_xray=True, body_part_probability=0.9,
                                             analysable_parts=["chest"]), "en")
-        assert text.splitlines()[-1] == "So far I can only analyse X-rays of the chest." and "%" not in text
+        assert "So far I can only analyse X-rays of the chest." in text.splitlines() and "%" not in text
     not_xray = render_reply(DiagnosisResult(outcome="not_xray", xray_probability=0.02), "en")
     assert not_xray.startswith("This does not look like an X-ray image.") and "%" not in not_xray
 

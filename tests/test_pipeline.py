@@ -64,7 +64,9 @@ def test_body_part_without_model_says_so(tmp_path):
     assert analysis.result.body_part == "hand"
     assert analysis.result.analysable_parts == ["chest"]  # from the abnormality cards present
     assert render_reply(analysis.result).splitlines() == ["I recognised an X-ray of the hand.",
-                                                           "So far I can only analyse X-rays of the chest."]
+                                                           "So far I can only analyse X-rays of the chest.", "",
+                                                           "⚕️ I have not analysed this image. Please show it "
+                                                           "to a physician."]
     assert not analysis.overlays
 
 
@@ -147,8 +149,8 @@ def test_open_set_check_says_unknown_part_only_above_its_threshold(tmp_path, thr
         assert result.body_part is None and result.findings == []
         reply = render_reply(result)
         assert reply.startswith("This looks like an X-ray of a body part I cannot read yet")
-        assert "physician" not in reply
-        assert reply.splitlines()[-1] == "So far I can only analyse X-rays of the chest."
+        assert "So far I can only analyse X-rays of the chest." in reply.splitlines()
+        assert reply.splitlines()[-1] == "⚕️ I have not analysed this image. Please show it to a physician."
 
 
 @pytest.mark.parametrize(("film", "photo"), [(0.5, 2.0), (2.0, 0.5)])
@@ -192,8 +194,8 @@ def test_open_set_arrays_are_checked_by_hash(tmp_path):
         Pipeline.load(models)
 
 
-@pytest.mark.parametrize(("modality", "start", "footer"), [  # refusals read nothing: no physician prompt
-    ("ct", "This looks like a CT scan", False), ("ultrasound", "This looks like an ultrasound image", False),
+@pytest.mark.parametrize(("modality", "start", "footer"), [  # a medical image, unread, still goes to a physician
+    ("ct", "This looks like a CT scan", True), ("ultrasound", "This looks like an ultrasound image", True),
     ("non_medical", "Sorry, this does not look like an X-ray image", False)])
 def test_modality_head_names_what_the_gate_refused(tmp_path, modality, start, footer):
     result = Pipeline.load(make_models_dir(tmp_path, xray=False, modality=modality)).run(IMAGE).result
