@@ -1,6 +1,6 @@
 """End to end for the early exits: a natural photo (not an X-ray), a hand radiograph (not analysed yet),
 an X-ray of a body part the model does not know, a CT slice named as such, and a non-medical photo
-(refused politely). None of them was read, so none carries the physician prompt.
+(refused politely). None of them was read, so none carries the results prompt (radiographs get a shorter physician line).
 
 Each scenario gets its own worker, loaded with factory models that force that route.
 """
@@ -21,7 +21,7 @@ pytestmark = pytest.mark.slow
 
 SCENARIOS = {
     # scenario: (factory arguments, image, start of the reply, physician footer)
-    # No reading was given, so no physician prompt (it speaks of "this result"): issue #22.
+    # No reading was given, so no results prompt (it speaks of "this result"): issue #22.
     "not_xray": ({"xray": False}, "natural", "This does not look like an X-ray image.", False),
     "hand": ({"xray": True, "body_part": "hand"}, "hand",
              "I recognised an X-ray of the hand.\nSo far I can only analyse X-rays of the chest.", False),
