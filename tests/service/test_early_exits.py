@@ -1,6 +1,7 @@
 """End to end for the early exits: a natural photo (not an X-ray), a hand radiograph (not analysed yet),
 an X-ray of a body part the model does not know, a CT slice named as such, and a non-medical photo
-(refused politely). None of them was read, so none carries the results prompt (radiographs get a shorter physician line).
+(refused politely). None of them was read, so none carries the results prompt (unread medical images
+get a shorter physician line).
 
 Each scenario gets its own worker, loaded with factory models that force that route.
 """
