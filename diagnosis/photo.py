@@ -86,7 +86,11 @@ def rectify(gray: np.ndarray, photographed: bool = True) -> Rectified:
     untouched = Rectified(gray=gray, rectified=False, corners=None, film_fraction=1.0)
     try:
         corners = find_tilted_film(gray)
-        if corners is None and photographed:
+        if corners is not None and photographed:
+            # The tilted outline may be a whole photo turned inside black corners: the film inside
+            # the straightened photo is searched for as in any photo.
+            corners = film_inside(gray, corners)
+        elif corners is None and photographed:
             corners = find_film(gray)
         if corners is None:
             return untouched
@@ -149,6 +153,18 @@ def find_tilted_film(gray: np.ndarray) -> np.ndarray | None:
     if not _is_padding(raw, corners):
         return None
     return (corners / scale).astype(np.float32)
+
+
+def film_inside(gray: np.ndarray, outline: np.ndarray) -> np.ndarray:
+    """Corners (input pixels) of the film found inside the quadrilateral ``outline`` once it is
+    straightened, or ``outline`` itself when none is found there. One warp at the end: the two
+    steps compose into one quadrilateral of the input."""
+    upright, matrix = _warp(gray, outline)
+    inner = find_film(upright)
+    if inner is None:
+        return outline
+    back = cv2.perspectiveTransform(inner.reshape(-1, 1, 2).astype(np.float64), np.linalg.inv(matrix))
+    return _order(back.reshape(4, 2).astype(np.float32))
 
 
 def _candidates(small: np.ndarray, magnitude: np.ndarray) -> list[np.ndarray]:
@@ -357,15 +373,23 @@ def _pixels(points: np.ndarray, width: int, height: int) -> tuple[np.ndarray, np
     return np.clip(xy[..., 0], 0, width - 1), np.clip(xy[..., 1], 0, height - 1)
 
 
-def _straighten(gray: np.ndarray, corners: np.ndarray) -> np.ndarray:
-    """Warp the film to an upright rectangle at full resolution, then de-moiré and stretch contrast."""
+def _warp(gray: np.ndarray, corners: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The quadrilateral ``corners`` (TL, TR, BR, BL) warped to an upright rectangle at full
+    resolution, and the 3×3 matrix from input pixels to the rectangle's."""
     tl, tr, br, bl = corners
     width = round(float(max(np.linalg.norm(tr - tl), np.linalg.norm(br - bl))))
     height = round(float(max(np.linalg.norm(bl - tl), np.linalg.norm(br - tr))))
     width, height = max(width, 2), max(height, 2)
     target = np.float32([[0, 0], [width - 1, 0], [width - 1, height - 1], [0, height - 1]])
     matrix = cv2.getPerspectiveTransform(corners.astype(np.float32), target)
-    film = cv2.warpPerspective(gray, matrix, (width, height), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+    warped = cv2.warpPerspective(gray, matrix, (width, height), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+    return warped, matrix
+
+
+def _straighten(gray: np.ndarray, corners: np.ndarray) -> np.ndarray:
+    """Warp the film to an upright rectangle at full resolution, then de-moiré and stretch contrast."""
+    film, _ = _warp(gray, corners)
+    height, width = film.shape
     # A screen's pixel grid photographed by a phone leaves a fine periodic pattern (a period of a few
     # px). A blur growing with the image size removes it (for the models and the overlay) while
     # staying below the detail that survives the models' ≤ 256 px input. Coarse moiré bands, the
