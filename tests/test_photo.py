@@ -172,6 +172,41 @@ def test_a_large_tilted_digital_film_is_straightened_whole(radiographs, angle):
     assert np.all(np.abs(np.array(view.gray.shape) - film.shape) <= 0.05 * max(film.shape))
 
 
+@pytest.mark.parametrize("angle", [-20, -15, 15, 20])
+def test_a_turned_film_whose_own_edge_is_partly_black_is_straightened_whole(radiographs, angle):
+    """A film with a black band along its side (a shoulder film's dark surround) turned inside a grown
+    canvas: its outline on the padding is no rectangle, but its corners touch the picture's sides."""
+    film = radiographs["chest"].copy()
+    film[:, : film.shape[1] * 3 // 10] = 0
+    view = models_view(decode(encode_jpeg(turned_on_black(film, angle))))
+    assert view.rectified
+    assert np.all(np.abs(np.array(view.gray.shape) - film.shape) <= 0.06 * max(film.shape))
+
+
+@pytest.mark.parametrize("angle", [-15, 20])
+def test_a_straightened_digital_film_keeps_its_values_and_loses_the_black_edge(radiographs, angle):
+    """Turned back, a dim digital film is neither contrast-stretched (that is for washed-out photos)
+    nor framed by the padding's blurred edge: it looks like the film as sent."""
+    film = (radiographs["chest"].astype(np.float32) * 0.5 + 20).astype(np.uint8)  # a dim film, 20–148
+    view = models_view(decode(encode_jpeg(turned_on_black(film, angle))))
+    assert view.rectified and int(view.gray.max()) <= int(film.max()) + 12
+    border = np.concatenate([view.gray[0], view.gray[-1], view.gray[:, 0], view.gray[:, -1]]).astype(float)
+    film_border = np.concatenate([film[0], film[-1], film[:, 0], film[:, -1]]).astype(float)
+    assert abs(border.mean() - film_border.mean()) < 12
+    same = cv2.resize(view.gray, film.shape[::-1], interpolation=cv2.INTER_AREA).astype(float)
+    assert np.abs(same - film).mean() < 10
+
+
+def test_a_tilted_silhouette_on_black_is_no_tilted_film():
+    """An upright digital film whose anatomy lies on exact black (a hand on a black background) is
+    left alone: the content neither fills a turned rectangle nor reaches one's sides."""
+    gray = np.zeros((200, 200), np.uint8)
+    cv2.ellipse(gray, (100, 100), (70, 35), 15, 0, 360, 160, -1)
+    cv2.randn(noise := np.zeros_like(gray, dtype=np.float32), 0, 8)
+    gray = np.where(gray > 0, np.clip(gray + noise, 10, 240), 0).astype(np.uint8)
+    assert not models_view(decode(encode_jpeg(gray))).rectified
+
+
 def test_an_upright_film_on_black_padding_or_a_slight_tilt_is_left_alone(radiographs):
     film = radiographs["chest"]
     for gray in (cv2.copyMakeBorder(film, 20, 20, 40, 40, cv2.BORDER_CONSTANT, value=0), turned_on_black(film, 1.0)):
