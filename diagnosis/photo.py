@@ -88,12 +88,14 @@ def rectify(gray: np.ndarray, photographed: bool = True) -> Rectified:
     untouched = Rectified(gray=gray, rectified=False, corners=None, film_fraction=1.0)
     try:
         corners, photo = find_tilted_film(gray), photographed
-        if corners is not None and photographed:
+        if corners is not None:
             # The tilted outline may be a whole photo turned inside black corners: the film inside
-            # the straightened photo is searched for as in any photo.
-            inner = film_inside(gray, corners)
-            photo, corners = inner is not None, corners if inner is None else inner
-        elif corners is None and photographed:
+            # the straightened photo is searched for as in any photo. Else the film itself is kept,
+            # less its blurred edge on the padding.
+            inner = film_inside(gray, corners) if photographed else None
+            trim = TILT_INSET * max(gray.shape) / WORK_SIDE
+            photo, corners = inner is not None, _inset(corners, trim) if inner is None else inner
+        elif photographed:
             corners = find_film(gray)
         if corners is None:
             return untouched
@@ -160,7 +162,7 @@ def find_tilted_film(gray: np.ndarray) -> np.ndarray | None:
             continue
         if _side_support(content, corners) >= MIN_TILTED_SUPPORT or (
                 cv2.contourArea(cv2.convexHull(outline)) >= MIN_TILTED_FILL * w * h):
-            return _inset(corners, TILT_INSET) / scale
+            return corners / scale
     return None
 
 
