@@ -249,7 +249,8 @@ class Pipeline:
                       accepted: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """A film sent sideways or upside down is turned upright before anything reads it, and the
         gate looks again at the upright film (it was trained on upright films only). Costs one extra
-        gate pass, for turned pictures only."""
+        gate pass, for turned pictures only. A turn on trial (the head less sure) stands only when
+        the head calls the turned-back picture upright; else the picture is read as sent."""
         clock = time.perf_counter()
         head = self.gate.orientation
         sure, trial = head.decide(features, accepted)
