@@ -145,12 +145,14 @@ class OrientationHead:
         """Per image: does the head call this (turned-back) picture upright, for a turn on trial?"""
         return self.probabilities(feature_maps)[:, self.classes.index("0")] >= self.spec.confirm_upright_probability
 
-    def not_xray(self, feature_maps: np.ndarray) -> np.ndarray:
-        """Per image: does the head refuse the picture the gate finally saw as not an X-ray?"""
+    def not_xray(self, feature_maps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Per image: does the head refuse the picture the gate finally saw as not an X-ray, and
+        its "not_xray" probability (0 without that class)."""
         floor = self.spec.not_xray_min_probability
-        if floor is None or "not_xray" not in self.classes:
-            return np.zeros(len(feature_maps), bool)
-        return self.probabilities(feature_maps)[:, self.classes.index("not_xray")] >= floor
+        if "not_xray" not in self.classes:
+            return np.zeros(len(feature_maps), bool), np.zeros(len(feature_maps))
+        probability = self.probabilities(feature_maps)[:, self.classes.index("not_xray")]
+        return (np.zeros(len(probability), bool) if floor is None else probability >= floor), probability
 
 
 def decide_turn(probabilities: np.ndarray, classes: list[str], min_probability: float) -> int:

@@ -231,8 +231,13 @@ class Pipeline:
         accepted = probs[:, index] >= threshold
         if self.gate.orientation is not None:
             probs, features = self._turn_upright(items, probs, features, accepted)
-            # The head saw non-X-rays at every turn; the gate only upright ones.
-            accepted = (probs[:, index] >= threshold) & ~self.gate.orientation.not_xray(features)
+            # The head saw non-X-rays at every turn; the gate only upright ones. A picture the head
+            # refuses reports the lower of the two views of "is it an X-ray".
+            refused, not_xray = self.gate.orientation.not_xray(features)
+            if refused.any():
+                probs = probs.copy()
+                probs[refused, index] = np.minimum(probs[refused, index], 1.0 - not_xray[refused])
+            accepted = (probs[:, index] >= threshold) & ~refused
         modalities = self.gate.modality.name(features, accepted) if self.gate.modality else [None] * len(items)
         for item, row, is_xray, modality in zip(items, probs, accepted, modalities, strict=True):
             item.result.xray_probability = float(row[index])

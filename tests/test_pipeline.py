@@ -268,7 +268,8 @@ def test_the_orientation_heads_not_xray_refuses_what_the_gate_accepts(tmp_path, 
     models = make_models_dir(tmp_path, orientation="not_xray", orientation_spec={"not_xray_min_probability": floor})
     result = Pipeline.load(models).run(IMAGE).result
     assert result.outcome == outcome and result.is_xray is (outcome == "analysed") and result.turned == 0
-    assert result.xray_probability > 0.99  # the gate's own probability is still reported
+    # Refused: the lower of the gate's (~1) and the head's (1 - ~0.9) is reported, as the decision reads.
+    assert result.xray_probability == (pytest.approx(0.1, abs=0.01) if outcome == "not_xray" else pytest.approx(1.0))
 
 
 @pytest.mark.parametrize(("confidence", "allowance", "outcome"), [
