@@ -3,7 +3,9 @@
 The same images run through two pipelines loaded side by side in one process: the shipped models,
 and the same models with the gate card's ``orientation`` section left out (a copy of the folder in a
 temporary directory). Images: the example film as sent, a phone-style 1280×960 JPEG of it, and the
-film turned by 90° and 180° (the head turns those back, at the cost of a second gate pass). Rounds
+film turned by 90° and 180° (the head turns those back, at the cost of a second gate pass) and
+tilted by 15° on black (the photo step straightens it). ``--against DIR`` compares with another
+models folder instead (an older gate card: the cost of a change to the head). Rounds
 alternate between the two pipelines, so a busy machine slows both alike; the table gives p50/p95 of
 the whole pipeline (``timings_ms["total"]``, overlays included) and the difference of the p50s.
 """
@@ -43,6 +45,12 @@ def without_orientation(models: Path, into: Path) -> Path:
     return into
 
 
+def tilted_jpeg(source: Path, degrees: float) -> bytes:
+    from training.measure.routing import as_jpeg, turn
+
+    return as_jpeg(turn(np.asarray(Image.open(source).convert("L")), degrees))
+
+
 def main(argv: list[str] | None = None) -> int:
     from diagnosis.pipeline import Pipeline
 
@@ -50,16 +58,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=40)
     parser.add_argument("--backend", default="onnx")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--against", type=Path,
+                        help="compare with this models folder (e.g. an older gate card) instead of the same "
+                             "models without the orientation section")
     args = parser.parse_args(argv)
     models = models_dir_from_environment()
     example = ROOT / "examples" / "chest_xray.jpg"
     images = {"film as sent": example.read_bytes(), "phone JPEG 1280×960": phone_style_jpeg(example),
-              "film turned 90°": turned_jpeg(example, 1), "film turned 180°": turned_jpeg(example, 2)}
+              "film turned 90°": turned_jpeg(example, 1), "film turned 180°": turned_jpeg(example, 2),
+              "film tilted 15°": tilted_jpeg(example, 15)}
     with tempfile.TemporaryDirectory() as scratch:
         pipelines = {
             "with head": Pipeline.load(PipelineConfig(models_dir=models, backend=args.backend, threads=args.threads)),
-            "without head": Pipeline.load(PipelineConfig(models_dir=without_orientation(models, Path(scratch)),
-                                                         backend=args.backend, threads=args.threads)),
+            "without head": Pipeline.load(PipelineConfig(
+                models_dir=args.against or without_orientation(models, Path(scratch)), backend=args.backend,
+                threads=args.threads)),
         }
         if pipelines["with head"].gate.orientation is None:
             raise SystemExit(f"the gate card in {models} has no orientation section: nothing to compare")
@@ -73,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
                         times[name, image].append(result.timings_ms["total"])
                     turned[name, image] = result.turned
     print(f"{machine()}; {args.runs} runs per cell, backend {args.backend}, {args.threads} threads; "
-          f"load average {os.getloadavg()[0]:.1f}")
+          f"load average {os.getloadavg()[0]:.1f}"
+          + (f"; 'without head' = the models in {args.against}" if args.against else ""))
     print("| image | without head p50 / p95 (ms) | with head p50 / p95 (ms) | p50 difference (ms) | turned |")
     print("|---|---|---|---|---|")
     for image in images:

@@ -176,12 +176,21 @@ class OrientationSpec(BaseModel):
     ``arrays`` holds "weight" (classes × features) and "bias". A picture is turned back upright only
     when a turn other than 0 reaches ``min_probability`` — or ``min_probability_refused`` when the
     gate refuses the picture as sent (an upright X-ray almost never is, so turning it risks little).
+    A turn that reaches only ``confirm_min_probability`` is undone on trial: it is kept when the
+    head, shown the turned-back picture (the gate's second pass), calls it upright ("0") with at
+    least ``confirm_upright_probability``; else the picture is read as sent. With
+    ``not_xray_min_probability`` set, a picture the gate accepts is still refused as not an X-ray
+    when the head gives the picture the gate finally saw "not_xray" at least that probability (the
+    gate was trained on upright pictures only; the head saw non-X-rays at every turn).
     """
 
     classes: list[Literal["0", "90", "180", "270", "not_xray"]]
     arrays: AuxiliaryFile
     min_probability: float = 0.5
     min_probability_refused: float | None = None  # None: ``min_probability`` for every picture
+    confirm_min_probability: float | None = None  # None: no turn on trial
+    confirm_upright_probability: float = 0.5
+    not_xray_min_probability: float | None = None  # None: the gate alone says X-ray or not
     method_notes: str = ""
     metrics: dict[str, Any] = Field(default_factory=dict)
 

@@ -115,6 +115,7 @@ class OrientationHead:
         self.min_probability = spec.min_probability
         refused = spec.min_probability_refused
         self.min_probability_refused = spec.min_probability if refused is None else refused
+        self.spec = spec
         if self.weight.shape[0] != len(self.classes) or self.bias.shape != (len(self.classes),):
             raise CardError(f"orientation arrays in {Path(folder).name!r} do not fit its {len(self.classes)} classes")
 
@@ -125,11 +126,33 @@ class OrientationHead:
 
     def turns(self, feature_maps: np.ndarray, accepted: np.ndarray) -> list[int]:
         """``accepted``: the gate's decision on each picture as sent (its floor: see OrientationSpec)."""
+        return self.decide(feature_maps, accepted)[0]
+
+    def decide(self, feature_maps: np.ndarray, accepted: np.ndarray) -> tuple[list[int], list[int]]:
+        """The turns to undo for sure, and the turns to undo on trial (``confirm_min_probability``):
+        per image, at most one of the two is not 0."""
         if feature_maps.shape[1] * feature_maps.shape[2] * feature_maps.shape[3] != self.weight.shape[1]:
             raise CardError("the gate's feature maps do not fit the orientation head (another input size?)")
         floors = np.where(accepted, self.min_probability, self.min_probability_refused)
-        return [decide_turn(row, self.classes, floor)
-                for row, floor in zip(self.probabilities(feature_maps), floors, strict=True)]
+        probabilities = self.probabilities(feature_maps)
+        sure = [decide_turn(row, self.classes, floor) for row, floor in zip(probabilities, floors, strict=True)]
+        trial_floor = self.spec.confirm_min_probability
+        trial = [0 if turn or trial_floor is None else decide_turn(row, self.classes, trial_floor)
+                 for row, turn in zip(probabilities, sure, strict=True)]
+        return sure, trial
+
+    def upright(self, feature_maps: np.ndarray) -> np.ndarray:
+        """Per image: does the head call this (turned-back) picture upright, for a turn on trial?"""
+        return self.probabilities(feature_maps)[:, self.classes.index("0")] >= self.spec.confirm_upright_probability
+
+    def not_xray(self, feature_maps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Per image: does the head refuse the picture the gate finally saw as not an X-ray, and
+        its "not_xray" probability (0 without that class)."""
+        floor = self.spec.not_xray_min_probability
+        if "not_xray" not in self.classes:
+            return np.zeros(len(feature_maps), bool), np.zeros(len(feature_maps))
+        probability = self.probabilities(feature_maps)[:, self.classes.index("not_xray")]
+        return (np.zeros(len(probability), bool) if floor is None else probability >= floor), probability
 
 
 def decide_turn(probabilities: np.ndarray, classes: list[str], min_probability: float) -> int:

@@ -51,6 +51,8 @@ PHOTO_MIN_SIDE = 400
 # photographed askew on a dark desk. Straightened whatever the input's size.
 TILT_RANGE = (2.0, 25.0)  # degrees; below: upright enough; above: a 90° turn is the orientation head's job
 MIN_TILTED_FILL = 0.95  # the content's convex hull fills its turned rectangle (a hand's silhouette does not)
+MIN_TILTED_SUPPORT = 0.5  # or the content reaches the film's sides along this share of their length
+TILT_INSET = 2.0  # working pixels left out at each side of a deskewed film: its blurred edge on the padding
 
 
 @dataclass(frozen=True)
@@ -85,13 +87,22 @@ def rectify(gray: np.ndarray, photographed: bool = True) -> Rectified:
     """
     untouched = Rectified(gray=gray, rectified=False, corners=None, film_fraction=1.0)
     try:
-        corners = find_tilted_film(gray)
-        if corners is None and photographed:
+        corners, photo = find_tilted_film(gray), photographed
+        if corners is not None:
+            # The tilted outline may be a whole photo turned inside black corners: the film inside
+            # the straightened photo is searched for as in any photo. Else the film itself is kept,
+            # less its blurred edge on the padding.
+            inner = film_inside(gray, corners) if photographed else None
+            trim = TILT_INSET * max(gray.shape) / WORK_SIDE
+            photo, corners = inner is not None, _inset(corners, trim) if inner is None else inner
+        elif photographed:
             corners = find_film(gray)
         if corners is None:
             return untouched
         fraction = float(cv2.contourArea(corners)) / float(gray.shape[0] * gray.shape[1])
-        return Rectified(gray=_straighten(gray, corners), rectified=True, corners=corners, film_fraction=fraction)
+        # A film only turned back on its padding keeps its pixels' values: no contrast stretch.
+        return Rectified(gray=_straighten(gray, corners, stretch=photo), rectified=True, corners=corners,
+                         film_fraction=fraction)
     except cv2.error:  # defensive: a degenerate quadrilateral must not break intake
         return untouched
 
@@ -125,8 +136,11 @@ def find_film(gray: np.ndarray) -> np.ndarray | None:
 
 def find_tilted_film(gray: np.ndarray) -> np.ndarray | None:
     """Corners (TL, TR, BR, BL, input pixels) of a film turned by TILT_RANGE degrees inside exact
-    black or white padding, or None. The content's outline is the film's: a rectangle whose convex
-    hull fills its minimum-area rectangle, with nothing but padding outside it."""
+    black or white padding, or None. Either the picture is the film turned with its canvas grown to
+    hold it (an app's turn: the film's corners touch the picture's four sides), or the content's
+    outline is the film's: a rectangle whose convex hull fills its minimum-area rectangle. Either
+    way nothing but padding lies outside it, and the content reaches the film's sides along most of
+    their length (an upright hand's silhouette on black does not)."""
     height, width = gray.shape
     scale = WORK_SIDE / max(height, width)
     size = (max(round(width * scale), 1), max(round(height * scale), 1))
@@ -143,12 +157,58 @@ def find_tilted_film(gray: np.ndarray) -> np.ndarray | None:
     tilt = (angle + 45.0) % 90.0 - 45.0  # OpenCV versions differ: [-90, 0) or (0, 90]
     if not TILT_RANGE[0] <= abs(tilt) <= TILT_RANGE[1] or w * h < 0.2 * size[0] * size[1]:
         return None
-    if cv2.contourArea(cv2.convexHull(outline)) < MIN_TILTED_FILL * w * h:
+    for corners in (_turned_canvas(size, tilt), _order(cv2.boxPoints(((cx, cy), (w, h), angle)).astype(np.float32))):
+        if corners is None or not _is_padding(raw, corners):
+            continue
+        if _side_support(content, corners) >= MIN_TILTED_SUPPORT or (
+                cv2.contourArea(cv2.convexHull(outline)) >= MIN_TILTED_FILL * w * h):
+            return corners / scale
+    return None
+
+
+def _turned_canvas(size: tuple[int, int], tilt: float) -> np.ndarray | None:
+    """The film whose turn by ``tilt`` degrees, with the canvas grown to hold it, gives a picture of
+    ``size`` (width, height): its corners touch the picture's sides. None if no film fits."""
+    width, height = size
+    c, s = np.cos(np.radians(abs(tilt))), np.sin(np.radians(abs(tilt)))
+    w, h = (width * c - height * s) / (c * c - s * s), (height * c - width * s) / (c * c - s * s)
+    if min(w, h) < 0.1 * max(width, height):
         return None
-    corners = _order(cv2.boxPoints(((cx, cy), (w, h), angle)).astype(np.float32))
-    if not _is_padding(raw, corners):
+    return _order(cv2.boxPoints(((width / 2, height / 2), (w, h), tilt)).astype(np.float32))
+
+
+def _side_support(content: np.ndarray, corners: np.ndarray) -> float:
+    """Share of the quadrilateral's sides along which the content reaches within a few pixels."""
+    reach = cv2.dilate(content, np.ones((7, 7), np.uint8))
+    height, width = content.shape
+    hits = []
+    for i in range(4):
+        p, q = corners[i], corners[(i + 1) % 4]
+        t = np.linspace(0.05, 0.95, 64, dtype=np.float32)[:, None]
+        xs, ys = _pixels(p + t * (q - p), width, height)
+        hits.append(reach[ys, xs] > 0)
+    return float(np.mean(hits))
+
+
+def _inset(corners: np.ndarray, pixels: float) -> np.ndarray:
+    """The rectangle (TL, TR, BR, BL) with each side moved ``pixels`` inwards: the blurred edge
+    between film and padding (the turn's interpolation, JPEG ringing) is left out."""
+    tl, tr, br, bl = corners
+    u = (tr - tl) / max(float(np.linalg.norm(tr - tl)), 1e-6)
+    v = (bl - tl) / max(float(np.linalg.norm(bl - tl)), 1e-6)
+    return np.float32([tl + pixels * (u + v), tr + pixels * (v - u), br - pixels * (u + v), bl + pixels * (u - v)])
+
+
+def film_inside(gray: np.ndarray, outline: np.ndarray) -> np.ndarray | None:
+    """Corners (input pixels) of the film found inside the quadrilateral ``outline`` once it is
+    straightened, or None when none is found there. One warp at the end: the two steps compose into
+    one quadrilateral of the input."""
+    upright, matrix = _warp(gray, outline)
+    inner = find_film(upright)
+    if inner is None:
         return None
-    return (corners / scale).astype(np.float32)
+    back = cv2.perspectiveTransform(inner.reshape(-1, 1, 2).astype(np.float64), np.linalg.inv(matrix))
+    return _order(back.reshape(4, 2).astype(np.float32))
 
 
 def _candidates(small: np.ndarray, magnitude: np.ndarray) -> list[np.ndarray]:
@@ -357,15 +417,23 @@ def _pixels(points: np.ndarray, width: int, height: int) -> tuple[np.ndarray, np
     return np.clip(xy[..., 0], 0, width - 1), np.clip(xy[..., 1], 0, height - 1)
 
 
-def _straighten(gray: np.ndarray, corners: np.ndarray) -> np.ndarray:
-    """Warp the film to an upright rectangle at full resolution, then de-moiré and stretch contrast."""
+def _warp(gray: np.ndarray, corners: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The quadrilateral ``corners`` (TL, TR, BR, BL) warped to an upright rectangle at full
+    resolution, and the 3×3 matrix from input pixels to the rectangle's."""
     tl, tr, br, bl = corners
     width = round(float(max(np.linalg.norm(tr - tl), np.linalg.norm(br - bl))))
     height = round(float(max(np.linalg.norm(bl - tl), np.linalg.norm(br - tr))))
     width, height = max(width, 2), max(height, 2)
     target = np.float32([[0, 0], [width - 1, 0], [width - 1, height - 1], [0, height - 1]])
     matrix = cv2.getPerspectiveTransform(corners.astype(np.float32), target)
-    film = cv2.warpPerspective(gray, matrix, (width, height), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+    warped = cv2.warpPerspective(gray, matrix, (width, height), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+    return warped, matrix
+
+
+def _straighten(gray: np.ndarray, corners: np.ndarray, stretch: bool = True) -> np.ndarray:
+    """Warp the film to an upright rectangle at full resolution, then de-moiré and stretch contrast."""
+    film, _ = _warp(gray, corners)
+    height, width = film.shape
     # A screen's pixel grid photographed by a phone leaves a fine periodic pattern (a period of a few
     # px). A blur growing with the image size removes it (for the models and the overlay) while
     # staying below the detail that survives the models' ≤ 256 px input. Coarse moiré bands, the
@@ -373,7 +441,7 @@ def _straighten(gray: np.ndarray, corners: np.ndarray) -> np.ndarray:
     sigma = min(max(width, height) / 1024.0, 2.0)
     if sigma >= 0.5:
         film = cv2.GaussianBlur(film, (0, 0), sigma)
-    return _stretch(film)
+    return _stretch(film) if stretch else film
 
 
 def _stretch(gray: np.ndarray) -> np.ndarray:

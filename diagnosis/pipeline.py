@@ -232,9 +232,16 @@ class Pipeline:
         card = self.gate.card
         probs, features = self._infer(self.gate, items, "gate")
         index, threshold = card.labels.index(card.positive_label), card.threshold(card.positive_label)
-        if self.gate.orientation is not None:
-            probs, features = self._turn_upright(items, probs, features, probs[:, index] >= threshold)
         accepted = probs[:, index] >= threshold
+        if self.gate.orientation is not None:
+            probs, features = self._turn_upright(items, probs, features, accepted)
+            # The head saw non-X-rays at every turn; the gate only upright ones. A picture the head
+            # refuses reports the lower of the two views of "is it an X-ray".
+            refused, not_xray = self.gate.orientation.not_xray(features)
+            if refused.any():
+                probs = probs.copy()
+                probs[refused, index] = np.minimum(probs[refused, index], 1.0 - not_xray[refused])
+            accepted = (probs[:, index] >= threshold) & ~refused
         modalities = self.gate.modality.name(features, accepted) if self.gate.modality else [None] * len(items)
         for item, row, is_xray, modality in zip(items, probs, accepted, modalities, strict=True):
             item.result.xray_probability = float(row[index])
@@ -251,19 +258,28 @@ class Pipeline:
                       accepted: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """A film sent sideways or upside down is turned upright before anything reads it, and the
         gate looks again at the upright film (it was trained on upright films only). Costs one extra
-        gate pass, for turned pictures only."""
+        gate pass, for turned pictures only. A turn on trial (the head less sure) stands only when
+        the head calls the turned-back picture upright; else the picture is read as sent."""
         clock = time.perf_counter()
-        turns = self.gate.orientation.turns(features, accepted)
+        head = self.gate.orientation
+        sure, trial = head.decide(features, accepted)
+        turns = [a or b for a, b in zip(sure, trial, strict=True)]
         turned = [i for i, turn in enumerate(turns) if turn]
         for i in turned:
-            item = items[i]
-            item.image = np.ascontiguousarray(np.rot90(item.image, -turns[i] // 90))
-            item.inputs.clear()
-            item.result.turned = turns[i]
+            items[i].image = np.ascontiguousarray(np.rot90(items[i].image, -turns[i] // 90))
+            items[i].inputs.clear()
         if turned:
             again, maps = self._infer(self.gate, [items[i] for i in turned], "gate_upright")
+            # A turn on trial stands only when the head calls the turned-back picture upright.
+            stands = [not trial[i] or upright for i, upright in zip(turned, head.upright(maps), strict=True)]
             probs, features = probs.copy(), features.copy()
-            probs[turned], features[turned] = again, maps
+            for row, i in enumerate(turned):
+                if stands[row]:
+                    probs[i], features[i] = again[row], maps[row]
+                    items[i].result.turned = turns[i]
+                else:  # read as sent
+                    items[i].image = np.ascontiguousarray(np.rot90(items[i].image, turns[i] // 90))
+                    items[i].inputs.clear()
         for item in items:
             item.result.timings_ms["orientation"] = _ms(clock)
         return probs, features

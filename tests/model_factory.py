@@ -95,17 +95,18 @@ def add_modality(folder: Path, modality: str) -> None:
 
 
 def add_orientation(folder: Path, turn: str, min_probability: float = 0.5,
-                    min_probability_refused: float | None = None) -> None:
+                    min_probability_refused: float | None = None, **spec) -> None:
     """An orientation head that says ``turn`` ("0", "90", "180", "270" or "not_xray") for every image
-    with probability ~0.9 (zero weights, its bias)."""
+    with probability ~0.9 (zero weights, its bias; each other class ~0.025); ``spec``: further
+    ``OrientationSpec`` fields (turns on trial, the not-X-ray refusal)."""
     card = read_card(folder)
     classes = ["0", "90", "180", "270", "not_xray"]
     side = -(-card.input.size // 32)
-    spec = _arrays(folder, "orientation.safetensors", {
+    arrays = _arrays(folder, "orientation.safetensors", {
         "weight": np.zeros((len(classes), 1024 * side * side)),
         "bias": np.array([np.log(0.9 / 0.025) if c == turn else 0.0 for c in classes])})
-    card.orientation = OrientationSpec(classes=classes, arrays=spec, min_probability=min_probability,
-                                       min_probability_refused=min_probability_refused)
+    card.orientation = OrientationSpec(classes=classes, arrays=arrays, min_probability=min_probability,
+                                       min_probability_refused=min_probability_refused, **spec)
     write_card(folder, card)
 
 
@@ -126,14 +127,15 @@ def make_models_dir(root: Path, *, xray: bool = True, body_part: str = "chest", 
         chest_floor: float | None = None, modality: str | None = None,
         open_set_photo_threshold: float | None = None, orientation: str | None = None,
         orientation_min_probability: float = 0.5, orientation_min_probability_refused: float | None = None,
-        heatmap_baseline: bool = True) -> Path:
+        orientation_spec: dict | None = None, heatmap_baseline: bool = True) -> Path:
     """gate + body_part (chest/hand/knee) + chest models under ``root``; returns ``root``.
 
     ``operating_points=False`` gives a chest card as written before calibration (no points).
     ``open_set_threshold`` (< 1: every film an unknown part; > 1: none) and ``chest_floor`` add the
     body-part card's open-set check (``open_set_photo_threshold``: its photo threshold); ``modality``
     adds a gate modality head naming that class; ``orientation`` a gate orientation head that says
-    that turn for every image (at ~0.9, against ``orientation_min_probability``); ``heatmap_baseline``
+    that turn for every image (at ~0.9, against ``orientation_min_probability``; ``orientation_spec``: its
+    further fields); ``heatmap_baseline``
     the chest card's ``heatmap`` arrays (a zero normal mean, scale 1), as the shipped card has them."""
     root = Path(root)
     make_model(root / "gate", role="gate", labels=["not_xray", "xray"], activation="softmax",
@@ -142,7 +144,8 @@ def make_models_dir(root: Path, *, xray: bool = True, body_part: str = "chest", 
     if modality:
         add_modality(root / "gate", modality)
     if orientation:
-        add_orientation(root / "gate", orientation, orientation_min_probability, orientation_min_probability_refused)
+        add_orientation(root / "gate", orientation, orientation_min_probability, orientation_min_probability_refused,
+                        **(orientation_spec or {}))
     make_model(root / "body_part", role="body_part", labels=PARTS, activation="softmax",
                biases=[body_part_confidence if p == body_part else 0.0 for p in PARTS],
                min_confidence=0.5, size=size)

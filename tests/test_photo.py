@@ -107,14 +107,16 @@ def test_letterbox_padding_of_an_exported_file_is_not_a_film(chest_images):
     assert rectify(padded).gray is padded
 
 
-def turned_on_black(gray: np.ndarray, angle: float) -> np.ndarray:
-    """The film turned by ``angle`` degrees (counter-clockwise) inside black corners, nothing cut off."""
+def turned_on_black(gray: np.ndarray, angle: float, with_matrix: bool = False):
+    """The film turned by ``angle`` degrees (counter-clockwise) inside black corners, nothing cut off
+    (and the 2×3 matrix from the film's pixels to the turned picture's, ``with_matrix``)."""
     height, width = gray.shape
     matrix = cv2.getRotationMatrix2D((width / 2, height / 2), angle, 1.0)
     cos, sin = abs(matrix[0, 0]), abs(matrix[0, 1])
     size = (int(height * sin + width * cos), int(height * cos + width * sin))
     matrix[:, 2] += (size[0] - width) / 2, (size[1] - height) / 2
-    return cv2.warpAffine(gray, matrix, size, flags=cv2.INTER_LINEAR, borderValue=0)
+    turned = cv2.warpAffine(gray, matrix, size, flags=cv2.INTER_LINEAR, borderValue=0)
+    return (turned, matrix) if with_matrix else turned
 
 
 def test_small_gray_digital_films_sent_as_jpeg_pass_the_photo_step_untouched(pack):
@@ -143,6 +145,66 @@ def test_a_film_tilted_on_black_is_straightened_whatever_its_size(radiographs, a
     assert abs(np.degrees(np.arctan2(top_right[1] - top_left[1], top_right[0] - top_left[0])) + angle) < 1.5
     # The film's own size, give or take the thin blurred black edge (JPEG ringing) the deskew keeps.
     assert np.all(np.abs(np.array(view.gray.shape) - film.shape) <= 0.12 * max(film.shape))
+
+
+@pytest.mark.parametrize(("angle", "scene"), [(-20, "lightbox"), (-15, "window"), (15, "printout"),
+                                            (20, "lightbox")])
+def test_the_film_inside_a_photo_turned_on_black_is_searched_for_again(radiographs, angle, scene):
+    """A whole phone photo turned inside black corners (issue #27): the deskew straightens the photo,
+    then the film inside it is found as in any photo (it used to stop at the photo's outline)."""
+    photo, truth = synthesise_with_corners(radiographs["hip"], np.random.default_rng(2), scene=scene)
+    gray = to_gray(photo)
+    tilted, matrix = turned_on_black(gray, angle, with_matrix=True)
+    truth = cv2.transform(truth.reshape(-1, 1, 2), matrix).reshape(4, 2)
+    view = models_view(decode(encode_jpeg(tilted)))
+    assert view.rectified and corner_error(view.corners, truth, tilted.shape) < 0.05
+    assert view.gray.shape[1] == pytest.approx(np.linalg.norm(truth[1] - truth[0]), rel=0.1)
+
+
+@pytest.mark.parametrize("angle", [-15, 20])
+def test_a_large_tilted_digital_film_is_straightened_whole(radiographs, angle):
+    """A digital film big enough to be searched as a photo (a 1024 px panoramic), turned on black: the
+    search inside the straightened film finds no smaller "film" in the anatomy; the whole film stays."""
+    film = radiographs["dental"]
+    assert max(film.shape) >= 400  # searched as a photo would be
+    view = models_view(decode(encode_jpeg(turned_on_black(film, angle))))
+    assert view.rectified
+    assert np.all(np.abs(np.array(view.gray.shape) - film.shape) <= 0.05 * max(film.shape))
+
+
+@pytest.mark.parametrize("angle", [-20, -15, 15, 20])
+def test_a_turned_film_whose_own_edge_is_partly_black_is_straightened_whole(radiographs, angle):
+    """A film with a black band along its side (a shoulder film's dark surround) turned inside a grown
+    canvas: its outline on the padding is no rectangle, but its corners touch the picture's sides."""
+    film = radiographs["chest"].copy()
+    film[:, : film.shape[1] * 3 // 10] = 0
+    view = models_view(decode(encode_jpeg(turned_on_black(film, angle))))
+    assert view.rectified
+    assert np.all(np.abs(np.array(view.gray.shape) - film.shape) <= 0.06 * max(film.shape))
+
+
+@pytest.mark.parametrize("angle", [-15, 20])
+def test_a_straightened_digital_film_keeps_its_values_and_loses_the_black_edge(radiographs, angle):
+    """Turned back, a dim digital film is neither contrast-stretched (that is for washed-out photos)
+    nor framed by the padding's blurred edge: it looks like the film as sent."""
+    film = (radiographs["chest"].astype(np.float32) * 0.5 + 20).astype(np.uint8)  # a dim film, 20–148
+    view = models_view(decode(encode_jpeg(turned_on_black(film, angle))))
+    assert view.rectified and int(view.gray.max()) <= int(film.max()) + 12
+    border = np.concatenate([view.gray[0], view.gray[-1], view.gray[:, 0], view.gray[:, -1]]).astype(float)
+    film_border = np.concatenate([film[0], film[-1], film[:, 0], film[:, -1]]).astype(float)
+    assert abs(border.mean() - film_border.mean()) < 12
+    same = cv2.resize(view.gray, film.shape[::-1], interpolation=cv2.INTER_AREA).astype(float)
+    assert np.abs(same - film).mean() < 10
+
+
+def test_a_tilted_silhouette_on_black_is_no_tilted_film():
+    """An upright digital film whose anatomy lies on exact black (a hand on a black background) is
+    left alone: the content neither fills a turned rectangle nor reaches one's sides."""
+    gray = np.zeros((200, 200), np.uint8)
+    cv2.ellipse(gray, (100, 100), (70, 35), 15, 0, 360, 160, -1)
+    cv2.randn(noise := np.zeros_like(gray, dtype=np.float32), 0, 8)
+    gray = np.where(gray > 0, np.clip(gray + noise, 10, 240), 0).astype(np.uint8)
+    assert not models_view(decode(encode_jpeg(gray))).rectified
 
 
 def test_an_upright_film_on_black_padding_or_a_slight_tilt_is_left_alone(radiographs):

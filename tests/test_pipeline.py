@@ -246,6 +246,34 @@ def test_a_picture_the_gate_refuses_as_sent_is_turned_at_the_lower_floor(tmp_pat
     assert "I turned your picture" not in render_reply(result)
 
 
+@pytest.mark.parametrize(("upright_floor", "turned"), [(0.5, 0), (0.02, 90)])
+def test_a_turn_on_trial_stands_only_when_the_head_calls_the_turned_back_picture_upright(tmp_path, upright_floor,
+                                                                                      turned):
+    """Head at ~0.9 for "90" on every picture, below the sure floor (0.95) but above the trial floor: the
+    turned-back picture is shown to the head again, which still says "90" ("0" at ~0.025), so the turn
+    stands only when ~0.025 is enough. Either way the gate looked twice and the overlay fits the
+    picture read."""
+    models = make_models_dir(tmp_path, orientation="90", orientation_min_probability=0.95,
+                             orientation_spec={"confirm_min_probability": 0.5,
+                                               "confirm_upright_probability": upright_floor})
+    analysis = Pipeline.load(models).run(encode(Image.fromarray(TALL), "PNG"))
+    result = analysis.result
+    assert result.outcome == "analysed" and result.turned == turned and "gate_upright" in result.timings_ms
+    overlay = Image.open(io.BytesIO(analysis.overlays[0][1]))
+    assert (overlay.width > overlay.height) is bool(turned)
+    assert ("I turned your picture upright" in render_reply(result)) is bool(turned)
+
+
+@pytest.mark.parametrize(("floor", "outcome"), [(0.8, "not_xray"), (0.95, "analysed"), (None, "analysed")])
+def test_the_orientation_heads_not_xray_refuses_what_the_gate_accepts(tmp_path, floor, outcome):
+    """The gate accepts everything; the head says "not_xray" at ~0.9 for every picture."""
+    models = make_models_dir(tmp_path, orientation="not_xray", orientation_spec={"not_xray_min_probability": floor})
+    result = Pipeline.load(models).run(IMAGE).result
+    assert result.outcome == outcome and result.is_xray is (outcome == "analysed") and result.turned == 0
+    # Refused: the lower of the gate's (~1) and the head's (1 - ~0.9) is reported, as the decision reads.
+    assert result.xray_probability == (pytest.approx(0.1, abs=0.01) if outcome == "not_xray" else pytest.approx(1.0))
+
+
 @pytest.mark.parametrize(("confidence", "allowance", "outcome"), [
     (8.0, (0.99, 2.0), "analysed"),  # sure of the part, within the allowance: named
     (8.0, (0.99, 0.9), "body_part_unknown"),  # beyond the allowance

@@ -50,6 +50,11 @@ def test_orientation_command_writes_a_card_section_the_pipeline_loads(film_pack,
     card = read_card(models / "gate")
     assert card.orientation is not None and card.orientation.classes == ["0", "90", "180", "270", "not_xray"]
     assert 0.4 <= card.orientation.min_probability <= 0.95
+    # Turns on trial and the not-X-ray refusal are chosen on val (or left off), with the curve behind it.
+    spec = card.orientation
+    assert spec.confirm_min_probability is None or 0.4 <= spec.confirm_min_probability < spec.min_probability
+    assert spec.not_xray_min_probability is None or 0.3 <= spec.not_xray_min_probability <= 0.95
+    assert set(spec.metrics["not_xray_floor_curve_val"]) == {"None", "0.9", "0.7", "0.5", "0.4", "0.3"}
     assert report["min_probability"] == card.orientation.min_probability
     # Reported per turn on val and test, for radiographs and non-X-rays, before and after.
     val = card.orientation.metrics["val"]

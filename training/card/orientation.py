@@ -74,7 +74,7 @@ def flatten(maps: np.ndarray) -> np.ndarray:
 
 def run(model: Path, records: list[Record], cache: Path, write: bool = True,
         max_upright_turned: float = 0.005, c_grid: tuple[float, ...] = (10.0, 30.0, 100.0),
-        max_extra_accepted: float = 0.005) -> dict:
+        max_extra_accepted: float = 0.005, confirm: bool = True, max_films_refused: float | None = 0.002) -> dict:
     card = read_card(model)
     chosen = choose_records(records)
     store = FeatureStore(model, cache, spatial=True)
@@ -87,6 +87,7 @@ def run(model: Path, records: list[Record], cache: Path, write: bool = True,
     xray = np.array([r.is_xray for r in chosen])
     group = np.array([(r.body_part or "unknown") if r.is_xray else "not_xray" for r in chosen])
     photo = np.array([r.phone_photo for r in chosen])
+    kind = np.array([r.kind for r in chosen])
     split = np.array([r.split for r in chosen])
     turn_index = np.tile(np.arange(len(TURNS)), n)
     y = np.where(np.repeat(xray, len(TURNS)), turn_index, CLASSES.index("not_xray"))
@@ -118,14 +119,29 @@ def run(model: Path, records: list[Record], cache: Path, write: bool = True,
     accepted_before = gate >= threshold
     per_picture = probs.reshape(n, len(TURNS), len(CLASSES))
 
-    def decide(refused_floor: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def decide(refused_floor: float, trial: tuple[float, float] | None = None,
+               not_xray_floor: float | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The turns undone, the view the gate finally sees (the picture as sent, turned by t, turned
-        back by the head's answer) and whether it accepts that view."""
+        back by the head's answer) and whether it accepts that view. ``trial``: (floor, upright
+        probability) of a turn on trial, kept only when the head calls the turned-back view upright;
+        ``not_xray_floor``: the head's "not_xray" on the final view that refuses it (as shipped:
+        ``diagnosis.pipeline``)."""
         floors = np.where(accepted_before, floor, refused_floor)
-        turns = np.array([[decide_turn(per_picture[i, t], CLASSES, floors[i, t]) for t in range(len(TURNS))]
-                          for i in range(n)])
+        turns = np.zeros((n, len(TURNS)), int)
+        for i in range(n):
+            for t in range(len(TURNS)):
+                turn = decide_turn(per_picture[i, t], CLASSES, floors[i, t])
+                if not turn and trial is not None:
+                    turn = decide_turn(per_picture[i, t], CLASSES, trial[0])
+                    if turn and per_picture[i, (t - turn // 90) % len(TURNS), 0] < trial[1]:
+                        turn = 0
+                turns[i, t] = turn
         views = (np.arange(len(TURNS))[None, :] - turns // 90) % len(TURNS)
-        return turns, views, np.take_along_axis(gate, views, axis=1) >= threshold
+        accepted = np.take_along_axis(gate, views, axis=1) >= threshold
+        if not_xray_floor is not None:
+            not_xray = np.take_along_axis(per_picture[:, :, CLASSES.index("not_xray")], views, axis=1)
+            accepted &= not_xray < not_xray_floor
+        return turns, views, accepted
 
     in_val = split == "val"
     allowed = accepted_before[in_val & ~xray].mean() + max_extra_accepted
@@ -135,7 +151,38 @@ def run(model: Path, records: list[Record], cache: Path, write: bool = True,
         kept = float((accepted & (views == 0))[in_val & xray].mean())
         if accepted[in_val & ~xray].mean() <= allowed and kept > best:
             refused_floor, best = float(candidate), kept
-    _, seen, accepted_after = decide(refused_floor)
+    # Turns on trial: the most val radiographs upright and accepted, with no more upright val
+    # radiographs turned and no more val non-X-rays accepted than the rules above allow.
+    trial = None
+    if confirm:
+        for low in np.round(np.arange(floor - 0.05, 0.399, -0.05), 2):
+            for upright in (0.85, 0.7, 0.5):
+                turns, views, accepted = decide(refused_floor, (float(low), upright))
+                kept = float((accepted & (views == 0))[in_val & xray].mean())
+                if (np.mean(turns[in_val & xray, 0] != 0) <= max_upright_turned
+                        and accepted[in_val & ~xray].mean() <= allowed and kept > best + 1e-9):
+                    trial, best = (float(low), upright), kept
+    # The head's "not_xray" refuses what the gate accepts: the lowest floor that costs at most
+    # ``max_films_refused`` of the val radiographs upright and accepted, at every turn.
+    not_xray_floor = None
+    if max_films_refused is not None:
+        _, views, accepted = decide(refused_floor, trial)
+        kept = (accepted & (views == 0))[in_val & xray].mean(axis=0)
+        for candidate in np.round(np.arange(0.95, 0.299, -0.05), 2):
+            _, views, accepted = decide(refused_floor, trial, float(candidate))
+            if np.all((accepted & (views == 0))[in_val & xray].mean(axis=0) >= kept - max_films_refused):
+                not_xray_floor = float(candidate)
+            else:
+                break
+    _, seen, accepted_after = decide(refused_floor, trial, not_xray_floor)
+    curve = {}
+    for candidate in (None, 0.9, 0.7, 0.5, 0.4, 0.3):
+        _, views, accepted = decide(refused_floor, trial, candidate)
+        curve[str(candidate)] = {
+            "radiographs_upright_and_accepted": [round(float(v), 4) for v in
+                                                 (accepted & (views == 0))[in_val & xray & ~photo].mean(axis=0)],
+            "not_xray_accepted": [round(float(v), 4) for v in accepted[in_val & ~xray].mean(axis=0)],
+            "ultrasound_accepted": [round(float(v), 4) for v in accepted[in_val & (kind == "ultrasound")].mean(axis=0)]}
 
     def figures(mask: np.ndarray) -> dict:
         out: dict = {"n": int(mask.sum())}
@@ -160,10 +207,13 @@ def run(model: Path, records: list[Record], cache: Path, write: bool = True,
                        "and test",
                "refused_by_intake": refused,
                "c_search_val_accuracy": {str(c): round(v[0], 4) for c, v in searched.items()},
+               "not_xray_floor_curve_val": curve,
                "val": report("val"), "test": report("test")}
     spec = OrientationSpec(
         classes=CLASSES, arrays=AuxiliaryFile(file=ARRAYS_FILE, sha256=""), min_probability=floor,
         min_probability_refused=refused_floor, metrics=metrics,
+        confirm_min_probability=trial[0] if trial else None,
+        confirm_upright_probability=trial[1] if trial else 0.5, not_xray_min_probability=not_xray_floor,
         method_notes=(f"multinomial logistic regression (C={best_c}, chosen from {list(c_grid)} by val accuracy on "
                       f"radiographs) on the "
                       f"gate's flattened, L2-normalised 1024×4×4 post-ReLU map; {int(train.sum())} train pictures "
@@ -171,7 +221,11 @@ def run(model: Path, records: list[Record], cache: Path, write: bool = True,
                       f"min_probability {floor}: the smallest that turns at most {max_upright_turned:.1%} of the "
                       f"upright val radiographs; min_probability_refused {refused_floor} (pictures the gate refuses "
                       f"as sent): the most val radiographs upright and accepted, with the gate accepting at most "
-                      f"{max_extra_accepted:.1%} more val non-X-rays than before any turn; command: python -m "
+                      f"{max_extra_accepted:.1%} more val non-X-rays than before any turn; turns on trial "
+                      f"{trial} (floor, upright probability of the turned-back view): the most val radiographs "
+                      f"upright and accepted within both rules; not_xray_min_probability {not_xray_floor}: the "
+                      f"lowest that refuses at most {max_films_refused} of the val radiographs upright and "
+                      f"accepted at any turn; command: python -m "
                       f"training orientation --model models/gate --manifest ../shared/data/xray-pack/manifest.csv "
                       f"--c-grid {','.join(str(c) for c in c_grid)}"))
     if write:
@@ -186,7 +240,9 @@ def main(args) -> int:
 
     return emit_report(run(args.model, load_sources(args.manifest), args.cache, write=not args.dry_run,
                            c_grid=tuple(float(c) for c in args.c_grid.split(",")),
-                           max_extra_accepted=args.max_extra_accepted), args.json)
+                           max_extra_accepted=args.max_extra_accepted, confirm=not args.no_trial,
+                           max_films_refused=None if args.max_films_refused < 0 else args.max_films_refused),
+                       args.json)
 
 
 def add_arguments(parser) -> None:
@@ -197,5 +253,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--c-grid", default="10,30,100", help="inverse regularisation strengths tried on val")
     parser.add_argument("--max-extra-accepted", type=float, default=0.005,
                         help="val non-X-rays the gate may accept beyond what it accepted before any turn")
+    parser.add_argument("--no-trial", action="store_true", help="no turns on trial (confirm_min_probability)")
+    parser.add_argument("--max-films-refused", type=float, default=0.002,
+                        help="val radiographs the head's not_xray may refuse at any turn (negative: no such rule)")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--dry-run", action="store_true", help="measure only; leave the card alone")
