@@ -69,6 +69,13 @@ class DenseNetClassifier(nn.Module):
         h = features.norm5(features.denseblock4(transition.pool(transition.conv(block3))))
         return block3, self.relu(h)
 
+    def logits_from_block3(self, block3: torch.Tensor) -> torch.Tensor:
+        """The logits of an image (as sent, no mirror average) from its block-3 map: the network's
+        tail (transition 3, block 4, final ReLU, head), for gradients at block 3."""
+        features = self.features
+        transition = features.transition3
+        return self.head(self.relu(features.norm5(features.denseblock4(transition.pool(transition.conv(block3))))))
+
     def forward_with_block3(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``forward_with_features`` plus the block-3 map (``forward_block3``) of the image as sent."""
         if not self.flip_average or self.training:
