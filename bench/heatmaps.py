@@ -283,16 +283,19 @@ def inside(point, box) -> bool:
 
 
 def relative_maps(chest, index: int, features: np.ndarray, block3: np.ndarray,
-                  clip: bool = True) -> dict[str, np.ndarray | None]:
-    """The shipped map (the card's method) and the 4 × 4 relative map of one finding of one film."""
+                  clip: bool = True, only: str | None = None) -> dict[str, np.ndarray | None]:
+    """The shipped map (the card's method) and the 4 × 4 relative map of one finding of one film
+    (``only``: just that one of the two, for timing)."""
     weights = chest.network.classifier.weight.detach().float().cpu().numpy()
     baseline = chest.baseline
     if baseline is None:
         return {"shipped": None, "final_4x4_relative": None}
-    final = baseline.evidence(index, weights[index], features) if baseline.final or not baseline.needs_block3 \
-        else None
+    final = baseline.evidence(index, weights[index], features) \
+        if (baseline.final or not baseline.needs_block3) and only != "shipped" else None
     if not baseline.needs_block3:
         return {"shipped": final, "final_4x4_relative": final}
+    if only == "final_4x4_relative":
+        return {"shipped": None, "final_4x4_relative": final}
     shipped = baseline.block3_evidence(chest.network, block3, [index], clip)[0]
     return {"shipped": shipped, "final_4x4_relative": final}
 
@@ -375,7 +378,7 @@ def pointing(pipeline: Pipeline, boxes_csv: Path, save: Path | None) -> dict:
     }
 
 
-def red_areas(pipeline: Pipeline, films: list[Path], repeats_timing: int = 20) -> dict:
+def red_areas(pipeline: Pipeline, films: list[Path], repeats_timing: int = 20, timing_only: bool = False) -> dict:
     """Flagged findings: share of overlays with a red area ≥ RED_AREA; normal films: red/coloured share
     of the top finding drawn with red; time per overlay (map + rendering at display size) per map."""
     import torch
@@ -414,6 +417,8 @@ def red_areas(pipeline: Pipeline, films: list[Path], repeats_timing: int = 20) -
                 normal_red_final.append(red_share(film, maps["final_4x4_relative"])[0])
         if timing_sample is None:
             timing_sample = (upright, prepared, features[0], block3[0], labels.index(result.findings[0].label))
+            if timing_only:
+                break
     timing = {}
     if timing_sample is not None:
         upright, prepared, feature_map, block3_map, index = timing_sample
@@ -421,9 +426,9 @@ def red_areas(pipeline: Pipeline, films: list[Path], repeats_timing: int = 20) -
         calls = {
             "today_signed_ms": lambda: render_overlays(upright, [class_evidence(weights[index], feature_map)]),
             "final_4x4_relative_ms": lambda: render_overlays(upright, [relative_maps(
-                chest, index, feature_map, block3_map)["final_4x4_relative"]]),
-            "shipped_ms": lambda: render_overlays(upright, [relative_maps(chest, index, feature_map,
-                                                                          block3_map)["shipped"]]),
+                chest, index, feature_map, block3_map, only="final_4x4_relative")["final_4x4_relative"]]),
+            "shipped_ms": lambda: render_overlays(upright, [relative_maps(chest, index, feature_map, block3_map,
+                                                                          only="shipped")["shipped"]]),
             "gradcam_block3_ms": lambda: render_overlays(upright, [gradcam_block3(chest.network, tensor, index)]),
             # The chest model's forward pass for one film (mirror average included), without and with
             # the block-3 map returned.
@@ -482,6 +487,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", type=Path, help="also write the figures here")
     parser.add_argument("--save", type=Path, help="write the overlays of the first films here (JPEG + PNG)")
     parser.add_argument("--threads", type=int, help="torch threads")
+    parser.add_argument("--timing-only", action="store_true", help="with --boxes: only the time per overlay "
+                        "and per chest forward pass, on the first analysed --split film")
     parser.add_argument("--boxes", type=Path, help="nih-bboxes.csv: measure where the maps point (pointing game, "
                         "share ratio), then red areas and time per overlay on --split films")
 
@@ -490,10 +497,14 @@ def run(args: argparse.Namespace) -> int:
     if args.boxes:
         models = args.models or models_dir_from_environment()
         pipeline = Pipeline.load(PipelineConfig(models_dir=models, threads=args.threads))
+        films = chest_films(args.manifest, args.split, args.limit)
+        if args.timing_only:
+            return emit_report({"command": "python -m training measure-heatmaps " + " ".join(sys.argv[2:]),
+                                "films": red_areas(pipeline, films, timing_only=True)}, args.json)
         report = {"command": "python -m training measure-heatmaps " + " ".join(sys.argv[2:]),
                   "pointing": pointing(pipeline, args.boxes, args.save),
                   "split": args.split,
-                  "films": red_areas(pipeline, chest_films(args.manifest, args.split, args.limit))}
+                  "films": red_areas(pipeline, films)}
         return emit_report(report, args.json)
     report = measure(args.manifest, args.split, args.limit, args.models or models_dir_from_environment(),
                      args.save, args.threads)

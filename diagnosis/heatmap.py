@@ -36,8 +36,8 @@ decomposition of the estimate over the image: each cell adds S_c(i,j)/(h·w) to 
   only the network's tail (transition 3, block 4, head: ~70 MFLOP at 128 px), run in torch on the
   map any runner returned. Drawn, like the 4 × 4 map, relative to normal films:
   ``(G_c − mean normal G_c) / scale_c``. Unlike ``W_c · A`` the cells do not add up exactly to the
-  logit (the tail is not linear); the 4 × 4 relative map pointed at 17 of the 80 pack boxes, this
-  one at more (docs/heatmaps.md).
+  logit (the tail is not linear). On the 80 pack boxes it points at 24 (the 4 × 4 relative map: 17;
+  docs/heatmaps.md).
 """
 
 from __future__ import annotations
