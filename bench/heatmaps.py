@@ -27,15 +27,16 @@ radiologist boxes (never used for fitting anything), all maps in the same run:
 * **pointing game**: each box's finding is drawn (``Pipeline.run(draw=[label])``, red included
   whatever was flagged); a hit is the overlay's ``peaks`` entry (its hottest red point, in the input
   image's pixels) inside the box, no margin; a map with no red misses. Compared: the shipped map
-  (the card's ``heatmap``: evidence minus the normal mean), today's signed map (``class_evidence``),
-  the Grad-CAM reference (pytorch-grad-cam at ``features.denseblock3``, 8 × 8, and at the final
-  ReLU, 4 × 4) and a fixed point at the image centre.
+  (the card's ``heatmap``: since issue #22 the 8 × 8 block-3 gradient × activation minus its normal
+  mean), the 4 × 4 ``W_c · A`` minus its normal mean (shipped before; the card keeps its arrays),
+  the older signed map (``class_evidence``), the Grad-CAM reference (pytorch-grad-cam at
+  ``features.denseblock3``, 8 × 8, and at the final ReLU, 4 × 4) and a fixed point at the image centre.
 * **share ratio**: the share of the map's red evidence (positive part, upsampled to the image) that
   lies inside the box, divided by the box's share of the film; the median over boxes (0 without red).
 * on ``--split`` films: of the overlays of **flagged** findings, the share that show a red area ≥ 2 %
   of the film (pixels whose rendered colour is visibly red); on films with all 14 labels 0, the red
   and the coloured share of the top finding's map drawn with red; and the time per overlay (map +
-  rendering) of each map, same run.
+  rendering) of each map, and of the chest model's runner with and without the block-3 map, same run.
 """
 
 from __future__ import annotations
@@ -281,6 +282,24 @@ def inside(point, box) -> bool:
     return x <= px <= x + w and y <= py <= y + h
 
 
+def relative_maps(chest, index: int, features: np.ndarray, block3: np.ndarray,
+                  clip: bool = True, only: str | None = None) -> dict[str, np.ndarray | None]:
+    """The shipped map (the card's method) and the 4 × 4 relative map of one finding of one film
+    (``only``: just that one of the two, for timing)."""
+    weights = chest.network.classifier.weight.detach().float().cpu().numpy()
+    baseline = chest.baseline
+    if baseline is None:
+        return {"shipped": None, "final_4x4_relative": None}
+    final = baseline.evidence(index, weights[index], features) \
+        if (baseline.final or not baseline.needs_block3) and only != "shipped" else None
+    if not baseline.needs_block3:
+        return {"shipped": final, "final_4x4_relative": final}
+    if only == "final_4x4_relative":
+        return {"shipped": None, "final_4x4_relative": final}
+    shipped = baseline.block3_evidence(chest.network, block3, [index], clip)[0]
+    return {"shipped": shipped, "final_4x4_relative": final}
+
+
 def pointing(pipeline: Pipeline, boxes_csv: Path, save: Path | None) -> dict:
     """The pointing game and share ratio on the radiologist boxes, every map in the same run."""
     import torch
@@ -290,7 +309,7 @@ def pointing(pipeline: Pipeline, boxes_csv: Path, save: Path | None) -> dict:
     root = boxes_csv.parent
     with boxes_csv.open(encoding="utf-8") as handle:
         rows = list(csv.DictReader(handle))
-    maps = ("shipped", "today_signed", "gradcam_block3", "gradcam_final", "centre")
+    maps = ("shipped", "final_4x4_relative", "today_signed", "gradcam_block3", "gradcam_final", "centre")
     hits: dict[str, list[bool]] = {m: [] for m in maps}
     ratios: dict[str, list[float]] = {m: [] for m in maps}
     per_label: dict[str, dict[str, list[bool]]] = {}
@@ -309,13 +328,14 @@ def pointing(pipeline: Pipeline, boxes_csv: Path, save: Path | None) -> dict:
         gray = decode(data).gray
         upright = np.ascontiguousarray(np.rot90(gray, -result.turned // 90)) if result.turned else gray
         prepared = chest.prepare(upright)
-        _, features = chest.runner(prepared[None])
+        _, features, block3 = chest.runner(prepared[None], block3=True)
         index = chest.card.labels.index(row["label"])
         size = chest.card.input.size
-        shipped = chest.baseline.evidence(index, weights[index], features[0]) if chest.baseline else None
+        drawn = relative_maps(chest, index, features[0], block3[0])
+        unclipped = relative_maps(chest, index, features[0], block3[0], clip=False)  # where peaks are found
         tensor = torch.from_numpy(prepared)[None]
         candidates = {
-            "shipped": shipped,
+            **drawn,
             "today_signed": class_evidence(weights[index], features[0]),
             "gradcam_block3": gradcam_block3(chest.network, tensor, index),
             "gradcam_final": grad_cam(chest.network, tensor, index),
@@ -324,7 +344,7 @@ def pointing(pipeline: Pipeline, boxes_csv: Path, save: Path | None) -> dict:
         for name, heatmap in candidates.items():
             if heatmap is None:
                 continue
-            point = hottest_red_point(heatmap, size, size)
+            point = hottest_red_point(unclipped.get(name, heatmap), size, size)
             if point is not None:
                 point = to_input_pixels((point[0] * width / size, point[1] * height / size), (height, width),
                                         result.turned, None, gray.shape)
@@ -358,7 +378,7 @@ def pointing(pipeline: Pipeline, boxes_csv: Path, save: Path | None) -> dict:
     }
 
 
-def red_areas(pipeline: Pipeline, films: list[Path], repeats_timing: int = 20) -> dict:
+def red_areas(pipeline: Pipeline, films: list[Path], repeats_timing: int = 20, timing_only: bool = False) -> dict:
     """Flagged findings: share of overlays with a red area ≥ RED_AREA; normal films: red/coloured share
     of the top finding drawn with red; time per overlay (map + rendering at display size) per map."""
     import torch
@@ -366,7 +386,8 @@ def red_areas(pipeline: Pipeline, films: list[Path], repeats_timing: int = 20) -
     chest = pipeline.abnormality["chest"]
     weights = chest.network.classifier.weight.detach().float().cpu().numpy()
     labels = chest.card.labels
-    flagged_red, normal_red, normal_coloured, today_flagged_red = [], [], [], []
+    flagged_red, normal_red, normal_coloured, today_flagged_red, final_flagged_red = [], [], [], [], []
+    normal_red_final = []
     normal_films = {str(p) for p in films if all(v == "0" for v in _labels_of(p, labels))}
     timing_sample = None
     for path in films:
@@ -377,28 +398,42 @@ def red_areas(pipeline: Pipeline, films: list[Path], repeats_timing: int = 20) -
         gray = decode(data).gray
         upright = np.ascontiguousarray(np.rot90(gray, -result.turned // 90)) if result.turned else gray
         prepared = chest.prepare(upright)
-        _, features = chest.runner(prepared[None])
+        _, features, block3 = chest.runner(prepared[None], block3=True)
         film = fit_film(upright)
         for finding in result.positive_findings[:3]:
             index = labels.index(finding.label)
-            flagged_red.append(red_share(film, chest.baseline.evidence(index, weights[index], features[0]))[0])
+            maps = relative_maps(chest, index, features[0], block3[0])
+            flagged_red.append(red_share(film, maps["shipped"])[0])
+            if maps["final_4x4_relative"] is not None:
+                final_flagged_red.append(red_share(film, maps["final_4x4_relative"])[0])
             today_flagged_red.append(red_share(film, class_evidence(weights[index], features[0]))[0])
         if str(path) in normal_films and result.findings:
             index = labels.index(result.findings[0].label)
-            red, coloured = red_share(film, chest.baseline.evidence(index, weights[index], features[0]))
+            maps = relative_maps(chest, index, features[0], block3[0])
+            red, coloured = red_share(film, maps["shipped"])
             normal_red.append(red)
             normal_coloured.append(coloured)
+            if maps["final_4x4_relative"] is not None:
+                normal_red_final.append(red_share(film, maps["final_4x4_relative"])[0])
         if timing_sample is None:
-            timing_sample = (upright, prepared, features[0], labels.index(result.findings[0].label))
+            timing_sample = (upright, prepared, features[0], block3[0], labels.index(result.findings[0].label))
+            if timing_only:
+                break
     timing = {}
     if timing_sample is not None:
-        upright, prepared, feature_map, index = timing_sample
+        upright, prepared, feature_map, block3_map, index = timing_sample
         tensor = torch.from_numpy(prepared)[None]
         calls = {
             "today_signed_ms": lambda: render_overlays(upright, [class_evidence(weights[index], feature_map)]),
-            "shipped_ms": lambda: render_overlays(upright, [chest.baseline.evidence(index, weights[index],
-                                                                                    feature_map)]),
+            "final_4x4_relative_ms": lambda: render_overlays(upright, [relative_maps(
+                chest, index, feature_map, block3_map, only="final_4x4_relative")["final_4x4_relative"]]),
+            "shipped_ms": lambda: render_overlays(upright, [relative_maps(chest, index, feature_map, block3_map,
+                                                                          only="shipped")["shipped"]]),
             "gradcam_block3_ms": lambda: render_overlays(upright, [gradcam_block3(chest.network, tensor, index)]),
+            # The chest model's forward pass for one film (mirror average included), without and with
+            # the block-3 map returned.
+            "chest_runner_ms": lambda: chest.runner(prepared[None]),
+            "chest_runner_with_block3_ms": lambda: chest.runner(prepared[None], block3=True),
         }
         times: dict[str, list[float]] = {name: [] for name in calls}
         for round_ in range(repeats_timing + 1):
@@ -413,11 +448,17 @@ def red_areas(pipeline: Pipeline, films: list[Path], repeats_timing: int = 20) -
         "flagged_overlays": len(flagged_red),
         f"flagged_with_red_area_ge_{RED_AREA:.0%}_shipped": round(float(np.mean(np.array(flagged_red) >= RED_AREA)), 3)
         if flagged_red else None,
+        f"flagged_with_red_area_ge_{RED_AREA:.0%}_final_4x4_relative":
+            round(float(np.mean(np.array(final_flagged_red) >= RED_AREA)), 3) if final_flagged_red else None,
         f"flagged_with_red_area_ge_{RED_AREA:.0%}_today_signed":
             round(float(np.mean(np.array(today_flagged_red) >= RED_AREA)), 3) if today_flagged_red else None,
         "normal_films": len(normal_red),
         "normal_top_finding_red_share_median": round(float(np.median(normal_red)), 4) if normal_red else None,
         "normal_top_finding_red_share_p90": round(float(np.percentile(normal_red, 90)), 4) if normal_red else None,
+        "normal_top_finding_red_share_median_final_4x4_relative":
+            round(float(np.median(normal_red_final)), 4) if normal_red_final else None,
+        "normal_top_finding_red_share_p90_final_4x4_relative":
+            round(float(np.percentile(normal_red_final, 90)), 4) if normal_red_final else None,
         "normal_top_finding_coloured_share_median": round(float(np.median(normal_coloured)), 4)
         if normal_coloured else None,
         "time_per_overlay_map_plus_render": timing,
@@ -446,6 +487,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", type=Path, help="also write the figures here")
     parser.add_argument("--save", type=Path, help="write the overlays of the first films here (JPEG + PNG)")
     parser.add_argument("--threads", type=int, help="torch threads")
+    parser.add_argument("--timing-only", action="store_true", help="with --boxes: only the time per overlay "
+                        "and per chest forward pass, on the first analysed --split film")
     parser.add_argument("--boxes", type=Path, help="nih-bboxes.csv: measure where the maps point (pointing game, "
                         "share ratio), then red areas and time per overlay on --split films")
 
@@ -454,10 +497,14 @@ def run(args: argparse.Namespace) -> int:
     if args.boxes:
         models = args.models or models_dir_from_environment()
         pipeline = Pipeline.load(PipelineConfig(models_dir=models, threads=args.threads))
+        films = chest_films(args.manifest, args.split, args.limit)
+        if args.timing_only:
+            return emit_report({"command": "python -m training measure-heatmaps " + " ".join(sys.argv[2:]),
+                                "films": red_areas(pipeline, films, timing_only=True)}, args.json)
         report = {"command": "python -m training measure-heatmaps " + " ".join(sys.argv[2:]),
                   "pointing": pointing(pipeline, args.boxes, args.save),
                   "split": args.split,
-                  "films": red_areas(pipeline, chest_films(args.manifest, args.split, args.limit))}
+                  "films": red_areas(pipeline, films)}
         return emit_report(report, args.json)
     report = measure(args.manifest, args.split, args.limit, args.models or models_dir_from_environment(),
                      args.save, args.threads)

@@ -2,6 +2,8 @@
 
 Every runner takes a float32 batch (N, 1, S, S) and returns (logits, post-ReLU feature maps) as
 float32 numpy arrays: the features of the same forward pass give the heatmap (CAM) for free.
+``runner(batch, block3=True)`` also returns the block-3 map (``DenseNetClassifier.forward_block3``,
+8 × 8 at 128 px) of the same pass, for the finer heatmap; asked only for films that get an overlay.
 ONNX files are exported from the verified safetensors weights and cached by their sha256, so a
 changed model never reuses a stale export. OpenVINO reads the same cached ONNX file and keeps its
 compiled blob in the same cache folder (its ``CACHE_DIR``), so a restart skips compilation.
@@ -51,6 +53,7 @@ class TorchRunner:
             torch.backends.cudnn.benchmark = True
         self.buckets = tuple(sorted(set(buckets))) if buckets is not None else (GPU_BUCKETS if cuda else ())
         self.forward = self.network.forward_with_features
+        self.forward_block3 = self.network.forward_with_block3  # overlays only: not compiled
         if compile:
             self.forward = torch.compile(self.forward, mode="reduce-overhead" if cuda else None, dynamic=False)
         self._gpu = threading.Lock()
@@ -69,7 +72,7 @@ class TorchRunner:
         host.numpy()[...] = batch
         return host
 
-    def _run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _run(self, batch: np.ndarray, block3: bool = False) -> tuple[np.ndarray, ...]:
         n = len(batch)
         size = self.padded_size(n)
         if size > n:
@@ -79,9 +82,8 @@ class TorchRunner:
             x = x.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
             cuda = self.device.type == "cuda"
             with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
-                logits, features = self.forward(x)
-            logits, features = logits[:n].float().cpu().numpy(), features[:n].float().cpu().numpy()
-        return logits, features
+                outputs = (self.forward_block3 if block3 else self.forward)(x)
+            return tuple(output[:n].float().cpu().numpy() for output in outputs)
 
     def warm_up(self, channels: int, size: int) -> None:
         """One forward pass per bucket, at start: cuDNN autotuning (and graph capture when compiled)
@@ -89,12 +91,12 @@ class TorchRunner:
         for bucket in self.buckets:
             self._run(np.zeros((bucket, channels, size, size), dtype=np.float32))
 
-    def __call__(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def __call__(self, batch: np.ndarray, block3: bool = False) -> tuple[np.ndarray, ...]:
         largest = self.buckets[-1] if self.buckets else len(batch)
         if len(batch) <= largest:
-            return self._run(batch)
-        parts = [self._run(batch[i:i + largest]) for i in range(0, len(batch), largest)]
-        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+            return self._run(batch, block3)
+        parts = [self._run(batch[i:i + largest], block3) for i in range(0, len(batch), largest)]
+        return tuple(np.concatenate(outputs) for outputs in zip(*parts, strict=True))
 
 
 class _LogitsAndFeatures(torch.nn.Module):
@@ -102,8 +104,11 @@ class _LogitsAndFeatures(torch.nn.Module):
         super().__init__()
         self.network = network
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.network.forward_with_features(x)
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.network.forward_with_block3(x)
+
+
+OUTPUTS = ("logits", "features", "block3")  # the exported graph's outputs (block3: the finer heatmap's map)
 
 
 def export_onnx(network: DenseNetClassifier, card: ModelCard, path: Path) -> Path:
@@ -116,8 +121,8 @@ def export_onnx(network: DenseNetClassifier, card: ModelCard, path: Path) -> Pat
     wrapper = wrapper.to(memory_format=torch.contiguous_format)
     with torch.no_grad():
         torch.onnx.export(wrapper, (example,), buffer, input_names=["input"],
-                          output_names=["logits", "features"], opset_version=17, dynamo=False,
-                          dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}, "features": {0: "batch"}})
+                          output_names=list(OUTPUTS), opset_version=17, dynamo=False,
+                          dynamic_axes={"input": {0: "batch"}, **{name: {0: "batch"} for name in OUTPUTS}})
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_suffix(f".{os.getpid()}.tmp")
     temporary.write_bytes(buffer.getvalue())
@@ -128,7 +133,8 @@ def export_onnx(network: DenseNetClassifier, card: ModelCard, path: Path) -> Pat
 def cached_onnx(network: DenseNetClassifier, card: ModelCard, cache_dir: Path) -> Path:
     """The model's ONNX export in ``cache_dir``, named by its weights hash; exported on first use."""
     flip = "-flip" if card.flip_average else ""
-    path = Path(cache_dir) / f"{card.name}-{card.weights.sha256[:16]}-{card.input.size}{flip}.onnx"
+    # "-b3": exports with the block-3 output; an older cached export (two outputs) is not reused.
+    path = Path(cache_dir) / f"{card.name}-{card.weights.sha256[:16]}-{card.input.size}-b3{flip}.onnx"
     if not path.is_file():
         log.info("exporting %s to ONNX at %s", card.name, path)
         export_onnx(network, card, path)
@@ -153,9 +159,8 @@ class OnnxRunner:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
-    def __call__(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        logits, features = self.session.run(["logits", "features"], {"input": np.ascontiguousarray(batch)})
-        return logits, features
+    def __call__(self, batch: np.ndarray, block3: bool = False) -> tuple[np.ndarray, ...]:
+        return tuple(self.session.run(list(OUTPUTS[:3 if block3 else 2]), {"input": np.ascontiguousarray(batch)}))
 
 
 class OpenVinoRunner:
@@ -186,13 +191,13 @@ class OpenVinoRunner:
         self.precision = precision
         self._local = threading.local()
 
-    def __call__(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def __call__(self, batch: np.ndarray, block3: bool = False) -> tuple[np.ndarray, ...]:
         request = getattr(self._local, "request", None)
         if request is None:
             request = self._local.request = self.compiled.create_infer_request()
         outputs = request.infer({0: np.ascontiguousarray(batch, dtype=np.float32)})
         # Copies: the request reuses its output buffers on the next call.
-        return np.array(outputs["logits"], copy=True), np.array(outputs["features"], copy=True)
+        return tuple(np.array(outputs[name], copy=True) for name in OUTPUTS[:3 if block3 else 2])
 
 
 def make_runner(backend: str, network: DenseNetClassifier, card: ModelCard, device: torch.device,

@@ -195,17 +195,27 @@ class OrientationSpec(BaseModel):
     metrics: dict[str, Any] = Field(default_factory=dict)
 
 
+HEATMAP_METHODS = ("evidence_minus_normal_mean", "block3_gradient_x_activation_minus_normal_mean")
+
+
 class HeatmapSpec(BaseModel):
     """Abnormality model: what the overlays show (diagnosis.heatmap.relative_evidence).
 
-    ``arrays`` holds "mean" (labels × h × w): the mean signed class-evidence map ``W_c · A`` over
-    normal val films (all labels 0), and "scale" (labels): the excess over that mean, in the same
-    units, that is drawn at full colour. A film's map is ``(W_c · A − mean_c) / scale_c`` clipped to
-    [-1, 1]: red where this film raised the finding's estimate more than a typical normal film does,
-    blue where less. Fitted by ``python -m training heatmap-baseline``.
+    ``method`` names the per-film signed map ``M_c`` (``diagnosis.heatmap.NormalBaseline``):
+
+    * "evidence_minus_normal_mean": ``M_c = W_c · A`` on the final post-ReLU map (4 × 4 at 128 px);
+    * "block3_gradient_x_activation_minus_normal_mean": gradient × activation of the logit at the
+      block-3 map (``features.transition3.relu``, 8 × 8 at 128 px): ``Σ_k B_k · ∂z_c/∂B_k``.
+
+    ``arrays`` holds "mean" (labels × h × w): the mean of ``M_c`` over normal val films (all labels
+    0), and "scale" (labels): the excess over that mean, in the same units, that is drawn at full
+    colour. A film's map is ``(M_c − mean_c) / scale_c`` clipped to [-1, 1]: red where this film raised
+    the finding's estimate more than a typical normal film does, blue where less. It may also hold
+    "final_mean"/"final_scale", the same for the 4 × 4 map, kept for measuring the two side by side
+    (``python -m training measure-heatmaps``). Fitted by ``python -m training heatmap-baseline``.
     """
 
-    method: Literal["evidence_minus_normal_mean"] = "evidence_minus_normal_mean"
+    method: Literal[HEATMAP_METHODS] = "evidence_minus_normal_mean"
     layer: str = "relu (post-ReLU output of features.norm5)"
     arrays: AuxiliaryFile
     method_notes: str = ""

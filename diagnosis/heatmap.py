@@ -28,6 +28,16 @@ decomposition of the estimate over the image: each cell adds S_c(i,j)/(h·w) to 
   normal film does", and because the scale is fixed (not the film's own maximum) a normal film stays
   faint. The map's mean is exactly the film's logit minus the mean normal film's logit (÷ scale):
   the decomposition still adds up. Figures: docs/heatmaps.md.
+* ``block3_gradient_x_activation`` (what the overlays show when the card's ``heatmap`` method is
+  "block3_gradient_x_activation_minus_normal_mean", issue #22): the same idea one block earlier, at
+  8 × 8 instead of 4 × 4 at 128 px. ``G_c = Σ_k B_k · ∂z_c/∂B_k`` on the block-3 map B (output of
+  ``features.transition3.relu``, returned by every runner with ``block3=True``): to first order, how
+  much the logit would fall if that cell's block-3 features were switched off. The gradient needs
+  only the network's tail (transition 3, block 4, head: ~70 MFLOP at 128 px), run in torch on the
+  map any runner returned. Drawn, like the 4 × 4 map, relative to normal films:
+  ``(G_c − mean normal G_c) / scale_c``. Unlike ``W_c · A`` the cells do not add up exactly to the
+  logit (the tail is not linear). On the 80 pack boxes it points at 24 (the 4 × 4 relative map: 17;
+  docs/heatmaps.md).
 """
 
 from __future__ import annotations
@@ -68,8 +78,31 @@ def class_evidence(class_weights: np.ndarray, features: np.ndarray) -> np.ndarra
     return symmetric_scale(signed_map(class_weights, features))
 
 
+BLOCK3_METHOD = "block3_gradient_x_activation_minus_normal_mean"
+
+
+def block3_gradient_x_activation(network: DenseNetClassifier, block3: np.ndarray,
+                                 indices: list[int]) -> np.ndarray:
+    """(len(indices), h, w): ``Σ_k B_k · ∂z_c/∂B_k`` for each output index c, on one film's block-3
+    map ``block3`` (K, h, w: ``DenseNetClassifier.forward_block3``), through the network's tail only
+    (the logit of the image as sent, without the mirror average)."""
+    if not indices:
+        return np.zeros((0, *block3.shape[1:]), np.float32)
+    parameter = next(network.parameters())
+    with torch.inference_mode(False), torch.enable_grad():
+        # One row per finding, so one backward pass gives every finding's gradient.
+        tensor = torch.from_numpy(np.ascontiguousarray(block3)).to(parameter.device, parameter.dtype)
+        tensor = tensor[None].repeat(len(indices), 1, 1, 1).requires_grad_(True)
+        logits = network.logits_from_block3(tensor)
+        chosen = logits[torch.arange(len(indices)), torch.as_tensor(indices)]
+        (gradient,) = torch.autograd.grad(chosen.sum(), tensor)
+    return (gradient * tensor).sum(dim=1).detach().float().cpu().numpy()
+
+
 class NormalBaseline:
-    """The card's ``heatmap`` arrays: the mean normal-film map per label and the full-colour scale."""
+    """The card's ``heatmap`` arrays: the mean normal-film map per label and the full-colour scale,
+    for the card's method (``cards.HeatmapSpec``): 4 × 4 ``W_c · A``, or 8 × 8 block-3 gradient ×
+    activation."""
 
     def __init__(self, folder, spec: HeatmapSpec, labels: list[str]):
         from .openset import load_arrays
@@ -80,12 +113,39 @@ class NormalBaseline:
             raise CardError(f"heatmap arrays do not fit the card's {len(labels)} labels")
         if not np.all(self.scale > 0):
             raise CardError("heatmap scales must be positive")
+        self.final = None  # the 4 × 4 map's own mean and scale, when kept beside a block-3 method's
+        if "final_mean" in arrays:
+            self.final = (arrays["final_mean"].astype(np.float32), arrays["final_scale"].astype(np.float32))
+
+    @property
+    def needs_block3(self) -> bool:
+        return self.spec.method == BLOCK3_METHOD
 
     def evidence(self, index: int, class_weights: np.ndarray, features: np.ndarray) -> np.ndarray:
-        if features.shape[1:] != self.mean.shape[1:]:
+        """The 4 × 4 relative map (method "evidence_minus_normal_mean", or the kept ``final`` arrays)."""
+        mean, scale = (self.mean, self.scale) if not self.needs_block3 else (self.final or (None, None))
+        if mean is None:
+            raise CardError("this heatmap baseline has no 4 × 4 arrays")
+        if features.shape[1:] != mean.shape[1:]:
             raise CardError(f"feature map {features.shape[1:]} does not fit the heatmap baseline "
+                            f"{mean.shape[1:]} (another input size?)")
+        return relative_evidence(class_weights, features, mean[index], float(scale[index]))
+
+    def block3_evidence(self, network: DenseNetClassifier, block3: np.ndarray, indices: list[int],
+                        clip: bool = True) -> list[np.ndarray]:
+        """The 8 × 8 relative maps of a film's findings ``indices`` (method BLOCK3_METHOD);
+        ``clip=False``: before clipping to [-1, 1] (where the hottest point is looked for)."""
+        if block3.shape[1:] != self.mean.shape[1:]:
+            raise CardError(f"block-3 map {block3.shape[1:]} does not fit the heatmap baseline "
                             f"{self.mean.shape[1:]} (another input size?)")
-        return relative_evidence(class_weights, features, self.mean[index], float(self.scale[index]))
+        maps = block3_gradient_x_activation(network, block3, indices)
+        return [relative_map(m, self.mean[i], float(self.scale[i]), clip) for m, i in zip(maps, indices, strict=True)]
+
+
+def relative_map(signed: np.ndarray, normal_mean: np.ndarray, scale: float, clip: bool = True) -> np.ndarray:
+    """(signed − normal mean) / scale, clipped to [-1, 1] unless ``clip`` is False."""
+    excess = (signed - normal_mean) / scale
+    return (np.clip(excess, -1.0, 1.0) if clip else excess).astype(np.float32)
 
 
 def relative_evidence(class_weights: np.ndarray, features: np.ndarray, normal_mean: np.ndarray,
@@ -93,8 +153,7 @@ def relative_evidence(class_weights: np.ndarray, features: np.ndarray, normal_me
     """(S_c − mean normal S_c) / scale, clipped to [-1, 1]: red where this film raised the estimate
     more than a typical normal film does. ``scale`` is fixed per finding, so a film close to the
     normal ones stays faint instead of being stretched to full colour."""
-    excess = signed_map(class_weights, features) - normal_mean
-    return np.clip(excess / scale, -1.0, 1.0).astype(np.float32)
+    return relative_map(signed_map(class_weights, features), normal_mean, scale)
 
 
 def without_red(heatmap: np.ndarray) -> np.ndarray:

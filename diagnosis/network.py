@@ -52,6 +52,39 @@ class DenseNetClassifier(nn.Module):
         both = self.forward_features(torch.cat([x, x.flip(3)]))
         return (self.head(both[:n]) + self.head(both[n:])) / 2, both[:n]
 
+    def forward_block3(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(block-3 map, post-ReLU final map) of ``x``: the same computation as ``forward_features``,
+        with the output of ``features.transition3.relu`` kept (block 3 after its transition's
+        BatchNorm and ReLU, 1024 channels, 8 × 8 at 128 px: twice the final map's resolution).
+        The finer heatmap (``diagnosis.heatmap``, card ``heatmap`` method ``block3_probe``) is read
+        from it."""
+        features = self.features
+        h = x
+        for name, module in features.named_children():
+            if name == "transition3":
+                break
+            h = module(h)
+        transition = features.transition3
+        block3 = transition.relu(transition.norm(h))
+        h = features.norm5(features.denseblock4(transition.pool(transition.conv(block3))))
+        return block3, self.relu(h)
+
+    def logits_from_block3(self, block3: torch.Tensor) -> torch.Tensor:
+        """The logits of an image (as sent, no mirror average) from its block-3 map: the network's
+        tail (transition 3, block 4, final ReLU, head), for gradients at block 3."""
+        features = self.features
+        transition = features.transition3
+        return self.head(self.relu(features.norm5(features.denseblock4(transition.pool(transition.conv(block3))))))
+
+    def forward_with_block3(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``forward_with_features`` plus the block-3 map (``forward_block3``) of the image as sent."""
+        if not self.flip_average or self.training:
+            block3, features = self.forward_block3(x)
+            return self.head(features), features, block3
+        n = x.shape[0]
+        block3, both = self.forward_block3(torch.cat([x, x.flip(3)]))
+        return (self.head(both[:n]) + self.head(both[n:])) / 2, both[:n], block3[:n]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_with_features(x)[0]
 

@@ -211,7 +211,9 @@ class Pipeline:
         item.result.timings_ms["photo"] = _ms(clock)
         item.image, item.problems, item.corners = straightened.gray, problems, straightened.corners
 
-    def _infer(self, model: LoadedModel, items: list[_Item], stage: str) -> tuple[np.ndarray, np.ndarray]:
+    def _infer(self, model: LoadedModel, items: list[_Item], stage: str,
+               block3: bool = False) -> tuple[np.ndarray, ...]:
+        """(probabilities, final maps), plus the block-3 maps with ``block3`` (the finer heatmap)."""
         clock = time.perf_counter()
         batch = []
         for item in items:  # resize once per input contract: models of the same size share it
@@ -220,13 +222,13 @@ class Pipeline:
             batch.append(item.inputs[model.input_key])
         prepared = _ms(clock)
         clock = time.perf_counter()
-        logits, features = model.runner(np.stack(batch))
+        logits, *maps = model.runner(np.stack(batch), block3=True) if block3 else model.runner(np.stack(batch))
         elapsed = _ms(clock)
         for item in items:
             timings = item.result.timings_ms
             timings["preprocess"] = round(timings.get("preprocess", 0.0) + prepared, 2)
             timings[stage] = elapsed
-        return model.probabilities(logits), features
+        return (model.probabilities(logits), *maps)
 
     def _gate(self, items: list[_Item]) -> None:
         card = self.gate.card
@@ -314,19 +316,21 @@ class Pipeline:
     def _abnormality(self, model: LoadedModel, items: list[_Item], part: str, make_overlay: bool,
                      draw: list[str] | None = None) -> None:
         card = model.card
-        probs, features = self._infer(model, items, part)
+        block3 = make_overlay and self.heatmap == "cam" and model.baseline is not None and model.baseline.needs_block3
+        probs, features, *maps = self._infer(model, items, part, block3)
+        block3_maps = maps[0] if maps else [None] * len(items)
         point = verdict_point(card)  # the card's, the same for every film
-        for item, row, feature_map in zip(items, probs, features, strict=True):
+        for item, row, feature_map, block3_map in zip(items, probs, features, block3_maps, strict=True):
             result = item.result
             # Calibrated probabilities, flags of the chosen mode, the verdict (diagnosis.operating).
             result.findings, result.abnormal_probability, result.verdict = assess(card, row, result.mode)
             result.verdict_point = dict(point)
             if not make_overlay:
                 continue
-            self._overlays(model, item, feature_map, draw)
+            self._overlays(model, item, feature_map, draw, block3_map)
 
     def _overlays(self, model: LoadedModel, item: _Item, feature_map: np.ndarray,
-                  draw: list[str] | None = None) -> None:
+                  draw: list[str] | None = None, block3_map: np.ndarray | None = None) -> None:
         """One overlay per drawn finding: what the reply flags (at most three), else the top finding
         among those the reply speaks about (screening: the labels the model is reliable at), drawn
         without red: nothing was flagged, so no area may look like a finding's evidence.
@@ -344,10 +348,15 @@ class Pipeline:
                 reliable = [f for f in result.findings if f.eligible] if result.mode == "screening" else []
                 drawn, red = (reliable or result.findings)[:1], False
         result.heatmap_labels = [f.label for f in drawn]
-        maps = [self._heatmap(model, item, feature_map, f.label) for f in drawn]
+        if block3_map is not None:  # the card's 8 × 8 block-3 map; its peak is found before clipping
+            indices = [model.card.labels.index(f.label) for f in drawn]
+            unclipped = model.baseline.block3_evidence(model.network, block3_map, indices, clip=False)
+            maps = [np.clip(m, -1.0, 1.0).astype(np.float32) for m in unclipped]
+        else:
+            maps = unclipped = [self._heatmap(model, item, feature_map, f.label) for f in drawn]
         if not red and model.baseline is not None:
-            maps = [without_red(m) for m in maps]
-        result.peaks = [self._peak(model, item, m) for m in maps]
+            maps, unclipped = [without_red(m) for m in maps], [without_red(m) for m in unclipped]
+        result.peaks = [self._peak(model, item, m) for m in unclipped]
         result.timings_ms["heatmap"] = _ms(clock)
         clock = time.perf_counter()
         jpegs = render_overlays(item.image, maps)  # over the straightened film, if any
@@ -364,19 +373,27 @@ class Pipeline:
     def model_outputs(self, part: str, datas: list[bytes]) -> tuple[np.ndarray, list[np.ndarray | None]]:
         """``model_probabilities`` and each image's post-ReLU feature map (None where undecodable):
         for fitting the heatmaps' normal baseline (``python -m training heatmap-baseline``)."""
+        probs, maps, _ = self.model_maps(part, datas)
+        return probs, maps
+
+    def model_maps(self, part: str, datas: list[bytes],
+                   block3: bool = False) -> tuple[np.ndarray, list[np.ndarray | None], list[np.ndarray | None]]:
+        """``model_outputs`` plus each image's block-3 map when ``block3`` (else Nones)."""
         model = self.abnormality[part]
         items = [_Item(DiagnosisResult(outcome="analysed")) for _ in datas]
         for item, data in zip(items, datas, strict=True):
             self._read(item, data)
         out = np.full((len(items), len(model.card.outputs)), np.nan)
         maps: list[np.ndarray | None] = [None] * len(items)
+        block3_maps: list[np.ndarray | None] = [None] * len(items)
         ready = [i for i, item in enumerate(items) if item.image is not None]
         if ready:
-            probs, features = self._infer(model, [items[i] for i in ready], part)
+            probs, features, *more = self._infer(model, [items[i] for i in ready], part, block3)
             out[ready] = probs
-            for i, feature_map in zip(ready, features, strict=True):
-                maps[i] = feature_map
-        return out, maps
+            for n, i in enumerate(ready):
+                maps[i] = features[n]
+                block3_maps[i] = more[0][n] if more else None
+        return out, maps, block3_maps
 
     def _heatmap(self, model: LoadedModel, item: _Item, feature_map: np.ndarray, label: str) -> np.ndarray:
         index = model.card.labels.index(label)

@@ -29,6 +29,7 @@ from diagnosis.cards import (
     sha256_of,
     write_card,
 )
+from diagnosis.heatmap import BLOCK3_METHOD
 from diagnosis.network import DenseNetClassifier, save_weights
 from training.data.datasets import CHEST_LABELS
 
@@ -110,14 +111,22 @@ def add_orientation(folder: Path, turn: str, min_probability: float = 0.5,
     write_card(folder, card)
 
 
-def add_heatmap_baseline(folder: Path, mean: float | np.ndarray = 0.0, scale: float = 1.0) -> None:
+def add_heatmap_baseline(folder: Path, mean: float | np.ndarray = 0.0, scale: float = 1.0,
+                         method: str = "block3") -> None:
     """The card's ``heatmap`` arrays: a normal mean map (a constant, or one array per label) and one
-    colour scale for every label, at the card's final-map size (input size / 32)."""
+    colour scale for every label. ``method`` "block3" (as the shipped chest card): the block-3
+    gradient × activation map (input size / 16 cells a side), with the 4 × 4 map's arrays kept beside
+    it (zero mean, scale 1); "final": the final map's ``W_c · A`` (input size / 32)."""
     card = read_card(folder)
-    cells = card.input.size // 32
+    block3 = method == "block3"
+    cells = card.input.size // (16 if block3 else 32)
     means = np.broadcast_to(np.asarray(mean, dtype=np.float32), (len(card.labels), cells, cells)).copy()
-    spec = _arrays(folder, "heatmap.safetensors", {"mean": means, "scale": np.full(len(card.labels), scale)})
-    card.heatmap = HeatmapSpec(arrays=spec)
+    arrays = {"mean": means, "scale": np.full(len(card.labels), scale)}
+    if block3:
+        final = card.input.size // 32
+        arrays.update(final_mean=np.zeros((len(card.labels), final, final)), final_scale=np.ones(len(card.labels)))
+    spec = _arrays(folder, "heatmap.safetensors", arrays)
+    card.heatmap = HeatmapSpec(arrays=spec, method=BLOCK3_METHOD if block3 else "evidence_minus_normal_mean")
     write_card(folder, card)
 
 

@@ -174,3 +174,28 @@ def test_openvino_bf16_stays_close_to_torch(fake_models, tmp_path):
     reference = TorchRunner(network, torch.device("cpu"))(batch)
     assert np.abs(logits - reference[0]).max() < 0.1 * max(1.0, np.abs(reference[0]).max())
     assert features.shape == reference[1].shape
+
+
+def test_every_runner_returns_the_same_block3_map(fake_models, tmp_path):
+    """The finer heatmap's block-3 map (issue #22): asked with ``block3=True``, every backend returns
+    the same map as the network's own forward pass, of the image as sent (not the mirror image), and
+    the same logits and final map as without it."""
+    pytest.importorskip("openvino")
+    from diagnosis.backends import OpenVinoRunner
+
+    card, network = load_model(fake_models / "chest")
+    network.flip_average = True  # the shipped chest card averages over the mirror image
+    batch = np.random.default_rng(7).normal(size=(3, 1, 64, 64)).astype(np.float32)
+    with torch.no_grad():
+        block3, _ = network.forward_block3(torch.from_numpy(batch))
+    runners = {"torch": TorchRunner(network, torch.device("cpu")),
+               "bucketed": TorchRunner(network, torch.device("cpu"), buckets=(1, 2)),
+               "onnx": OnnxRunner(network, card, tmp_path), "openvino": OpenVinoRunner(network, card, tmp_path, 1)}
+    for name, runner in runners.items():
+        logits, features, maps = runner(batch, block3=True)
+        plain = runner(batch)
+        assert len(plain) == 2, name
+        assert maps.shape == (3, 1024, 64 // 16, 64 // 16), name
+        assert np.abs(maps - block3.numpy()).max() < 1e-3 * max(1.0, float(block3.abs().max())), name
+        assert np.abs(logits - plain[0]).max() < 1e-4 and np.abs(features - plain[1]).max() < 1e-4, name
+    assert not np.allclose(block3.numpy(), network.forward_block3(torch.from_numpy(batch).flip(3))[0].detach().numpy())

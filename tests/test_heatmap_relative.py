@@ -149,3 +149,65 @@ def test_cli_draw_and_json_peaks(tmp_path):
     bad = run_cli(str(image), "--models", str(models), "--draw", "Lung")
     assert bad.returncode == 2 and "Lung" in bad.stderr
     assert CHEST_LABELS  # the labels --draw accepts are the card's
+
+
+def test_block3_gradient_x_activation_is_what_switching_a_cell_off_costs_the_logit(tmp_path):
+    """Each cell of the 8 × 8 map is, to first order, how much the finding's logit falls when that
+    cell's block-3 features are scaled down: checked against the network's own tail."""
+    import torch
+
+    from diagnosis.heatmap import block3_gradient_x_activation
+    from diagnosis.network import load_model
+
+    _, network = load_model(make_models_dir(tmp_path) / "chest")
+    network = network.double()  # float64: the first-order change is far below float32's resolution
+    x = torch.from_numpy(rng.normal(size=(1, 1, 64, 64)))
+    with torch.no_grad():
+        block3, _ = network.forward_block3(x)
+        assert torch.allclose(network.logits_from_block3(block3), network.forward_with_features(x)[0], atol=1e-5)
+    heat = block3_gradient_x_activation(network, block3[0].numpy(), [2, 5])
+    assert heat.shape == (2, 4, 4)  # 64 px input: block 3 is input / 16
+    eps = 1e-4
+    for row, column in ((0, 0), (1, 2), (3, 3)):
+        dimmed = block3.clone()
+        dimmed[0, :, row, column] *= 1 - eps
+        with torch.no_grad():
+            change = (network.logits_from_block3(dimmed) - network.logits_from_block3(block3))[0].double()
+        for k, index in enumerate((2, 5)):
+            assert float(change[index]) == pytest.approx(-eps * heat[k, row, column], rel=0.01, abs=1e-12)
+
+
+def test_the_pipeline_draws_the_block3_map_relative_to_its_normal_mean(tmp_path):
+    """The shipped card's method: the overlay is the 8 × 8 block-3 map minus the card's normal mean,
+    and ``peaks`` is its hottest point; a film equal to the normal mean is neutral (no red)."""
+    from diagnosis.heatmap import BLOCK3_METHOD, block3_gradient_x_activation, upsampled
+
+    models = make_models_dir(tmp_path / "a", positives=())
+    pipeline = Pipeline.load(models)
+    chest = pipeline.abnormality["chest"]
+    assert chest.baseline.needs_block3 and chest.card.heatmap.method == BLOCK3_METHOD
+    index = CHEST_LABELS.index("Mass")
+    film = decode_film(IMAGE)
+    _, _, block3 = chest.runner(chest.prepare(film)[None], block3=True)
+    own = block3_gradient_x_activation(chest.network, block3[0], [index])[0]
+    assert own.shape == (4, 4) and np.ptp(own) > 0
+    # A normal mean far below this film: all red, the peak at the map's hottest cell.
+    add_heatmap_baseline(models / "chest", mean=own.min() - 10 * np.ptp(own), scale=100 * np.ptp(own))
+    result = Pipeline.load(models).run(IMAGE, draw=["Mass"]).result
+    big = upsampled(own, 64, 64)
+    row, column = np.unravel_index(int(np.argmax(big)), big.shape)
+    height, width = film.shape
+    assert result.peaks[0] == [int((column + 0.5) * width / 64), int((row + 0.5) * height / 64)]
+    # The normal mean equal to this film's own map: nothing to show, so no red and no peak.
+    means = np.zeros((len(CHEST_LABELS), 4, 4), np.float32)
+    means[index] = own
+    add_heatmap_baseline(models / "chest", mean=means, scale=1.0)
+    result = Pipeline.load(models).run(IMAGE, draw=["Mass"]).result
+    assert result.peaks == [None]
+
+
+def decode_film(data: bytes) -> np.ndarray:
+    from diagnosis.intake import decode
+    from diagnosis.photo import models_view
+
+    return models_view(decode(data)).gray
