@@ -111,6 +111,9 @@ def add_orientation(folder: Path, turn: str, min_probability: float = 0.5,
     write_card(folder, card)
 
 
+STAND_IN_BLOCK3_SCALE = 1e-3
+
+
 def add_heatmap_baseline(folder: Path, mean: float | np.ndarray = 0.0, scale: float = 1.0,
                          method: str = "block3") -> None:
     """The card's ``heatmap`` arrays: a normal mean map (a constant, or one array per label) and one
@@ -144,8 +147,8 @@ def make_models_dir(root: Path, *, xray: bool = True, body_part: str = "chest", 
     body-part card's open-set check (``open_set_photo_threshold``: its photo threshold); ``modality``
     adds a gate modality head naming that class; ``orientation`` a gate orientation head that says
     that turn for every image (at ~0.9, against ``orientation_min_probability``; ``orientation_spec``: its
-    further fields); ``heatmap_baseline``
-    the chest card's ``heatmap`` arrays (a zero normal mean, scale 1), as the shipped card has them."""
+    further fields); ``heatmap_baseline``: the chest card's ``heatmap`` arrays (a zero normal mean,
+    scale ``STAND_IN_BLOCK3_SCALE``), as the shipped card has them."""
     root = Path(root)
     make_model(root / "gate", role="gate", labels=["not_xray", "xray"], activation="softmax",
                biases=[-8.0, 8.0] if xray else [8.0, -8.0], positive_label="xray",
@@ -167,5 +170,7 @@ def make_models_dir(root: Path, *, xray: bool = True, body_part: str = "chest", 
                activation="sigmoid", biases=chest_biases, thresholds=dict.fromkeys(CHEST_LABELS, 0.5), size=size,
                operating_points=stand_in_points(CHEST_LABELS) if operating_points else None)
     if heatmap_baseline:
-        add_heatmap_baseline(root / "chest")
+        # The stand-in's block-3 maps are ~1e-3 (classifier weights × 0.1): a scale of that size lets
+        # the overlays show colour, as the shipped card's fitted scale does on real films.
+        add_heatmap_baseline(root / "chest", scale=STAND_IN_BLOCK3_SCALE)
     return root
