@@ -19,10 +19,12 @@ delivery-only workers stay light.
 from __future__ import annotations
 
 import secrets
+import time
 from typing import Any
 
 import redis
 from celery import Task
+from celery.exceptions import SoftTimeLimitExceeded
 from celery.utils.log import get_task_logger
 
 from contract import texts
@@ -248,7 +250,7 @@ def send_reply(
             sent.append(part)
             _best_effort(r.set, mark, "1", ex=settings.MARK_TTL_S)  # only after Telegram accepted it
         del overlays
-        _best_effort(r.set, keys.done(request_id), "1", ex=settings.MARK_TTL_S)
+        mark_answered(r, keys.done(request_id), settings.MARK_TTL_S)
         # The answer replaces the acknowledgement; one covering a burst (contract.bursts) goes with
         # the burst's last answer.
         try:
@@ -332,6 +334,32 @@ def album_caption(captions: list[str]) -> str:
     from diagnosis.messages import album_caption as caption
 
     return caption(captions)[:TELEGRAM_CAPTION_LIMIT]
+
+
+MARK_WAIT_S = 30.0  # how long an answered delivery waits for Redis to come back to say so
+MARK_POLL_S = 0.25
+
+
+def mark_answered(r: redis.Redis, done_key: str, ttl_s: int, wait_s: float = MARK_WAIT_S) -> bool:
+    """Write the ``done`` mark of a request whose answer Telegram accepted; False if Redis stayed away.
+
+    Waits for Redis (a restart) instead of giving up at once: without the mark the bot's watchdog
+    (``bot.pending``) takes the answered request for lost once its grace ends, and a user who has
+    the answer is also told to send the image again. The wait ends with the task's soft time limit."""
+    deadline = time.monotonic() + wait_s
+    try:
+        while True:
+            try:
+                r.set(done_key, "1", ex=ttl_s)
+                return True
+            except redis.RedisError as error:
+                if time.monotonic() >= deadline:
+                    logger.error("done mark not written after %.0fs: %s", wait_s, type(error).__name__)
+                    return False
+            time.sleep(MARK_POLL_S)
+    except SoftTimeLimitExceeded:
+        logger.error("done mark not written before the task's time limit")
+        return False
 
 
 def _best_effort(call: Any, *args: Any, **kwargs: Any) -> None:

@@ -29,6 +29,7 @@ import random
 import threading
 import time
 import urllib.parse
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -108,6 +109,7 @@ class FakeTelegram:
         self._limits: _Limits | None = None
         self.limit_refusals = 0
         self.limit_refused_by: collections.Counter = collections.Counter()  # "overall" / "chat"
+        self._on_call: dict[str, Callable[[], None]] = {}
 
     # ----------------------------------------------------------------- lifecycle
     def start(self) -> FakeTelegram:
@@ -148,6 +150,7 @@ class FakeTelegram:
             self._faults.clear()
             self._updates.clear()
             self._chaos = None
+            self._on_call.clear()
             self._limits = None
             self.limit_refusals = 0
             self.limit_refused_by.clear()
@@ -276,6 +279,15 @@ class FakeTelegram:
         with self._cond:
             self._faults.append(_Fault(method, status, retry_after, times))
 
+    def on_call(self, method: str, action: Callable[[], None] | None) -> None:
+        """Run ``action`` when a call of ``method`` arrives, before it is answered (a fault elsewhere at
+        exactly that moment, e.g. Redis killed while a reply is being sent); None removes it."""
+        with self._cond:
+            if action is None:
+                self._on_call.pop(method, None)
+            else:
+                self._on_call[method] = action
+
     def chaos(self, rate: float, methods: tuple[str, ...] = ("sendMessage", "sendPhoto", "sendMediaGroup",
                                                             "editMessageText"), *,
               statuses: tuple[int, ...] = (429, 500, 502, 503), retry_after: tuple[int, ...] = (1, 2, 3),
@@ -393,6 +405,9 @@ class FakeTelegram:
                 return fault.status, body
         if method == "getUpdates":
             return 200, {"ok": True, "result": self._get_updates(params)}
+        action = self._on_call.get(method)
+        if action is not None:
+            action()
         handler = getattr(self, f"_api_{method}", None)
         result = handler(params, files) if handler else True
         if isinstance(result, tuple):  # (status, error body)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 
 import pytest
@@ -11,6 +12,9 @@ from diagnosis.messages import PHYSICIAN, apology
 from diagnosis.report import DiagnosisResult, Finding
 from worker.deliver import compose_texts, send_reply, split_text
 from worker.telegram_out import Deferred, TelegramOut, Undeliverable
+
+from .conftest import TOKEN
+from .harness import PrivateRedis, service_settings
 
 pytestmark = pytest.mark.slow
 
@@ -242,3 +246,33 @@ def test_screening_mode_sends_no_report(telegram, fake, redis_client):
     redis_client.set(keys.overlay("p2"), real_jpeg(90), ex=60)
     assert deliver(redis_client, out, settings, "p2", overlay_key=keys.overlay("p2")) == ["text0", "photo"]
     assert not fake.calls_of("sendDocument", CHAT)
+
+
+def test_an_answer_sent_while_redis_restarts_is_still_marked_answered(fake, tmp_path):
+    """Redis dies while the overlay is being sent and comes back empty a second later: the delivery
+    waits for it and writes the ``done`` mark, so the bot's watchdog never takes the answered
+    request for lost (and tells the user to send it again)."""
+    server = PrivateRedis(tmp_path / "redis").start()
+    client = server.client()
+    settings = service_settings(fake.url, TOKEN, server.url)
+    keys = settings.keys
+    out = TelegramOut(settings)
+    try:
+        client.set(keys.overlay("r9"), PNG, ex=60)
+
+        def redis_restarts() -> None:
+            server.kill()
+            threading.Timer(1.0, server.start).start()
+
+        fake.on_call("sendPhoto", redis_restarts)
+        started = time.monotonic()
+        sent = deliver(client, out, settings, "r9", overlay_key=keys.overlay("r9"))
+        assert sent == ["text0", "photo"]
+        assert time.monotonic() - started >= 1.0  # it waited for Redis
+        assert client.exists(keys.done("r9"))  # in the new, empty Redis
+        assert len(fake.texts_to(CHAT)) == 1 and len(fake.calls_of("sendPhoto", CHAT)) == 1
+    finally:
+        fake.on_call("sendPhoto", None)
+        out.close()
+        client.close()
+        server.kill()
