@@ -25,7 +25,7 @@ from contract import texts as bot_texts
 from contract.analyses import analysis_path, callback_target_refused
 from contract.envelope import MODES
 from contract.formats import FORMAT_NAMES
-from contract.i18n import LANGUAGES
+from contract.i18n import LANGUAGES, accepted_language
 from contract.monitoring import ERRORS
 
 from .problems import MEDIA_TYPE, Problem
@@ -70,9 +70,10 @@ UPLOAD_BODY = {"requestBody": {"required": True, "content": {"multipart/form-dat
 
 async def read_capped(request: Request, image_limit: int) -> bytes:
     """The form's bytes, refused once they pass the image limit and the form's own overhead (before the
-    form's language is known: the one "too large" wording, in English)."""
+    form's language is known: the "too large" wording in the language of ``Accept-Language``)."""
     limit = image_limit + MULTIPART_OVERHEAD
-    too_large = Problem(413, "too-large", bot_texts.too_large("en", image_limit // 2**20), code="too_large")
+    language = accepted_language(request.headers.get("accept-language"))
+    too_large = Problem(413, "too-large", bot_texts.too_large(language, image_limit // 2**20), code="too_large")
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise too_large

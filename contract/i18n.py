@@ -51,9 +51,31 @@ def pick_language(code: str | None) -> str:
     """Telegram ``language_code`` (an IETF tag: "ru", "kk", "en-GB", "pt-br", "uz-Cyrl") → a shipped
     language: the primary subtag, so regional and script variants fall back to the language
     (``pt-BR`` → ``pt``, ``uz-Cyrl`` → ``uz``, written in Latin); unknown → English."""
-    base = (code or "").split("-")[0].split("_")[0].lower()
+    return shipped_language(code) or DEFAULT_LANGUAGE
+
+
+def shipped_language(code: str | None) -> str | None:
+    """The shipped language of an IETF tag's primary subtag (see ``pick_language``); None if none."""
+    base = (code or "").strip().split("-")[0].split("_")[0].lower()
     base = ALIASES.get(base, base)
-    return base if base in LANGUAGES else DEFAULT_LANGUAGE
+    return base if base in LANGUAGES else None
+
+
+def accepted_language(header: str | None) -> str:
+    """The shipped language an HTTP ``Accept-Language`` header ranks highest (q-values; English if none)."""
+    ranked = []
+    for item in (header or "").split(","):
+        tag, _, params = item.partition(";")
+        weight = 1.0
+        if params.strip().startswith("q="):
+            try:
+                weight = float(params.strip()[2:])
+            except ValueError:
+                continue
+        language = shipped_language(tag)
+        if language is not None and weight > 0:
+            ranked.append((-weight, len(ranked), language))
+    return min(ranked)[2] if ranked else DEFAULT_LANGUAGE
 
 
 def isolate(value: Any, language: str) -> str:

@@ -15,7 +15,7 @@ from babel.messages.extract import extract_from_dir
 from babel.messages.pofile import read_po
 
 from contract import texts
-from contract.i18n import FSI, LANGUAGES, PDI, RLM, RTL, pick_language
+from contract.i18n import FSI, LANGUAGES, PDI, RLM, RTL, accepted_language, pick_language
 from diagnosis.messages import overlay_caption, render_reply
 from diagnosis.report import DiagnosisResult, Finding
 
@@ -229,6 +229,14 @@ def test_left_to_right_replies_carry_no_direction_marks(language):
     ("zh-hans", "en"), ("de", "en"), ("", "en"), (None, "en"), ("kk", "kk")])
 def test_telegram_language_code_falls_back_to_the_language(code, language):
     assert pick_language(code) == language
+
+
+@pytest.mark.parametrize(("header", "language"), [
+    ("ru-RU", "ru"), ("de;q=0.9, ru-RU, en;q=0.5", "ru"), ("de, fr;q=0.8", "fr"), ("en-US,en;q=0.9,ru;q=0.8", "en"),
+    ("ru;q=0, fr;q=0.1", "fr"), ("fa;q=abc, es", "es"), ("pt-BR;q=0.4, kk;q=0.7", "kk"), ("*", "en"), ("", "en"),
+    (None, "en")])
+def test_http_accept_language_picks_the_highest_ranked_shipped_language(header, language):
+    assert accepted_language(header) == language
 
 
 def test_cli_language_accepts_regional_tags_and_refuses_unknown_ones(capsys):

@@ -16,7 +16,9 @@ import pytest
 from dicom_factory import make_dicom
 from model_factory import make_models_dir
 
+from contract import texts as bot_texts
 from contract.analyses import verify_signature
+from contract.settings import ServiceSettings
 from diagnosis.messages import PHYSICIAN, gettext_for
 
 from .api_harness import ApiProcess, CallbackReceiver, create_key, pack_chest_film, revoke_key, wait_done
@@ -178,7 +180,13 @@ def test_callbacks_to_loopback_private_or_link_local_addresses_are_refused(stack
 def test_bad_input_gets_its_status_and_a_problem_body(stack, http, redis_client):
     api, env, keys, worker = stack
     key = keys["clinic-b"][0]
-    assert_problem(post(http, api, key, data=b"\0" * (25 * 1024 * 1024)), 413, "too-large")
+    too_large = assert_problem(post(http, api, key, data=b"\0" * (25 * 1024 * 1024)), 413, "too-large")
+    # Refused before the form is read: the client's Accept-Language picks the wording, not English always.
+    in_russian = assert_problem(post(http, api, key, data=b"\0" * (25 * 1024 * 1024),
+                                     headers={"Accept-Language": "de;q=0.9, ru-RU, en;q=0.5"}), 413, "too-large")
+    limit_mb = ServiceSettings.model_fields["API_MAX_UPLOAD_BYTES"].default // 2**20
+    assert too_large["detail"] == bot_texts.too_large("en", limit_mb)
+    assert in_russian["detail"] == bot_texts.too_large("ru", limit_mb) != too_large["detail"]
     pdf = b"%PDF-1.4\n1 0 obj\n<< /Type /Catalog >>\nendobj\ntrailer\n<<>>\n%%EOF\n" * 20
     assert_problem(post(http, api, key, data=pdf, filename="report.pdf"), 415, "not-an-image")
     body = assert_problem(post(http, api, key, data=CHEST[: len(CHEST) // 3]), 422, "unusable-image")
