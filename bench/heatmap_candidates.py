@@ -268,6 +268,30 @@ def top_region_centroid(fraction: float, size: int):
 
 
 PRIOR_FILMS = 800
+LOOKED_AT = (("00003803_010", "Effusion"), ("00001369_000", "Cardiomegaly"))  # docs/heatmaps.md
+
+
+def render(folder: Path, pack: Path, box_rows: list[dict], where: dict[str, int], labels: list[str],
+           size: int, maps: dict) -> None:
+    """Side by side, for the ``LOOKED_AT`` box films: each of ``maps`` (name → map_of) drawn as the
+    overlay draws it, at the model's input, with the radiologist's box in green; PNGs in ``folder``."""
+    from diagnosis.overlay import fit_film, render_overlay
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for stem, label in LOOKED_AT:
+        row = next(r for r in box_rows if stem in r["path"] and r["label"] == label)
+        film = fit_film(cv2.resize(service_view(pack / row["path"]), (size, size), interpolation=cv2.INTER_AREA))
+        zoom = film.shape[1] / size  # the overlay's film is enlarged for display (``fit_film``)
+        x, y, w, h = (zoom * float(row[k]) for k in "xywh")
+        panels = []
+        for name, map_of in maps.items():
+            heat = np.clip(map_of(where[row["path"]], labels.index(label)), -1, 1).astype(np.float32)
+            panel = render_overlay(film, heat)
+            cv2.rectangle(panel, (int(x), int(y)), (int(x + w), int(y + h)), (0, 200, 0), max(2, int(zoom)))
+            cv2.putText(panel, name, (8, int(12 * zoom)), cv2.FONT_HERSHEY_SIMPLEX, zoom / 3, (0, 200, 0),
+                        max(1, int(zoom / 2)))
+            panels.append(panel)
+        cv2.imwrite(str(folder / f"{stem}_{label}.png"), np.hstack(panels))
 
 
 def prior_films(pack: Path, labels: list[str], box_rows: list[dict]) -> tuple[list[Path], np.ndarray]:
@@ -282,7 +306,8 @@ def prior_films(pack: Path, labels: list[str], box_rows: list[dict]) -> tuple[li
     return [pack / r["path"] for r in rows], np.array([[float(r[label] == "1") for label in labels] for r in rows])
 
 
-def fine_candidates(score, results: dict, cache: Path, size: int, prior_labels: np.ndarray | None = None) -> None:
+def fine_candidates(score, results: dict, cache: Path, size: int, prior_labels: np.ndarray | None = None,
+                    draw=None) -> None:
     """Issue #22 b2: block-2 maps (16 × 16), LayerCAM, fusions with the block-3 map, smoothing, the
     top region's centroid as the peak, and per-cell standardisation; cached by ``extract_fine``.
     With ``prior_labels`` (the labels of ``prior_films``, cached as train_fine) also a per-finding
@@ -309,9 +334,11 @@ def fine_candidates(score, results: dict, cache: Path, size: int, prior_labels: 
               lambda k, c, w=weight: w * gxa3_16(k, c) + (1 - w) * gxa2(k, c))
     gxa2_s2 = smoothed(gxa2, 2.0)
     score("(gxa3↑ + gxa2 smoothed σ=2) / 2", lambda k, c: 0.5 * (gxa3_16(k, c) + gxa2_s2(k, c)))
-    score("gxa3↑ × gxa2 where both red, else their min",
-          lambda k, c: np.where((gxa3_16(k, c) > 0) & (gxa2(k, c) > 0), gxa3_16(k, c) * gxa2(k, c),
-                                np.minimum(gxa3_16(k, c), gxa2(k, c))))
+    def product(k, c):
+        fine3, fine2 = gxa3_16(k, c), gxa2(k, c)
+        return np.where((fine3 > 0) & (fine2 > 0), fine3 * fine2, np.minimum(fine3, fine2))
+
+    score("gxa3↑ × gxa2 where both red, else their min", product)
     score("geometric mean of gxa3↑ and gxa2 (red where both red, blue where both blue)",
           lambda k, c: np.sqrt(np.maximum(gxa3_16(k, c), 0) * np.maximum(gxa2(k, c), 0))
           - np.sqrt(np.maximum(-gxa3_16(k, c), 0) * np.maximum(-gxa2(k, c), 0)))
@@ -329,6 +356,9 @@ def fine_candidates(score, results: dict, cache: Path, size: int, prior_labels: 
     score("gxa2 standardised per cell", standardised(boxes["gxa2"], normal["gxa2"], clip=False))
     score("gxa2 standardised per cell, smoothed σ=2",
           smoothed(standardised(boxes["gxa2"], normal["gxa2"], clip=False), 2.0))
+    if draw is not None:
+        draw({"shipped gxa3": gxa3, "gxa2": gxa2, "(gxa3+gxa2)/2": lambda k, c: 0.5 * (gxa3_16(k, c) + gxa2(k, c)),
+              "gxa3 x gxa2": product})
     shipped = "gxa3 (shipped, peak before clipping)"
     for other in ("(0.5 gxa3↑ + 0.5 gxa2)", "gxa3↑ × gxa2 where both red, else their min",
                   "gxa3 with a dead zone: |m| < 0.25 drawn neutral"):
@@ -358,6 +388,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--extract", action="store_true", help="compute the cached features first")
     parser.add_argument("--fine", action="store_true",
                         help="only the block-2 / fusion candidates (cache: boxes_fine, normal_fine)")
+    parser.add_argument("--render", type=Path,
+                        help="with --fine: PNGs of the main candidates on two box films here (not the repository)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
@@ -378,7 +410,9 @@ def main(argv: list[str] | None = None) -> int:
             extract_fine(network, card, [pack / p for p in box_paths], cache / "boxes_fine.safetensors")
             extract_fine(network, card, normals, cache / "normal_fine.safetensors")
             extract_fine(network, card, prior_paths, cache / "train_fine.safetensors")
-        fine_candidates(score, results, cache, card.input.size, prior_labels)
+        draw = None if args.render is None else (
+            lambda maps: render(args.render, pack, box_rows, where, labels, card.input.size, maps))
+        fine_candidates(score, results, cache, card.input.size, prior_labels, draw)
         return write_report(args, argv, box_rows, normals, results)
     if args.extract:
         cache.mkdir(parents=True, exist_ok=True)
