@@ -202,7 +202,7 @@ def scorer(box_rows: list[dict], where: dict[str, int], labels: list[str], size:
         print(f"{name:60s} pointing {np.mean(hits):.3f} ({sum(hits)}/{len(hits)})  share {np.median(ratios):.2f}",
               flush=True)
 
-    score.raw = {}
+    score.raw, score.rows, score.where, score.labels = {}, box_rows, where, labels
     return score
 
 
@@ -352,7 +352,22 @@ def fine_candidates(score, results: dict, cache: Path, size: int, prior_labels: 
         score(f"gxa3, peak = centroid of the region ≥ {fraction} × max", gxa3, top_region_centroid(fraction, size))
         score(f"gxa2 σ=2, peak = centroid of the region ≥ {fraction} × max", gxa2_s2,
               top_region_centroid(fraction, size))
-    score("gxa3 standardised per cell", standardised(boxes["gxa3"], normal["gxa3"], clip=False))
+    per_cell = standardised(boxes["gxa3"], normal["gxa3"], clip=False)
+    score("gxa3 standardised per cell", per_cell)
+
+    def on_the_ring(map_of) -> int:  # the hottest cell on the map's outer ring of cells, over the boxes
+        cells = [np.unravel_index(int(np.argmax(m)), m.shape)
+                 for m in (map_of(score.where[r["path"]], score.labels.index(r["label"])) for r in score.rows)]
+        side = boxes["gxa3"].shape[2]
+        return sum(row in (0, side - 1) or column in (0, side - 1) for row, column in cells)
+
+    std = normal["gxa3"].std(0)
+    results["outer_ring"] = {"peaks_shipped": on_the_ring(gxa3), "peaks_standardised": on_the_ring(per_cell),
+                             "normal_std_inner": round(float(std[:, 1:-1, 1:-1].mean()), 4),
+                             "normal_std_ring": round(float((std.sum((1, 2)) - std[:, 1:-1, 1:-1].sum((1, 2))).mean()
+                                                            / (std[0].size - std[0, 1:-1, 1:-1].size)), 4)}
+    print("  hottest cell on the outer ring (of the boxes' maps), and the normal films' std of G there:",
+          results["outer_ring"], flush=True)
     score("gxa2 standardised per cell", standardised(boxes["gxa2"], normal["gxa2"], clip=False))
     score("gxa2 standardised per cell, smoothed σ=2",
           smoothed(standardised(boxes["gxa2"], normal["gxa2"], clip=False), 2.0))
