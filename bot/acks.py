@@ -47,9 +47,9 @@ class BurstAcks:
         self._set_message = redis_client.register_script(SET_MESSAGE_LUA)
         self._flushers: dict[str, asyncio.Task] = {}
         self._wanted: set[str] = set()  # bursts joined since their flusher last read the count
-        # burst → message id of the acknowledgement this process sent: what the watchdog edits when a
-        # Redis restart has wiped the burst's state (``bot.pending``).
-        self._sent: OrderedDict[str, int] = OrderedDict()
+        # burst → (message id of the acknowledgement this process sent, Redis' run id then): what the
+        # watchdog edits or deletes when a Redis restart has wiped the burst's state (``bot.pending``).
+        self._sent: OrderedDict[str, tuple[int, str | None]] = OrderedDict()
 
     async def join(self, chat_id: int, request_id: str) -> tuple[str, int, bool]:
         """The burst this request belongs to: (burst id, images it covers, True if this opened it)."""
@@ -65,10 +65,35 @@ class BurstAcks:
 
     def sent_message(self, burst: str | None) -> int | None:
         """The acknowledgement this process sent for ``burst``, from memory (survives a Redis restart)."""
-        return self._sent.get(burst) if burst else None
+        remembered = self._sent.get(burst) if burst else None
+        return remembered[0] if remembered else None
 
-    def _remember(self, burst: str, message_id: int) -> None:
-        self._sent[burst] = message_id
+    def forget(self, burst: str | None) -> None:
+        if burst:
+            self._sent.pop(burst, None)
+
+    async def orphaned(self, bursts: set[str]) -> dict[str, int]:
+        """Acknowledgements this process sent for ``bursts`` before Redis restarted: {burst: message id}.
+
+        A restart wipes a burst's state, so the answers delivered after it cannot find its message to
+        delete: the bot, which remembers it, deletes it once the burst's requests are all answered."""
+        remembered = {burst: self._sent[burst] for burst in bursts if burst in self._sent}
+        if not remembered:
+            return {}
+        run = await self._run_id()
+        if run is None:
+            return {}
+        return {burst: message for burst, (message, sent_in) in remembered.items() if sent_in not in (None, run)}
+
+    async def _run_id(self) -> str | None:
+        """Redis' run id: it changes when the server restarts (and its in-memory keys are gone)."""
+        try:
+            return str((await self.redis.info("server"))["run_id"])
+        except Exception:  # INFO disabled or Redis down: no restart can be told, nothing is deleted
+            return None
+
+    def _remember(self, burst: str, message_id: int, run: str | None) -> None:
+        self._sent[burst] = (message_id, run)
         self._sent.move_to_end(burst)
         while len(self._sent) > REMEMBERED_BURSTS:
             self._sent.popitem(last=False)
@@ -131,6 +156,7 @@ class BurstAcks:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + FLUSH_MAX_S
         shown = 0
+        run = await self._run_id()
         try:
             while True:
                 self._wanted.discard(burst)
@@ -156,7 +182,7 @@ class BurstAcks:
                         # All answered while it was on its way: the answers stand, the acknowledgement goes.
                         await self._call(partial(bot.delete_message, chat_id, sent.message_id), deadline)
                         return
-                    self._remember(burst, sent.message_id)
+                    self._remember(burst, sent.message_id, run)
                     shown = count
                 elif count > shown:
                     await self._call(partial(bot.edit_message_text, text, chat_id=chat_id, message_id=message),

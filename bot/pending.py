@@ -97,9 +97,12 @@ class PendingRequests:
         states = await self.store.request_states([r.request_id for r in requests])
         lost: list[PendingRequest] = []
         held: list[PendingRequest] = []
+        answered: dict[str, int] = {}  # burst → chat of the requests found answered
         for request, (done, queued) in zip(requests, states, strict=True):
             if done or now - request.accepted_at > self.settings.BLOB_TTL_S + self.settings.lost_grace_s:
                 self._requests.pop(request.request_id, None)
+                if done and request.burst:
+                    answered[request.burst] = request.envelope.chat_id
             elif queued:
                 request.missing_since = None
                 held.append(request)
@@ -107,6 +110,7 @@ class PendingRequests:
                 request.missing_since = now
             elif now - request.missing_since >= self.settings.lost_grace_s:
                 lost.append(request)
+        await self._delete_orphaned_acks(bot, answered)
         lost += await self._requeue_vanished(held)
         told: list[str] = []
         for request in lost:
@@ -118,6 +122,21 @@ class PendingRequests:
             if await self._tell(bot, request):
                 told.append(request.request_id)
         return told
+
+    async def _delete_orphaned_acks(self, bot: Bot, answered: dict[str, int]) -> None:
+        """A burst answered after a Redis restart: its answers could not find the acknowledgement to
+        delete (the burst's state was wiped), so "Received, analysing…" would stay under them. This
+        process remembers the message; once none of the burst's requests is waiting, it goes."""
+        if self.acks is None or not answered:
+            return
+        waiting = {request.burst for request in self._requests.values()}
+        bursts = {burst for burst in answered if burst not in waiting}
+        for burst, message_id in (await self.acks.orphaned(bursts)).items():
+            self.acks.forget(burst)
+            try:
+                await bot.delete_message(answered[burst], message_id)
+            except TelegramError as error:  # already gone, or Telegram refused: it only stays visible
+                logger.info("burst acknowledgement not deleted after a Redis restart: %s", type(error).__name__)
 
     async def _requeue_vanished(self, held: list[PendingRequest]) -> list[PendingRequest]:
         """Enqueue again the requests whose image is held but whose task is nowhere, twice in a row;
@@ -161,6 +180,7 @@ class PendingRequests:
                 # queued, so the envelope lacks it; this process remembers it. If an answer arrived
                 # before the restart it deleted that message, the edit below fails and nothing is said.
                 ack_message_id = self.acks.sent_message(pending.burst)
+                self.acks.forget(pending.burst)  # it becomes this notice (or is gone): never deleted later
         if ack_message_id is not None:
             try:
                 await bot.edit_message_text(text, chat_id=request.chat_id, message_id=ack_message_id)

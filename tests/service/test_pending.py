@@ -33,6 +33,7 @@ class StubBot:
         self.deleted = set(deleted)
         self.edits: list[tuple[int, str]] = []
         self.sent: list[tuple[int, str]] = []
+        self.deletions: list[tuple[int, int]] = []
 
     async def edit_message_text(self, text, chat_id, message_id):
         if message_id in self.deleted:
@@ -41,6 +42,9 @@ class StubBot:
 
     async def send_message(self, chat_id, text, reply_parameters=None):
         self.sent.append((reply_parameters.message_id, text))
+
+    async def delete_message(self, chat_id, message_id):
+        self.deletions.append((chat_id, message_id))
 
 
 def envelope(request_id: str, ack: int | None = 500, chat_id: int = CHAT, language: str = "ru") -> RequestEnvelope:
@@ -146,6 +150,49 @@ def test_a_burst_acknowledgement_sent_after_the_request_was_queued_is_remembered
 
     told, bot = asyncio.run(main())
     assert told == [[], []] and not bot.edits and not bot.sent
+
+
+@pytest.mark.parametrize("restarted", [True, False])
+def test_a_burst_answered_after_a_redis_restart_loses_its_acknowledgement(make_settings, tmp_path, restarted):
+    """Redis restarted (empty, a new run id) between the burst's acknowledgement and its answers: the
+    answers found no acknowledgement to delete, so the bot, which remembers it, deletes it once every
+    request of the burst is answered. Without a restart the answers deleted it: the bot does nothing."""
+    server = PrivateRedis(tmp_path / "redis").start()
+    settings = make_settings(REDIS_URL=server.url)
+
+    class AckBot(StubBot):
+        async def send_message(self, chat_id, text, reply_parameters=None):
+            return SimpleNamespace(message_id=600)
+
+    async def main():
+        store = Store(settings)
+        acks = BurstAcks(store.redis, settings.keys, merge_s=5.0, ttl_s=60)
+        burst, _, opened = await acks.join(CHAT, "first")
+        await acks.join(CHAT, "second")
+        acks.acknowledge(AckBot(), CHAT, burst, opened, 7, "ru", 0)
+        await asyncio.gather(*acks._flushers.values())
+        if restarted:
+            server.restart()
+        pending = PendingRequests(settings, store, acks=acks)
+        for request_id in ("first", "second"):
+            pending.add(PendingRequest(envelope=envelope(request_id, ack=None), user_id=CHAT, accepted_at=0.0,
+                                       burst=burst))
+        bot = StubBot()
+        await store.redis.set(settings.keys.done("first"), "1", ex=60)  # answered after the restart
+        await pending.check(bot, now=1.0)
+        deleted_while_one_waits = list(bot.deletions)
+        await store.redis.set(settings.keys.done("second"), "1", ex=60)
+        await pending.check(bot, now=2.0)
+        await store.close()
+        return deleted_while_one_waits, bot
+
+    try:
+        deleted_while_one_waits, bot = asyncio.run(main())
+    finally:
+        server.kill()
+    assert deleted_while_one_waits == []  # the second image still waits under it
+    assert bot.deletions == ([(CHAT, 600)] if restarted else [])
+    assert not bot.edits and not bot.sent
 
 
 def test_without_an_acknowledgement_the_user_gets_a_reply(make_settings):
