@@ -51,7 +51,7 @@ CODES = ("too_dark", "too_bright", "blurred", "glare", "too_small", "film_too_sm
 def check_quality(gray: np.ndarray, rectified: Rectified, photographed: bool = True, input_side: int = 0) -> list[str]:
     """Problem codes for an intake image (empty list: fine to analyse), in ``CODES`` order.
 
-    ``photographed`` (``diagnosis.photo.looks_photographed``): only a photo of a film can carry a
+    ``photographed`` (``Rectified.photographed``): only a photo of a film can carry a
     lamp's reflection; in a digital file a bright blob clear of the edge is a metal implant or a
     marker (on val it refused 9 of 2,001 good files, most of them shoulder implants, docs/photos.md).
     ``input_side``: the models' input side; a picture at least that large never has "too few

@@ -117,9 +117,18 @@ def test_a_digital_film_with_an_implant_is_read_not_sent_back(tmp_path):
     Image.fromarray(_implant_film()).save(buffer, format="PNG")
     result = Pipeline.load(models).run(buffer.getvalue()).result
     assert result.outcome == "analysed" and not result.photographed and result.retake == []
+    # A large gray file (a 1,230 px shoulder file with an implant; the pack's 512 px spine files),
+    # even saved as RGB, is no photo: no film outline in it, no camera colour. It is read.
+    large = io.BytesIO()
+    Image.fromarray(np.dstack([_implant_film(640)] * 3)).save(large, format="PNG")
+    result = Pipeline.load(models).run(large.getvalue()).result
+    assert result.outcome == "analysed" and not result.photographed and result.retake == []
+    # The same picture with a camera's colour cast is a photo: the bright blob may be a lamp's reflection.
+    cast = np.dstack([_implant_film(640)] * 3).astype(np.int16) + np.array([6, 0, -6])
     photo = io.BytesIO()
-    Image.fromarray(np.dstack([_implant_film(640)] * 3)).save(photo, format="PNG")
-    assert Pipeline.load(models).run(photo.getvalue()).result.photographed
+    Image.fromarray(np.clip(cast, 0, 255).astype(np.uint8)).save(photo, format="PNG")
+    result = Pipeline.load(models).run(photo.getvalue()).result
+    assert result.photographed and result.outcome == "retake" and "glare" in result.retake
 
 
 def test_retake_words_fit_what_was_sent():
