@@ -16,7 +16,9 @@ phone photos of films included, and deliberately degraded copies of them), then 
       too_bright 100 %, blurred 98.3 %, glare 92.7 %, film_too_small 92.7 % (the rest: a film that
       small was not found at all, so nothing tells it apart from a digital file).
     Since glare is asked of photos only (2026-12-06, issue #21; the same commands): val 4 / 2007
-    (0.20 %), test 6 / 1511 (0.40 %: 5 very dark hand files, 1 spine file of 512 px judged as a photo).
+    (0.20 %), test 6 / 1511 (0.40 %: 5 very dark hand files, 1 spine file of 512 px judged as a photo);
+    since a photo is colour or has a film found in it (``photo.models_view``): val 3 / 2007, test
+    5 / 1511 (0.33 %: the 5 very dark hand files).
 """
 
 from __future__ import annotations
