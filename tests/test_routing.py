@@ -71,7 +71,7 @@ def test_routing_counts_what_the_reply_names_per_group_and_turn(film_pack, tmp_p
     out = tmp_path / "routing.json"
     proc = subprocess.run([sys.executable, "-m", "training", "measure-routing", "--manifest", str(film_pack),
                            "--split", "val", "--angles", "0,90", "--models", str(models), "--synthetic-per-part", "1",
-                           "--json", str(out)], capture_output=True, text=True, cwd=ROOT, timeout=600)
+                           "--json", str(out), "--misses"], capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "| group | n | 0° | 90° |" in proc.stdout
     report = json.loads(out.read_text())
@@ -86,6 +86,13 @@ def test_routing_counts_what_the_reply_names_per_group_and_turn(film_pack, tmp_p
     # The stand-in gate accepts everything: non-X-rays are "accepted", never right.
     assert groups["not_xray:natural_photo"]["right"] == 0.0
     assert set(report["by_angle"]) == {"0", "90"}
+    # --misses: every image the reply got wrong, with its scores; none it got right.
+    misses = report["by_angle"]["0"]["misses"]
+    assert sorted(m["group"] for m in misses if m["group"].startswith(("film:", "unknown:"))) == [
+        "film:hand", "film:hand", "unknown:hip", "unknown:hip"]
+    assert all(m["body_part"] == "chest" and m["body_part_probability"] is not None for m in misses
+               if m["group"] == "film:hand")
+    assert "0° miss: group=film:hand" in proc.stdout
 
 
 # Issue #21: good films turned away. One test per rule.
