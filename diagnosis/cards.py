@@ -118,8 +118,9 @@ class OpenSetSpec(BaseModel):
     arrays: AuxiliaryFile  # "means" (parts × features) and "precision" (features × features)
     normalise: bool = True  # L2-normalise the pooled features first
     threshold: float
-    # Photos of films that the photo step straightened (``result.rectified``) lie further from the
-    # train films than digital films: their own threshold, chosen on val photos. None: ``threshold``.
+    # Photos of films (``result.photographed``) and pictures the photo step straightened
+    # (``result.rectified``) lie further from the train films than digital films: their own
+    # threshold, chosen on val photos (``photo_view``). None: ``threshold``.
     photo_threshold: float | None = None
     label_min_confidence: dict[str, float] = Field(default_factory=dict)
     # The same floors for straightened photos (chosen on val photos); None: ``label_min_confidence``.
@@ -133,21 +134,28 @@ class OpenSetSpec(BaseModel):
     method_notes: str = ""
     metrics: dict[str, Any] = Field(default_factory=dict)
 
-    def is_unknown(self, distance: float, confidence: float, rectified: bool) -> bool:
-        """The one rule (pipeline and training alike): is this film a part the model cannot read?"""
-        if distance <= self.threshold_for(rectified):
+    @staticmethod
+    def photo_view(photographed: bool, rectified: bool) -> bool:
+        """Is an input judged by the photo threshold and floors? A phone photo (colour, or a film
+        found in it), or a picture the photo step straightened (a film turned back on its padding)."""
+        return photographed or rectified
+
+    def is_unknown(self, distance: float, confidence: float, photo: bool) -> bool:
+        """The one rule (pipeline and training alike): is this film a part the model cannot read?
+        ``photo``: ``photo_view`` of the input."""
+        if distance <= self.threshold_for(photo):
             return False
         confident = self.confident_probability is not None and confidence >= self.confident_probability
         return not (confident and self.confident_threshold is not None and distance <= self.confident_threshold)
 
-    def threshold_for(self, rectified: bool) -> float:
-        """The threshold for one input: the photo threshold when the photo step straightened it."""
-        return self.photo_threshold if rectified and self.photo_threshold is not None else self.threshold
+    def threshold_for(self, photo: bool) -> float:
+        """The threshold for one input: the photo threshold for a ``photo_view`` input."""
+        return self.photo_threshold if photo and self.photo_threshold is not None else self.threshold
 
-    def floors_for(self, rectified: bool) -> dict[str, float]:
-        """Per-part top-1 floors for one input: the photo floors when the photo step straightened it."""
-        photo = self.photo_label_min_confidence
-        return photo if rectified and photo is not None else self.label_min_confidence
+    def floors_for(self, photo: bool) -> dict[str, float]:
+        """Per-part top-1 floors for one input: the photo floors for a ``photo_view`` input."""
+        floors = self.photo_label_min_confidence
+        return floors if photo and floors is not None else self.label_min_confidence
 
 
 class ModalitySpec(BaseModel):

@@ -75,7 +75,7 @@ ADVICE: dict[str, str] = {
     "film_too_small": N_("The film fills too little of the photo. Come closer so that the film fills most of "
                          "the frame, and hold the phone parallel to the film."),
 }
-# The same problems in a file that does not look like a photo (diagnosis.photo.looks_photographed):
+# The same problems in a file that is not a photo (DiagnosisResult.photographed):
 # asking to photograph it better would be wrong; ask for the original file. Glare and a film too
 # small in the frame are asked of photos only (diagnosis.quality).
 ADVICE_FILE: dict[str, str] = {

@@ -24,7 +24,7 @@ dark background; a film's white edge on a white light box or window leaves no ed
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import cv2
 import numpy as np
@@ -61,6 +61,9 @@ class Rectified:
     rectified: bool
     corners: np.ndarray | None  # float32 4×2 (x, y) in input pixels, TL, TR, BR, BL; None if untouched
     film_fraction: float  # fraction of the input frame covered by the radiograph (1.0 if untouched)
+    # A phone photo of a film or screen (``models_view``): colour (a camera's cast and noise), or a film
+    # found in it by the search. A large gray file with no film outline in it is a digital file.
+    photographed: bool = False
 
 
 def models_view(decoded) -> Rectified:
@@ -70,11 +73,14 @@ def models_view(decoded) -> Rectified:
     for training alike."""
     if decoded.format == "DICOM":  # DICOM is digital: nothing to straighten
         return Rectified(gray=decoded.gray, rectified=False, corners=None, film_fraction=1.0)
-    return rectify(decoded.gray, photographed=looks_photographed(decoded.gray, decoded.colour))
+    view = rectify(decoded.gray, photographed=may_be_photo(decoded.gray, decoded.colour))
+    # Colour is a camera's; a gray picture is a photo only where a film was found in it (the pack's
+    # spine, dental, hip and wrist files are 512–1024 px gray files: digital, not photos).
+    return replace(view, photographed=view.photographed or decoded.colour)
 
 
-def looks_photographed(gray: np.ndarray, colour: bool) -> bool:
-    """Could this picture be a phone photo of a film or screen (rather than a digital radiograph)?"""
+def may_be_photo(gray: np.ndarray, colour: bool) -> bool:
+    """Could this picture be a phone photo of a film or screen, so that a film is searched for in it?"""
     return colour or max(gray.shape) >= PHOTO_MIN_SIDE
 
 
@@ -102,7 +108,7 @@ def rectify(gray: np.ndarray, photographed: bool = True) -> Rectified:
         fraction = float(cv2.contourArea(corners)) / float(gray.shape[0] * gray.shape[1])
         # A film only turned back on its padding keeps its pixels' values: no contrast stretch.
         return Rectified(gray=_straighten(gray, corners, stretch=photo), rectified=True, corners=corners,
-                         film_fraction=fraction)
+                         film_fraction=fraction, photographed=photo)
     except cv2.error:  # defensive: a degenerate quadrilateral must not break intake
         return untouched
 

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from .backends import make_runner
-from .cards import CardError, ModelCard, discover, sha256_of
+from .cards import CardError, ModelCard, OpenSetSpec, discover, sha256_of
 from .config import HEATMAPS, PipelineConfig
 from .heatmap import NormalBaseline, class_evidence, grad_cam, hottest_red_point, without_red
 from .intake import DecodedImage, ImageRejected, decode
@@ -29,7 +29,7 @@ from .network import DenseNetClassifier, load_model
 from .openset import BodyPartNovelty, ModalityHead, OrientationHead
 from .operating import MODES, assess, verdict_point
 from .overlay import render_overlays
-from .photo import looks_photographed, models_view
+from .photo import models_view
 from .preprocess import to_model_input
 from .quality import check_quality
 from .report import DiagnosisResult
@@ -205,9 +205,8 @@ class Pipeline:
             return
         clock = time.perf_counter()
         straightened = models_view(item.decoded)
-        photographed = looks_photographed(item.decoded.gray, item.decoded.colour)
-        problems = check_quality(item.decoded.gray, straightened, photographed, self.input_side)
-        item.result.rectified, item.result.photographed = straightened.rectified, photographed
+        problems = check_quality(item.decoded.gray, straightened, straightened.photographed, self.input_side)
+        item.result.rectified, item.result.photographed = straightened.rectified, straightened.photographed
         item.result.timings_ms["photo"] = _ms(clock)
         item.image, item.problems, item.corners = straightened.gray, problems, straightened.corners
 
@@ -289,8 +288,9 @@ class Pipeline:
     def _body_part(self, items: list[_Item]) -> None:
         """Name the part only when the film looks like a known part and the model is sure enough.
 
-        With an open-set check in the card: far from every known part → ``body_part_unknown`` (a photo
-        the photo step straightened is judged by the card's photo threshold and floors, when it has them); a part
+        With an open-set check in the card: far from every known part → ``body_part_unknown`` (a photo,
+        or a picture the photo step straightened, is judged by the card's photo threshold and floors,
+        when it has them: ``OpenSetSpec.photo_view``); a part
         with its own stricter floor (chest: only a confident chest reaches the chest model) below
         it → ``body_part_uncertain``.
         """
@@ -299,14 +299,14 @@ class Pipeline:
         probs, features = self._infer(model, items, "body_part")
         novelty = model.novelty.scores(features) if model.novelty is not None else [None] * len(items)
         for item, row, distance in zip(items, probs, novelty, strict=True):
-            floors = card.open_set.floors_for(item.result.rectified) if card.open_set else {}
+            photo = OpenSetSpec.photo_view(item.result.photographed, item.result.rectified)
+            floors = card.open_set.floors_for(photo) if card.open_set else {}
             top = int(row.argmax())
             label = card.labels[top]
             item.result.body_part_probability = float(row[top])
             if distance is not None:
                 item.result.body_part_novelty = round(float(distance), 3)
-            if distance is not None and card.open_set.is_unknown(float(distance), float(row[top]),
-                                                                 item.result.rectified):
+            if distance is not None and card.open_set.is_unknown(float(distance), float(row[top]), photo):
                 item.result.outcome = "body_part_unknown"
             elif row[top] < max(card.min_confidence or 0.0, floors.get(label, 0.0)):
                 item.result.outcome = "body_part_uncertain"

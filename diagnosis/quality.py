@@ -16,7 +16,9 @@ phone photos of films included, and deliberately degraded copies of them), then 
       too_bright 100 %, blurred 98.3 %, glare 92.7 %, film_too_small 92.7 % (the rest: a film that
       small was not found at all, so nothing tells it apart from a digital file).
     Since glare is asked of photos only (2026-12-06, issue #21; the same commands): val 4 / 2007
-    (0.20 %), test 6 / 1511 (0.40 %: 5 very dark hand files, 1 spine file of 512 px judged as a photo).
+    (0.20 %), test 6 / 1511 (0.40 %: 5 very dark hand files, 1 spine file of 512 px judged as a photo);
+    since a photo is colour or has a film found in it (``photo.models_view``): val 3 / 2007, test
+    5 / 1511 (0.33 %: the 5 very dark hand files).
 """
 
 from __future__ import annotations
@@ -51,7 +53,7 @@ CODES = ("too_dark", "too_bright", "blurred", "glare", "too_small", "film_too_sm
 def check_quality(gray: np.ndarray, rectified: Rectified, photographed: bool = True, input_side: int = 0) -> list[str]:
     """Problem codes for an intake image (empty list: fine to analyse), in ``CODES`` order.
 
-    ``photographed`` (``diagnosis.photo.looks_photographed``): only a photo of a film can carry a
+    ``photographed`` (``Rectified.photographed``): only a photo of a film can carry a
     lamp's reflection; in a digital file a bright blob clear of the edge is a metal implant or a
     marker (on val it refused 9 of 2,001 good files, most of them shoulder implants, docs/photos.md).
     ``input_side``: the models' input side; a picture at least that large never has "too few

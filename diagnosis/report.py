@@ -84,9 +84,9 @@ class DiagnosisResult(BaseModel):
     rejection: str | None = None  # ImageRejected.code when outcome == "rejected"
     retake: list[str] = Field(default_factory=list)  # quality problem codes when outcome == "retake"
     rectified: bool = False  # a photo of a film/screen was straightened and cropped before analysis
-    # The picture looks like a phone photo (colour, or at least 400 px on its long side:
-    # diagnosis.photo.looks_photographed) rather than a digital file; a retake asks for a better photo
-    # only then (a file is asked for again as the original).
+    # The picture is a phone photo (colour, or a film was found in it: diagnosis.photo.models_view)
+    # rather than a digital file; a retake asks for a better photo only then (a file is asked for
+    # again as the original), and only a photo is asked about glare.
     photographed: bool = False
     # The picture arrived turned by this many degrees (counter-clockwise: 90, 180, 270) and was turned
     # back upright before the models read it (gate card's orientation head); 0: read as sent.

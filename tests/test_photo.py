@@ -135,6 +135,24 @@ def test_a_colour_phone_photo_is_still_searched_for_a_film(radiographs):
     assert decoded.colour and models_view(decoded).rectified
 
 
+def test_what_is_a_photo(radiographs):
+    """A phone photo is colour, or has a film found in it; a large gray file with no film outline is
+    a digital file (the pack's 512 px spine and 1024 px dental files: no glare asked, the original
+    file asked for), and so is a film only turned back on its padding."""
+    for part in ("spine", "dental"):
+        film = radiographs[part]
+        assert max(film.shape) >= 400  # large enough to be searched for a film
+        decoded = decode(encode_jpeg(film))
+        assert not decoded.colour and not models_view(decoded).photographed, part
+    real = decode((PACK / pack_rows(split="test", phone_photo="1")[0]["path"]).read_bytes())
+    assert real.colour and models_view(real).photographed  # the pack's real photos: colour, none straightened
+    gray_photo = to_gray(synthesise_with_corners(radiographs["chest"], np.random.default_rng(3), scene="lightbox")[0])
+    view = models_view(decode(encode_jpeg(gray_photo)))
+    assert view.rectified and view.photographed
+    tilted = models_view(decode(encode_jpeg(turned_on_black(radiographs["chest"], 15))))
+    assert tilted.rectified and not tilted.photographed
+
+
 @pytest.mark.parametrize("angle", [-20, -15, -8, 8, 15, 20])
 def test_a_film_tilted_on_black_is_straightened_whatever_its_size(radiographs, angle):
     film = radiographs["chest"]  # 128 px: too small to be searched as a photo

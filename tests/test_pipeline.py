@@ -168,6 +168,20 @@ def test_open_set_judges_straightened_photos_by_the_photo_threshold(tmp_path, pa
     assert straightened.rectified and straightened.outcome == expected[photo]
 
 
+@pytest.mark.parametrize(("film", "photo"), [(0.5, 2.0), (2.0, 0.5)])
+def test_open_set_judges_a_photo_with_no_film_found_by_the_photo_threshold(tmp_path, film, photo):
+    """A colour phone photo the photo step does not straighten (its sender cropped it to the film) is
+    still a photo; a large gray file is a film, whatever its size (issue #21)."""
+    pipeline = Pipeline.load(make_models_dir(tmp_path, open_set_threshold=film, open_set_photo_threshold=photo))
+    expected = {0.5: "body_part_unknown", 2.0: "analysed"}
+    gray = gradient(640, 480, texture=True)
+    cast = np.clip(np.dstack([gray] * 3).astype(np.int16) + np.array([8, 0, -8]), 0, 255).astype(np.uint8)
+    colour = pipeline.run(encode(Image.fromarray(cast), "JPEG")).result
+    assert colour.photographed and not colour.rectified and colour.outcome == expected[photo]
+    large = pipeline.run(encode(Image.fromarray(gray), "JPEG")).result
+    assert not large.photographed and not large.rectified and large.outcome == expected[film]
+
+
 def test_cards_without_photo_settings_use_the_film_ones_for_photos(tmp_path):
     from diagnosis.cards import read_card
 

@@ -71,7 +71,7 @@ def test_routing_counts_what_the_reply_names_per_group_and_turn(film_pack, tmp_p
     out = tmp_path / "routing.json"
     proc = subprocess.run([sys.executable, "-m", "training", "measure-routing", "--manifest", str(film_pack),
                            "--split", "val", "--angles", "0,90", "--models", str(models), "--synthetic-per-part", "1",
-                           "--json", str(out)], capture_output=True, text=True, cwd=ROOT, timeout=600)
+                           "--json", str(out), "--misses"], capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "| group | n | 0° | 90° |" in proc.stdout
     report = json.loads(out.read_text())
@@ -86,6 +86,13 @@ def test_routing_counts_what_the_reply_names_per_group_and_turn(film_pack, tmp_p
     # The stand-in gate accepts everything: non-X-rays are "accepted", never right.
     assert groups["not_xray:natural_photo"]["right"] == 0.0
     assert set(report["by_angle"]) == {"0", "90"}
+    # --misses: every image the reply got wrong, with its scores; none it got right.
+    misses = report["by_angle"]["0"]["misses"]
+    assert sorted(m["group"] for m in misses if m["group"].startswith(("film:", "unknown:"))) == [
+        "film:hand", "film:hand", "unknown:hip", "unknown:hip"]
+    assert all(m["body_part"] == "chest" and m["body_part_probability"] is not None for m in misses
+               if m["group"] == "film:hand")
+    assert "0° miss: group=film:hand" in proc.stdout
 
 
 # Issue #21: good films turned away. One test per rule.
@@ -117,9 +124,18 @@ def test_a_digital_film_with_an_implant_is_read_not_sent_back(tmp_path):
     Image.fromarray(_implant_film()).save(buffer, format="PNG")
     result = Pipeline.load(models).run(buffer.getvalue()).result
     assert result.outcome == "analysed" and not result.photographed and result.retake == []
+    # A large gray file (a 1,230 px shoulder file with an implant; the pack's 512 px spine files),
+    # even saved as RGB, is no photo: no film outline in it, no camera colour. It is read.
+    large = io.BytesIO()
+    Image.fromarray(np.dstack([_implant_film(640)] * 3)).save(large, format="PNG")
+    result = Pipeline.load(models).run(large.getvalue()).result
+    assert result.outcome == "analysed" and not result.photographed and result.retake == []
+    # The same picture with a camera's colour cast is a photo: the bright blob may be a lamp's reflection.
+    cast = np.dstack([_implant_film(640)] * 3).astype(np.int16) + np.array([6, 0, -6])
     photo = io.BytesIO()
-    Image.fromarray(np.dstack([_implant_film(640)] * 3)).save(photo, format="PNG")
-    assert Pipeline.load(models).run(photo.getvalue()).result.photographed
+    Image.fromarray(np.clip(cast, 0, 255).astype(np.uint8)).save(photo, format="PNG")
+    result = Pipeline.load(models).run(photo.getvalue()).result
+    assert result.photographed and result.outcome == "retake" and "glare" in result.retake
 
 
 def test_retake_words_fit_what_was_sent():

@@ -24,7 +24,7 @@ import cv2
 import numpy as np
 
 from diagnosis.intake import ImageRejected, decode
-from diagnosis.photo import looks_photographed, models_view, rectify
+from diagnosis.photo import models_view, rectify
 from diagnosis.quality import CODES, check_quality, quality_metrics
 
 from ..data.synthetic_photos import synthesise_with_corners, to_gray
@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         gray = decoded.gray
         result = models_view(decoded)  # as the service sees the file (diagnosis.pipeline)
         rectified_count += result.rectified
-        problems = check_quality(gray, result, looks_photographed(gray, decoded.colour), INPUT_SIDE)
+        problems = check_quality(gray, result, result.photographed, INPUT_SIDE)
         metrics.append(quality_metrics(gray, result))
         grays.append(gray)
         if problems:

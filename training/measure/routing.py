@@ -104,7 +104,7 @@ def _verdict(group: str, part: str, result) -> str:
 
 def measure(records: list[Record], split: str = "val", angles: tuple[int, ...] = (0,), models: Path | None = None,
             per_group: int | None = None, synthetic_per_part: int = 0, seed: int = 0, batch: int = 16,
-            backend: str = "onnx", threads: int | None = None, progress=print) -> dict:
+            backend: str = "onnx", threads: int | None = None, progress=print, misses: bool = False) -> dict:
     from diagnosis.pipeline import Pipeline
 
     from ..data.datasets import CHEST_LABELS
@@ -142,14 +142,17 @@ def measure(records: list[Record], split: str = "val", angles: tuple[int, ...] =
     started = time.monotonic()
     for angle in angles:
         verdicts: dict[str, Counter] = defaultdict(Counter)
-        chest_truth, chest_probs = [], []
+        chest_truth, chest_probs, missed = [], [], []
         for start in range(0, len(jobs), batch):
             chunk = jobs[start:start + batch]
             datas = [picture(r, s, angle) for _, r, s in chunk]
             results = pipeline.run_batch(datas, [r.path.name for _, r, _ in chunk], make_overlay=False)
             for (group, record, _), analysis in zip(chunk, results, strict=True):
                 result = analysis.result
-                verdicts[group][_verdict(group, record.body_part or "", result)] += 1
+                verdict = _verdict(group, record.body_part or "", result)
+                verdicts[group][verdict] += 1
+                if misses and verdict not in ("named_right", "refused", "refused_right"):
+                    missed.append(_miss(group, record, verdict, result))
                 if result.turned:
                     verdicts[group]["turned"] += 1
                 if (group == "film:chest" and record.chest_labels is not None
@@ -160,6 +163,8 @@ def measure(records: list[Record], split: str = "val", angles: tuple[int, ...] =
             progress(f"angle {angle}: {min(start + batch, len(jobs))} / {len(jobs)} images "
                      f"({time.monotonic() - started:.0f} s)")
         table[str(angle)] = _summary(verdicts)
+        if misses:
+            table[str(angle)]["misses"] = missed
         if chest_truth:
             truth, probs = np.asarray(chest_truth, dtype=float), np.asarray(chest_probs, dtype=float)
             seen = ~np.isnan(probs).any(axis=1)
@@ -168,6 +173,18 @@ def measure(records: list[Record], split: str = "val", angles: tuple[int, ...] =
                                               "mean_auc": aucs.get("mean_auc")}
     return {"split": split, "angles": list(angles), "per_group": per_group, "synthetic_per_part": synthetic_per_part,
             "seed": seed, "seconds": round(time.monotonic() - started, 1), "by_angle": table}
+
+
+def _miss(group: str, record: Record, verdict: str, result) -> dict:
+    """One image the reply got wrong, with the scores behind it (for choosing rules on val)."""
+    def rounded(value: float | None) -> float | None:
+        return None if value is None else round(float(value), 3)
+
+    return {"group": group, "file": record.path.name, "verdict": verdict, "outcome": result.outcome,
+            "body_part": result.body_part, "body_part_probability": rounded(result.body_part_probability),
+            "novelty": rounded(result.body_part_novelty), "xray_probability": rounded(result.xray_probability),
+            "modality": result.modality, "retake": list(result.retake), "photographed": result.photographed,
+            "rectified": result.rectified, "turned": result.turned}
 
 
 def _summary(verdicts: dict[str, Counter]) -> dict:
@@ -222,6 +239,8 @@ def print_table(report: dict) -> None:
             if group.startswith(("film:", "real_photo:", "synthetic_photo:")):
                 misses.update({k: v for k, v in row["outcomes"].items() if k != "named_right"})
         print(f"{a}°: misses of known parts by outcome: {dict(misses.most_common())}")
+        for miss in report["by_angle"][str(a)].get("misses", []):
+            print(f"  {a}° miss: " + " ".join(f"{k}={v}" for k, v in miss.items()))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -237,13 +256,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backend", choices=["torch", "onnx"], default="onnx")
     parser.add_argument("--threads", type=int)
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--misses", action="store_true",
+                        help="list every image the reply got wrong, with its scores (novelty, probabilities, retake)")
     args = parser.parse_args(argv)
     from ..data.datasets import load_sources
     from .reports import write_report
 
     report = measure(load_sources(args.manifest), args.split, tuple(int(a) for a in args.angles.split(",")),
                      args.models, args.per_group, args.synthetic_per_part, args.seed, backend=args.backend,
-                     threads=args.threads, progress=lambda m: print(m, file=sys.stderr, flush=True))
+                     threads=args.threads, progress=lambda m: print(m, file=sys.stderr, flush=True),
+                     misses=args.misses)
     print_table(report)
     if args.json:
         write_report(report, args.json)
