@@ -188,3 +188,20 @@ def test_a_measuring_pipeline_can_read_past_the_quality_check(tmp_path):
     assert sent_back.outcome == "retake" and sent_back.retake == ["too_dark"]
     pipeline.refuse_bad_shots = False
     assert pipeline.run(dark.getvalue()).result.outcome == "analysed"
+
+
+def test_gate_refit_measures_the_shipped_layer_and_each_variant_without_writing(film_pack, tmp_path):
+    models = make_models_dir(tmp_path / "models")
+    before = (models / "gate" / "card.json").read_text()
+    proc = run_training("measure-gate-refit", "--model", str(models / "gate"), "--manifest", str(film_pack),
+                        "--synthetic-train", str(film_pack), "--synthetic-val", str(film_pack),
+                        "--cache", str(tmp_path / "cache"))
+    report = json.loads(proc.stdout)
+    assert report["shipped"]["threshold"] == 0.5 and len(report["variants"]) == 5
+    for variant in report["variants"]:
+        for reading in (variant["youden"], variant["non_xray_kept"]):
+            assert {f"non_xray_refused_{t}" for t in (0, 90, 180, 270)} <= set(reading)
+    # Kept at every turn by construction of the second threshold.
+    kept = report["variants"][1]["non_xray_kept"]
+    assert all(kept[f"non_xray_refused_{t}"] >= report["shipped"][f"non_xray_refused_{t}"] for t in (0, 90, 180, 270))
+    assert (models / "gate" / "card.json").read_text() == before

@@ -2,7 +2,7 @@
 
 data: synthetic-photos · fit: train, heads, top · card: export, calibrate, open-set, modality, orientation,
 heatmap-baseline, import-torchxrayvision · measure: evaluate, measure-replies, measure-routing, measure-photos,
-measure-quality, measure-glare, measure-heatmaps (bench/heatmaps.py)."""
+measure-quality, measure-gate-refit, measure-glare, measure-heatmaps (bench/heatmaps.py)."""
 
 from __future__ import annotations
 
@@ -27,6 +27,8 @@ DELEGATED = {
     "measure-quality": ("training.measure.quality", "how often the quality check refuses real radiographs / bad shots"),
     "measure-glare": ("training.measure.glare", "does the quality check catch a lamp's reflection on a film"),
     "measure-routing": ("training.measure.routing", "what the reply names, per part, source, photo and turn"),
+    "measure-gate-refit": ("training.measure.gate_refit",
+                           "gate: would refitting only its last layer with photos let more photos through"),
     "heatmap-baseline": ("training.card.heatmap_baseline",
                          "chest: overlays relative to normal films (mean normal evidence map + colour scale)"),
     "measure-heatmaps": ("bench.heatmaps", "blank heatmap panels, panels per film, overlay size and time"),
