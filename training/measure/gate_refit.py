@@ -28,6 +28,7 @@ import torch
 from safetensors.torch import load_file
 
 from diagnosis.cards import read_card
+from diagnosis.openset import OrientationHead
 
 from ..card.orientation import TURNS, choose_records, turned_view
 from ..data.datasets import load_sources
@@ -81,10 +82,18 @@ def run(model: Path, manifest: list[str], synthetic_train: Path, synthetic_val: 
     store = FeatureStore(model, cache, spatial=True)
     _, maps = store.outputs([f"{r.path}#{t}" for r in chosen for t in TURNS], views=turned_view)
     pooled = maps.astype(np.float32).reshape(len(chosen), len(TURNS), 1024, -1).mean(-1)
+    # The orientation head's own "not_xray" refusal (it reads the frozen map, so no refit changes it).
+    head = OrientationHead(model, card.orientation) if card.orientation else None
+    side = round(float(np.sqrt(maps.shape[1] // 1024)))
+    ok = np.isfinite(pooled[:, 0, 0])
+    photo_rows = [i for i, r in enumerate(chosen) if ok[i] and r.split == "val" and r.phone_photo]
+    head_refused = np.zeros(len(photo_rows), bool)
+    if head is not None and photo_rows:
+        upright = maps[np.asarray(photo_rows) * len(TURNS)].astype(np.float32).reshape(-1, 1024, side, side)
+        head_refused = head.not_xray(upright)[0]
     state = load_file(str(model / card.weights.file))
     w0 = state["classifier.weight"].float().numpy()
     b0 = state["classifier.bias"].float().numpy()
-    ok = np.isfinite(pooled[:, 0, 0])
 
     def pick(split, kind, turn=0):
         m = [ok[i] and r.split == split and (
@@ -112,6 +121,8 @@ def run(model: Path, manifest: list[str], synthetic_train: Path, synthetic_val: 
                                                           >= threshold).mean()), 4)
         photos = p_xray(weight, bias, pick("val", "photo"), positive)
         out["real_photos_accepted"] = f"{int((photos >= threshold).sum())}/{len(photos)}"
+        both = int(((photos >= threshold) & ~head_refused).sum())
+        out["real_photos_accepted_and_not_refused_by_head"] = f"{both}/{len(photos)}"
         out["real_photos_lowest_p"] = [round(float(p), 3) for p in np.sort(photos)[:2]]
         ps = p_xray(weight, bias, s_val, positive)
         out["synthetic_films_accepted"] = round(float((ps[sy_val == 1] >= threshold).mean()), 4)
@@ -120,7 +131,8 @@ def run(model: Path, manifest: list[str], synthetic_train: Path, synthetic_val: 
         return out
 
     shipped = measure(w0, b0, card.threshold(card.positive_label))
-    report = {"n_val": {"films": len(pick("val", "film")), "non_xray": len(pick("val", "neg")),
+    report = {"real_photos_refused_by_orientation_head": f"{int(head_refused.sum())}/{len(head_refused)}",
+              "n_val": {"films": len(pick("val", "film")), "non_xray": len(pick("val", "neg")),
                         "real_photos": len(pick("val", "photo")), "synthetic_films": int(sy_val.sum()),
                         "synthetic_non_xray": int((sy_val == 0).sum())},
               "shipped": shipped, "variants": []}
