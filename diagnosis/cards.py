@@ -182,10 +182,10 @@ class OrientationSpec(BaseModel):
     ``not_xray_min_probability`` set, a picture the gate accepts is still refused as not an X-ray
     when the head gives the picture the gate finally saw "not_xray" at least that probability (the
     gate was trained on upright pictures only; the head saw non-X-rays at every turn). With
-    ``search_upright_below`` set, a picture left as sent that the head calls upright ("0") with less
-    than that probability is searched: its three turned-back copies go through the gate in one pass,
-    and the copy the head calls upright most confidently is read when that reaches
-    ``search_upright_probability``; else the picture as sent.
+    ``search_upright_below`` set, a picture left as sent (no turn, or a turn on trial that failed)
+    that the head calls upright ("0") with less than that probability is searched: its three
+    turned-back copies go through the gate in one pass, and the copy the head calls upright most
+    confidently is read when that reaches ``search_upright_probability``; else the picture as sent.
     """
 
     classes: list[Literal["0", "90", "180", "270", "not_xray"]]

@@ -146,8 +146,9 @@ class OrientationHead:
         return self.probabilities(feature_maps)[:, self.classes.index("0")] >= self.spec.confirm_upright_probability
 
     def unsure(self, feature_maps: np.ndarray, turns: list[int]) -> list[int]:
-        """The pictures to search (``search_upright_below``): left as sent (``turns`` 0) though the head
-        does not call them upright with at least that probability."""
+        """The pictures to search (``search_upright_below``): left as sent (``turns`` 0: no turn, or a
+        turn on trial that failed) though the head does not call them upright with at least that
+        probability."""
         below = self.spec.search_upright_below
         if below is None:
             return []

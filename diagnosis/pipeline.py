@@ -282,7 +282,8 @@ class Pipeline:
                 else:  # read as sent
                     items[i].image = np.ascontiguousarray(np.rot90(items[i].image, turns[i] // 90))
                     items[i].inputs.clear()
-        searched = head.unsure(features, turns)
+        # Left as sent (no turn, or a turn on trial that failed) though the head is unsure: search.
+        searched = head.unsure(features, [item.result.turned for item in items])
         if searched:
             probs, features = self._search_upright(items, searched, probs, features)
         for item in items:

@@ -264,10 +264,10 @@ def test_a_turn_on_trial_stands_only_when_the_head_calls_the_turned_back_picture
     assert ("I turned your picture upright" in render_reply(result)) is bool(turned)
 
 
-def upright_head(models, picture: np.ndarray, others: list[np.ndarray]) -> None:
+def upright_head(models, picture: np.ndarray, others: list[np.ndarray], bias: tuple = (0, 0, 0, 0)) -> None:
     """Replace the gate's orientation arrays by a head that knows one picture: "0" rises with the
     cosine between a picture's gate map and ``picture``'s, to ~0.8 for ``picture`` itself and ~0.01 at
-    the closest of ``others``; every other class has logit 0."""
+    the closest of ``others``; the other classes ("90", "180", "270", "not_xray") have logit ``bias``."""
     from model_factory import _arrays
 
     from diagnosis.cards import read_card, write_card
@@ -281,7 +281,7 @@ def upright_head(models, picture: np.ndarray, others: list[np.ndarray]) -> None:
     weight[0] = logit / (1 - middle) * flat[0]
     card = read_card(models / "gate")
     card.orientation.arrays = _arrays(models / "gate", "orientation.safetensors", {
-        "weight": weight, "bias": np.array([-logit * middle / (1 - middle), 0, 0, 0, 0])})
+        "weight": weight, "bias": np.array([-logit * middle / (1 - middle), *bias])})
     write_card(models / "gate", card)
 
 
@@ -304,6 +304,17 @@ def test_a_picture_the_head_is_unsure_of_is_searched_for_its_upright_turn(tmp_pa
     overlay = Image.open(io.BytesIO(analysis.overlays[0][1]))  # drawn over the picture read
     assert (overlay.width > overlay.height) is (sent % 2 == 1 and not turned % 180)
     assert ("I turned your picture upright" in render_reply(result)) is bool(turned)
+
+
+def test_a_turn_on_trial_that_fails_is_followed_by_the_search(tmp_path):
+    """The head leans to "180" (~0.5 on the sideways picture: a turn on trial), but the picture turned
+    back by 180° does not read upright; the search then finds the quarter turn (~0.73 upright)."""
+    models = make_models_dir(tmp_path, orientation="0", orientation_min_probability=0.95,
+                             orientation_spec={"confirm_min_probability": 0.45, "confirm_upright_probability": 0.7,
+                                               "search_upright_below": 0.5, "search_upright_probability": 0.6})
+    upright_head(models, TALL, [np.rot90(TALL, k) for k in (1, 2, 3)], bias=(0, np.log(3.0), 0, 0))
+    result = Pipeline.load(models).run(encode(Image.fromarray(np.rot90(TALL, 1)), "PNG")).result
+    assert result.turned == 90 and {"gate_upright", "gate_search"} <= set(result.timings_ms)
 
 
 def test_the_search_runs_in_a_batch_for_the_unsure_pictures_only(tmp_path):

@@ -26,9 +26,11 @@ $PY -m training export --run "$RUNS/gate_photos" --out models/gate --manifest "$
 # The gate's card steps, on the exported weights (export keeps every section it does not own, but a
 # section fitted on the previous weights must be fitted again): the head that names CT / MRI /
 # ultrasound / not medical, and the head that turns a film sent sideways or upside down upright
-# (C=100 was the best of 10/30/100 on val: 0.957 / 0.963 / 0.967 turns right on val radiographs).
+# (C=100 was the best of 10/30/100 on val: 0.957 / 0.963 / 0.967 turns right on val radiographs),
+# with the search among the other turns for pictures it is unsure of, its two floors chosen on val.
 $PY -m training modality --model models/gate --manifest "$M"
-$PY -m training orientation --model models/gate --manifest "$M" --c-grid 100
+$PY -m training orientation --model models/gate --manifest "$M" --c-grid 100 \
+    --search-below 0.3,0.5,0.7,0.85,0.95 --search-floor 0.5,0.7,0.85,0.95
 
 # Body part starts from the gate's backbone (it has already seen every pack radiograph).
 $PY -m training train --task body_part --manifest "$M" --out "$RUNS/body_part" --epochs "${BODY_EPOCHS:-4}" \

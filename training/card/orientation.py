@@ -74,7 +74,8 @@ def flatten(maps: np.ndarray) -> np.ndarray:
 
 def run(model: Path, records: list[Record], cache: Path, write: bool = True,
         max_upright_turned: float = 0.005, c_grid: tuple[float, ...] = (10.0, 30.0, 100.0),
-        max_extra_accepted: float = 0.005, confirm: bool = True, max_films_refused: float | None = 0.002) -> dict:
+        max_extra_accepted: float = 0.005, confirm: bool = True, max_films_refused: float | None = 0.002,
+        search_grid: tuple[tuple[float, float], ...] = ()) -> dict:
     card = read_card(model)
     chosen = choose_records(records)
     store = FeatureStore(model, cache, spatial=True)
@@ -120,12 +121,15 @@ def run(model: Path, records: list[Record], cache: Path, write: bool = True,
     per_picture = probs.reshape(n, len(TURNS), len(CLASSES))
 
     def decide(refused_floor: float, trial: tuple[float, float] | None = None,
-               not_xray_floor: float | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+               not_xray_floor: float | None = None,
+               search: tuple[float, float] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The turns undone, the view the gate finally sees (the picture as sent, turned by t, turned
         back by the head's answer) and whether it accepts that view. ``trial``: (floor, upright
         probability) of a turn on trial, kept only when the head calls the turned-back view upright;
-        ``not_xray_floor``: the head's "not_xray" on the final view that refuses it (as shipped:
-        ``diagnosis.pipeline``)."""
+        ``not_xray_floor``: the head's "not_xray" on the final view that refuses it; ``search``:
+        (below, floor) a picture left as sent (no turn, or a turn on trial that failed), called upright
+        with less than ``below``, is turned back by the turn whose turned-back view the head calls
+        upright most confidently, when that reaches ``floor`` (as shipped: ``diagnosis.pipeline``)."""
         floors = np.where(accepted_before, floor, refused_floor)
         turns = np.zeros((n, len(TURNS)), int)
         for i in range(n):
@@ -134,7 +138,11 @@ def run(model: Path, records: list[Record], cache: Path, write: bool = True,
                 if not turn and trial is not None:
                     turn = decide_turn(per_picture[i, t], CLASSES, trial[0])
                     if turn and per_picture[i, (t - turn // 90) % len(TURNS), 0] < trial[1]:
-                        turn = 0
+                        turn = 0  # tried, not upright turned back: searched like any unsure picture
+                if not turn and search is not None and per_picture[i, t, 0] < search[0]:
+                    upright = [per_picture[i, (t - k) % len(TURNS), 0] for k in (1, 2, 3)]
+                    best = int(np.argmax(upright))
+                    turn = 90 * (best + 1) if upright[best] >= search[1] else 0
                 turns[i, t] = turn
         views = (np.arange(len(TURNS))[None, :] - turns // 90) % len(TURNS)
         accepted = np.take_along_axis(gate, views, axis=1) >= threshold
@@ -174,7 +182,32 @@ def run(model: Path, records: list[Record], cache: Path, write: bool = True,
                 not_xray_floor = float(candidate)
             else:
                 break
-    _, seen, accepted_after = decide(refused_floor, trial, not_xray_floor)
+    # The search among the other turns for pictures the head is unsure of: the most val radiographs
+    # upright and accepted, with no more upright val radiographs turned than the rules above allow
+    # and no more val non-X-rays accepted at any turn than without it.
+    search, search_curve = None, {}
+    if search_grid:
+        turns, views, accepted = decide(refused_floor, trial, not_xray_floor)
+        best = float((accepted & (views == 0))[in_val & xray].mean())
+        allowed_per_turn = accepted[in_val & ~xray].mean(axis=0)
+        for below, upright in search_grid:
+            if upright < below:
+                continue  # the copy read must look more upright than the picture as sent
+            turns, views, accepted = decide(refused_floor, trial, not_xray_floor, (below, upright))
+            kept = float((accepted & (views == 0))[in_val & xray].mean())
+            turned_upright = float(np.mean(turns[in_val & xray, 0] != 0))
+            not_xray_accepted = accepted[in_val & ~xray].mean(axis=0)
+            search_curve[f"{below},{upright}"] = {
+                "radiographs_upright_and_accepted": [round(float(v), 4) for v in
+                                                     (accepted & (views == 0))[in_val & xray & ~photo].mean(axis=0)],
+                "real_photos_upright_and_accepted": [round(float(v), 4) for v in
+                                                     (accepted & (views == 0))[in_val & photo].mean(axis=0)],
+                "upright_radiographs_turned": round(turned_upright, 4),
+                "not_xray_accepted": [round(float(v), 4) for v in not_xray_accepted]}
+            if (turned_upright <= max_upright_turned and np.all(not_xray_accepted <= allowed_per_turn + 1e-9)
+                    and kept > best + 1e-9):
+                search, best = (float(below), float(upright)), kept
+    _, seen, accepted_after = decide(refused_floor, trial, not_xray_floor, search)
     curve = {}
     for candidate in (None, 0.9, 0.7, 0.5, 0.4, 0.3):
         _, views, accepted = decide(refused_floor, trial, candidate)
@@ -208,12 +241,14 @@ def run(model: Path, records: list[Record], cache: Path, write: bool = True,
                "refused_by_intake": refused,
                "c_search_val_accuracy": {str(c): round(v[0], 4) for c, v in searched.items()},
                "not_xray_floor_curve_val": curve,
+               **({"search_curve_val": search_curve} if search_grid else {}),
                "val": report("val"), "test": report("test")}
     spec = OrientationSpec(
         classes=CLASSES, arrays=AuxiliaryFile(file=ARRAYS_FILE, sha256=""), min_probability=floor,
         min_probability_refused=refused_floor, metrics=metrics,
         confirm_min_probability=trial[0] if trial else None,
         confirm_upright_probability=trial[1] if trial else 0.5, not_xray_min_probability=not_xray_floor,
+        search_upright_below=search[0] if search else None, search_upright_probability=search[1] if search else 0.5,
         method_notes=(f"multinomial logistic regression (C={best_c}, chosen from {list(c_grid)} by val accuracy on "
                       f"radiographs) on the "
                       f"gate's flattened, L2-normalised 1024×4×4 post-ReLU map; {int(train.sum())} train pictures "
@@ -225,9 +260,13 @@ def run(model: Path, records: list[Record], cache: Path, write: bool = True,
                       f"{trial} (floor, upright probability of the turned-back view): the most val radiographs "
                       f"upright and accepted within both rules; not_xray_min_probability {not_xray_floor}: the "
                       f"lowest that refuses at most {max_films_refused} of the val radiographs upright and "
+                      f"accepted at any turn; search (below, floor) {search}: the most val radiographs upright "
+                      f"and accepted with no more upright val radiographs turned and no more val non-X-rays "
                       f"accepted at any turn; command: python -m "
                       f"training orientation --model models/gate --manifest ../shared/data/xray-pack/manifest.csv "
-                      f"--c-grid {','.join(str(c) for c in c_grid)}"))
+                      f"--c-grid {','.join(str(c) for c in c_grid)}"
+                      + (f" --search-below {','.join(sorted({str(b) for b, _ in search_grid}))} --search-floor "
+                         f"{','.join(sorted({str(f) for _, f in search_grid}))}" if search_grid else "")))
     if write:
         spec.arrays = write_arrays(model, ARRAYS_FILE, {"weight": weight, "bias": bias})
         card.orientation = spec
@@ -241,7 +280,9 @@ def main(args) -> int:
     return emit_report(run(args.model, load_sources(args.manifest), args.cache, write=not args.dry_run,
                            c_grid=tuple(float(c) for c in args.c_grid.split(",")),
                            max_extra_accepted=args.max_extra_accepted, confirm=not args.no_trial,
-                           max_films_refused=None if args.max_films_refused < 0 else args.max_films_refused),
+                           max_films_refused=None if args.max_films_refused < 0 else args.max_films_refused,
+                           search_grid=tuple((float(b), float(f)) for b in args.search_below.split(",") if b
+                                             for f in args.search_floor.split(","))),
                        args.json)
 
 
@@ -256,5 +297,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--no-trial", action="store_true", help="no turns on trial (confirm_min_probability)")
     parser.add_argument("--max-films-refused", type=float, default=0.002,
                         help="val radiographs the head's not_xray may refuse at any turn (negative: no such rule)")
+    parser.add_argument("--search-below", default="",
+                        help="upright probabilities below which a picture left as sent is searched, tried on val "
+                             "(comma-separated; empty: no search)")
+    parser.add_argument("--search-floor", default="0.5,0.7,0.85,0.95",
+                        help="upright probabilities a turned-back copy must reach in the search, tried on val")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--dry-run", action="store_true", help="measure only; leave the card alone")
