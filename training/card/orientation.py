@@ -32,7 +32,7 @@ from scipy.special import softmax
 from sklearn.linear_model import LogisticRegression
 
 from diagnosis.cards import AuxiliaryFile, OrientationSpec, read_card, write_card
-from diagnosis.openset import decide_turn
+from diagnosis.openset import decide_turn, load_arrays
 
 from ..data.datasets import Record
 from ..features import FeatureStore, drop_refused, service_view
@@ -75,7 +75,7 @@ def flatten(maps: np.ndarray) -> np.ndarray:
 def run(model: Path, records: list[Record], cache: Path, write: bool = True,
         max_upright_turned: float = 0.005, c_grid: tuple[float, ...] = (10.0, 30.0, 100.0),
         max_extra_accepted: float = 0.005, confirm: bool = True, max_films_refused: float | None = 0.002,
-        search_grid: tuple[tuple[float, float], ...] = ()) -> dict:
+        search_grid: tuple[tuple[float, float], ...] = (), keep_head: bool = False) -> dict:
     card = read_card(model)
     chosen = choose_records(records)
     store = FeatureStore(model, cache, spatial=True)
@@ -96,15 +96,22 @@ def run(model: Path, records: list[Record], cache: Path, write: bool = True,
     train, val = row_split == "train", row_split == "val"
     x = flatten(maps)
 
+    shipped = card.orientation if keep_head else None
+    if keep_head and shipped is None:
+        raise SystemExit(f"--keep-head: {model} has no orientation head to keep")
     searched = {}
-    for c in c_grid:
+    for c in c_grid if shipped is None else ():
         fitted = LogisticRegression(C=c, max_iter=3000).fit(x[train], y[train])
         on_films = val & (y < len(TURNS))
         searched[c] = (float(np.mean(fitted.predict(x[on_films]) == y[on_films])), fitted)
         log.info("C=%g val accuracy on radiographs %.4f", c, searched[c][0])
-    best_c = max(searched, key=lambda c: searched[c][0])
-    head = searched[best_c][1]
-    weight, bias = head.coef_.astype(np.float32), head.intercept_.astype(np.float32)
+    if shipped is None:
+        best_c = max(searched, key=lambda c: searched[c][0])
+        head = searched[best_c][1]
+        weight, bias = head.coef_.astype(np.float32), head.intercept_.astype(np.float32)
+    else:  # the card's head as shipped
+        arrays = load_arrays(model, shipped.arrays)
+        weight, bias = arrays["weight"].astype(np.float32), arrays["bias"].astype(np.float32)
     probs = softmax(x @ weight.T.astype(np.float64) + bias, axis=1)  # as shipped (float32 arrays)
 
     upright_val = val & (y == 0)
@@ -182,6 +189,11 @@ def run(model: Path, records: list[Record], cache: Path, write: bool = True,
                 not_xray_floor = float(candidate)
             else:
                 break
+    if shipped is not None:  # --keep-head: the card's floors too; only the search is chosen
+        floor, not_xray_floor = shipped.min_probability, shipped.not_xray_min_probability
+        refused_floor = floor if shipped.min_probability_refused is None else shipped.min_probability_refused
+        trial = (None if shipped.confirm_min_probability is None
+                 else (shipped.confirm_min_probability, shipped.confirm_upright_probability))
     # The search among the other turns for pictures the head is unsure of: the most val radiographs
     # upright and accepted, with no more upright val radiographs turned than the rules above allow
     # and no more val non-X-rays accepted at any turn than without it.
@@ -243,14 +255,16 @@ def run(model: Path, records: list[Record], cache: Path, write: bool = True,
                "not_xray_floor_curve_val": curve,
                **({"search_curve_val": search_curve} if search_grid else {}),
                "val": report("val"), "test": report("test")}
+    fitted = (f"multinomial logistic regression (C={best_c}, chosen from {list(c_grid)} by val accuracy on "
+              f"radiographs)" if shipped is None else
+              f"the card's head kept as it was (--keep-head; fitted: {shipped.method_notes.split(' on the')[0]})")
     spec = OrientationSpec(
         classes=CLASSES, arrays=AuxiliaryFile(file=ARRAYS_FILE, sha256=""), min_probability=floor,
         min_probability_refused=refused_floor, metrics=metrics,
         confirm_min_probability=trial[0] if trial else None,
         confirm_upright_probability=trial[1] if trial else 0.5, not_xray_min_probability=not_xray_floor,
         search_upright_below=search[0] if search else None, search_upright_probability=search[1] if search else 0.5,
-        method_notes=(f"multinomial logistic regression (C={best_c}, chosen from {list(c_grid)} by val accuracy on "
-                      f"radiographs) on the "
+        method_notes=(f"{fitted} on the "
                       f"gate's flattened, L2-normalised 1024×4×4 post-ReLU map; {int(train.sum())} train pictures "
                       f"(radiographs at 0/90/180/270 degrees, non-X-rays at every turn as 'not_xray'); "
                       f"min_probability {floor}: the smallest that turns at most {max_upright_turned:.1%} of the "
@@ -263,8 +277,8 @@ def run(model: Path, records: list[Record], cache: Path, write: bool = True,
                       f"accepted at any turn; search (below, floor) {search}: the most val radiographs upright "
                       f"and accepted with no more upright val radiographs turned and no more val non-X-rays "
                       f"accepted at any turn; command: python -m "
-                      f"training orientation --model models/gate --manifest ../shared/data/xray-pack/manifest.csv "
-                      f"--c-grid {','.join(str(c) for c in c_grid)}"
+                      f"training orientation --model models/gate --manifest ../shared/data/xray-pack/manifest.csv"
+                      + (" --keep-head" if shipped is not None else f" --c-grid {','.join(str(c) for c in c_grid)}")
                       + (f" --search-below {','.join(sorted({str(b) for b, _ in search_grid}))} --search-floor "
                          f"{','.join(sorted({str(f) for _, f in search_grid}))}" if search_grid else "")))
     if write:
@@ -282,7 +296,8 @@ def main(args) -> int:
                            max_extra_accepted=args.max_extra_accepted, confirm=not args.no_trial,
                            max_films_refused=None if args.max_films_refused < 0 else args.max_films_refused,
                            search_grid=tuple((float(b), float(f)) for b in args.search_below.split(",") if b
-                                             for f in args.search_floor.split(","))),
+                                             for f in args.search_floor.split(",")),
+                           keep_head=args.keep_head),
                        args.json)
 
 
@@ -302,5 +317,7 @@ def add_arguments(parser) -> None:
                              "(comma-separated; empty: no search)")
     parser.add_argument("--search-floor", default="0.5,0.7,0.85,0.95",
                         help="upright probabilities a turned-back copy must reach in the search, tried on val")
+    parser.add_argument("--keep-head", action="store_true",
+                        help="keep the card's head and floors as they are; choose only the search on val")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--dry-run", action="store_true", help="measure only; leave the card alone")
