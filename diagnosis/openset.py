@@ -148,12 +148,17 @@ class OrientationHead:
     def unsure(self, feature_maps: np.ndarray, turns: list[int]) -> list[int]:
         """The pictures to search (``search_upright_below``): left as sent (``turns`` 0: no turn, or a
         turn on trial that failed) though the head does not call them upright with at least that
-        probability."""
+        probability, and not refused by its "not_xray" as sent."""
         below = self.spec.search_upright_below
         if below is None:
             return []
-        upright = self.probabilities(feature_maps)[:, self.classes.index("0")]
-        return [i for i, (p, turn) in enumerate(zip(upright, turns, strict=True)) if not turn and p < below]
+        probabilities = self.probabilities(feature_maps)
+        upright = probabilities[:, self.classes.index("0")]
+        # A picture the head refuses as not an X-ray as sent is not searched: a turned copy of an
+        # ultrasound image can read upright.
+        refused = self.not_xray(feature_maps)[0]
+        return [i for i, (p, turn, no) in enumerate(zip(upright, turns, refused, strict=True))
+                if not turn and not no and p < below]
 
     def best_turn(self, copies: np.ndarray) -> list[int]:
         """``copies``: (pictures, 3, C, H, W) gate maps of each picture turned back by 90, 180 and 270°

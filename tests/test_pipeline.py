@@ -317,6 +317,21 @@ def test_a_turn_on_trial_that_fails_is_followed_by_the_search(tmp_path):
     assert result.turned == 90 and {"gate_upright", "gate_search"} <= set(result.timings_ms)
 
 
+@pytest.mark.parametrize(("not_xray_floor", "outcome", "turned"), [(0.5, "not_xray", 0), (0.8, "analysed", 90)])
+def test_a_picture_the_head_refuses_as_not_an_xray_as_sent_is_not_searched(tmp_path, not_xray_floor, outcome,
+                                                                          turned):
+    """The head leans to "not_xray" (~0.75 on the sideways picture); its upright copy would read
+    upright (~0.57) with "not_xray" ~0.32. Refused as sent (floor 0.5): no search, not an X-ray (a
+    turned copy of an ultrasound image can read upright). Not refused (floor 0.8): searched, read."""
+    models = make_models_dir(tmp_path, orientation="0", orientation_min_probability=0.95,
+                             orientation_spec={"search_upright_below": 0.5, "search_upright_probability": 0.5,
+                                               "not_xray_min_probability": not_xray_floor})
+    upright_head(models, TALL, [np.rot90(TALL, k) for k in (1, 2, 3)], bias=(0, 0, 0, np.log(9.0)))
+    result = Pipeline.load(models).run(encode(Image.fromarray(np.rot90(TALL, 1)), "PNG")).result
+    assert result.outcome == outcome and result.turned == turned
+    assert ("gate_search" in result.timings_ms) is bool(turned)
+
+
 def test_the_search_runs_in_a_batch_for_the_unsure_pictures_only(tmp_path):
     models = make_models_dir(tmp_path, orientation="0", orientation_min_probability=0.95,
                              orientation_spec={"search_upright_below": 0.5, "search_upright_probability": 0.7})

@@ -146,7 +146,8 @@ def run(model: Path, records: list[Record], cache: Path, write: bool = True,
                     turn = decide_turn(per_picture[i, t], CLASSES, trial[0])
                     if turn and per_picture[i, (t - turn // 90) % len(TURNS), 0] < trial[1]:
                         turn = 0  # tried, not upright turned back: searched like any unsure picture
-                if not turn and search is not None and per_picture[i, t, 0] < search[0]:
+                if (not turn and search is not None and per_picture[i, t, 0] < search[0]
+                        and (not_xray_floor is None or per_picture[i, t, CLASSES.index("not_xray")] < not_xray_floor)):
                     upright = [per_picture[i, (t - k) % len(TURNS), 0] for k in (1, 2, 3)]
                     best = int(np.argmax(upright))
                     turn = 90 * (best + 1) if upright[best] >= search[1] else 0
