@@ -189,7 +189,11 @@ class OrientationSpec(BaseModel):
     least ``confirm_upright_probability``; else the picture is read as sent. With
     ``not_xray_min_probability`` set, a picture the gate accepts is still refused as not an X-ray
     when the head gives the picture the gate finally saw "not_xray" at least that probability (the
-    gate was trained on upright pictures only; the head saw non-X-rays at every turn).
+    gate was trained on upright pictures only; the head saw non-X-rays at every turn). With
+    ``search_upright_below`` set, a picture left as sent (no turn, or a turn on trial that failed)
+    that the head calls upright ("0") with less than that probability is searched: its three
+    turned-back copies go through the gate in one pass, and the copy the head calls upright most
+    confidently is read when that reaches ``search_upright_probability``; else the picture as sent.
     """
 
     classes: list[Literal["0", "90", "180", "270", "not_xray"]]
@@ -199,6 +203,8 @@ class OrientationSpec(BaseModel):
     confirm_min_probability: float | None = None  # None: no turn on trial
     confirm_upright_probability: float = 0.5
     not_xray_min_probability: float | None = None  # None: the gate alone says X-ray or not
+    search_upright_below: float | None = None  # None: no search
+    search_upright_probability: float = 0.5
     method_notes: str = ""
     metrics: dict[str, Any] = Field(default_factory=dict)
 

@@ -145,6 +145,31 @@ class OrientationHead:
         """Per image: does the head call this (turned-back) picture upright, for a turn on trial?"""
         return self.probabilities(feature_maps)[:, self.classes.index("0")] >= self.spec.confirm_upright_probability
 
+    def unsure(self, feature_maps: np.ndarray, turns: list[int]) -> list[int]:
+        """The pictures to search (``search_upright_below``): left as sent (``turns`` 0: no turn, or a
+        turn on trial that failed) though the head does not call them upright with at least that
+        probability, and not refused by its "not_xray" as sent."""
+        below = self.spec.search_upright_below
+        if below is None:
+            return []
+        probabilities = self.probabilities(feature_maps)
+        upright = probabilities[:, self.classes.index("0")]
+        # A picture the head refuses as not an X-ray as sent is not searched: a turned copy of an
+        # ultrasound image can read upright.
+        refused = self.not_xray(feature_maps)[0]
+        return [i for i, (p, turn, no) in enumerate(zip(upright, turns, refused, strict=True))
+                if not turn and not no and p < below]
+
+    def best_turn(self, copies: np.ndarray) -> list[int]:
+        """``copies``: (pictures, 3, C, H, W) gate maps of each picture turned back by 90, 180 and 270°
+        → per picture, the turn whose copy the head calls upright most confidently, when that reaches
+        ``search_upright_probability``; else 0 (read as sent)."""
+        upright = self.probabilities(copies.reshape(-1, *copies.shape[2:]))[:, self.classes.index("0")]
+        upright = upright.reshape(len(copies), -1)
+        best = upright.argmax(axis=1)
+        return [90 * (int(b) + 1) if row[b] >= self.spec.search_upright_probability else 0
+                for row, b in zip(upright, best, strict=True)]
+
     def not_xray(self, feature_maps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Per image: does the head refuse the picture the gate finally saw as not an X-ray, and
         its "not_xray" probability (0 without that class)."""

@@ -281,8 +281,35 @@ class Pipeline:
                 else:  # read as sent
                     items[i].image = np.ascontiguousarray(np.rot90(items[i].image, turns[i] // 90))
                     items[i].inputs.clear()
+        # Left as sent (no turn, or a turn on trial that failed) though the head is unsure: search.
+        searched = head.unsure(features, [item.result.turned for item in items])
+        if searched:
+            probs, features = self._search_upright(items, searched, probs, features)
         for item in items:
             item.result.timings_ms["orientation"] = _ms(clock)
+        return probs, features
+
+    def _search_upright(self, items: list[_Item], searched: list[int], probs: np.ndarray,
+                        features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """A picture the head is unsure of and would not turn: its three turned-back copies go through
+        the gate in one pass, and the copy the head calls upright most confidently is read, when it
+        reaches the card's floor; else the picture as sent."""
+        head, turns = self.gate.orientation, (90, 180, 270)
+        copies = [self.gate.prepare(np.rot90(items[i].image, -turn // 90)) for i in searched for turn in turns]
+        clock = time.perf_counter()
+        logits, maps = self.gate.runner(np.stack(copies))
+        elapsed = _ms(clock)
+        again = self.gate.probabilities(logits)
+        best = head.best_turn(maps.reshape(len(searched), len(turns), *maps.shape[1:]))
+        probs, features = probs.copy(), features.copy()
+        for row, i in enumerate(searched):
+            items[i].result.timings_ms["gate_search"] = elapsed
+            if best[row]:
+                copy = row * len(turns) + turns.index(best[row])
+                items[i].image = np.ascontiguousarray(np.rot90(items[i].image, -best[row] // 90))
+                items[i].inputs = {self.gate.input_key: copies[copy]}
+                probs[i], features[i] = again[copy], maps[copy]
+                items[i].result.turned = best[row]
         return probs, features
 
     def _body_part(self, items: list[_Item]) -> None:

@@ -278,6 +278,84 @@ def test_a_turn_on_trial_stands_only_when_the_head_calls_the_turned_back_picture
     assert ("I turned your picture upright" in render_reply(result)) is bool(turned)
 
 
+def upright_head(models, picture: np.ndarray, others: list[np.ndarray], bias: tuple = (0, 0, 0, 0)) -> None:
+    """Replace the gate's orientation arrays by a head that knows one picture: "0" rises with the
+    cosine between a picture's gate map and ``picture``'s, to ~0.8 for ``picture`` itself and ~0.01 at
+    the closest of ``others``; the other classes ("90", "180", "270", "not_xray") have logit ``bias``."""
+    from model_factory import _arrays
+
+    from diagnosis.cards import read_card, write_card
+    from diagnosis.openset import flatten_maps
+
+    gate = Pipeline.load(models).gate
+    flat = flatten_maps(gate.runner(np.stack([gate.prepare(p) for p in [picture, *others]]))[1])
+    closest = float((flat[1:] @ flat[0]).max())
+    middle, logit = (1 + closest) / 2, np.log(16.0)  # at cosine 1: e^logit / (e^logit + 4) = 0.8
+    weight = np.zeros((5, flat.shape[1]))
+    weight[0] = logit / (1 - middle) * flat[0]
+    card = read_card(models / "gate")
+    card.orientation.arrays = _arrays(models / "gate", "orientation.safetensors", {
+        "weight": weight, "bias": np.array([-logit * middle / (1 - middle), *bias])})
+    write_card(models / "gate", card)
+
+
+@pytest.mark.parametrize(("below", "floor", "sent", "turned"), [
+    (0.5, 0.7, 1, 90), (0.5, 0.7, 3, 270), (0.5, 0.7, 2, 180),
+    (0.5, 0.9, 1, 0),  # the copy the head calls upright most (~0.8) is below the floor: read as sent
+    (None, 0.7, 1, 0),  # no search on the card
+    (0.5, 0.7, 0, 0)])  # the picture as sent reads upright (~0.8): nothing searched, nothing paid
+def test_a_picture_the_head_is_unsure_of_is_searched_for_its_upright_turn(tmp_path, below, floor, sent, turned):
+    """The head knows the upright TALL film only; the picture is TALL turned counter-clockwise by
+    ``sent`` quarter turns, on which the head says no turn (every turn class ~0.25 < the trial floor)."""
+    models = make_models_dir(tmp_path, orientation="0", orientation_min_probability=0.95,
+                             orientation_spec={"confirm_min_probability": 0.45, "search_upright_below": below,
+                                               "search_upright_probability": floor})
+    upright_head(models, TALL, [np.rot90(TALL, k) for k in (1, 2, 3)])
+    analysis = Pipeline.load(models).run(encode(Image.fromarray(np.rot90(TALL, sent)), "PNG"))
+    result = analysis.result
+    assert result.outcome == "analysed" and result.turned == turned
+    assert ("gate_search" in result.timings_ms) is (below is not None and sent != 0)
+    overlay = Image.open(io.BytesIO(analysis.overlays[0][1]))  # drawn over the picture read
+    assert (overlay.width > overlay.height) is (sent % 2 == 1 and not turned % 180)
+    assert ("I turned your picture upright" in render_reply(result)) is bool(turned)
+
+
+def test_a_turn_on_trial_that_fails_is_followed_by_the_search(tmp_path):
+    """The head leans to "180" (~0.5 on the sideways picture: a turn on trial), but the picture turned
+    back by 180° does not read upright; the search then finds the quarter turn (~0.73 upright)."""
+    models = make_models_dir(tmp_path, orientation="0", orientation_min_probability=0.95,
+                             orientation_spec={"confirm_min_probability": 0.45, "confirm_upright_probability": 0.7,
+                                               "search_upright_below": 0.5, "search_upright_probability": 0.6})
+    upright_head(models, TALL, [np.rot90(TALL, k) for k in (1, 2, 3)], bias=(0, np.log(3.0), 0, 0))
+    result = Pipeline.load(models).run(encode(Image.fromarray(np.rot90(TALL, 1)), "PNG")).result
+    assert result.turned == 90 and {"gate_upright", "gate_search"} <= set(result.timings_ms)
+
+
+@pytest.mark.parametrize(("not_xray_floor", "outcome", "turned"), [(0.5, "not_xray", 0), (0.8, "analysed", 90)])
+def test_a_picture_the_head_refuses_as_not_an_xray_as_sent_is_not_searched(tmp_path, not_xray_floor, outcome,
+                                                                          turned):
+    """The head leans to "not_xray" (~0.75 on the sideways picture); its upright copy would read
+    upright (~0.57) with "not_xray" ~0.32. Refused as sent (floor 0.5): no search, not an X-ray (a
+    turned copy of an ultrasound image can read upright). Not refused (floor 0.8): searched, read."""
+    models = make_models_dir(tmp_path, orientation="0", orientation_min_probability=0.95,
+                             orientation_spec={"search_upright_below": 0.5, "search_upright_probability": 0.5,
+                                               "not_xray_min_probability": not_xray_floor})
+    upright_head(models, TALL, [np.rot90(TALL, k) for k in (1, 2, 3)], bias=(0, 0, 0, np.log(9.0)))
+    result = Pipeline.load(models).run(encode(Image.fromarray(np.rot90(TALL, 1)), "PNG")).result
+    assert result.outcome == outcome and result.turned == turned
+    assert ("gate_search" in result.timings_ms) is bool(turned)
+
+
+def test_the_search_runs_in_a_batch_for_the_unsure_pictures_only(tmp_path):
+    models = make_models_dir(tmp_path, orientation="0", orientation_min_probability=0.95,
+                             orientation_spec={"search_upright_below": 0.5, "search_upright_probability": 0.7})
+    upright_head(models, TALL, [np.rot90(TALL, k) for k in (1, 2, 3)])
+    pictures = [encode(Image.fromarray(np.rot90(TALL, k)), "PNG") for k in (0, 3, 1)]
+    results = [a.result for a in Pipeline.load(models).run_batch(pictures)]
+    assert [r.turned for r in results] == [0, 270, 90]
+    assert ["gate_search" in r.timings_ms for r in results] == [False, True, True]
+
+
 @pytest.mark.parametrize(("floor", "outcome"), [(0.8, "not_xray"), (0.95, "analysed"), (None, "analysed")])
 def test_the_orientation_heads_not_xray_refuses_what_the_gate_accepts(tmp_path, floor, outcome):
     """The gate accepts everything; the head says "not_xray" at ~0.9 for every picture."""

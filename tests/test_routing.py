@@ -55,6 +55,7 @@ def test_orientation_command_writes_a_card_section_the_pipeline_loads(film_pack,
     assert spec.confirm_min_probability is None or 0.4 <= spec.confirm_min_probability < spec.min_probability
     assert spec.not_xray_min_probability is None or 0.3 <= spec.not_xray_min_probability <= 0.95
     assert set(spec.metrics["not_xray_floor_curve_val"]) == {"None", "0.9", "0.7", "0.5", "0.4", "0.3"}
+    assert spec.search_upright_below is None and "search_curve_val" not in spec.metrics  # not asked for
     assert report["min_probability"] == card.orientation.min_probability
     # Reported per turn on val and test, for radiographs and non-X-rays, before and after.
     val = card.orientation.metrics["val"]
@@ -64,6 +65,24 @@ def test_orientation_command_writes_a_card_section_the_pipeline_loads(film_pack,
     assert card.thresholds == {"xray": 0.5} and card.positive_label == "xray"
     result = Pipeline.load(models).run((film_pack.parent / "images/test_1.png").read_bytes()).result
     assert result.outcome == "analysed" and result.turned in (0, 90, 180, 270)
+
+
+def test_keep_head_chooses_only_the_search_and_keeps_the_head(film_pack, tmp_path):
+    models = make_models_dir(tmp_path / "models")
+    cache = str(tmp_path / "cache")
+    run_training("orientation", "--model", str(models / "gate"), "--manifest", str(film_pack), "--cache", cache)
+    before = read_card(models / "gate").orientation
+    run_training("orientation", "--model", str(models / "gate"), "--manifest", str(film_pack), "--cache", cache,
+                 "--keep-head", "--search-below", "0.5,0.9", "--search-floor", "0.7,0.95")
+    after = read_card(models / "gate").orientation
+    fields = ("min_probability", "min_probability_refused", "confirm_min_probability", "confirm_upright_probability",
+              "not_xray_min_probability")
+    assert after.arrays.sha256 == before.arrays.sha256
+    assert [getattr(after, f) for f in fields] == [getattr(before, f) for f in fields]
+    # The search's floors come from the grid given, a floor never below "below" (or no search at all).
+    assert set(after.metrics["search_curve_val"]) == {"0.5,0.7", "0.5,0.95", "0.9,0.95"}
+    assert after.search_upright_below in (None, 0.5, 0.9) and after.search_upright_probability in (0.5, 0.7, 0.95)
+    assert "--keep-head" in after.method_notes
 
 
 def test_routing_counts_what_the_reply_names_per_group_and_turn(film_pack, tmp_path):

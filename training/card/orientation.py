@@ -32,7 +32,7 @@ from scipy.special import softmax
 from sklearn.linear_model import LogisticRegression
 
 from diagnosis.cards import AuxiliaryFile, OrientationSpec, read_card, write_card
-from diagnosis.openset import decide_turn
+from diagnosis.openset import decide_turn, load_arrays
 
 from ..data.datasets import Record
 from ..features import FeatureStore, drop_refused, service_view
@@ -74,7 +74,8 @@ def flatten(maps: np.ndarray) -> np.ndarray:
 
 def run(model: Path, records: list[Record], cache: Path, write: bool = True,
         max_upright_turned: float = 0.005, c_grid: tuple[float, ...] = (10.0, 30.0, 100.0),
-        max_extra_accepted: float = 0.005, confirm: bool = True, max_films_refused: float | None = 0.002) -> dict:
+        max_extra_accepted: float = 0.005, confirm: bool = True, max_films_refused: float | None = 0.002,
+        search_grid: tuple[tuple[float, float], ...] = (), keep_head: bool = False) -> dict:
     card = read_card(model)
     chosen = choose_records(records)
     store = FeatureStore(model, cache, spatial=True)
@@ -95,15 +96,22 @@ def run(model: Path, records: list[Record], cache: Path, write: bool = True,
     train, val = row_split == "train", row_split == "val"
     x = flatten(maps)
 
+    shipped = card.orientation if keep_head else None
+    if keep_head and shipped is None:
+        raise SystemExit(f"--keep-head: {model} has no orientation head to keep")
     searched = {}
-    for c in c_grid:
+    for c in c_grid if shipped is None else ():
         fitted = LogisticRegression(C=c, max_iter=3000).fit(x[train], y[train])
         on_films = val & (y < len(TURNS))
         searched[c] = (float(np.mean(fitted.predict(x[on_films]) == y[on_films])), fitted)
         log.info("C=%g val accuracy on radiographs %.4f", c, searched[c][0])
-    best_c = max(searched, key=lambda c: searched[c][0])
-    head = searched[best_c][1]
-    weight, bias = head.coef_.astype(np.float32), head.intercept_.astype(np.float32)
+    if shipped is None:
+        best_c = max(searched, key=lambda c: searched[c][0])
+        head = searched[best_c][1]
+        weight, bias = head.coef_.astype(np.float32), head.intercept_.astype(np.float32)
+    else:  # the card's head as shipped
+        arrays = load_arrays(model, shipped.arrays)
+        weight, bias = arrays["weight"].astype(np.float32), arrays["bias"].astype(np.float32)
     probs = softmax(x @ weight.T.astype(np.float64) + bias, axis=1)  # as shipped (float32 arrays)
 
     upright_val = val & (y == 0)
@@ -120,12 +128,15 @@ def run(model: Path, records: list[Record], cache: Path, write: bool = True,
     per_picture = probs.reshape(n, len(TURNS), len(CLASSES))
 
     def decide(refused_floor: float, trial: tuple[float, float] | None = None,
-               not_xray_floor: float | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+               not_xray_floor: float | None = None,
+               search: tuple[float, float] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The turns undone, the view the gate finally sees (the picture as sent, turned by t, turned
         back by the head's answer) and whether it accepts that view. ``trial``: (floor, upright
         probability) of a turn on trial, kept only when the head calls the turned-back view upright;
-        ``not_xray_floor``: the head's "not_xray" on the final view that refuses it (as shipped:
-        ``diagnosis.pipeline``)."""
+        ``not_xray_floor``: the head's "not_xray" on the final view that refuses it; ``search``:
+        (below, floor) a picture left as sent (no turn, or a turn on trial that failed), called upright
+        with less than ``below``, is turned back by the turn whose turned-back view the head calls
+        upright most confidently, when that reaches ``floor`` (as shipped: ``diagnosis.pipeline``)."""
         floors = np.where(accepted_before, floor, refused_floor)
         turns = np.zeros((n, len(TURNS)), int)
         for i in range(n):
@@ -134,7 +145,12 @@ def run(model: Path, records: list[Record], cache: Path, write: bool = True,
                 if not turn and trial is not None:
                     turn = decide_turn(per_picture[i, t], CLASSES, trial[0])
                     if turn and per_picture[i, (t - turn // 90) % len(TURNS), 0] < trial[1]:
-                        turn = 0
+                        turn = 0  # tried, not upright turned back: searched like any unsure picture
+                if (not turn and search is not None and per_picture[i, t, 0] < search[0]
+                        and (not_xray_floor is None or per_picture[i, t, CLASSES.index("not_xray")] < not_xray_floor)):
+                    upright = [per_picture[i, (t - k) % len(TURNS), 0] for k in (1, 2, 3)]
+                    best = int(np.argmax(upright))
+                    turn = 90 * (best + 1) if upright[best] >= search[1] else 0
                 turns[i, t] = turn
         views = (np.arange(len(TURNS))[None, :] - turns // 90) % len(TURNS)
         accepted = np.take_along_axis(gate, views, axis=1) >= threshold
@@ -174,7 +190,37 @@ def run(model: Path, records: list[Record], cache: Path, write: bool = True,
                 not_xray_floor = float(candidate)
             else:
                 break
-    _, seen, accepted_after = decide(refused_floor, trial, not_xray_floor)
+    if shipped is not None:  # --keep-head: the card's floors too; only the search is chosen
+        floor, not_xray_floor = shipped.min_probability, shipped.not_xray_min_probability
+        refused_floor = floor if shipped.min_probability_refused is None else shipped.min_probability_refused
+        trial = (None if shipped.confirm_min_probability is None
+                 else (shipped.confirm_min_probability, shipped.confirm_upright_probability))
+    # The search among the other turns for pictures the head is unsure of: the most val radiographs
+    # upright and accepted, with no more upright val radiographs turned than the rules above allow
+    # and no more val non-X-rays accepted at any turn than without it.
+    search, search_curve = None, {}
+    if search_grid:
+        turns, views, accepted = decide(refused_floor, trial, not_xray_floor)
+        best = float((accepted & (views == 0))[in_val & xray].mean())
+        allowed_per_turn = accepted[in_val & ~xray].mean(axis=0)
+        for below, upright in search_grid:
+            if upright < below:
+                continue  # the copy read must look more upright than the picture as sent
+            turns, views, accepted = decide(refused_floor, trial, not_xray_floor, (below, upright))
+            kept = float((accepted & (views == 0))[in_val & xray].mean())
+            turned_upright = float(np.mean(turns[in_val & xray, 0] != 0))
+            not_xray_accepted = accepted[in_val & ~xray].mean(axis=0)
+            search_curve[f"{below},{upright}"] = {
+                "radiographs_upright_and_accepted": [round(float(v), 4) for v in
+                                                     (accepted & (views == 0))[in_val & xray & ~photo].mean(axis=0)],
+                "real_photos_upright_and_accepted": [round(float(v), 4) for v in
+                                                     (accepted & (views == 0))[in_val & photo].mean(axis=0)],
+                "upright_radiographs_turned": round(turned_upright, 4),
+                "not_xray_accepted": [round(float(v), 4) for v in not_xray_accepted]}
+            if (turned_upright <= max_upright_turned and np.all(not_xray_accepted <= allowed_per_turn + 1e-9)
+                    and kept > best + 1e-9):
+                search, best = (float(below), float(upright)), kept
+    _, seen, accepted_after = decide(refused_floor, trial, not_xray_floor, search)
     curve = {}
     for candidate in (None, 0.9, 0.7, 0.5, 0.4, 0.3):
         _, views, accepted = decide(refused_floor, trial, candidate)
@@ -208,14 +254,18 @@ def run(model: Path, records: list[Record], cache: Path, write: bool = True,
                "refused_by_intake": refused,
                "c_search_val_accuracy": {str(c): round(v[0], 4) for c, v in searched.items()},
                "not_xray_floor_curve_val": curve,
+               **({"search_curve_val": search_curve} if search_grid else {}),
                "val": report("val"), "test": report("test")}
+    fitted = (f"multinomial logistic regression (C={best_c}, chosen from {list(c_grid)} by val accuracy on "
+              f"radiographs)" if shipped is None else
+              f"the card's head kept as it was (--keep-head; fitted: {shipped.method_notes.split(' on the')[0]})")
     spec = OrientationSpec(
         classes=CLASSES, arrays=AuxiliaryFile(file=ARRAYS_FILE, sha256=""), min_probability=floor,
         min_probability_refused=refused_floor, metrics=metrics,
         confirm_min_probability=trial[0] if trial else None,
         confirm_upright_probability=trial[1] if trial else 0.5, not_xray_min_probability=not_xray_floor,
-        method_notes=(f"multinomial logistic regression (C={best_c}, chosen from {list(c_grid)} by val accuracy on "
-                      f"radiographs) on the "
+        search_upright_below=search[0] if search else None, search_upright_probability=search[1] if search else 0.5,
+        method_notes=(f"{fitted} on the "
                       f"gate's flattened, L2-normalised 1024×4×4 post-ReLU map; {int(train.sum())} train pictures "
                       f"(radiographs at 0/90/180/270 degrees, non-X-rays at every turn as 'not_xray'); "
                       f"min_probability {floor}: the smallest that turns at most {max_upright_turned:.1%} of the "
@@ -225,9 +275,13 @@ def run(model: Path, records: list[Record], cache: Path, write: bool = True,
                       f"{trial} (floor, upright probability of the turned-back view): the most val radiographs "
                       f"upright and accepted within both rules; not_xray_min_probability {not_xray_floor}: the "
                       f"lowest that refuses at most {max_films_refused} of the val radiographs upright and "
+                      f"accepted at any turn; search (below, floor) {search}: the most val radiographs upright "
+                      f"and accepted with no more upright val radiographs turned and no more val non-X-rays "
                       f"accepted at any turn; command: python -m "
-                      f"training orientation --model models/gate --manifest ../shared/data/xray-pack/manifest.csv "
-                      f"--c-grid {','.join(str(c) for c in c_grid)}"))
+                      f"training orientation --model models/gate --manifest ../shared/data/xray-pack/manifest.csv"
+                      + (" --keep-head" if shipped is not None else f" --c-grid {','.join(str(c) for c in c_grid)}")
+                      + (f" --search-below {','.join(sorted({str(b) for b, _ in search_grid}))} --search-floor "
+                         f"{','.join(sorted({str(f) for _, f in search_grid}))}" if search_grid else "")))
     if write:
         spec.arrays = write_arrays(model, ARRAYS_FILE, {"weight": weight, "bias": bias})
         card.orientation = spec
@@ -241,7 +295,10 @@ def main(args) -> int:
     return emit_report(run(args.model, load_sources(args.manifest), args.cache, write=not args.dry_run,
                            c_grid=tuple(float(c) for c in args.c_grid.split(",")),
                            max_extra_accepted=args.max_extra_accepted, confirm=not args.no_trial,
-                           max_films_refused=None if args.max_films_refused < 0 else args.max_films_refused),
+                           max_films_refused=None if args.max_films_refused < 0 else args.max_films_refused,
+                           search_grid=tuple((float(b), float(f)) for b in args.search_below.split(",") if b
+                                             for f in args.search_floor.split(",")),
+                           keep_head=args.keep_head),
                        args.json)
 
 
@@ -256,5 +313,12 @@ def add_arguments(parser) -> None:
     parser.add_argument("--no-trial", action="store_true", help="no turns on trial (confirm_min_probability)")
     parser.add_argument("--max-films-refused", type=float, default=0.002,
                         help="val radiographs the head's not_xray may refuse at any turn (negative: no such rule)")
+    parser.add_argument("--search-below", default="",
+                        help="upright probabilities below which a picture left as sent is searched, tried on val "
+                             "(comma-separated; empty: no search)")
+    parser.add_argument("--search-floor", default="0.5,0.7,0.85,0.95",
+                        help="upright probabilities a turned-back copy must reach in the search, tried on val")
+    parser.add_argument("--keep-head", action="store_true",
+                        help="keep the card's head and floors as they are; choose only the search on val")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--dry-run", action="store_true", help="measure only; leave the card alone")
