@@ -71,6 +71,22 @@ def rounds(settings, bot: StubBot, requests: list[PendingRequest], times: list[f
     return asyncio.run(main())
 
 
+async def acknowledged_burst(store: Store, settings, message_id: int, *request_ids: str) -> tuple[BurstAcks, str]:
+    """The requests joined one burst, and this bot sent its acknowledgement (as message ``message_id``)."""
+
+    class AckBot(StubBot):
+        async def send_message(self, chat_id, text, reply_parameters=None):
+            return SimpleNamespace(message_id=message_id)
+
+    acks = BurstAcks(store.redis, settings.keys, merge_s=5.0, ttl_s=60)
+    burst, _count, opened = await acks.join(CHAT, request_ids[0])
+    for request_id in request_ids[1:]:
+        await acks.join(CHAT, request_id)
+    acks.acknowledge(AckBot(), CHAT, burst, opened, 7, "ru", 0)
+    await asyncio.gather(*acks._flushers.values())
+    return acks, burst
+
+
 def test_queued_and_answered_requests_are_left_alone(make_settings, redis_client):
     settings = make_settings()
     keys = settings.keys
@@ -129,16 +145,9 @@ def test_a_burst_acknowledgement_sent_after_the_request_was_queued_is_remembered
     edits the acknowledgement this bot sent, finds it deleted by the answer, and says nothing."""
     settings = make_settings()
 
-    class AckBot(StubBot):
-        async def send_message(self, chat_id, text, reply_parameters=None):
-            return SimpleNamespace(message_id=500)
-
     async def main():
         store = Store(settings)
-        acks = BurstAcks(store.redis, settings.keys, merge_s=5.0, ttl_s=60)
-        burst, _count, opened = await acks.join(CHAT, "answered-in-a-burst")
-        acks.acknowledge(AckBot(), CHAT, burst, opened, 7, "ru", 0)
-        await asyncio.gather(*acks._flushers.values())
+        acks, burst = await acknowledged_burst(store, settings, 500, "answered-in-a-burst")
         delete_service_keys(redis_client)  # the restart: done marks and burst state are gone
         pending = PendingRequests(settings, store, acks=acks)
         pending.add(PendingRequest(envelope=envelope("answered-in-a-burst", ack=None), user_id=CHAT,
@@ -160,17 +169,9 @@ def test_a_burst_answered_after_a_redis_restart_loses_its_acknowledgement(make_s
     server = PrivateRedis(tmp_path / "redis").start()
     settings = make_settings(REDIS_URL=server.url)
 
-    class AckBot(StubBot):
-        async def send_message(self, chat_id, text, reply_parameters=None):
-            return SimpleNamespace(message_id=600)
-
     async def main():
         store = Store(settings)
-        acks = BurstAcks(store.redis, settings.keys, merge_s=5.0, ttl_s=60)
-        burst, _, opened = await acks.join(CHAT, "first")
-        await acks.join(CHAT, "second")
-        acks.acknowledge(AckBot(), CHAT, burst, opened, 7, "ru", 0)
-        await asyncio.gather(*acks._flushers.values())
+        acks, burst = await acknowledged_burst(store, settings, 600, "first", "second")
         if restarted:
             server.restart()
         pending = PendingRequests(settings, store, acks=acks)

@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors.torch import load_file
+from scipy.special import softmax
 
 from diagnosis.cards import read_card
 from diagnosis.openset import OrientationHead
@@ -45,10 +46,7 @@ VARIANTS = [  # (negatives at which turns, weight of real train photos within X-
 
 
 def p_xray(weight: np.ndarray, bias: np.ndarray, x: np.ndarray, positive: int) -> np.ndarray:
-    z = x @ weight.T + bias
-    z = z - z.max(1, keepdims=True)
-    e = np.exp(z)
-    return e[:, positive] / e.sum(1)
+    return softmax(x @ weight.T + bias, axis=1)[:, positive]
 
 
 def refusing(p: np.ndarray, share: float) -> float:
