@@ -126,3 +126,29 @@ def test_replay_builds_cards_with_every_shipped_section(recipe_pack, tmp_path):
         for section in shipped_sections(folder):
             assert card[section] == before[folder][section], f"{folder}: export changed {section}"
     Pipeline.load(PipelineConfig(models_dir=models, backend="onnx", cache_dir=cache / "onnx"))
+
+
+def test_part_top_trains_only_the_top_and_exports(recipe_pack, tmp_path):
+    """`part-top` fine-tunes denseblock4 onwards on cached inputs: the layers below stay exactly as
+    they were, the top moves, and the run folder exports to a card the pipeline loads."""
+    from safetensors.torch import load_file
+
+    models, manifest = tmp_path / "models", ["--manifest", str(recipe_pack)]
+    training("train", "--task", "body_part", "--out", str(tmp_path / "run"), *manifest, *TINY["train"])
+    training("export", "--run", str(tmp_path / "run"), "--out", str(models / "body_part"), *manifest)
+    training("part-top", "--model", str(models / "body_part"), *manifest, "--cache", str(tmp_path / "cache"),
+             "--out", str(tmp_path / "top"), "--epochs", "2", "--epoch-size", "16", "--batch", "4",
+             "--chest-train", "4", "--lr", "0.01", "--dropout", "0")
+    before = load_file(str(models / "body_part" / "weights.safetensors"))
+    after = load_file(str(tmp_path / "top" / "best.safetensors"))
+    state = json.loads((tmp_path / "top" / "state.json").read_text())
+    assert state["task"]["name"] == "body_part" and len(state["history"]) == 3
+    frozen = [k for k in before if k.startswith(("features.conv0", "features.denseblock1", "features.transition3"))]
+    assert frozen and all(before[k].float().equal(after[k].float()) for k in frozen)
+    if state["epoch"] > 0:  # an epoch beat the start on val: its top is what the run ships
+        top = [k for k in before if k.startswith(("features.denseblock4", "classifier"))
+               and before[k].is_floating_point()]
+        assert any(not before[k].float().allclose(after[k].float(), atol=1e-3) for k in top)
+    training("export", "--run", str(tmp_path / "top"), "--out", str(models / "body_part"), *manifest)
+    assert json.loads((models / "body_part" / "card.json").read_text())["training"]["initialisation"].startswith(
+        "body_part of")

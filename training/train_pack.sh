@@ -37,7 +37,20 @@ $PY -m training orientation --model models/gate --manifest "$M" --keep-head \
 # Body part starts from the gate's backbone (it has already seen every pack radiograph).
 $PY -m training train --task body_part --manifest "$M" --out "$RUNS/body_part" --epochs "${BODY_EPOCHS:-4}" \
     --epoch-size 2000 --init-from "$RUNS/gate"
-$PY -m training export --run "$RUNS/body_part" --out models/body_part --manifest "$M"
+# Body part, stage 2 (as its card records): the whole network with the radiographs among the gate's
+# synthetic phone photos, one balance group of their own.
+$PY -m training train --task body_part --manifest "$M" --manifest "$RUNS/synthetic_gate/manifest.csv" \
+    --out "$RUNS/body_part_photos" --init-from "$RUNS/body_part" --epochs 6 --epoch-size 2000
+$PY -m training export --run "$RUNS/body_part_photos" --out models/body_part --manifest "$M"
+# Body part, stage 3 (2026-12-06, 2-core CPU, ~4 min after a 2-min cache): denseblock4 onwards trained
+# much longer on cached inputs (train films, their mirror images but chest's, the pack's 60 real train
+# phone photos and 806 synthetic photos of train films), the epoch with the lowest val loss kept; 12
+# epochs (best 11) were chosen over 24 (best 21) by the open-set curve on val (docs/routing.md).
+$PY -m training synthetic-photos --manifest "$M" --split train --per-source 150 --seed 2 \
+    --workers "$WORKERS" --out "$RUNS/synthetic_body_part"
+$PY -m training part-top --model models/body_part --manifest "$M" \
+    --manifest "$RUNS/synthetic_body_part/manifest.csv" --epochs 12 --out "$RUNS/body_part_top"
+$PY -m training export --run "$RUNS/body_part_top" --out models/body_part --manifest "$M"
 # The body part's card step: the unknown-part check and the chest floor, both chosen on val from a curve
 # of known parts kept vs hold-out parts (hip, wrist films and photos of them) refused (issue #21).
 $PY -m training open-set --model models/body_part --manifest "$M" --max-wrong 0.10
