@@ -31,14 +31,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
 
 from diagnosis.network import load_model
 
 from ..data.datasets import Record, load_sources
 from ..data.tasks import Task
 from .heads import FeatureCache, add_cache_arguments
-from .top import Top, write_run
+from .top import Top, _save, write_run
 from .train import describe_hardware
 
 log = logging.getLogger(__name__)
@@ -121,10 +120,6 @@ def train_top(network, train: Passes, val: Passes, labels: list[str], out: Path,
             _save(top, out / "best-top.safetensors")
         log.info("%s", json.dumps(row))
     return state
-
-
-def _save(top: Top, path: Path) -> None:
-    save_file({f"top.{k}": v.contiguous() for k, v in top.state_dict().items()}, str(path))
 
 
 def _short(figures: dict) -> dict:
