@@ -32,7 +32,7 @@ from diagnosis.config import DEFAULT_MODELS_DIR
 from . import access, commands, images
 from .acks import BurstAcks
 from .dispatch import Dispatcher
-from .intake import DurableApplication, DurableUpdateQueue, Intake, run_reader
+from .intake import READER_TASK, DurableApplication, DurableUpdateQueue, Intake, run_reader
 from .pending import PendingRequests
 from .services import Services
 from .store import Store
@@ -117,7 +117,7 @@ async def on_startup(application: Application) -> None:
         except TelegramError as error:
             logger.warning("setMyCommands(%s) failed: %s", language, error)
     # Stored updates → the application: what a previous run left unfinished first, then new ones.
-    application.bot_data["intake"] = asyncio.create_task(run_reader(application))
+    application.bot_data[READER_TASK] = asyncio.create_task(run_reader(application))
     services = _services(application)
     if services.settings.HEARTBEAT_FILE is not None:
         application.bot_data["heartbeat"] = asyncio.create_task(_heartbeat(application))
@@ -132,7 +132,7 @@ async def _heartbeat(application: Application) -> None:
     path = services.settings.HEARTBEAT_FILE
     while True:
         try:
-            reader = application.bot_data.get("intake")
+            reader = application.bot_data.get(READER_TASK)
             healthy = (await services.store.ping() and application.updater is not None
                        and application.updater.running and reader is not None and not reader.done())
             if healthy:
@@ -143,7 +143,7 @@ async def _heartbeat(application: Application) -> None:
 
 
 async def on_stop(application: Application) -> None:
-    for name in ("intake", "heartbeat", "pending-watchdog"):
+    for name in (READER_TASK, "heartbeat", "pending-watchdog"):  # the reader is gone already (stop)
         task = application.bot_data.pop(name, None)
         if task is not None:
             task.cancel()

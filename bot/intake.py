@@ -256,8 +256,22 @@ class DurableUpdateQueue(asyncio.Queue):
         await super().put(update)
 
 
+READER_TASK = "intake"  # ``bot_data`` key of the reader task (started by the bot's ``post_init``)
+
+
 class DurableApplication(Application):
     """An ``Application`` that acknowledges each stored update once it has processed it."""
+
+    async def stop(self) -> None:
+        """Stop the reader first: ``Application.stop`` queues its stop signal and waits for the queue
+        to drain, so an update the reader fed after that signal would never be processed and the
+        wait would never end. Entries not fed stay pending in the stream for the next run."""
+        reader = self.bot_data.pop(READER_TASK, None)
+        if reader is not None:
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reader
+        await super().stop()
 
     async def process_update(self, update: object) -> None:
         queue = self.update_queue

@@ -88,6 +88,7 @@ class BotRunner:
         self._error: BaseException | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
+        self._main_task: asyncio.Task | None = None
         self._thread = threading.Thread(target=self._run, name="bot", daemon=True)
 
     def __enter__(self) -> BotRunner:
@@ -103,7 +104,32 @@ class BotRunner:
             self._loop.call_soon_threadsafe(self._stop.set)
         self._thread.join(20)
         if self._thread.is_alive():
-            raise RuntimeError("bot did not stop within 20 s")
+            # Fail this test only: say where the bot waits, then cancel it, so that a stray bot
+            # (still polling, still reading the intake) cannot take the next tests' updates.
+            stacks = self._stacks_then_cancel()
+            self._thread.join(20)
+            raise RuntimeError(f"bot did not stop within 20 s; its tasks were waiting at:\n{stacks}")
+
+    def _stacks_then_cancel(self) -> str:
+        async def report() -> str:
+            out = io.StringIO()
+            for task in asyncio.all_tasks():
+                if task is asyncio.current_task():
+                    continue
+                out.write(f"--- {task.get_name()}\n")
+                awaiting = task.get_coro()  # follow the awaits down to where the task waits
+                while awaiting is not None and getattr(awaiting, "cr_frame", None) is not None:
+                    frame = awaiting.cr_frame
+                    out.write(f"  {frame.f_code.co_filename}:{frame.f_lineno} in {frame.f_code.co_name}\n")
+                    awaiting = getattr(awaiting, "cr_await", None)
+            if self._main_task is not None:
+                self._main_task.cancel()
+            return out.getvalue()
+
+        try:
+            return asyncio.run_coroutine_threadsafe(report(), self._loop).result(10)
+        except Exception as error:  # the loop itself is blocked (a synchronous call in a coroutine)
+            return f"(no report: {type(error).__name__}; the event loop thread itself is blocked)"
 
     def _run(self) -> None:
         try:
@@ -116,6 +142,7 @@ class BotRunner:
         from bot.app import ALLOWED_UPDATES, build_application
 
         self._loop = asyncio.get_running_loop()
+        self._main_task = asyncio.current_task()
         self._stop = asyncio.Event()
         application = build_application(self.settings)
         async with application:  # initialize … shutdown
@@ -271,7 +298,8 @@ class PrivateRedis:
         command = [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
                    "--requirepass", self.password, "--dir", str(self.work_dir), "--loglevel", "warning"]
         log = (self.work_dir / "redis.log").open("ab")
-        self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        # A local name: a test's kill() from another thread may reset self.process meanwhile.
+        self.process = process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
         log.close()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -282,7 +310,7 @@ class PrivateRedis:
                         return self
                 finally:
                     client.close()
-            if self.process.poll() is not None:
+            if process.poll() is not None:
                 break
             time.sleep(0.1)
         raise RuntimeError(f"redis-server on port {self.port} did not start")

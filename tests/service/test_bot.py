@@ -148,20 +148,27 @@ def test_rate_limit_says_when_to_retry_and_how_many_were_accepted(start_bot, fak
         return [str(c.params.get("text", "")) for c in fake.calls_of(method, user) if "try again" in
                 str(c.params.get("text", ""))]
 
+    def acknowledgements() -> list[str]:
+        calls = sorted(fake.calls_of("sendMessage", user) + fake.calls_of("editMessageText", user),
+                       key=lambda c: c.at)
+        return [t for t in (str(c.params.get("text", "")) for c in calls) if t.startswith("Received")]
+
     with start_bot(RATE_LIMIT_IMAGES=2, RATE_LIMIT_WINDOW_S=600):
         for _ in range(4):
             fake.inject_photo(user, CHEST)
         # One notice per burst; a later refusal of the same burst edits it (or it is sent with both).
         fake.wait_for(lambda: len(queued_tasks(redis_client)) == 2 and [
             t for t in notices("sendMessage") + notices("editMessageText") if "2 images were not accepted" in t])
-        # The acknowledgement waits for the chat's next send slot, which the notice may have taken:
-        # wait for it rather than for a fixed time (a loaded machine is slower than 0.3 s).
-        fake.wait_for(lambda: any(t.startswith("Received, analysing") for t in fake.texts_to(user)))
+        # The acknowledgement waits for the chat's next send slot, which the notice may have taken, and
+        # covers the images that joined by then ("Received, analysing…" then an edit, or "Received 2
+        # images…" at once on a loaded machine): wait until it shows both accepted images.
+        fake.wait_for(lambda: acknowledgements()[-1:] == ["Received 2 images, analysing…"])
         time.sleep(0.3)
     texts = fake.texts_to(user)
     # One acknowledgement for the burst (sent once, perhaps edited); the two accepted images are the
     # two downloaded and queued.
-    assert 1 <= sum(t.startswith("Received, analysing") for t in texts) <= 2
+    assert sum(t.startswith("Received") for t in texts) == 1
+    assert acknowledgements()[-1] == "Received 2 images, analysing…"
     sent = notices("sendMessage")
     assert len(sent) == 1
     final = (sent + notices("editMessageText"))[-1]

@@ -17,7 +17,7 @@ from telegram import Update
 from telegram.error import NetworkError
 from telegram.ext import Application, TypeHandler
 
-from bot.intake import GROUP, DurableApplication, DurableUpdateQueue, Intake, run_reader
+from bot.intake import GROUP, READER_TASK, DurableApplication, DurableUpdateQueue, Intake, run_reader
 from contract.keys import Keys
 
 from .conftest import TOKEN
@@ -43,7 +43,7 @@ def build(fake, url: str, consumer: str, seen: Counter, **intake_options) -> tup
 async def run_for(application: Application, until, timeout: float = 20.0, poll: bool = True) -> None:
     """initialize, start the reader (and polling), run until ``until()`` is true, stop cleanly."""
     async with application:
-        reader = asyncio.create_task(run_reader(application))
+        reader = application.bot_data[READER_TASK] = asyncio.create_task(run_reader(application))
         await application.start()
         if poll:
             await application.updater.start_polling(timeout=timedelta(seconds=1), poll_interval=0)
@@ -70,6 +70,34 @@ def test_every_update_is_processed_once_and_then_deleted(fake, redis_db, redis_c
     assert redis_client.xlen(intake.stream) == 0  # acknowledged and deleted
     assert redis_client.xpending(intake.stream, GROUP)["pending"] == 0
     assert not list(redis_client.scan_iter("xso:update:*"))  # per-update notes deleted with the entry
+
+
+def test_stopping_does_not_wait_for_updates_the_reader_feeds_after_the_stop_signal(fake, redis_db):
+    """Application.stop queues a stop signal and waits for its queue to drain: an update fed behind
+    that signal would keep it waiting for ever (a bot that never stops), unless the reader stops first."""
+    seen: Counter = Counter()
+    application, intake = build(fake, redis_db[0], "bot-stop", seen)
+
+    async def keep_feeding() -> None:
+        update_id = 50_000
+        while True:
+            update_id += 1
+            await application.update_queue.feed(Update(update_id=update_id))
+            await asyncio.sleep(0.002)
+
+    async def scenario() -> None:
+        async with application:
+            await application.start()
+            application.bot_data[READER_TASK] = asyncio.create_task(keep_feeding())
+            while not seen:
+                await asyncio.sleep(0.01)
+            async with asyncio.timeout(10):
+                await application.stop()
+        await intake.redis.aclose()
+
+    asyncio.run(scenario())
+    assert seen and max(seen.values()) == 1
+    assert READER_TASK not in application.bot_data
 
 
 def test_storing_is_idempotent_by_update_id(fake, redis_db, redis_client):
