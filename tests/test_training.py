@@ -179,3 +179,42 @@ def test_refused_files_are_dropped_and_counted(tmp_path):
     card = calibrate(models / "chest", records, "tiny", cache=None, bootstrap_rounds=10)
     assert card.operating_points.method["refused_by_intake"] == {"val": 1, "test": 1}
     assert card.ece["val"]["n"] == 6
+
+
+def test_quarter_turns_turn_train_images_and_fix_one_turn_per_val_image(tmp_path):
+    from training.data.datasets import Record
+    from training.data.images import Augment, RecordDataset, quarter_turn
+
+    # An image whose bright block sits in one corner: each quarter turn moves it to another corner.
+    pixels = np.zeros((32, 32), dtype=np.uint8)
+    pixels[:8, :8] = 255
+    image = Image.fromarray(pixels)
+    corners = {int(np.argmax([np.asarray(quarter_turn(image, k))[a, b].mean() for a, b in
+                              ((slice(0, 8), slice(0, 8)), (slice(0, 8), slice(24, 32)),
+                               (slice(24, 32), slice(24, 32)), (slice(24, 32), slice(0, 8)))]))
+               for k in range(4)}
+    assert corners == {0, 1, 2, 3}
+
+    def upright_share(augment: Augment, draws: int = 200) -> float:
+        return float(np.mean([np.asarray(augment(image))[:10, :10].mean() > 100 for _ in range(draws)]))
+
+    plain = Augment(32, flip=False, seed=1)
+    plain.geometry = plain.colour = lambda x: x  # only the turns are asked about here
+    turned = Augment(32, flip=False, seed=1, quarter_turns=1.0)
+    turned.geometry = turned.colour = lambda x: x
+    assert upright_share(plain) > 0.95 and upright_share(turned) < 0.05
+
+    film = np.full((128, 128), 40, dtype=np.uint8)  # large enough for the intake
+    film[:32, :32] = 255
+    records = []
+    for i in range(24):
+        path = tmp_path / f"film_{i}.png"
+        Image.fromarray(film).save(path)
+        records.append(Record(path=path, split="val", source="test", kind="radiograph", is_xray=True))
+    task = make_task("gate", records)
+    val = RecordDataset(records, task, 32, 0.5, 0.25, fixed_turns=True)
+    first = [val[i][0].numpy() for i in range(len(records))]
+    again = [val[i][0].numpy() for i in range(len(records))]
+    assert all(np.array_equal(a, b) for a, b in zip(first, again, strict=True))  # the same turn every time
+    upright = [float(x[0, :8, :8].mean()) > 0 for x in first]
+    assert 0 < sum(upright) < len(records)  # some images upright, others turned

@@ -80,6 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--threads", type=int)
     t.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (GPU machines: 8+)")
     t.add_argument("--max-minutes", type=float, help="stop after the epoch that passes this budget")
+    t.add_argument("--quarter-turns", type=float, default=0.0,
+                   help="share of train images turned by 90/180/270 degrees (val then shown turned too)")
 
     x = commands.add_parser("export", help="run folder → models/<name> (weights + card with test metrics)")
     x.add_argument("--run", required=True, type=Path)
@@ -221,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
             group_shares={g: float(v) for g, v in (item.split("=", 1) for item in args.group_share)},
             seed=args.seed, init_from=args.init_from, imagenet_weights=args.imagenet_weights,
             device=args.device, val_limit=args.val_limit, num_workers=args.workers, max_minutes=args.max_minutes,
-            extra={"data": data_name},
+            quarter_turns=args.quarter_turns, extra={"data": data_name},
         )
         train(config, make_task(args.task, records, args.min_count), records)
         return 0

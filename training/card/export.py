@@ -97,7 +97,8 @@ def export_run(run_dir: Path, out: Path, records: list[Record], data_name: str, 
                                               "schedule", "dropout", "augmentation", "selection", "soup",
                                               "recipe_of_the_backbone")
                                     if k in config}
-                      | ({"group_shares": config["group_shares"]} if config.get("group_shares") else {}),
+                      | ({"group_shares": config["group_shares"]} if config.get("group_shares") else {})
+                      | ({"quarter_turns": config["quarter_turns"]} if config.get("quarter_turns") else {}),
             "epochs_run": len(meta["history"]),
             "best_smoothed_val": meta["best"],
             "history": meta["history"],

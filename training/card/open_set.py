@@ -32,7 +32,6 @@ wrong-part naming on the hold-out before/after).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import tempfile
@@ -48,7 +47,7 @@ from sklearn.metrics import roc_auc_score
 from diagnosis.cards import AuxiliaryFile, OpenSetSpec, read_card, sha256_of, write_card
 from diagnosis.openset import mahalanobis
 
-from ..data.datasets import Record
+from ..data.datasets import Record, by_file_name
 from ..features import FeatureStore, drop_refused, service_read
 from ..measure.reports import emit_report
 
@@ -56,16 +55,13 @@ log = logging.getLogger(__name__)
 ARRAYS_FILE = "open_set.safetensors"
 
 
-def _stable(record: Record) -> str:
-    return hashlib.sha256(str(record.path.name).encode()).hexdigest()
-
 
 def choose_records(records: list[Record], labels: list[str], max_train_per_part: int) -> list[Record]:
     """Known-part radiographs (train capped per part, chosen by a hash of the file name) + every film
     of a part the card does not know (the hold-out, all splits)."""
     xrays = [r for r in records if r.is_xray and r.body_part]
     train: dict[str, list[Record]] = defaultdict(list)
-    for record in sorted((r for r in xrays if r.split == "train" and r.body_part in labels), key=_stable):
+    for record in sorted((r for r in xrays if r.split == "train" and r.body_part in labels), key=by_file_name):
         train[record.body_part].append(record)
     chosen = [r for part in labels for r in train[part][:max_train_per_part]]
     return chosen + [r for r in xrays if r.split != "train" or r.body_part not in labels]
@@ -302,7 +298,7 @@ def run(model: Path, records: list[Record], cache: Path, keep: float, chest_keep
         groups = []
         for part in labels:
             films = sorted((r for r in records if r.split == "val" and r.body_part == part and r.kind == "radiograph"
-                            and not r.synthetic), key=_stable)[:val_photos]
+                            and not r.synthetic), key=by_file_name)[:val_photos]
             if films:
                 groups.append((films, synthetic_photo_features(store, films, 0)))
         photos["val_known"] = _photo_set(groups, labels, fitted)
@@ -532,7 +528,7 @@ def photo_routing(model: Path, records: list[Record], cache: Path, split: str, l
     check and chest floor)? The photos are made in memory only."""
     card = read_card(model)
     chest = sorted((r for r in records if r.split == split and r.body_part == "chest" and r.kind == "radiograph"
-                    and not r.synthetic), key=_stable)[:limit]
+                    and not r.synthetic), key=by_file_name)[:limit]
     logits, pooled, rect = synthetic_photo_features(FeatureStore(model, cache), chest, seed)
     read = np.isfinite(pooled[:, 0])
     logits, pooled, rect = logits[read, : len(card.labels)].astype(np.float64), pooled[read], rect[read]
@@ -652,7 +648,7 @@ def fit_confident(model: Path, records: list[Record], cache: Path, write: bool =
 
     def films(split: str, known: bool, photo: bool = False) -> list[Record]:
         return sorted((r for r in xrays if r.split == split and (r.body_part in labels) == known
-                       and r.phone_photo == photo), key=_stable)
+                       and r.phone_photo == photo), key=by_file_name)
 
     sets = {
         "val_films": rows(films("val", True)), "val_real_photos": rows(films("val", True, photo=True)),

@@ -7,6 +7,7 @@ Every loader returns ``Record``s; a ``Task`` turns records into targets. Images 
 from __future__ import annotations
 
 import csv
+import hashlib
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -240,9 +241,12 @@ def _find(root: Path, name: str) -> Path:
 
 
 def _stable_fraction(key: str) -> float:
-    import hashlib
-
     return int(hashlib.sha256(key.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+
+
+def by_file_name(record: Record) -> str:
+    """A sort key that is the same on every machine and run: choose "the first N" records by it."""
+    return hashlib.sha256(record.path.name.encode()).hexdigest()
 
 
 def _split_by_hash(key: str, val_fraction: float, test_fraction: float) -> str:

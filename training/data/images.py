@@ -15,7 +15,7 @@ from diagnosis.intake import ImageRejected, decode
 from diagnosis.photo import models_view
 from diagnosis.preprocess import resize_gray, to_model_input
 
-from .datasets import Record
+from .datasets import Record, by_file_name
 from .tasks import Task
 
 
@@ -42,8 +42,11 @@ class Augment:
     images are 128 px, others far larger), so "blurry" cannot stand in for "chest".
     """
 
-    def __init__(self, size: int, flip: bool = True, seed: int = 0):
+    def __init__(self, size: int, flip: bool = True, seed: int = 0, quarter_turns: float = 0.0):
+        """``quarter_turns``: the share of images turned by 90, 180 or 270 degrees (films sent sideways
+        or upside down), every class alike."""
         self.size = size
+        self.quarter_turns = quarter_turns
         self.rng = random.Random(seed)  # nosec B311 - augmentation, not security
         self.geometry = v2.RandomAffine(degrees=10, translate=(0.06, 0.06), scale=(0.85, 1.15))
         self.colour = v2.ColorJitter(brightness=0.3, contrast=0.35)
@@ -63,15 +66,25 @@ class Augment:
             gamma = self.rng.uniform(0.7, 1.4)
             lut = [min(255, round(255 * (i / 255) ** gamma)) for i in range(256)]
             image = image.point(lut)
+        if self.quarter_turns and self.rng.random() < self.quarter_turns:
+            image = quarter_turn(image, self.rng.randint(1, 3))
         return image
+
+
+def quarter_turn(image: Image.Image, turns: int) -> Image.Image:
+    """``turns`` × 90 degrees anticlockwise (a square input stays square)."""
+    return image.rotate(90 * (turns % 4), expand=True) if turns % 4 else image
 
 
 class RecordDataset(Dataset):
     def __init__(self, records: list[Record], task: Task, size: int, mean: float, std: float,
-                 augment: Augment | None = None, cache: dict | None = None, cache_side: int | None = None):
-        """``cache_side=None`` keeps full resolution: evaluation then resizes exactly as the service."""
+                 augment: Augment | None = None, cache: dict | None = None, cache_side: int | None = None,
+                 fixed_turns: bool = False):
+        """``cache_side=None`` keeps full resolution: evaluation then resizes exactly as the service.
+        ``fixed_turns``: each image shown turned by 0/90/180/270 degrees, the same every time (chosen
+        from its file name): a validation set that also asks for turned films."""
         self.records, self.task, self.size, self.mean, self.std = records, task, size, mean, std
-        self.augment, self.cache_side = augment, cache_side
+        self.augment, self.cache_side, self.fixed_turns = augment, cache_side, fixed_turns
         self.cache = cache if cache is not None else {}
 
     def __len__(self) -> int:
@@ -111,6 +124,8 @@ class RecordDataset(Dataset):
         image = self.image(index)
         if self.augment is not None:
             image = self.augment(image)
+        if self.fixed_turns:
+            image = quarter_turn(image, int(by_file_name(self.records[index])[:2], 16))
         pixels = to_model_input(image, self.size, self.mean, self.std)
         return torch.from_numpy(np.ascontiguousarray(pixels)), torch.as_tensor(self.task.target(self.records[index]))
 

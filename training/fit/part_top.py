@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import hashlib
 import json
 import logging
 import tempfile
@@ -34,7 +33,7 @@ import torch
 
 from diagnosis.network import load_model
 
-from ..data.datasets import Record, load_sources
+from ..data.datasets import Record, by_file_name, load_sources
 from ..data.tasks import Task
 from .heads import FeatureCache, add_cache_arguments
 from .top import Top, _save, write_run
@@ -43,13 +42,10 @@ from .train import describe_hardware
 log = logging.getLogger(__name__)
 
 
-def _stable(record: Record) -> str:
-    return hashlib.sha256(record.path.name.encode()).hexdigest()
-
 
 def choose_passes(records: list[Record], task: Task, chest_train: int) -> tuple[list, list]:
     """(record, mirrored) passes for train and val."""
-    train = sorted((r for r in records if r.split == "train" and task.applies(r)), key=_stable)
+    train = sorted((r for r in records if r.split == "train" and task.applies(r)), key=by_file_name)
     chest_films = [r for r in train if r.body_part == "chest" and not r.phone_photo][:chest_train]
     train = [r for r in train if r.body_part != "chest" or r.phone_photo] + chest_films
     passes = [(r, False) for r in train]

@@ -66,6 +66,9 @@ class TrainConfig:
     num_workers: int = 0  # DataLoader workers; > 0 also decodes the data set in parallel up front
     val_limit: int | None = None
     max_minutes: float | None = None  # stop after the epoch that passes this wall-clock budget
+    # share of training images turned by 90/180/270 degrees; with it, each val image is shown at one
+    # fixed turn too (a quarter of them upright), so the best epoch is chosen on turned films as well
+    quarter_turns: float = 0.0
     extra: dict = field(default_factory=dict)
 
 
@@ -184,9 +187,10 @@ def train(config: TrainConfig, task: Task, records: list[Record]) -> Path:
         log.info("resuming %s at epoch %d", out, start_epoch + 1)
 
     train_set = RecordDataset(train_records, task, config.size, config.mean, config.std,
-                              Augment(config.size, seed=config.seed), cache={}, cache_side=2 * config.size)
+                              Augment(config.size, seed=config.seed, quarter_turns=config.quarter_turns),
+                              cache={}, cache_side=2 * config.size)
     val_set = RecordDataset(val_records, task, config.size, config.mean, config.std, cache={},
-                            cache_side=2 * config.size)
+                            cache_side=2 * config.size, fixed_turns=config.quarter_turns > 0)
     epoch_size = config.epoch_size or len(train_records)
     if config.num_workers > 0:
         train_set.warm(config.num_workers)
