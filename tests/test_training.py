@@ -118,6 +118,18 @@ def test_train_resume_export_evaluate_gate(tiny_pack, tmp_path):
     assert (tmp_path / "plots" / "gate_confusion.png").is_file()
 
 
+def test_gate_trains_with_quarter_turns_and_a_turn_loss(tiny_pack, tmp_path):
+    run = tmp_path / "run"
+    run_training("train", "--task", "gate", "--manifest", str(tiny_pack), "--out", str(run), "--size", "32",
+                 "--batch-size", "4", "--epoch-size", "8", "--epochs", "1", "--quarter-turns", "0.5",
+                 "--turn-loss", "1.0")
+    model = tmp_path / "models" / "gate"
+    run_training("export", "--run", str(run), "--out", str(model), "--manifest", str(tiny_pack))
+    card = json.loads((model / "card.json").read_text())
+    assert card["training"]["recipe"]["quarter_turns"] == 0.5 and card["training"]["recipe"]["turn_loss"] == 1.0
+    assert card["labels"] == ["not_xray", "xray"]  # the turn layer is for training only: not shipped
+
+
 def test_train_export_evaluate_chest_auc(tiny_pack, tmp_path):
     run = tmp_path / "run"
     run_training("train", "--task", "chest", "--manifest", str(tiny_pack), "--out", str(run), "--size", "32",

@@ -82,6 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--max-minutes", type=float, help="stop after the epoch that passes this budget")
     t.add_argument("--quarter-turns", type=float, default=0.0,
                    help="share of train images turned by 90/180/270 degrees (val then shown turned too)")
+    t.add_argument("--turn-loss", type=float, default=0.0,
+                   help="with --quarter-turns: weight of a loss asking the final feature map for the turn")
 
     x = commands.add_parser("export", help="run folder → models/<name> (weights + card with test metrics)")
     x.add_argument("--run", required=True, type=Path)
@@ -223,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
             group_shares={g: float(v) for g, v in (item.split("=", 1) for item in args.group_share)},
             seed=args.seed, init_from=args.init_from, imagenet_weights=args.imagenet_weights,
             device=args.device, val_limit=args.val_limit, num_workers=args.workers, max_minutes=args.max_minutes,
-            quarter_turns=args.quarter_turns, extra={"data": data_name},
+            quarter_turns=args.quarter_turns, turn_loss=args.turn_loss, extra={"data": data_name},
         )
         train(config, make_task(args.task, records, args.min_count), records)
         return 0

@@ -98,7 +98,7 @@ def export_run(run_dir: Path, out: Path, records: list[Record], data_name: str, 
                                               "recipe_of_the_backbone")
                                     if k in config}
                       | ({"group_shares": config["group_shares"]} if config.get("group_shares") else {})
-                      | ({"quarter_turns": config["quarter_turns"]} if config.get("quarter_turns") else {}),
+                      | {k: config[k] for k in ("quarter_turns", "turn_loss") if config.get(k)},
             "epochs_run": len(meta["history"]),
             "best_smoothed_val": meta["best"],
             "history": meta["history"],

@@ -47,6 +47,7 @@ class Augment:
         or upside down), every class alike."""
         self.size = size
         self.quarter_turns = quarter_turns
+        self.last_turn = 0  # quarter turns given to the last image (the turn loss asks the network for it)
         self.rng = random.Random(seed)  # nosec B311 - augmentation, not security
         self.geometry = v2.RandomAffine(degrees=10, translate=(0.06, 0.06), scale=(0.85, 1.15))
         self.colour = v2.ColorJitter(brightness=0.3, contrast=0.35)
@@ -66,8 +67,10 @@ class Augment:
             gamma = self.rng.uniform(0.7, 1.4)
             lut = [min(255, round(255 * (i / 255) ** gamma)) for i in range(256)]
             image = image.point(lut)
+        self.last_turn = 0
         if self.quarter_turns and self.rng.random() < self.quarter_turns:
-            image = quarter_turn(image, self.rng.randint(1, 3))
+            self.last_turn = self.rng.randint(1, 3)
+            image = quarter_turn(image, self.last_turn)
         return image
 
 
@@ -79,12 +82,14 @@ def quarter_turn(image: Image.Image, turns: int) -> Image.Image:
 class RecordDataset(Dataset):
     def __init__(self, records: list[Record], task: Task, size: int, mean: float, std: float,
                  augment: Augment | None = None, cache: dict | None = None, cache_side: int | None = None,
-                 fixed_turns: bool = False):
+                 fixed_turns: bool = False, with_turns: bool = False):
         """``cache_side=None`` keeps full resolution: evaluation then resizes exactly as the service.
         ``fixed_turns``: each image shown turned by 0/90/180/270 degrees, the same every time (chosen
-        from its file name): a validation set that also asks for turned films."""
+        from its file name): a validation set that also asks for turned films. ``with_turns``: items
+        are (pixels, target, quarter turns given), the turns -1 for a non-X-ray (no upright to learn)."""
         self.records, self.task, self.size, self.mean, self.std = records, task, size, mean, std
         self.augment, self.cache_side, self.fixed_turns = augment, cache_side, fixed_turns
+        self.with_turns = with_turns
         self.cache = cache if cache is not None else {}
 
     def __len__(self) -> int:
@@ -120,14 +125,21 @@ class RecordDataset(Dataset):
             self.cache[record.path] = image
         return image
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, ...]:
+        record = self.records[index]
         image = self.image(index)
+        turns = 0
         if self.augment is not None:
             image = self.augment(image)
+            turns = self.augment.last_turn
         if self.fixed_turns:
-            image = quarter_turn(image, int(by_file_name(self.records[index])[:2], 16))
-        pixels = to_model_input(image, self.size, self.mean, self.std)
-        return torch.from_numpy(np.ascontiguousarray(pixels)), torch.as_tensor(self.task.target(self.records[index]))
+            turns = int(by_file_name(record)[:2], 16) % 4
+            image = quarter_turn(image, turns)
+        pixels = torch.from_numpy(np.ascontiguousarray(to_model_input(image, self.size, self.mean, self.std)))
+        target = torch.as_tensor(self.task.target(record))
+        if self.with_turns:
+            return pixels, target, torch.as_tensor(turns if record.is_xray else -1)
+        return pixels, target
 
 
 _warming: RecordDataset | None = None

@@ -69,6 +69,10 @@ class TrainConfig:
     # share of training images turned by 90/180/270 degrees; with it, each val image is shown at one
     # fixed turn too (a quarter of them upright), so the best epoch is chosen on turned films as well
     quarter_turns: float = 0.0
+    # weight of a second loss that asks the final feature map how many quarter turns a radiograph was
+    # given (a linear layer used in training only): keeps the turn readable for the card's orientation
+    # head, which is fitted afterwards on those frozen features
+    turn_loss: float = 0.0
     extra: dict = field(default_factory=dict)
 
 
@@ -169,7 +173,11 @@ def train(config: TrainConfig, task: Task, records: list[Record]) -> Path:
     model = DenseNetClassifier(len(task.outputs))
     initialisation = initialise(model, config, task.outputs)
     model.to(device).to(memory_format=torch.channels_last)
-    params = model.parameters()
+    params = list(model.parameters())
+    turn_layer = None
+    if config.turn_loss:
+        turn_layer = torch.nn.Linear(1024 * (config.size // 32) ** 2, 4).to(device)
+        params += list(turn_layer.parameters())
     if config.optimizer == "radam":
         optimizer = torch.optim.RAdam(params, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay)
     else:
@@ -188,7 +196,7 @@ def train(config: TrainConfig, task: Task, records: list[Record]) -> Path:
 
     train_set = RecordDataset(train_records, task, config.size, config.mean, config.std,
                               Augment(config.size, seed=config.seed, quarter_turns=config.quarter_turns),
-                              cache={}, cache_side=2 * config.size)
+                              cache={}, cache_side=2 * config.size, with_turns=turn_layer is not None)
     val_set = RecordDataset(val_records, task, config.size, config.mean, config.std, cache={},
                             cache_side=2 * config.size, fixed_turns=config.quarter_turns > 0)
     epoch_size = config.epoch_size or len(train_records)
@@ -214,12 +222,17 @@ def train(config: TrainConfig, task: Task, records: list[Record]) -> Path:
         model.train()
         running, seen = 0.0, 0
         bar = tqdm(loader, desc=f"{task.name} epoch {epoch + 1}/{config.epochs}", leave=False)
-        for images, target in bar:
+        for images, target, *turns in bar:
             images = images.to(device).contiguous(memory_format=torch.channels_last)
             target = target.to(device)
             with autocast(device):
-                logits = model(images).float()
+                feature_map = model.forward_features(images)
+                logits = model.head(feature_map).float()
             loss = _loss(logits, target, task.activation)
+            if turn_layer is not None and bool((turns[0] >= 0).any()):
+                turn_logits = turn_layer(feature_map.float().flatten(1))
+                loss = loss + config.turn_loss * torch.nn.functional.cross_entropy(
+                    turn_logits, turns[0].to(device), ignore_index=-1)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
