@@ -176,6 +176,8 @@ def train(config: TrainConfig, task: Task, records: list[Record]) -> Path:
     params = list(model.parameters())
     turn_layer = None
     if config.turn_loss:
+        # DenseNet-121's final map: 1024 channels at 1/32 of the input side. Not checkpointed (it is
+        # not shipped): a resumed run starts this layer afresh.
         turn_layer = torch.nn.Linear(1024 * (config.size // 32) ** 2, 4).to(device)
         params += list(turn_layer.parameters())
     if config.optimizer == "radam":
