@@ -263,9 +263,10 @@ class DurableApplication(Application):
     """An ``Application`` that acknowledges each stored update once it has processed it."""
 
     async def stop(self) -> None:
-        """Stop the reader first: ``Application.stop`` queues its stop signal and waits for the queue
-        to drain, so an update the reader fed after that signal would never be processed and the
-        wait would never end. Entries not fed stay pending in the stream for the next run."""
+        """Stop the reader first: ``Application.stop`` queues its stop signal and drains the queue, so
+        updates the reader fed behind that signal were dropped from memory (left pending, handled
+        only by the next run) while the reader kept reading until ``post_stop``. Entries not fed stay
+        pending in the stream for the next run."""
         reader = self.bot_data.pop(READER_TASK, None)
         if reader is not None:
             reader.cancel()

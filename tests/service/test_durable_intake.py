@@ -73,8 +73,8 @@ def test_every_update_is_processed_once_and_then_deleted(fake, redis_db, redis_c
 
 
 def test_stopping_does_not_wait_for_updates_the_reader_feeds_after_the_stop_signal(fake, redis_db):
-    """Application.stop queues a stop signal and waits for its queue to drain: an update fed behind
-    that signal would keep it waiting for ever (a bot that never stops), unless the reader stops first."""
+    """Application.stop queues a stop signal and drains its queue: the reader must be stopped first
+    (else it feeds updates behind the signal, which are dropped, and keeps reading while the bot stops)."""
     seen: Counter = Counter()
     application, intake = build(fake, redis_db[0], "bot-stop", seen)
 
