@@ -143,7 +143,7 @@ async def _heartbeat(application: Application) -> None:
 
 
 async def on_stop(application: Application) -> None:
-    for name in (READER_TASK, "heartbeat", "pending-watchdog"):  # the reader is gone already (stop)
+    for name in ("heartbeat", "pending-watchdog"):  # the intake reader was stopped first (DurableApplication.stop)
         task = application.bot_data.pop(name, None)
         if task is not None:
             task.cancel()

@@ -55,7 +55,6 @@ log = logging.getLogger(__name__)
 ARRAYS_FILE = "open_set.safetensors"
 
 
-
 def choose_records(records: list[Record], labels: list[str], max_train_per_part: int) -> list[Record]:
     """Known-part radiographs (train capped per part, chosen by a hash of the file name) + every film
     of a part the card does not know (the hold-out, all splits)."""

@@ -36,11 +36,10 @@ from diagnosis.network import load_model
 from ..data.datasets import Record, by_file_name, load_sources
 from ..data.tasks import Task
 from .heads import FeatureCache, add_cache_arguments
-from .top import Top, _save, write_run
+from .top import Top, save_top, write_run
 from .train import describe_hardware
 
 log = logging.getLogger(__name__)
-
 
 
 def choose_passes(records: list[Record], task: Task, chest_train: int) -> tuple[list, list]:
@@ -89,7 +88,7 @@ def train_top(network, train: Passes, val: Passes, labels: list[str], out: Path,
     out.mkdir(parents=True, exist_ok=True)
     figures = validate(top, val, labels)
     state = {"history": [{"epoch": 0, **_short(figures)}], "best": figures["loss"], "best_epoch": 0, "seconds": 0.0}
-    _save(top, out / "best-top.safetensors")
+    save_top(top, out / "best-top.safetensors")
     log.info("epoch 0 (as shipped): %s", _short(figures))
     generator = torch.Generator()
     for epoch in range(1, epochs + 1):
@@ -113,7 +112,7 @@ def train_top(network, train: Passes, val: Passes, labels: list[str], out: Path,
         state["seconds"] += time.time() - clock
         if figures["loss"] < state["best"]:
             state.update(best=figures["loss"], best_epoch=epoch)
-            _save(top, out / "best-top.safetensors")
+            save_top(top, out / "best-top.safetensors")
         log.info("%s", json.dumps(row))
     return state
 

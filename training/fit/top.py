@@ -116,7 +116,7 @@ def train_top(network, train: Examples, val: Examples, shares: dict[str, float],
         out.mkdir(parents=True, exist_ok=True)
         figures = validate(top, val)
         state.update(best=figures["mean_auc_15"], history=[{"epoch": 0, **_short(figures)}])
-        _save(top, out / "best-top.safetensors")
+        save_top(top, out / "best-top.safetensors")
         log.info("epoch 0 (as shipped): %s", _short(figures))
     steps_per_epoch = -(-epoch_size // batch)
     # Cosine decay to 0 over ``epochs`` (the top overfits within an epoch or two at a constant rate).
@@ -153,14 +153,14 @@ def train_top(network, train: Examples, val: Examples, shares: dict[str, float],
         state["seconds"] += time.time() - clock
         if figures["mean_auc_15"] > state["best"]:
             state.update(best=figures["mean_auc_15"], best_epoch=state["epoch"])
-            _save(top, out / "best-top.safetensors")
-        _save(top, out / "last.safetensors")
+            save_top(top, out / "best-top.safetensors")
+        save_top(top, out / "last.safetensors")
         (out / "progress.json").write_text(json.dumps(state, indent=1))
         log.info("%s", json.dumps(row))
     return state
 
 
-def _save(top: Top, path: Path) -> None:
+def save_top(top: Top, path: Path) -> None:
     save_file({f"top.{k}": v.contiguous() for k, v in top.state_dict().items()}, str(path))
 
 
@@ -186,7 +186,7 @@ def make_soup(runs: list[Path], network, val: Examples, out: Path, top_from: str
     top = Top(network, 0.0, top_from)
     top.load_state_dict({k[len("top."):]: v for k, v in soup.items()})
     out.mkdir(parents=True, exist_ok=True)
-    _save(top, out / "best-top.safetensors")
+    save_top(top, out / "best-top.safetensors")
     return _short(validate(top, val))
 
 
