@@ -13,6 +13,7 @@ from tiny_pack import run_training, write_tiny_pack
 
 from diagnosis.cards import read_card
 from diagnosis.pipeline import Pipeline
+from training.card.orientation import turned_view
 from training.measure.routing import turn
 
 
@@ -65,6 +66,27 @@ def test_orientation_command_writes_a_card_section_the_pipeline_loads(film_pack,
     assert card.thresholds == {"xray": 0.5} and card.positive_label == "xray"
     result = Pipeline.load(models).run((film_pack.parent / "images/test_1.png").read_bytes()).result
     assert result.outcome == "analysed" and result.turned in (0, 90, 180, 270)
+
+
+def test_mirrored_view_is_the_mirror_image_turned(tmp_path):
+    film = tmp_path / "film.png"
+    write_film(film, 3)
+    upright = turned_view(f"{film}#0")
+    assert np.array_equal(turned_view(f"{film}#m0"), upright[:, ::-1])
+    assert np.array_equal(turned_view(f"{film}#m90"), np.rot90(upright[:, ::-1]))
+
+
+def test_mirror_fits_the_head_on_the_train_radiographs_mirror_images_too(film_pack, tmp_path):
+    notes = {}
+    for mirror in (False, True):
+        models = make_models_dir(tmp_path / f"models{mirror}")
+        run_training("orientation", "--model", str(models / "gate"), "--manifest", str(film_pack),
+                     "--cache", str(tmp_path / "cache"), *(["--mirror"] if mirror else []))
+        notes[mirror] = read_card(models / "gate").orientation.method_notes
+    # train: 16 pictures, each at 4 turns; mirrored: 16 more at 4 turns (X-rays by turn, the rest "not_xray").
+    assert "; 64 train pictures" in notes[False] and "mirror" not in notes[False]
+    assert "; 128 train pictures" in notes[True] and "and their mirror images" in notes[True]
+    assert notes[True].endswith("--mirror")
 
 
 def test_keep_head_chooses_only_the_search_and_keeps_the_head(film_pack, tmp_path):

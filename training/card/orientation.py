@@ -61,10 +61,15 @@ def choose_records(records: list[Record]) -> list[Record]:
 
 
 def turned_view(key: str) -> np.ndarray | None:
-    """``<path>#<degrees>`` → the service's view of the file, turned counter-clockwise by that much."""
+    """``<path>#<degrees>`` → the service's view of the file, turned counter-clockwise by that much;
+    ``<path>#m<degrees>``: its mirror image (left and right swapped) first, then turned."""
     path, degrees = key.rsplit("#", 1)
     gray = service_view(Path(path))
-    return None if gray is None else np.ascontiguousarray(np.rot90(gray, int(degrees) // 90))
+    if gray is None:
+        return None
+    if degrees.startswith("m"):
+        gray, degrees = gray[:, ::-1], degrees[1:]
+    return np.ascontiguousarray(np.rot90(gray, int(degrees) // 90))
 
 
 def flatten(maps: np.ndarray) -> np.ndarray:
@@ -75,7 +80,7 @@ def flatten(maps: np.ndarray) -> np.ndarray:
 def run(model: Path, records: list[Record], cache: Path, write: bool = True,
         max_upright_turned: float = 0.005, c_grid: tuple[float, ...] = (10.0, 30.0, 100.0),
         max_extra_accepted: float = 0.005, confirm: bool = True, max_films_refused: float | None = 0.002,
-        search_grid: tuple[tuple[float, float], ...] = (), keep_head: bool = False) -> dict:
+        search_grid: tuple[tuple[float, float], ...] = (), keep_head: bool = False, mirror: bool = False) -> dict:
     card = read_card(model)
     chosen = choose_records(records)
     store = FeatureStore(model, cache, spatial=True)
@@ -83,6 +88,13 @@ def run(model: Path, records: list[Record], cache: Path, write: bool = True,
     logits, maps = store.outputs(keys, views=turned_view)
     per_file = (len(chosen), len(TURNS), -1)  # a refused file is refused at every turn
     chosen, (logits, maps), refused = drop_refused(chosen, logits.reshape(per_file), maps.reshape(per_file))
+    mirrored = [r for r in chosen if r.split == "train"] if mirror else []
+    if mirrored:  # a left shoulder is a right one's mirror image: twice the train pictures, for the fit only
+        keys = [f"{r.path}#m{turn}" for r in mirrored for turn in TURNS]
+        extra_logits, extra_maps = store.outputs(keys, views=turned_view)
+        per_file = (len(mirrored), len(TURNS), -1)
+        mirrored, (extra_logits, extra_maps), _ = drop_refused(
+            mirrored, extra_logits.reshape(per_file), extra_maps.reshape(per_file))
     logits, maps = logits.reshape(-1, logits.shape[-1]), maps.reshape(-1, maps.shape[-1])
     n = len(chosen)
     xray = np.array([r.is_xray for r in chosen])
@@ -99,9 +111,15 @@ def run(model: Path, records: list[Record], cache: Path, write: bool = True,
     shipped = card.orientation if keep_head else None
     if keep_head and shipped is None:
         raise SystemExit(f"--keep-head: {model} has no orientation head to keep")
+    fit_x, fit_y = x[train], y[train]
+    if mirrored:
+        fit_x = np.concatenate([fit_x, flatten(extra_maps.reshape(-1, extra_maps.shape[-1]))])
+        mirrored_xray = np.repeat([r.is_xray for r in mirrored], len(TURNS))
+        fit_y = np.concatenate([fit_y, np.where(mirrored_xray, np.tile(np.arange(len(TURNS)), len(mirrored)),
+                                                CLASSES.index("not_xray"))])
     searched = {}
     for c in c_grid if shipped is None else ():
-        fitted = LogisticRegression(C=c, max_iter=3000).fit(x[train], y[train])
+        fitted = LogisticRegression(C=c, max_iter=3000).fit(fit_x, fit_y)
         on_films = val & (y < len(TURNS))
         searched[c] = (float(np.mean(fitted.predict(x[on_films]) == y[on_films])), fitted)
         log.info("C=%g val accuracy on radiographs %.4f", c, searched[c][0])
@@ -266,8 +284,9 @@ def run(model: Path, records: list[Record], cache: Path, write: bool = True,
         confirm_upright_probability=trial[1] if trial else 0.5, not_xray_min_probability=not_xray_floor,
         search_upright_below=search[0] if search else None, search_upright_probability=search[1] if search else 0.5,
         method_notes=(f"{fitted} on the "
-                      f"gate's flattened, L2-normalised 1024×4×4 post-ReLU map; {int(train.sum())} train pictures "
-                      f"(radiographs at 0/90/180/270 degrees, non-X-rays at every turn as 'not_xray'); "
+                      f"gate's flattened, L2-normalised 1024×4×4 post-ReLU map; {len(fit_y)} train pictures "
+                      f"(radiographs at 0/90/180/270 degrees, non-X-rays at every turn as 'not_xray'"
+                      f"{'; and their mirror images' if mirrored else ''}); "
                       f"min_probability {floor}: the smallest that turns at most {max_upright_turned:.1%} of the "
                       f"upright val radiographs; min_probability_refused {refused_floor} (pictures the gate refuses "
                       f"as sent): the most val radiographs upright and accepted, with the gate accepting at most "
@@ -280,6 +299,7 @@ def run(model: Path, records: list[Record], cache: Path, write: bool = True,
                       f"accepted at any turn; command: python -m "
                       f"training orientation --model models/gate --manifest ../shared/data/xray-pack/manifest.csv"
                       + (" --keep-head" if shipped is not None else f" --c-grid {','.join(str(c) for c in c_grid)}")
+                      + (" --mirror" if mirrored else "")
                       + (f" --search-below {','.join(sorted({str(b) for b, _ in search_grid}))} --search-floor "
                          f"{','.join(sorted({str(f) for _, f in search_grid}))}" if search_grid else "")))
     if write:
@@ -298,7 +318,7 @@ def main(args) -> int:
                            max_films_refused=None if args.max_films_refused < 0 else args.max_films_refused,
                            search_grid=tuple((float(b), float(f)) for b in args.search_below.split(",") if b
                                              for f in args.search_floor.split(",")),
-                           keep_head=args.keep_head),
+                           keep_head=args.keep_head, mirror=args.mirror),
                        args.json)
 
 
@@ -320,5 +340,7 @@ def add_arguments(parser) -> None:
                         help="upright probabilities a turned-back copy must reach in the search, tried on val")
     parser.add_argument("--keep-head", action="store_true",
                         help="keep the card's head and floors as they are; choose only the search on val")
+    parser.add_argument("--mirror", action="store_true",
+                        help="fit the head on the train pictures' mirror images too (at every turn)")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--dry-run", action="store_true", help="measure only; leave the card alone")
