@@ -89,6 +89,26 @@ def test_mirror_fits_the_head_on_the_train_radiographs_mirror_images_too(film_pa
     assert notes[True].endswith("--mirror")
 
 
+def test_synthetic_fits_the_head_on_the_synthetic_train_photos_too(film_pack, tmp_path):
+    # A synthetic-photos manifest (source "synthetic_<source>"): 3 train pictures and 1 val picture.
+    synthetic = tmp_path / "synthetic" / "manifest.csv"
+    synthetic.parent.mkdir()
+    rows = film_pack.read_text().splitlines()
+    picked = [r for r in rows[1:] if r.split(",")[2] == "train"][:3] + [r for r in rows[1:] if ",val," in r][:1]
+    lines = [",".join([str(film_pack.parent / r.split(",")[0]), "synthetic_tiny", *r.split(",")[2:]]) for r in picked]
+    synthetic.write_text("\n".join([rows[0], *lines]) + "\n")
+    notes = {}
+    for flag in ((), ("--synthetic",)):
+        models = make_models_dir(tmp_path / f"models{len(flag)}")
+        run_training("orientation", "--model", str(models / "gate"), "--manifest", str(film_pack), "--manifest",
+                     str(synthetic), "--cache", str(tmp_path / "cache"), *flag)
+        notes[flag] = read_card(models / "gate").orientation
+    # Without the flag synthetic photos are left out; with it the train ones join the fit, never val or test.
+    assert "; 64 train pictures" in notes[()].method_notes
+    assert "; 76 train pictures" in notes[("--synthetic",)].method_notes
+    assert notes[("--synthetic",)].metrics["val"]["radiographs"]["n"] == notes[()].metrics["val"]["radiographs"]["n"]
+
+
 def test_keep_head_chooses_only_the_search_and_keeps_the_head(film_pack, tmp_path):
     models = make_models_dir(tmp_path / "models")
     cache = str(tmp_path / "cache")

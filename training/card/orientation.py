@@ -47,10 +47,14 @@ CAPS = {"train": {"chest": 700, "not_xray": 600}, "val": {"chest": 400, "not_xra
         "test": {"chest": 400, "not_xray": 300}}  # every film of the other parts
 
 
-def choose_records(records: list[Record]) -> list[Record]:
-    """Per split, every radiograph of the smaller parts and a fixed sample of chest films and non-X-rays."""
+def choose_records(records: list[Record], synthetic: bool = False) -> list[Record]:
+    """Per split, every radiograph of the smaller parts and a fixed sample of chest films and non-X-rays;
+    ``synthetic``: every synthetic train photo too (``synthetic-photos``; val and test stay real)."""
     chosen, counts = [], defaultdict(int)
     for record in sorted(records, key=lambda r: hashlib.sha256(str(r.path.name).encode()).hexdigest()):
+        if record.synthetic and synthetic and record.split == "train":
+            chosen.append(record)
+            continue
         if record.synthetic or record.split not in CAPS:
             continue
         group = (record.body_part or "unknown") if record.is_xray else "not_xray"
@@ -80,9 +84,10 @@ def flatten(maps: np.ndarray) -> np.ndarray:
 def run(model: Path, records: list[Record], cache: Path, write: bool = True,
         max_upright_turned: float = 0.005, c_grid: tuple[float, ...] = (10.0, 30.0, 100.0),
         max_extra_accepted: float = 0.005, confirm: bool = True, max_films_refused: float | None = 0.002,
-        search_grid: tuple[tuple[float, float], ...] = (), keep_head: bool = False, mirror: bool = False) -> dict:
+        search_grid: tuple[tuple[float, float], ...] = (), keep_head: bool = False, mirror: bool = False,
+        synthetic: bool = False) -> dict:
     card = read_card(model)
-    chosen = choose_records(records)
+    chosen = choose_records(records, synthetic)
     store = FeatureStore(model, cache, spatial=True)
     keys = [f"{r.path}#{turn}" for r in chosen for turn in TURNS]
     logits, maps = store.outputs(keys, views=turned_view)
@@ -300,6 +305,7 @@ def run(model: Path, records: list[Record], cache: Path, write: bool = True,
                       f"training orientation --model models/gate --manifest ../shared/data/xray-pack/manifest.csv"
                       + (" --keep-head" if shipped is not None else f" --c-grid {','.join(str(c) for c in c_grid)}")
                       + (" --mirror" if mirrored else "")
+                      + (" --manifest SYNTHETIC/manifest.csv --synthetic" if synthetic else "")
                       + (f" --search-below {','.join(sorted({str(b) for b, _ in search_grid}))} --search-floor "
                          f"{','.join(sorted({str(f) for _, f in search_grid}))}" if search_grid else "")))
     if write:
@@ -318,7 +324,8 @@ def main(args) -> int:
                            max_films_refused=None if args.max_films_refused < 0 else args.max_films_refused,
                            search_grid=tuple((float(b), float(f)) for b in args.search_below.split(",") if b
                                              for f in args.search_floor.split(",")),
-                           keep_head=args.keep_head, mirror=args.mirror),
+                           keep_head=args.keep_head, mirror=args.mirror,
+                           synthetic=args.synthetic),
                        args.json)
 
 
@@ -342,5 +349,7 @@ def add_arguments(parser) -> None:
                         help="keep the card's head and floors as they are; choose only the search on val")
     parser.add_argument("--mirror", action="store_true",
                         help="fit the head on the train pictures' mirror images too (at every turn)")
+    parser.add_argument("--synthetic", action="store_true",
+                        help="fit the head on the synthetic train photos of a --manifest too (synthetic-photos)")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--dry-run", action="store_true", help="measure only; leave the card alone")
