@@ -1,7 +1,7 @@
 """Orientation head on the gate: turn a film sent sideways or upside down upright before reading it.
 
     python -m training orientation --model models/gate --manifest ../shared/data/xray-pack/manifest.csv \\
-        [--cache DIR] [--json OUT] [--dry-run]
+        [--cache DIR] [--json OUT] [--dry-run] [--mirror] [--manifest SYNTHETIC/manifest.csv --synthetic]
 
 The labels are free: every radiograph of the pack (each known part, the unknown parts, real phone
 photos of films) is turned by 0, 90, 180 and 270 degrees, and non-X-rays at every turn form a fifth
