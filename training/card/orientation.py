@@ -93,7 +93,7 @@ def run(model: Path, records: list[Record], cache: Path, write: bool = True,
     logits, maps = store.outputs(keys, views=turned_view)
     per_file = (len(chosen), len(TURNS), -1)  # a refused file is refused at every turn
     chosen, (logits, maps), refused = drop_refused(chosen, logits.reshape(per_file), maps.reshape(per_file))
-    mirrored = [r for r in chosen if r.split == "train"] if mirror else []
+    mirrored = [r for r in chosen if r.split == "train"] if mirror and not keep_head else []
     if mirrored:  # a left shoulder is a right one's mirror image: twice the train pictures, for the fit only
         keys = [f"{r.path}#m{turn}" for r in mirrored for turn in TURNS]
         extra_logits, extra_maps = store.outputs(keys, views=turned_view)
