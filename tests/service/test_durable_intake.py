@@ -17,7 +17,7 @@ from telegram import Update
 from telegram.error import NetworkError
 from telegram.ext import Application, TypeHandler
 
-from bot.intake import GROUP, READER_TASK, DurableApplication, DurableUpdateQueue, Intake, run_reader
+from bot.intake import GROUP, READER_TASK, DurableApplication, DurableUpdateQueue, Intake, run_reader, stop_task
 from contract.keys import Keys
 
 from .conftest import TOKEN
@@ -184,3 +184,27 @@ def test_an_update_that_keeps_killing_the_bot_is_dropped(fake, redis_db, redis_c
 
     asyncio.run(scenario())
     assert not seen and redis_client.xlen("xso:intake") == 0
+
+
+def test_stopping_the_reader_asks_again_when_a_cancellation_is_lost():
+    """A reader whose first cancellation is swallowed (as a library's read can) still ends on stop."""
+
+    async def scenario() -> tuple[int, bool]:
+        lost = 0
+
+        async def reader() -> None:
+            nonlocal lost
+            while True:
+                try:
+                    await asyncio.sleep(3600)
+                except asyncio.CancelledError:
+                    if lost:
+                        raise
+                    lost += 1  # the first cancellation is lost; the loop reads on
+
+        task = asyncio.get_running_loop().create_task(reader())
+        await asyncio.sleep(0)
+        await stop_task(task, within_s=5.0)
+        return lost, task.cancelled()
+
+    assert asyncio.run(scenario()) == (1, True)
