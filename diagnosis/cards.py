@@ -194,6 +194,9 @@ class OrientationSpec(BaseModel):
     that the head calls upright ("0") with less than that probability is searched: its three
     turned-back copies go through the gate in one pass, and the copy the head calls upright most
     confidently is read when that reaches ``search_upright_probability``; else the picture as sent.
+    With ``search_consensus_probability`` set, the four views (as sent and the three copies) vote
+    instead, "not an X-ray" among the hypotheses, and pictures the head's "not_xray" refuses as sent
+    are searched too (``OrientationHead.best_turn``).
     """
 
     classes: list[Literal["0", "90", "180", "270", "not_xray"]]
@@ -205,6 +208,7 @@ class OrientationSpec(BaseModel):
     not_xray_min_probability: float | None = None  # None: the gate alone says X-ray or not
     search_upright_below: float | None = None  # None: no search
     search_upright_probability: float = 0.5
+    search_consensus_probability: float | None = None  # None: the copy read most upright, refused not searched
     method_notes: str = ""
     metrics: dict[str, Any] = Field(default_factory=dict)
 

@@ -148,27 +148,41 @@ class OrientationHead:
     def unsure(self, feature_maps: np.ndarray, turns: list[int]) -> list[int]:
         """The pictures to search (``search_upright_below``): left as sent (``turns`` 0: no turn, or a
         turn on trial that failed) though the head does not call them upright with at least that
-        probability, and not refused by its "not_xray" as sent."""
+        probability. Without the consensus (``search_consensus_probability``), a picture its "not_xray"
+        refuses as sent is not searched: one turned copy of an ultrasound image can read upright."""
         below = self.spec.search_upright_below
         if below is None:
             return []
         probabilities = self.probabilities(feature_maps)
         upright = probabilities[:, self.classes.index("0")]
-        # A picture the head refuses as not an X-ray as sent is not searched: a turned copy of an
-        # ultrasound image can read upright.
-        refused = self.not_xray(feature_maps)[0]
+        refused = (self.not_xray(feature_maps)[0] if self.spec.search_consensus_probability is None
+                   else np.zeros(len(upright), bool))
         return [i for i, (p, turn, no) in enumerate(zip(upright, turns, refused, strict=True))
                 if not turn and not no and p < below]
 
-    def best_turn(self, copies: np.ndarray) -> list[int]:
-        """``copies``: (pictures, 3, C, H, W) gate maps of each picture turned back by 90, 180 and 270°
-        → per picture, the turn whose copy the head calls upright most confidently, when that reaches
-        ``search_upright_probability``; else 0 (read as sent)."""
-        upright = self.probabilities(copies.reshape(-1, *copies.shape[2:]))[:, self.classes.index("0")]
-        upright = upright.reshape(len(copies), -1)
-        best = upright.argmax(axis=1)
-        return [90 * (int(b) + 1) if row[b] >= self.spec.search_upright_probability else 0
-                for row, b in zip(upright, best, strict=True)]
+    def best_turn(self, sent: np.ndarray, copies: np.ndarray) -> list[int]:
+        """``sent``: (pictures, C, H, W) gate maps of each picture as sent; ``copies``: (pictures, 3, C,
+        H, W) of it turned back by 90, 180 and 270° → per picture, the turn to undo, or 0 (read as sent).
+
+        Without ``search_consensus_probability``: the turn whose copy the head calls upright most
+        confidently. With it, all four views vote: each hypothesis "turned by h" (or "not an X-ray")
+        scores the sum of the log-probabilities the head gives each view for what that view would then
+        be (the copy turned back by k shows a film turned by h − k). The winning turn is undone when its
+        posterior reaches that floor; "not an X-ray" or "as sent" winning leaves the picture as sent, so
+        one copy of an ultrasound image that reads upright is outvoted by the three that do not. Either
+        way the copy read must be called upright with at least ``search_upright_probability``."""
+        turns = len(TURN_CLASSES)
+        views = np.concatenate([sent[:, None], copies], axis=1)
+        probabilities = self.probabilities(views.reshape(-1, *views.shape[2:])).reshape(len(views), turns, -1)
+        upright = probabilities[:, 1:, self.classes.index("0")]
+        if self.spec.search_consensus_probability is None:
+            best = upright.argmax(axis=1) + 1
+            chosen = [int(b) if row[b - 1] >= self.spec.search_upright_probability else 0
+                      for row, b in zip(upright, best, strict=True)]
+        else:
+            chosen = consensus_turn(probabilities, self.classes, self.spec.search_consensus_probability)
+        return [90 * k if k and row[k - 1] >= self.spec.search_upright_probability else 0
+                for row, k in zip(upright, chosen, strict=True)]
 
     def not_xray(self, feature_maps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Per image: does the head refuse the picture the gate finally saw as not an X-ray, and
@@ -178,6 +192,28 @@ class OrientationHead:
             return np.zeros(len(feature_maps), bool), np.zeros(len(feature_maps))
         probability = self.probabilities(feature_maps)[:, self.classes.index("not_xray")]
         return (np.zeros(len(probability), bool) if floor is None else probability >= floor), probability
+
+
+TURN_CLASSES = ("0", "90", "180", "270")
+
+
+def consensus_turn(probabilities: np.ndarray, classes: list[str], min_probability: float) -> list[int]:
+    """(pictures, 4 views, classes) head probabilities of each picture turned back by 0, 90, 180 and
+    270° → per picture, the quarter turns to undo (1–3), or 0: as sent, not an X-ray, or no hypothesis
+    with a posterior of at least ``min_probability`` (see ``OrientationHead.best_turn``; shared with
+    training.card.orientation)."""
+    logs = np.log(np.clip(probabilities.astype(np.float64), 1e-9, None))
+    quarter = [classes.index(c) for c in TURN_CLASSES]
+    views = np.arange(len(quarter))
+    # Hypothesis h (turned by h quarter turns): view k shows a film turned by h − k.
+    scores = [logs[:, views, [quarter[(h - k) % len(quarter)] for k in views]].sum(axis=1) for h in views]
+    if "not_xray" in classes:
+        scores.append(logs[:, :, classes.index("not_xray")].sum(axis=1))
+    posterior = np.exp(np.stack(scores, axis=1) - np.max(scores, axis=0)[:, None])
+    posterior /= posterior.sum(axis=1, keepdims=True)
+    best = posterior.argmax(axis=1)
+    return [int(b) if b < len(quarter) and row[b] >= min_probability else 0
+            for row, b in zip(posterior, best, strict=True)]
 
 
 def decide_turn(probabilities: np.ndarray, classes: list[str], min_probability: float) -> int:

@@ -292,15 +292,15 @@ class Pipeline:
     def _search_upright(self, items: list[_Item], searched: list[int], probs: np.ndarray,
                         features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """A picture the head is unsure of and would not turn: its three turned-back copies go through
-        the gate in one pass, and the copy the head calls upright most confidently is read, when it
-        reaches the card's floor; else the picture as sent."""
+        the gate in one pass, and the head's views of all four choose the turn (``best_turn``); else
+        the picture is read as sent."""
         head, turns = self.gate.orientation, (90, 180, 270)
         copies = [self.gate.prepare(np.rot90(items[i].image, -turn // 90)) for i in searched for turn in turns]
         clock = time.perf_counter()
         logits, maps = self.gate.runner(np.stack(copies))
         elapsed = _ms(clock)
         again = self.gate.probabilities(logits)
-        best = head.best_turn(maps.reshape(len(searched), len(turns), *maps.shape[1:]))
+        best = head.best_turn(features[searched], maps.reshape(len(searched), len(turns), *maps.shape[1:]))
         probs, features = probs.copy(), features.copy()
         for row, i in enumerate(searched):
             items[i].result.timings_ms["gate_search"] = elapsed

@@ -377,3 +377,77 @@ def test_a_confident_film_may_lie_further_out_before_it_is_an_unknown_part(tmp_p
     models = make_models_dir(tmp_path, body_part_confidence=confidence)
     add_open_set(models / "body_part", threshold=0.5, confident=allowance)  # every film lies at distance 1
     assert Pipeline.load(models).run(IMAGE).result.outcome == outcome
+
+
+def vote(turned_by: int, upright: float = 0.6, not_xray: float = 0.1) -> np.ndarray:
+    """Head probabilities of the four views (as sent, turned back by 90, 180, 270°) of a film turned by
+    ``turned_by`` quarter turns, each view calling its own turn with ``upright`` and "not_xray" with
+    ``not_xray``; the rest spread evenly."""
+    rows = np.full((4, 5), (1 - upright - not_xray) / 3)
+    for k in range(4):
+        rows[k, (turned_by - k) % 4], rows[k, 4] = upright, not_xray
+    return rows
+
+
+def test_the_four_views_vote_for_the_turn_and_one_upright_looking_copy_is_outvoted():
+    from diagnosis.openset import consensus_turn
+
+    classes = ["0", "90", "180", "270", "not_xray"]
+    ultrasound = np.full((4, 5), 0.05)
+    ultrasound[:, 4] = 0.8
+    ultrasound[1] = [0.9, 0.02, 0.02, 0.02, 0.04]  # its copy turned back by 90° reads upright
+    ultrasound /= ultrasound.sum(axis=1, keepdims=True)
+    weak = vote(1, upright=0.3, not_xray=0.1)  # a posterior of ~0.6 for "turned by 90"
+    pictures = np.stack([vote(1), vote(3), vote(2), vote(0), ultrasound, weak])
+    assert consensus_turn(pictures, classes, 0.5) == [1, 3, 2, 0, 0, 1]
+    assert consensus_turn(pictures, classes, 0.7) == [1, 3, 2, 0, 0, 0]  # the weak vote is below the floor
+    # A film the head calls "not_xray" as sent (0.6) is still turned when the other three views agree.
+    refused_as_sent = vote(1, upright=0.8, not_xray=0.05)
+    refused_as_sent[0] = [0.1, 0.2, 0.05, 0.05, 0.6]
+    assert consensus_turn(refused_as_sent[None], classes, 0.5) == [1]
+
+
+def turn_head(models, picture: np.ndarray, not_xray_odds: float) -> None:
+    """Replace the gate's orientation arrays by a head that knows ``picture`` at every quarter turn: the
+    class of a turn rises with the cosine between a picture's gate map and ``picture`` turned so (to
+    ~0.8 for the upright picture, ~0.5 for a turned one), and "not_xray" has odds ``not_xray_odds``."""
+    from model_factory import _arrays
+
+    from diagnosis.cards import read_card, write_card
+    from diagnosis.openset import flatten_maps
+
+    gate = Pipeline.load(models).gate
+    flat = flatten_maps(gate.runner(np.stack([gate.prepare(np.rot90(picture, k)) for k in range(4)]))[1])
+    closest = float((flat @ flat.T)[~np.eye(4, dtype=bool)].max())
+    middle = (1 + closest) / 2
+    strength = np.log([16.0, 4.0, 4.0, 4.0])
+    weight = np.zeros((5, flat.shape[1]))
+    weight[:4] = (strength / (1 - middle))[:, None] * flat
+    card = read_card(models / "gate")
+    card.orientation.arrays = _arrays(models / "gate", "orientation.safetensors", {
+        "weight": weight, "bias": np.array([*(-strength * middle / (1 - middle)), np.log(not_xray_odds)])})
+    write_card(models / "gate", card)
+
+
+@pytest.mark.parametrize(("consensus", "outcome", "turned"), [(None, "not_xray", 0), (0.5, "analysed", 90)])
+def test_a_picture_the_head_refuses_as_sent_is_searched_when_the_views_vote(tmp_path, consensus, outcome, turned):
+    """Sent turned by 90°, the picture reads "90" and "not_xray" alike (~0.48 each): refused as sent
+    (floor 0.4) and not sure enough to turn. Without the vote it is not searched: not an X-ray. With
+    it, the four views agree on "turned by 90" (the upright copy "0" ~0.78, "not_xray" ~0.2): turned
+    upright, accepted and read."""
+    models = make_models_dir(tmp_path, orientation="0", orientation_min_probability=0.95,
+                             orientation_spec={"search_upright_below": 0.9, "search_upright_probability": 0.5,
+                                               "not_xray_min_probability": 0.4,
+                                               "search_consensus_probability": consensus})
+    turn_head(models, TALL, not_xray_odds=4.0)
+    pipeline = Pipeline.load(models)
+    sent = np.rot90(TALL, 1)
+    assert pipeline.gate.orientation.not_xray(pipeline.gate.runner(pipeline.gate.prepare(sent)[None])[1])[0][0]
+    analysis = pipeline.run(encode(Image.fromarray(sent), "PNG"))
+    result = analysis.result
+    assert result.outcome == outcome and result.turned == turned
+    assert ("gate_search" in result.timings_ms) is (consensus is not None)
+    assert ("I turned your picture upright" in render_reply(result)) is bool(turned)
+    if turned:  # findings and overlay on the upright film
+        overlay = Image.open(io.BytesIO(analysis.overlays[0][1]))
+        assert overlay.height > overlay.width

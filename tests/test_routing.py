@@ -124,7 +124,14 @@ def test_keep_head_chooses_only_the_search_and_keeps_the_head(film_pack, tmp_pat
     # The search's floors come from the grid given, a floor never below "below" (or no search at all).
     assert set(after.metrics["search_curve_val"]) == {"0.5,0.7", "0.5,0.95", "0.9,0.95"}
     assert after.search_upright_below in (None, 0.5, 0.9) and after.search_upright_probability in (0.5, 0.7, 0.95)
+    assert after.search_consensus_probability is None  # not asked for
     assert "--keep-head" in after.method_notes
+    # With the vote in the grid, every (below, floor, consensus) is tried, the floor below "below" too.
+    run_training("orientation", "--model", str(models / "gate"), "--manifest", str(film_pack), "--cache", cache,
+                 "--keep-head", "--search-below", "0.9", "--search-floor", "0.5", "--search-consensus", "none,0.6")
+    voted = read_card(models / "gate").orientation
+    assert set(voted.metrics["search_curve_val"]) == {"0.9,0.5,0.6"}
+    assert voted.search_consensus_probability in (None, 0.6) and voted.arrays.sha256 == before.arrays.sha256
 
 
 def test_routing_counts_what_the_reply_names_per_group_and_turn(film_pack, tmp_path):

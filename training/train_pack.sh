@@ -29,10 +29,11 @@ $PY -m training export --run "$RUNS/gate_photos" --out models/gate --manifest "$
 # (C=100 was the best of 10/30/100 on val: 0.957 / 0.963 / 0.967 turns right on val radiographs).
 $PY -m training modality --model models/gate --manifest "$M"
 $PY -m training orientation --model models/gate --manifest "$M" --c-grid 100
-# The same head and floors, and a search among the other turns for pictures it is unsure of (not for
-# those its "not_xray" refuses as sent), its two floors chosen on val (docs/routing.md).
+# The same head and floors, and a search among the other turns for pictures it is unsure of: the four
+# views vote ("not an X-ray" among the hypotheses, so pictures its "not_xray" refuses as sent are
+# searched too), its three floors chosen on val (docs/routing.md).
 $PY -m training orientation --model models/gate --manifest "$M" --keep-head \
-    --search-below 0.3,0.5,0.7,0.85,0.95 --search-floor 0.5,0.7,0.85,0.95
+    --search-below 0.3,0.5,0.7,0.85,0.95 --search-floor 0.5,0.7,0.85,0.95 --search-consensus none,0.5,0.7,0.85,0.95
 
 # Body part starts from the gate's backbone (it has already seen every pack radiograph).
 $PY -m training train --task body_part --manifest "$M" --out "$RUNS/body_part" --epochs "${BODY_EPOCHS:-4}" \

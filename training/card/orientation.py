@@ -32,7 +32,7 @@ from scipy.special import softmax
 from sklearn.linear_model import LogisticRegression
 
 from diagnosis.cards import AuxiliaryFile, OrientationSpec, read_card, write_card
-from diagnosis.openset import decide_turn, load_arrays
+from diagnosis.openset import consensus_turn, decide_turn, load_arrays
 
 from ..data.datasets import Record
 from ..features import FeatureStore, drop_refused, service_view
@@ -84,7 +84,7 @@ def flatten(maps: np.ndarray) -> np.ndarray:
 def run(model: Path, records: list[Record], cache: Path, write: bool = True,
         max_upright_turned: float = 0.005, c_grid: tuple[float, ...] = (10.0, 30.0, 100.0),
         max_extra_accepted: float = 0.005, confirm: bool = True, max_films_refused: float | None = 0.002,
-        search_grid: tuple[tuple[float, float], ...] = (), keep_head: bool = False, mirror: bool = False,
+        search_grid: tuple[tuple[float, float, float | None], ...] = (), keep_head: bool = False, mirror: bool = False,
         synthetic: bool = False) -> dict:
     card = read_card(model)
     chosen = choose_records(records, synthetic)
@@ -149,17 +149,28 @@ def run(model: Path, records: list[Record], cache: Path, write: bool = True,
     threshold = card.threshold(card.positive_label)
     accepted_before = gate >= threshold
     per_picture = probs.reshape(n, len(TURNS), len(CLASSES))
+    # Per picture and turn sent, the head's view of it turned back by 0, 90, 180 and 270°.
+    turned_back = per_picture[:, (np.arange(len(TURNS))[:, None] - np.arange(len(TURNS))[None, :]) % len(TURNS)]
+    voted = {}
+
+    def consensus(floor: float) -> np.ndarray:
+        if floor not in voted:
+            views = turned_back.reshape(-1, len(TURNS), len(CLASSES))
+            voted[floor] = np.array(consensus_turn(views, CLASSES, floor)).reshape(n, len(TURNS))
+        return voted[floor]
 
     def decide(refused_floor: float, trial: tuple[float, float] | None = None,
                not_xray_floor: float | None = None,
-               search: tuple[float, float] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+               search: tuple[float, float, float | None] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The turns undone, the view the gate finally sees (the picture as sent, turned by t, turned
         back by the head's answer) and whether it accepts that view. ``trial``: (floor, upright
         probability) of a turn on trial, kept only when the head calls the turned-back view upright;
         ``not_xray_floor``: the head's "not_xray" on the final view that refuses it; ``search``:
-        (below, floor) a picture left as sent (no turn, or a turn on trial that failed), called upright
-        with less than ``below``, is turned back by the turn whose turned-back view the head calls
-        upright most confidently, when that reaches ``floor`` (as shipped: ``diagnosis.pipeline``)."""
+        (below, floor, consensus) a picture left as sent (no turn, or a turn on trial that failed), called
+        upright with less than ``below``, is turned back by the turn whose turned-back view the head calls
+        upright most confidently (``consensus`` None) or that the four views vote for with a posterior
+        of at least ``consensus``, when its view reads upright with at least ``floor`` (as shipped:
+        ``OrientationHead.best_turn``)."""
         floors = np.where(accepted_before, floor, refused_floor)
         turns = np.zeros((n, len(TURNS)), int)
         for i in range(n):
@@ -170,10 +181,11 @@ def run(model: Path, records: list[Record], cache: Path, write: bool = True,
                     if turn and per_picture[i, (t - turn // 90) % len(TURNS), 0] < trial[1]:
                         turn = 0  # tried, not upright turned back: searched like any unsure picture
                 if (not turn and search is not None and per_picture[i, t, 0] < search[0]
-                        and (not_xray_floor is None or per_picture[i, t, CLASSES.index("not_xray")] < not_xray_floor)):
-                    upright = [per_picture[i, (t - k) % len(TURNS), 0] for k in (1, 2, 3)]
-                    best = int(np.argmax(upright))
-                    turn = 90 * (best + 1) if upright[best] >= search[1] else 0
+                        and (search[2] is not None or not_xray_floor is None
+                             or per_picture[i, t, CLASSES.index("not_xray")] < not_xray_floor)):
+                    upright = turned_back[i, t, 1:, 0]
+                    best = int(np.argmax(upright)) + 1 if search[2] is None else int(consensus(search[2])[i, t])
+                    turn = 90 * best if best and upright[best - 1] >= search[1] else 0
                 turns[i, t] = turn
         views = (np.arange(len(TURNS))[None, :] - turns // 90) % len(TURNS)
         accepted = np.take_along_axis(gate, views, axis=1) >= threshold
@@ -226,14 +238,14 @@ def run(model: Path, records: list[Record], cache: Path, write: bool = True,
         turns, views, accepted = decide(refused_floor, trial, not_xray_floor)
         best = float((accepted & (views == 0))[in_val & xray].mean())
         allowed_per_turn = accepted[in_val & ~xray].mean(axis=0)
-        for below, upright in search_grid:
-            if upright < below:
+        for below, upright, vote in search_grid:
+            if upright < below and vote is None:
                 continue  # the copy read must look more upright than the picture as sent
-            turns, views, accepted = decide(refused_floor, trial, not_xray_floor, (below, upright))
+            turns, views, accepted = decide(refused_floor, trial, not_xray_floor, (below, upright, vote))
             kept = float((accepted & (views == 0))[in_val & xray].mean())
             turned_upright = float(np.mean(turns[in_val & xray, 0] != 0))
             not_xray_accepted = accepted[in_val & ~xray].mean(axis=0)
-            search_curve[f"{below},{upright}"] = {
+            search_curve[f"{below},{upright}" + (f",{vote}" if vote is not None else "")] = {
                 "radiographs_upright_and_accepted": [round(float(v), 4) for v in
                                                      (accepted & (views == 0))[in_val & xray & ~photo].mean(axis=0)],
                 "real_photos_upright_and_accepted": [round(float(v), 4) for v in
@@ -242,7 +254,7 @@ def run(model: Path, records: list[Record], cache: Path, write: bool = True,
                 "not_xray_accepted": [round(float(v), 4) for v in not_xray_accepted]}
             if (turned_upright <= max_upright_turned and np.all(not_xray_accepted <= allowed_per_turn + 1e-9)
                     and kept > best + 1e-9):
-                search, best = (float(below), float(upright)), kept
+                search, best = (below, upright, vote), kept
     _, seen, accepted_after = decide(refused_floor, trial, not_xray_floor, search)
     curve = {}
     for candidate in (None, 0.9, 0.7, 0.5, 0.4, 0.3):
@@ -288,6 +300,7 @@ def run(model: Path, records: list[Record], cache: Path, write: bool = True,
         confirm_min_probability=trial[0] if trial else None,
         confirm_upright_probability=trial[1] if trial else 0.5, not_xray_min_probability=not_xray_floor,
         search_upright_below=search[0] if search else None, search_upright_probability=search[1] if search else 0.5,
+        search_consensus_probability=search[2] if search else None,
         method_notes=(f"{fitted} on the "
                       f"gate's flattened, L2-normalised 1024×4×4 post-ReLU map; {len(fit_y)} train pictures "
                       f"(radiographs at 0/90/180/270 degrees, non-X-rays at every turn as 'not_xray'"
@@ -299,15 +312,17 @@ def run(model: Path, records: list[Record], cache: Path, write: bool = True,
                       f"{trial} (floor, upright probability of the turned-back view): the most val radiographs "
                       f"upright and accepted within both rules; not_xray_min_probability {not_xray_floor}: the "
                       f"lowest that refuses at most {max_films_refused} of the val radiographs upright and "
-                      f"accepted at any turn; search (below, floor) {search}: the most val radiographs upright "
-                      f"and accepted with no more upright val radiographs turned and no more val non-X-rays "
-                      f"accepted at any turn; command: python -m "
+                      f"accepted at any turn; search (below, floor, consensus) {search}: the most val "
+                      f"radiographs upright and accepted with no more upright val radiographs turned and no "
+                      f"more val non-X-rays accepted at any turn; command: python -m "
                       f"training orientation --model models/gate --manifest ../shared/data/xray-pack/manifest.csv"
                       + (" --keep-head" if shipped is not None else f" --c-grid {','.join(str(c) for c in c_grid)}")
                       + (" --mirror" if mirrored else "")
                       + (" --manifest SYNTHETIC/manifest.csv --synthetic" if synthetic else "")
-                      + (f" --search-below {','.join(sorted({str(b) for b, _ in search_grid}))} --search-floor "
-                         f"{','.join(sorted({str(f) for _, f in search_grid}))}" if search_grid else "")))
+                      + (f" --search-below {','.join(sorted({str(b) for b, _, _ in search_grid}))} --search-floor "
+                         f"{','.join(sorted({str(f) for _, f, _ in search_grid}))}" if search_grid else "")
+                      + (f" --search-consensus {','.join(sorted({str(v) for _, _, v in search_grid if v}))}"
+                         if any(v for _, _, v in search_grid) else "")))
     if write:
         spec.arrays = write_arrays(model, ARRAYS_FILE, {"weight": weight, "bias": bias})
         card.orientation = spec
@@ -322,8 +337,10 @@ def main(args) -> int:
                            c_grid=tuple(float(c) for c in args.c_grid.split(",")),
                            max_extra_accepted=args.max_extra_accepted, confirm=not args.no_trial,
                            max_films_refused=None if args.max_films_refused < 0 else args.max_films_refused,
-                           search_grid=tuple((float(b), float(f)) for b in args.search_below.split(",") if b
-                                             for f in args.search_floor.split(",")),
+                           search_grid=tuple((float(b), float(f), None if v == "none" else float(v))
+                                             for b in args.search_below.split(",") if b
+                                             for f in args.search_floor.split(",")
+                                             for v in args.search_consensus.split(",")),
                            keep_head=args.keep_head, mirror=args.mirror,
                            synthetic=args.synthetic),
                        args.json)
@@ -345,6 +362,9 @@ def add_arguments(parser) -> None:
                              "(comma-separated; empty: no search)")
     parser.add_argument("--search-floor", default="0.5,0.7,0.85,0.95",
                         help="upright probabilities a turned-back copy must reach in the search, tried on val")
+    parser.add_argument("--search-consensus", default="none",
+                        help="posteriors the four views' vote must reach, tried on val ('none': the copy read "
+                             "most upright is chosen and pictures the head refuses as sent are not searched)")
     parser.add_argument("--keep-head", action="store_true",
                         help="keep the card's head and floors as they are; choose only the search on val")
     parser.add_argument("--mirror", action="store_true",
