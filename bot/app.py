@@ -6,7 +6,6 @@ Imports neither torch nor the worker package (a test checks it).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 
@@ -32,7 +31,7 @@ from diagnosis.config import DEFAULT_MODELS_DIR
 from . import access, commands, images
 from .acks import BurstAcks
 from .dispatch import Dispatcher
-from .intake import READER_TASK, DurableApplication, DurableUpdateQueue, Intake, run_reader
+from .intake import READER_TASK, DurableApplication, DurableUpdateQueue, Intake, run_reader, stop_task
 from .pending import PendingRequests
 from .services import Services
 from .store import Store
@@ -145,10 +144,8 @@ async def _heartbeat(application: Application) -> None:
 async def on_stop(application: Application) -> None:
     for name in ("heartbeat", "pending-watchdog"):  # the intake reader was stopped first (DurableApplication.stop)
         task = application.bot_data.pop(name, None)
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        if task is not None:  # both read Redis too: a lost cancellation must not hang the stop
+            await stop_task(task, name=f"the {name} task")
     acks = _services(application).acks
     if acks is not None:
         await acks.close()

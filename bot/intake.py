@@ -259,7 +259,7 @@ class DurableUpdateQueue(asyncio.Queue):
 READER_TASK = "intake"  # ``bot_data`` key of the reader task (started by the bot's ``post_init``)
 
 
-async def stop_task(task: asyncio.Task, within_s: float = 10.0) -> None:
+async def stop_task(task: asyncio.Task, within_s: float = 10.0, name: str = "the intake reader") -> None:
     """Cancel ``task`` and wait for it to end, asking again every 0.2 s: one cancellation can be lost
     inside a library's read (seen once in CI: the reader still in XREADGROUP 20 s after one cancel,
     the cause not found). Gives up after ``within_s`` with a warning rather than hang the bot's stop."""
@@ -268,10 +268,10 @@ async def stop_task(task: asyncio.Task, within_s: float = 10.0) -> None:
         task.cancel()
         await asyncio.wait({task}, timeout=0.2)
         if asyncio.get_running_loop().time() > deadline:
-            logger.warning("intake: the reader did not stop within %.0f s; stopping without it", within_s)
+            logger.warning("%s did not stop within %.0f s; stopping without it", name, within_s)
             return
     if not task.cancelled() and task.exception() is not None:
-        logger.warning("intake: the reader ended with %r", task.exception())
+        logger.warning("%s ended with %r", name, task.exception())
 
 
 class DurableApplication(Application):

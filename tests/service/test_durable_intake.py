@@ -208,3 +208,29 @@ def test_stopping_the_reader_asks_again_when_a_cancellation_is_lost():
         return lost, task.cancelled()
 
     assert asyncio.run(scenario()) == (1, True)
+
+
+def test_stopping_a_task_that_never_ends_gives_up_with_its_name_in_the_warning(caplog):
+    """The bot's other Redis tasks (heartbeat, pending watchdog) are stopped the same way: a task that
+    swallows every cancellation is left behind after ``within_s`` and the warning says which it was."""
+
+    async def scenario() -> bool:
+        released = asyncio.Event()
+
+        async def stubborn() -> None:
+            while not released.is_set():
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.sleep(3600)
+
+        task = asyncio.get_running_loop().create_task(stubborn())
+        await asyncio.sleep(0)
+        await stop_task(task, within_s=0.5, name="the heartbeat task")
+        given_up = not task.done()
+        released.set()  # let it end now, so that nothing outlives the test's loop
+        task.cancel()
+        await task
+        return given_up
+
+    with caplog.at_level("WARNING", logger="bot.intake"):
+        assert asyncio.run(scenario()) is True
+    assert "the heartbeat task did not stop within" in caplog.text
