@@ -176,9 +176,7 @@ class OrientationHead:
         probabilities = self.probabilities(views.reshape(-1, *views.shape[2:])).reshape(len(views), turns, -1)
         upright = probabilities[:, 1:, self.classes.index("0")]
         if self.spec.search_consensus_probability is None:
-            best = upright.argmax(axis=1) + 1
-            chosen = [int(b) if row[b - 1] >= self.spec.search_upright_probability else 0
-                      for row, b in zip(upright, best, strict=True)]
+            chosen = [int(b) for b in upright.argmax(axis=1) + 1]
         else:
             chosen = consensus_turn(probabilities, self.classes, self.spec.search_consensus_probability)
         return [90 * k if k and row[k - 1] >= self.spec.search_upright_probability else 0
