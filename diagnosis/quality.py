@@ -26,12 +26,11 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from .photo import Rectified
+from .photo import DARK_P99, Rectified
 
 WORK_SIDE = 256  # every measure is taken at (at most) this long side, like the models' inputs
 
 # Picked on val (see the module docstring); comments give the quantiles of real radiographs on val.
-DARK_P99 = 40  # 99th percentile of the film's brightness; real: 0.1 % quantile 40, 1 % quantile 70
 BRIGHT_P1 = 170  # 1st percentile; real: 99.9 % quantile 121; washed-out copies ≥ 204
 BLUR_EFFECT = 0.65  # Crete et al. blur effect (0 sharp … 1 flat); real: 99 % 0.56, 99.9 % 0.63
 GLARE_FRACTION = 0.03  # largest blown-out (≥ 250) blob clear of the edge, fraction of the film; real: 99 % 0.001
@@ -60,7 +59,7 @@ def check_quality(gray: np.ndarray, rectified: Rectified, photographed: bool = T
     pixels": when its straightened film is that small, the film was photographed from too far."""
     metrics = quality_metrics(gray, rectified)
     problems = []
-    if metrics["p99"] < DARK_P99:
+    if metrics["p99"] < DARK_P99 and not rectified.brightened:  # a dark file is windowed, not refused
         problems.append("too_dark")
     if metrics["p1"] > BRIGHT_P1:
         problems.append("too_bright")

@@ -153,6 +153,28 @@ def test_what_is_a_photo(radiographs):
     assert tilted.rectified and not tilted.photographed
 
 
+def test_a_dark_digital_file_is_windowed_to_its_range_and_a_dark_photo_is_not(radiographs):
+    """A dark file (a detector's raw window) is read after a viewer's window/level: on val its dark
+    copies were named right as often as the films. One with too few gray levels left, and a dark
+    photo (missing light, not windowing), keep the "too dark" advice."""
+    film = radiographs["knee"]  # gray levels 16–241
+    dark = (film.astype(np.float32) * 0.12).astype(np.uint8)  # 1–28
+    view = models_view(decode(encode_png(dark)))
+    assert view.brightened and not view.photographed and not view.rectified
+    assert np.percentile(view.gray, 99) > 200 and np.percentile(dark, 99) < 40  # the film's range again
+    assert check_quality(dark, view, view.photographed, 128) == []
+    # Untouched where it is not dark: the very same array.
+    bright = decode(encode_png(film))
+    assert models_view(bright).gray is bright.gray and not models_view(bright).brightened
+    flat = (film.astype(np.float32) * 0.04).astype(np.uint8)  # ~10 gray levels: nothing to recover
+    view = models_view(decode(encode_png(flat)))
+    assert not view.brightened and check_quality(flat, view, view.photographed, 128) == ["too_dark"]
+    photo = decode(encode_jpeg(np.dstack([dark] * 3) + np.uint8([6, 2, 0])))  # a colour cast: a camera's
+    view = models_view(photo)
+    assert photo.colour and view.photographed and not view.brightened
+    assert "too_dark" in check_quality(photo.gray, view, view.photographed, 128)
+
+
 @pytest.mark.parametrize("angle", [-20, -15, -8, 8, 15, 20])
 def test_a_film_tilted_on_black_is_straightened_whatever_its_size(radiographs, angle):
     film = radiographs["chest"]  # 128 px: too small to be searched as a photo
@@ -232,12 +254,16 @@ def test_an_upright_film_on_black_padding_or_a_slight_tilt_is_left_alone(radiogr
         assert not view.rectified
 
 
-def encode_jpeg(gray: np.ndarray) -> bytes:
+def encode_jpeg(gray: np.ndarray, format: str = "JPEG") -> bytes:
     import io
 
     buffer = io.BytesIO()
-    Image.fromarray(gray).save(buffer, format="JPEG", quality=90)
+    Image.fromarray(gray).save(buffer, format=format, **({"quality": 90} if format == "JPEG" else {}))
     return buffer.getvalue()
+
+
+def encode_png(gray: np.ndarray) -> bytes:
+    return encode_jpeg(gray, "PNG")
 
 
 def test_rectify_is_fast_on_a_phone_sized_photo(chest_images):

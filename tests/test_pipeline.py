@@ -117,11 +117,23 @@ def test_large_image_overlay_is_capped(chest_pipeline):
 
 
 def test_poor_photo_of_an_xray_is_refused_with_advice(chest_pipeline):
-    dark = encode(Image.fromarray((gradient(300, 260, texture=True) * 0.1).astype(np.uint8)), "PNG")
-    analysis = chest_pipeline.run(dark)
+    film = (gradient(300, 260, texture=True) * 0.1).astype(np.uint8)
+    photo = encode(Image.fromarray(np.dstack([film, film, film + 3])), "PNG")  # colour: a camera's photo
+    analysis = chest_pipeline.run(photo)
     assert analysis.result.outcome == "retake" and analysis.result.retake == ["too_dark"]
     assert "body_part" not in analysis.result.timings_ms and not analysis.overlays
     assert "too dark" in render_reply(analysis.result) and "physician" not in render_reply(analysis.result)
+
+
+def test_a_dark_file_is_read_after_windowing_and_its_overlay_is_not_dark(chest_pipeline):
+    """The same dark pixels sent as a gray file: windowed to their range (a viewer's window/level),
+    read, and the overlay is drawn on the windowed film."""
+    film = (gradient(300, 260, texture=True) * 0.1).astype(np.uint8)
+    analysis = chest_pipeline.run(encode(Image.fromarray(film), "PNG"))
+    assert analysis.result.outcome == "analysed" and not analysis.result.retake
+    assert analysis.overlays
+    overlay = np.asarray(Image.open(io.BytesIO(analysis.overlays[0][1])).convert("L"))
+    assert np.percentile(overlay, 90) > 3 * np.percentile(film, 90)
 
 
 def test_photo_of_a_film_is_straightened_and_the_reply_says_so(chest_pipeline, pack):

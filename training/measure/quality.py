@@ -1,7 +1,7 @@
 """How often does the quality check refuse real radiographs, and does it refuse bad shots?
 
     python -m training measure-quality --manifest ../shared/data/xray-pack/manifest.csv --split test \\
-        [--json OUT] [--degraded 300] [--seed 0] [--cost 40]
+        [--json OUT] [--degraded 300] [--seed 0] [--cost 40] [--dark 60]
 
 Real radiographs: every ``is_xray=1`` row of the split, phone photos of films included, decoded by
 ``diagnosis.intake`` and rectified by ``diagnosis.photo`` exactly as in the pipeline. The share the
@@ -9,6 +9,12 @@ check refuses is the false-refusal rate (target ≤ 2 %). Degraded copies of up 
 them (very dark, washed out, blurred, a lamp's glare, a tiny film in a large photo) must be refused
 with the matching code. Metric quantiles are printed so thresholds can be picked on val and then
 checked once on test.
+
+``--dark PER_PART``: are dark digital files misread because they are dark, or only until windowed?
+Dark copies (``degrade(..., "too_dark")``, sent as JPEG files) of PER_PART films per known part and of
+``--dark-chest`` labelled NIH chest films go through the service's pipeline beside the films themselves:
+per part and per the gray levels the dark copy keeps, the share named right, and the chest mean AUC
+over the chest films both copies reach the chest model with.
 """
 
 from __future__ import annotations
@@ -63,6 +69,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", default=None, help="write the figures here")
     parser.add_argument("--degraded", type=int, default=300, help="degraded copies per kind (0: none)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dark", type=int, default=0, metavar="PER_PART",
+                        help="also read dark copies of PER_PART films per part as files (windowed or refused)")
+    parser.add_argument("--dark-chest", type=int, default=300, help="labelled NIH chest films for --dark's AUC")
     parser.add_argument("--cost", type=int, default=0, metavar="PER_PART",
                         help="also read the split with the check off (files, real photos, synthetic photos and "
                              "degraded copies of PER_PART films per part): share named right per rule")
@@ -137,6 +146,13 @@ def main(argv: list[str] | None = None) -> int:
         print("  with the check off, share named right per rule (kind, code: n, named right):")
         for key, figures in report["cost"].items():
             print(f"    {key:40s} {figures['n']:5d} {figures['named_right']:.3f}")
+    if args.dark:
+        report["dark"] = dark_files(manifest, args.split, args.dark, args.dark_chest, args.seed)
+        print("  dark copies of films sent as files, with the service's rules (n, named right, outcomes):")
+        for key, figures in report["dark"]["groups"].items():
+            print(f"    {key:34s} {figures['n']:5d} {figures['named_right']:.3f}  {figures['outcomes']}")
+        for key, figures in report["dark"]["chest_auc"].items():
+            print(f"    chest mean AUC, {key:18s} {figures}")
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
     return 0
@@ -205,6 +221,68 @@ def rule_cost(manifest: Path, split: str, per_part: int, seed: int = 0) -> dict:
                 counts[key]["n"] += 1
                 counts[key]["right"] += right
     return {key: {"n": c["n"], "named_right": round(c["right"] / c["n"], 4)} for key, c in sorted(counts.items())}
+
+
+def dark_files(manifest: Path, split: str, per_part: int, chest_films: int, seed: int = 0) -> dict:
+    """The films themselves and dark copies of them (``degrade(..., "too_dark")``, JPEG files) through
+    the service's pipeline, quality check on: per part, and per whether the dark copy kept enough gray
+    levels to be windowed (``photo.brighten_if_dark``), how many and the share named right; the chest
+    mean AUC over the labelled chest films both copies reached the chest model with."""
+    import hashlib
+    from collections import defaultdict
+
+    from diagnosis.pipeline import Pipeline
+
+    from ..data.datasets import CHEST_LABELS, load_sources
+    from .metrics import auc_report
+    from .routing import as_jpeg
+
+    pipeline = Pipeline.load(backend="onnx", threads=1)
+    labels = pipeline.body_part.card.labels
+    records = sorted((r for r in load_sources([str(manifest)]) if r.split == split and r.is_xray
+                      and not r.synthetic and not r.phone_photo and r.body_part in labels),
+                     key=lambda r: hashlib.sha256(r.path.name.encode()).hexdigest())
+    labelled = [r for r in records if r.body_part == "chest" and r.chest_labels is not None
+                and None not in r.chest_labels][:chest_films]
+    taken: Counter = Counter()
+    films = list(labelled)
+    for record in records:
+        if record.body_part != "chest" and taken[record.body_part] < per_part:
+            taken[record.body_part] += 1
+            films.append(record)
+    counts: dict[str, Counter] = defaultdict(Counter)
+    outcomes: dict[str, Counter] = defaultdict(Counter)
+    chest: dict[str, dict] = {"film": {}, "dark": {}}
+    for start in range(0, len(films), 8):
+        chunk = films[start:start + 8]
+        pictures = []
+        for index, record in enumerate(chunk, start):
+            data = record.path.read_bytes()
+            dark = as_jpeg(degrade(decode(data).gray, "too_dark", np.random.default_rng((seed, index))))
+            kind = "dark, windowed" if models_view(decode(dark)).brightened else "dark, too few levels"
+            pictures += [(record, "film", data), (record, kind, dark)]
+        analyses = pipeline.run_batch([p[2] for p in pictures], make_overlay=False)
+        for (record, kind, _), analysis in zip(pictures, analyses, strict=True):
+            result = analysis.result
+            right = result.outcome in ("analysed", "body_part_not_analysed") and result.body_part == record.body_part
+            for key in (kind, f"{kind}: {record.body_part}"):
+                counts[key]["n"] += 1
+                counts[key]["right"] += right
+                outcomes[key][result.outcome] += 1
+            if record in labelled and result.findings:
+                chest[kind.split(",")[0]][record.path.name] = (record.chest_labels,
+                                                                {f.label: f.probability for f in result.findings})
+    both = sorted(set(chest["film"]) & set(chest["dark"]))
+    aucs = {}
+    for kind in ("film", "dark"):
+        if len(both) > 10:
+            truth = np.asarray([chest[kind][name][0] for name in both], dtype=float)
+            probs = np.asarray([[chest[kind][name][1].get(label, np.nan) for label in CHEST_LABELS] for name in both])
+            aucs[kind] = {"films": len(both), "mean_auc": auc_report(list(CHEST_LABELS), truth, probs).get("mean_auc")}
+    return {"per_part": per_part, "chest_films": len(labelled),
+            "groups": {key: {"n": c["n"], "named_right": round(c["right"] / c["n"], 4), "outcomes": dict(outcomes[key])}
+                       for key, c in sorted(counts.items())},
+            "chest_auc": aucs}
 
 
 def _quantiles(metrics: list[dict[str, float]]) -> dict[str, list[float]]:
