@@ -18,7 +18,8 @@ phone photos of films included, and deliberately degraded copies of them), then 
     Since glare is asked of photos only (2026-12-06, issue #21; the same commands): val 4 / 2007
     (0.20 %), test 6 / 1511 (0.40 %: 5 very dark hand files, 1 spine file of 512 px judged as a photo);
     since a photo is colour or has a film found in it (``photo.models_view``): val 3 / 2007, test
-    5 / 1511 (0.33 %: the 5 very dark hand files).
+    5 / 1511 (0.33 %: the 5 very dark hand files); since a dark file is windowed
+    (``photo.brighten_if_dark``; 2026-12-07): val 1 / 2007 (a colour spine picture: glare), test 0 / 1511.
 """
 
 from __future__ import annotations
