@@ -315,6 +315,20 @@ def test_quality_refuses_bad_shots_with_the_right_code(chest_images, code):
     assert refused >= 3  # measured on val: 93–100 % per code (film_too_small: ~90 %, the rest not found)
 
 
+def test_dark_copies_go_through_the_service_pipeline_by_the_gray_levels_they_keep(pack):
+    """``measure-quality --dark``: dark copies (JPEG files) beside the films, with the service's rules."""
+    from training.measure.quality import dark_files
+
+    report = dark_files(pack / "manifest.csv", "val", per_part=3, chest_films=30)
+    groups = report["groups"]
+    assert groups["film"]["n"] == 30 + 3 * 5  # 30 labelled chest films, 3 of each other known part
+    windowed, too_few = groups.get("dark, windowed"), groups.get("dark, too few levels")
+    assert windowed and too_few and windowed["n"] + too_few["n"] == groups["film"]["n"]
+    assert set(too_few["outcomes"]) == {"retake"}  # too few levels: asked for the original file
+    assert "retake" not in windowed["outcomes"] and windowed["named_right"] >= 0.75  # val: 0.984 of 385
+    assert {"film", "dark"} <= set(report["chest_auc"])
+
+
 def test_quality_refuses_a_film_with_too_few_pixels():
     film = np.tile(np.linspace(0, 255, 50, dtype=np.uint8), (40, 1))
     corners = np.float32([[10, 10], [60, 10], [60, 50], [10, 50]])
