@@ -353,6 +353,35 @@ def test_synthetic_photos_are_deterministic_for_a_seed(chest_images):
     assert first.shape != other.shape or not np.array_equal(first, other)
 
 
+def test_a_sent_photo_is_the_same_photo_cropped_to_its_film_and_recompressed(chest_images):
+    """``sent=True``: the sender's crop (a few per cent of surround left, or the film's edge cut), a
+    messenger's re-compression to ≤ 1024 px; the photo underneath is the one the seed gives without it."""
+    film = cv2.resize(chest_images[0], (900, 1100), interpolation=cv2.INTER_CUBIC)  # a large film: scaled down
+    for seed in range(6):
+        photo, corners = synthesise_with_corners(film, np.random.default_rng(seed))
+        sent, sent_corners = synthesise_with_corners(film, np.random.default_rng(seed), sent=True)
+        assert sent.ndim == 3 and max(sent.shape[:2]) <= 1024 and max(sent.shape[:2]) < max(photo.shape[:2])
+        extent = corners.max(axis=0) - corners.min(axis=0)
+        scale = (sent_corners.max(axis=0) - sent_corners.min(axis=0)) / extent
+        assert np.allclose(scale, scale[0], rtol=0.02)  # the same film, only cropped and scaled
+        # The film fills the picture: at most 6 % of its size left around it on any side (or cut).
+        frame, film_size = np.float32([sent.shape[1], sent.shape[0]]), extent * scale
+        left_over = np.r_[sent_corners.min(axis=0), frame - sent_corners.max(axis=0)]
+        assert (left_over <= 0.06 * np.r_[film_size, film_size] + 2).all(), seed
+
+
+def test_a_finger_enters_from_one_edge_in_skin_colour():
+    from training.data.synthetic_photos import _finger
+
+    gray = np.full((300, 200, 3), 128, np.uint8)
+    for seed in range(5):
+        held = _finger(gray, np.random.default_rng(seed)).astype(int)
+        skin = (held[..., 0] - held[..., 2] > 25)  # warmer than the gray film
+        assert 0.003 < skin.mean() < 0.25, seed
+        rows, cols = np.nonzero(skin)
+        assert min(rows.min(), cols.min()) == 0 or rows.max() == 299 or cols.max() == 199  # it enters at an edge
+
+
 def test_synthetic_photo_cli_writes_a_pack_style_set(pack, tmp_path):
     assert synthetic_main(["--manifest", str(pack / "manifest.csv"), "--split", "test", "--out", str(tmp_path),
                            "--seed", "0", "--limit", "2", "--body-part", "chest"]) == 0

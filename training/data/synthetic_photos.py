@@ -5,7 +5,17 @@ synthetic photo places the radiograph on one of those surrounds, then applies wh
 perspective, glare, a colour cast, moiré (screens), blur, sensor noise and JPEG re-encoding.
 Everything is drawn from the ``numpy.random.Generator`` passed in, so a seed fixes the set.
 
-    python -m training synthetic-photos --manifest CSV --split test --out DIR --seed 0 [--limit N] [--workers N]
+``sent=True`` (``--sent``) adds what happens between the camera and the service, as in the pack's
+real photos (76 spine films, 58 of them through WhatsApp: cropped by the sender to the film, often
+narrow, ≤ 1024 px): the sender's crop to the film (a few per cent of light box left, or the film's
+edge cut off: a partial film), sometimes a finger holding the film at an edge, and a messenger's
+re-compression (scaled to ≤ 1024 px on the long side, JPEG quality 50–80). Its draws come after the
+photo's own, so a seed gives the same photo underneath with or without it. Quarter turns are left to
+the measurement (``measure-routing --angles``) and to training (``train --quarter-turns``), which
+know the turn and can undo or label it.
+
+    python -m training synthetic-photos --manifest CSV --split test --out DIR --seed 0 [--limit N] \\
+        [--workers N] [--sent]
 
 writes ``DIR/images/*.jpg`` and ``DIR/manifest.csv`` in the pack's format (phone_photo=1, paths
 relative to DIR) plus ``DIR/corners.csv`` with where each film was placed: a robustness test set
@@ -45,13 +55,16 @@ def synthesise(gray: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 def synthesise_with_corners(gray: np.ndarray, rng: np.random.Generator, scene: str | None = None,
                             fraction: tuple[float, float] = (0.30, 0.80),
-                            glare: bool | None = None) -> tuple[np.ndarray, np.ndarray]:
+                            glare: bool | None = None, sent: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """The photo and the film's corners in it (float32 4×2, x/y, order TL, TR, BR, BL).
 
     ``scene`` picks the surround (default: drawn at random); ``fraction`` the range of the frame's
     area the film covers before perspective (small values make "film too small in frame" cases);
     ``glare``: None = 0–2 soft reflections at random (the training photos), False = none, True = a
     lamp's specular reflection on the film (a small saturated core with a soft halo) besides those.
+    ``sent``: then cropped by the sender, perhaps held by a finger, and re-compressed by a messenger
+    (``_as_sent``); the corners are then in the sent picture's pixels and may lie outside it (a
+    partial film).
     """
     scene = scene or SCENES[int(rng.integers(len(SCENES)))]
     film_h, film_w = gray.shape
@@ -84,7 +97,58 @@ def synthesise_with_corners(gray: np.ndarray, rng: np.random.Generator, scene: s
     if glare:
         rgb = _specular(rgb, corners, rng)
     rgb = _camera(rgb, rng)
-    return rgb, corners
+    return _as_sent(rgb, corners, rng) if sent else (rgb, corners)
+
+
+def _as_sent(rgb: np.ndarray, corners: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """The sender's crop to the film, sometimes a finger at an edge, a messenger's re-compression."""
+    height, width = rgb.shape[:2]
+    low, high = corners.min(axis=0), corners.max(axis=0)
+    extent = high - low
+    # Each side: a little of the surround left (up to 6 % of the film) or the film cut (up to 6 %).
+    margins = rng.uniform(-0.06, 0.06, size=4) * np.r_[extent, extent]
+    x0, y0 = np.maximum(np.floor(low - margins[:2]), 0).astype(int)
+    x1, y1 = np.minimum(np.ceil(high + margins[2:]), [width, height]).astype(int)
+    if x1 - x0 < 16 or y1 - y0 < 16:  # defensive: a degenerate film keeps the whole frame
+        x0, y0, x1, y1 = 0, 0, width, height
+    picture = np.ascontiguousarray(rgb[y0:y1, x0:x1])
+    corners = (corners - np.float32([x0, y0])).astype(np.float32)
+    if rng.random() < 0.3:
+        picture = _finger(picture, rng)
+    scale = min(1.0, 1024.0 / max(picture.shape[:2]))
+    if scale < 1.0:
+        size = (max(round(picture.shape[1] * scale), 1), max(round(picture.shape[0] * scale), 1))
+        picture = cv2.resize(picture, size, interpolation=cv2.INTER_AREA)
+        corners = (corners * scale).astype(np.float32)
+    ok, data = cv2.imencode(".jpg", picture[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, int(rng.integers(50, 81))])
+    if ok:
+        picture = np.ascontiguousarray(cv2.imdecode(data, cv2.IMREAD_COLOR)[..., ::-1])
+    return picture, corners
+
+
+def _finger(rgb: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A fingertip holding the film: a rounded, shaded, skin-coloured bar entering from one edge."""
+    height, width = rgb.shape[:2]
+    short = min(height, width)
+    thickness = rng.uniform(0.08, 0.16) * short
+    length = rng.uniform(0.12, 0.30) * short
+    edge = int(rng.integers(4))  # the side the hand is on: left, top, right, bottom
+    along = rng.uniform(0.15, 0.85)
+    start = [(0.0, along * height), (along * width, 0.0), (width - 1.0, along * height),
+             (along * width, height - 1.0)][edge]
+    inward = np.deg2rad([0.0, 90.0, 180.0, 270.0][edge] + rng.uniform(-30, 30))
+    tip = (start[0] + length * np.cos(inward), start[1] + length * np.sin(inward))
+    # Distance of every pixel to the finger's axis (a segment): a capsule, shaded like a cylinder.
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    ax, ay = tip[0] - start[0], tip[1] - start[1]
+    t = np.clip(((xx - start[0]) * ax + (yy - start[1]) * ay) / max(ax * ax + ay * ay, 1e-6), 0.0, 1.0)
+    distance = np.hypot(xx - (start[0] + t * ax), yy - (start[1] + t * ay)) / (thickness / 2)
+    inside = np.clip((1.0 - distance) * thickness / 3, 0.0, 1.0)  # soft edge of ~1.5 px per 10 px thick
+    shade = np.sqrt(np.clip(1.0 - distance**2, 0.0, 1.0))  # lit from the front, darker at the sides
+    skin = np.asarray([rng.uniform(150, 235), rng.uniform(100, 180), rng.uniform(80, 150)], dtype=np.float32)
+    finger = skin[None, None, :] * (0.55 + 0.45 * shade[..., None])
+    alpha = inside[..., None]
+    return np.clip(rgb.astype(np.float32) * (1 - alpha) + finger * alpha, 0, 255).astype(np.uint8)
 
 
 def _scene_plane(scene: str, shape: tuple[int, int], film: np.ndarray, origin: tuple[float, float],
@@ -227,6 +291,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--per-source", type=int, default=None, help="at most N images of each source")
     parser.add_argument("--negatives", action="store_true",
                         help="photograph non-X-ray images too (the gate must not learn 'light box = X-ray')")
+    parser.add_argument("--sent", action="store_true",
+                        help="as sent through a messenger: cropped by the sender, perhaps a finger, re-compressed")
     args = parser.parse_args(argv)
 
     manifest = Path(args.manifest)
@@ -249,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     (out / "images").mkdir(parents=True, exist_ok=True)
     jobs = [(manifest.parent / row["path"], out / f"images/{index:05d}_{Path(row['path']).stem}.jpg",
-             (args.seed, index)) for index, row in enumerate(rows)]
+             (args.seed, index), args.sent) for index, row in enumerate(rows)]
     if args.workers > 1:
         with multiprocessing.get_context("fork").Pool(args.workers) as pool:
             placed = pool.map(_photograph, jobs, chunksize=8)
@@ -261,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
         writer.writeheader()
         corners_writer = csv.writer(c_handle)
         corners_writer.writerow(["path", "x0", "y0", "x1", "y1", "x2", "y2", "x3", "y3"])
-        for row, (_, target, _), corners in zip(rows, jobs, placed, strict=True):
+        for row, (_, target, _, _), corners in zip(rows, jobs, placed, strict=True):
             name = target.relative_to(out).as_posix()
             kind = "phone_photo_of_film" if row["is_xray"] == "1" else row["kind"]
             writer.writerow({**row, "path": name, "source": SYNTHETIC_PREFIX + row["source"], "phone_photo": "1",
@@ -271,10 +337,10 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _photograph(job: tuple[Path, Path, tuple[int, int]]) -> np.ndarray:
+def _photograph(job: tuple[Path, Path, tuple[int, int], bool]) -> np.ndarray:
     """Write one synthetic photo; return where the film's corners landed."""
-    source, target, seed = job
+    source, target, seed, sent = job
     gray = np.asarray(Image.open(source).convert("L"), dtype=np.uint8)
-    photo, corners = synthesise_with_corners(gray, np.random.default_rng(seed))
+    photo, corners = synthesise_with_corners(gray, np.random.default_rng(seed), sent=sent)
     Image.fromarray(photo).save(target, quality=90)
     return corners

@@ -6,7 +6,8 @@ counted per group:
 
 - ``film:<part>``: digital radiographs of a part the service knows; right = the reply names that part;
 - ``real_photo:<part>``: the pack's real phone photos of films;
-- ``synthetic_photo:<part>``: phone photos made from the films (``training synthetic-photos`` scenes);
+- ``synthetic_photo:<part>``: phone photos made from the films (``training synthetic-photos`` scenes;
+  ``--sent-photos``: as sent through a messenger, cropped by the sender and re-compressed);
 - ``unknown:<part>``: radiographs of parts the body-part model was never trained on (hip, wrist …):
   right = not named as any known part; ``called_chest`` counts the worst mistake;
 - ``not_xray:<kind>``: everything else; right = refused as not an X-ray (or refused by intake).
@@ -44,7 +45,7 @@ def turn(gray: np.ndarray, angle: int) -> np.ndarray:
     the whole film and fills the corners with black, as a film photographed askew on a dark desk."""
     if angle % 90 == 0:
         return np.ascontiguousarray(np.rot90(gray, (angle // 90) % 4))
-    height, width = gray.shape
+    height, width = gray.shape[:2]
     matrix = cv2.getRotationMatrix2D((width / 2, height / 2), angle, 1.0)
     cos, sin = abs(matrix[0, 0]), abs(matrix[0, 1])
     new_w, new_h = int(height * sin + width * cos), int(height * cos + width * sin)
@@ -104,6 +105,7 @@ def _verdict(group: str, part: str, result) -> str:
 
 def measure(records: list[Record], split: str = "val", angles: tuple[int, ...] = (0,), models: Path | None = None,
             per_group: int | None = None, synthetic_per_part: int = 0, seed: int = 0, batch: int = 16,
+            sent_photos: bool = False,
             backend: str = "onnx", threads: int | None = None, progress=print, misses: bool = False) -> dict:
     from diagnosis.pipeline import Pipeline
 
@@ -135,7 +137,8 @@ def measure(records: list[Record], split: str = "val", angles: tuple[int, ...] =
             return data
         if synthetic is not None:
             rng = np.random.default_rng((seed, synthetic))
-            gray = to_gray(synthesise_with_corners(gray, rng)[0])
+            photo = synthesise_with_corners(gray, rng, sent=sent_photos)[0]
+            gray = photo if sent_photos else to_gray(photo)  # a messenger's picture stays in colour
         return as_jpeg(turn(gray, angle))
 
     table: dict = {}
@@ -172,6 +175,7 @@ def measure(records: list[Record], split: str = "val", angles: tuple[int, ...] =
             table[str(angle)]["chest_auc"] = {"films": len(truth), "analysed_as_chest": int(seen.sum()),
                                               "mean_auc": aucs.get("mean_auc")}
     return {"split": split, "angles": list(angles), "per_group": per_group, "synthetic_per_part": synthetic_per_part,
+            "sent_photos": sent_photos,
             "seed": seed, "seconds": round(time.monotonic() - started, 1), "by_angle": table}
 
 
@@ -252,6 +256,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", type=Path, help="models folder (default: the repository's models/)")
     parser.add_argument("--per-group", type=int, help="at most this many images per group (a quicker look)")
     parser.add_argument("--synthetic-per-part", type=int, default=20, help="synthetic phone photos per known part")
+    parser.add_argument("--sent-photos", action="store_true",
+                        help="synthetic photos as sent through a messenger (the sender's crop, a finger, "
+                             "re-compression; sent in colour)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--backend", choices=["torch", "onnx"], default="onnx")
     parser.add_argument("--threads", type=int)
@@ -265,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     report = measure(load_sources(args.manifest), args.split, tuple(int(a) for a in args.angles.split(",")),
                      args.models, args.per_group, args.synthetic_per_part, args.seed, backend=args.backend,
                      threads=args.threads, progress=lambda m: print(m, file=sys.stderr, flush=True),
-                     misses=args.misses)
+                     misses=args.misses, sent_photos=args.sent_photos)
     print_table(report)
     if args.json:
         write_report(report, args.json)
