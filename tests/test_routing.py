@@ -273,3 +273,19 @@ def test_gate_refit_measures_the_shipped_layer_and_each_variant_without_writing(
     kept = report["variants"][1]["non_xray_kept"]
     assert all(kept[f"non_xray_refused_{t}"] >= report["shipped"][f"non_xray_refused_{t}"] for t in (0, 90, 180, 270))
     assert (models / "gate" / "card.json").read_text() == before
+
+
+def test_routing_sends_synthetic_photos_as_a_messenger_would_in_colour(film_pack, tmp_path):
+    """``--sent-photos``: the synthetic photos are cropped to the film and re-compressed, and reach the
+    pipeline in colour (so the service judges them as photos), turned or tilted like the rest."""
+    models = make_models_dir(tmp_path / "models", body_part="chest")
+    out = tmp_path / "routing.json"
+    proc = subprocess.run([sys.executable, "-m", "training", "measure-routing", "--manifest", str(film_pack),
+                           "--split", "val", "--angles", "15", "--models", str(models), "--synthetic-per-part", "1",
+                           "--sent-photos", "--json", str(out), "--misses"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["sent_photos"] is True
+    photos = [m for m in report["by_angle"]["15"]["misses"] if m["group"].startswith("synthetic_photo:")]
+    assert photos and all(m["photographed"] for m in photos)  # the hand photo, named "chest" by the stand-in

@@ -138,7 +138,7 @@ def measure(records: list[Record], split: str = "val", angles: tuple[int, ...] =
         if synthetic is not None:
             rng = np.random.default_rng((seed, synthetic))
             photo = synthesise_with_corners(gray, rng, sent=sent_photos)[0]
-            gray = photo if sent_photos else to_gray(photo)  # a messenger's picture stays in colour
+            return as_jpeg(turn(photo if sent_photos else to_gray(photo), angle))  # a messenger's stays in colour
         return as_jpeg(turn(gray, angle))
 
     table: dict = {}
