@@ -90,7 +90,7 @@ def models_view(decoded) -> Rectified:
 def brighten_if_dark(view: Rectified) -> Rectified:
     """A dark digital file windowed to its own range (``DARK_P99``); unchanged when it is not dark
     or holds too few gray levels to recover (then the quality check asks for the original file)."""
-    if _percentile(view.gray, 99.0) >= DARK_P99:
+    if gray_percentiles(view.gray, 99.0)[0] >= DARK_P99:
         return view
     brighter = _stretch(view.gray)
     return view if brighter is view.gray else replace(view, gray=brighter, brightened=True)
@@ -467,17 +467,17 @@ def _straighten(gray: np.ndarray, corners: np.ndarray, stretch: bool = True) -> 
     return _stretch(film) if stretch else film
 
 
-def _percentile(gray: np.ndarray, *percents: float) -> int | list[int]:
-    """Gray levels at these percentiles of a uint8 image (from its histogram: fast at full size)."""
+def gray_percentiles(gray: np.ndarray, *percents: float) -> list[int]:
+    """Gray levels at these percentiles of a uint8 image (from its histogram: fast at full size);
+    shared with ``quality.quality_metrics``."""
     histogram = cv2.calcHist([gray], [0], None, [256], [0, 256]).ravel()
     cumulative = np.cumsum(histogram) / max(float(histogram.sum()), 1.0)
-    levels = [int(np.searchsorted(cumulative, percent / 100.0)) for percent in percents]
-    return levels[0] if len(levels) == 1 else levels
+    return [int(np.searchsorted(cumulative, percent / 100.0)) for percent in percents]
 
 
 def _stretch(gray: np.ndarray) -> np.ndarray:
     """Linear contrast stretch between robust percentiles: washed-out photos → full 0–255 range."""
-    low, high = _percentile(gray, *CONTRAST_CLIP)
+    low, high = gray_percentiles(gray, *CONTRAST_CLIP)
     if high - low < 16:  # nearly flat: stretching would only amplify noise
         return gray
     lut = np.clip((np.arange(256, dtype=np.float32) - low) * (255.0 / (high - low)), 0, 255).astype(np.uint8)

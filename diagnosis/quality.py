@@ -27,7 +27,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from .photo import DARK_P99, Rectified
+from .photo import DARK_P99, Rectified, gray_percentiles
 
 WORK_SIDE = 256  # every measure is taken at (at most) this long side, like the models' inputs
 
@@ -80,12 +80,11 @@ def check_quality(gray: np.ndarray, rectified: Rectified, photographed: bool = T
 def quality_metrics(gray: np.ndarray, rectified: Rectified) -> dict[str, float]:
     """The measures behind ``check_quality`` (for measuring thresholds and for logs)."""
     raw = _raw_film(gray, rectified)
-    histogram = cv2.calcHist([raw], [0], None, [256], [0, 256]).ravel()
-    cumulative = np.cumsum(histogram) / max(float(histogram.sum()), 1.0)
+    p1, p99 = gray_percentiles(raw, 1.0, 99.0)
     seen = _downscale(rectified.gray)
     return {
-        "p1": float(np.searchsorted(cumulative, 0.01)),
-        "p99": float(np.searchsorted(cumulative, 0.99)),
+        "p1": float(p1),
+        "p99": float(p99),
         "blur": blur_effect(seen),
         "glare": _largest_blown_out_blob(raw),
         "specular": specular_blob(raw),
