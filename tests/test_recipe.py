@@ -152,3 +152,46 @@ def test_part_top_trains_only_the_top_and_exports(recipe_pack, tmp_path):
     training("export", "--run", str(tmp_path / "top"), "--out", str(models / "body_part"), *manifest)
     assert json.loads((models / "body_part" / "card.json").read_text())["training"]["initialisation"].startswith(
         "body_part of")
+
+
+def test_gate_top_trains_only_the_top_at_four_turns_and_exports(recipe_pack, tmp_path):
+    """`gate-top` caches the input of denseblock4 for every picture at 0 / 90 / 180 / 270° and fine-tunes
+    the gate's top with the orientation question asked of its map: the layers below stay exactly as they
+    were, each picture is cached at four turns (a turned picture is not its upright one), and the run
+    exports to a gate card."""
+    import numpy as np
+    from safetensors.torch import load_file
+
+    from diagnosis.network import load_model
+    from training.card.orientation import TURNS
+    from training.data.datasets import load_sources
+    from training.fit.heads import FeatureCache
+
+    models, manifest = tmp_path / "models", ["--manifest", str(recipe_pack)]
+    training("train", "--task", "gate", "--out", str(tmp_path / "run"), *manifest, *TINY["train"])
+    training("export", "--run", str(tmp_path / "run"), "--out", str(models / "gate"), *manifest)
+    training("orientation", "--model", str(models / "gate"), *manifest, "--cache", str(tmp_path / "features"))
+    training("gate-top", "--model", str(models / "gate"), *manifest, "--cache", str(tmp_path / "cache"),
+             "--out", str(tmp_path / "top"), "--epochs", "2", "--epoch-size", "16", "--batch", "4",
+             "--lr", "0.01", "--dropout", "0")
+    cache = FeatureCache(models / "gate", tmp_path / "cache")
+    film = next(r for r in load_sources([str(recipe_pack)]) if r.is_xray and r.split == "train")
+    views = cache.rows([(film, False, turn) for turn in TURNS], "middle").astype("float32")
+    assert not any(np.array_equal(views[0], views[k]) for k in (1, 2, 3))
+    before = load_file(str(models / "gate" / "weights.safetensors"))
+    after = load_file(str(tmp_path / "top" / "best.safetensors"))
+    state = json.loads((tmp_path / "top" / "state.json").read_text())
+    assert state["task"]["name"] == "gate" and len(state["history"]) == 3
+    assert "turn_right" in state["history"][0] and "non_xrays_refused_90" in state["history"][0]
+    shipped, matched = state["comparison_val"]["shipped"], state["comparison_val"]["best_same_non_xrays_through"]
+    assert sum(matched["non_xrays_accepted_per_turn"].values()) <= sum(shipped["non_xrays_accepted_per_turn"].values())
+    frozen = [k for k in before if k.startswith(("features.conv0", "features.denseblock1", "features.transition3"))]
+    assert frozen and all(before[k].float().equal(after[k].float()) for k in frozen)
+    assert not any(k.startswith("turn") for k in after)  # the turn question is for training only
+    if state["epoch"] > 0:
+        top = [k for k in before if k.startswith(("features.denseblock4", "classifier"))
+               and before[k].is_floating_point()]
+        assert any(not before[k].float().allclose(after[k].float(), atol=1e-3) for k in top)
+    training("export", "--run", str(tmp_path / "top"), "--out", str(models / "gate"), *manifest)
+    card, _ = load_model(models / "gate")
+    assert card.training["initialisation"].startswith("gate of") and card.orientation is not None

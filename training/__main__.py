@@ -1,8 +1,8 @@
 """`python -m training COMMAND`: the one entry for every step of the recipe.
 
-data: synthetic-photos · fit: train, heads, top, part-top · card: export, calibrate, open-set, modality, orientation,
-heatmap-baseline, import-torchxrayvision · measure: evaluate, measure-replies, measure-routing, measure-photos,
-measure-quality, measure-gate-refit, measure-glare, measure-heatmaps (bench/heatmaps.py)."""
+data: synthetic-photos · fit: train, heads, top, part-top, gate-top · card: export, calibrate, open-set, modality,
+orientation, heatmap-baseline, import-torchxrayvision · measure: evaluate, measure-replies, measure-routing,
+measure-photos, measure-quality, measure-gate-refit, measure-glare, measure-heatmaps (bench/heatmaps.py)."""
 
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ DELEGATED = {
     "heads": ("training.fit.heads", "chest: linear heads on the frozen pooled features (cached forward passes)"),
     "top": ("training.fit.top", "chest: fine-tune the network's top on cached inputs (soups too)"),
     "part-top": ("training.fit.part_top", "body part: fine-tune the network's top on cached inputs, photos among them"),
+    "gate-top": ("training.fit.gate_top", "gate: fine-tune the network's top on cached inputs at four turns"),
     "measure-photos": ("training.measure.photos", "phone photos of films: do the models cope, does rectify help"),
     "measure-quality": ("training.measure.quality", "how often the quality check refuses real radiographs / bad shots"),
     "measure-glare": ("training.measure.glare", "does the quality check catch a lamp's reflection on a film"),

@@ -99,17 +99,19 @@ class FeatureCache:
         self.index.update({key: (chunk, row) for row, key in enumerate(keys)})
 
     @staticmethod
-    def key(record: Record, mirrored: bool) -> str:
-        return f"{record.path}|{int(mirrored)}"
+    def key(record: Record, mirrored: bool, turn: int = 0) -> str:
+        """``turn``: degrees counter-clockwise, after the mirror image (0 keeps the key of old caches)."""
+        return f"{record.path}|{int(mirrored)}" + (f"|{turn}" if turn else "")
 
-    def extract(self, jobs: list[tuple[Record, bool]], chunk_size: int = 512) -> None:
+    def extract(self, jobs: list[tuple], chunk_size: int = 512) -> None:
+        """``jobs``: (record, mirrored) or (record, mirrored, turn) passes not cached yet."""
         jobs = [job for job in dict.fromkeys(jobs) if self.key(*job) not in self.index]
         if not jobs:
             return
         log.info("extracting %d forward passes (%d cached)", len(jobs), len(self.index))
         task = Task("chest", list(CHEST_LABELS), "sigmoid", ["abnormal"])
         spec = self.card.input
-        dataset = RecordDataset([r for r, _ in jobs], task, spec.size, spec.mean, spec.std, cache=_Forget(),
+        dataset = RecordDataset([job[0] for job in jobs], task, spec.size, spec.mean, spec.std, cache=_Forget(),
                                 cache_side=None)
         bar = tqdm(total=len(jobs), desc="features", mininterval=30)
         for begin in range(0, len(jobs), chunk_size):
@@ -120,6 +122,9 @@ class FeatureCache:
                 images = np.stack([dataset[i][0].numpy() for i in batch])
                 mirrored = np.asarray([jobs[i][1] for i in batch])
                 images[mirrored] = images[mirrored][..., ::-1]
+                for row, i in enumerate(batch):  # a square input: turning it turns the squashed picture
+                    if len(jobs[i]) > 2 and jobs[i][2]:
+                        images[row] = np.rot90(images[row], jobs[i][2] // 90, axes=(-2, -1))
                 middle, pool = self.session.run(["middle", "pooled"], {"input": np.ascontiguousarray(images)})
                 middles.append(middle.astype(np.float16))
                 pooled.append(pool)
@@ -138,13 +143,13 @@ class FeatureCache:
     def get(self, records: list[Record], mirrored: bool, what: str = "pooled") -> np.ndarray:
         return self.rows([(r, mirrored) for r in records], what)
 
-    def rows(self, passes: list[tuple[Record, bool]], what: str = "pooled") -> np.ndarray:
-        """The cached ``what`` of each (record, mirrored) pass, stacked in order."""
-        where = [self.index[self.key(r, m)] for r, m in passes]
+    def rows(self, passes: list[tuple], what: str = "pooled") -> np.ndarray:
+        """The cached ``what`` of each (record, mirrored[, turn]) pass, stacked in order."""
+        where = [self.index[self.key(*p)] for p in passes]
         return np.stack([getattr(self.chunks[c], what)[row] for c, row in where])
 
-    def has(self, record: Record, mirrored: bool) -> bool:
-        return self.key(record, mirrored) in self.index
+    def has(self, record: Record, mirrored: bool, turn: int = 0) -> bool:
+        return self.key(record, mirrored, turn) in self.index
 
 
 class _Forget(dict):
