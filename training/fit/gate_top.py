@@ -30,7 +30,6 @@ import copy
 import json
 import logging
 import tempfile
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -45,8 +44,8 @@ from ..card.orientation import CLASSES, TURNS, choose_records
 from ..data.datasets import Record, load_sources
 from ..data.tasks import make_task
 from .heads import FeatureCache, add_cache_arguments
+from .part_top import add_top_arguments, fit_on_cache, run_provenance, top_config
 from .top import Top, save_top, write_run
-from .train import describe_hardware
 
 log = logging.getLogger(__name__)
 
@@ -141,46 +140,18 @@ def compare(shipped: GateTop, best: GateTop, val: Passes, positive: int, thresho
 
 def train_gate_top(model: GateTop, train: Passes, val: Passes, positive: int, out: Path, *, epochs: int,
                    epoch_size: int, batch: int, lr: float, weight_decay: float, turn_loss: float, seed: int) -> dict:
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-    counts = Counter(train.group)
-    weights = torch.as_tensor([1.0 / counts[g] for g in train.group])
     out.mkdir(parents=True, exist_ok=True)
-    figures = validate(model, val, positive, turn_loss)
-    state = {"history": [{"epoch": 0, **_short(figures)}], "best": figures["loss"], "best_epoch": 0, "seconds": 0.0}
-    save_top(model.top, out / "best-top.safetensors")
-    log.info("epoch 0 (as shipped): %s", json.dumps(_short(figures)))
-    generator = torch.Generator()
-    for epoch in range(1, epochs + 1):
-        clock = time.time()
-        generator.manual_seed(seed + epoch)
-        drawn = torch.multinomial(weights, epoch_size, replacement=True, generator=generator).numpy()
-        model.train()
-        losses = []
-        for begin in range(0, epoch_size, batch):
-            rows = np.sort(drawn[begin:begin + batch])
-            gate, turn = model(torch.from_numpy(train.middle[rows]).float())
-            counts = torch.from_numpy(train.gate_counts[rows]).float()
-            gate_ce = torch.nn.functional.cross_entropy(gate, torch.from_numpy(train.gate[rows]), reduction="none")
-            loss = (gate_ce * counts).sum() / counts.sum().clamp(min=1.0)
-            loss = loss + turn_loss * torch.nn.functional.cross_entropy(turn, torch.from_numpy(train.turn_class[rows]))
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            losses.append(loss.item())
-        figures = validate(model, val, positive, turn_loss)
-        row = {"epoch": epoch, "train_loss": round(float(np.mean(losses)), 4), **_short(figures),
-               "seconds": round(time.time() - clock, 1)}
-        state["history"].append(row)
-        state["seconds"] += time.time() - clock
-        if figures["loss"] < state["best"]:
-            state.update(best=figures["loss"], best_epoch=epoch)
-            save_top(model.top, out / "best-top.safetensors")
-        log.info("%s", json.dumps(row))
-    return state
 
+    def step(rows: np.ndarray) -> torch.Tensor:
+        gate, turn = model(torch.from_numpy(train.middle[rows]).float())
+        counts = torch.from_numpy(train.gate_counts[rows]).float()
+        gate_ce = torch.nn.functional.cross_entropy(gate, torch.from_numpy(train.gate[rows]), reduction="none")
+        loss = (gate_ce * counts).sum() / counts.sum().clamp(min=1.0)
+        return loss + turn_loss * torch.nn.functional.cross_entropy(turn, torch.from_numpy(train.turn_class[rows]))
 
-def _short(figures: dict) -> dict:
-    return {k: round(v, 4) if isinstance(v, float) else v for k, v in figures.items()}
+    return fit_on_cache(model, list(train.group), step, lambda: validate(model, val, positive, turn_loss),
+                        lambda: save_top(model.top, out / "best-top.safetensors"), epochs=epochs,
+                        epoch_size=epoch_size, batch=batch, lr=lr, weight_decay=weight_decay, seed=seed)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -188,18 +159,11 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_cache_arguments(parser)
     parser.set_defaults(model=Path("models/gate"), cache=Path(tempfile.gettempdir()) / "gate-features")
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--epochs", type=int, default=12)
-    parser.add_argument("--epoch-size", type=int, default=4096)
-    parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=1e-4)
-    parser.add_argument("--weight-decay", type=float, default=1e-2)
-    parser.add_argument("--dropout", type=float, default=0.2)
+    add_top_arguments(parser, epochs=12)
     parser.add_argument("--turn-loss", type=float, default=1.0,
                         help="weight of the orientation question on the map (0: the gate's loss alone)")
     parser.add_argument("--turned-films", choices=("skip", "xray"), default="skip",
                         help="the gate's loss on X-rays turned by 90 / 180 / 270°: none, or 'X-ray'")
-    parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     if args.threads:
@@ -235,20 +199,12 @@ def main(argv: list[str] | None = None) -> int:
         "initialisation": f"{args.model.name} of {card.version}; layers before denseblock4 frozen, "
                           "denseblock4 onwards + classifier fine-tuned on their cached inputs at four turns",
         "task": {"name": "gate", "labels": list(card.labels), "activation": "softmax", "extra_outputs": []},
-        "config": {"size": card.input.size, "mean": card.input.mean, "std": card.input.std, "optimizer": "adamw",
-                   "lr": args.lr, "schedule": "constant", "weight_decay": args.weight_decay,
-                   "dropout": args.dropout, "batch_size": args.batch, "epoch_size": args.epoch_size,
-                   "epochs": args.epochs, "seed": args.seed, "turn_loss": args.turn_loss,
-                   "turned_films": args.turned_films,
+        "config": {**top_config(card, args), "turn_loss": args.turn_loss, "turned_films": args.turned_films,
                    "balance": "even over the gate task's balance groups, each turn alike",
                    "selection": "lowest val loss: gate cross-entropy per group and turn (where it counts) + "
                                 "turn_loss × the turn question's cross-entropy per class",
-                   "augmentation": "every picture at 0 / 90 / 180 / 270° (cached passes)",
-                   "fine_tuned": "denseblock4 onwards + classifier (frozen below, inputs cached)",
-                   "recipe_of_the_backbone": card.training.get("recipe")},
-        "train_records": sum(used.values()), "train_sources": dict(used),
-        "data": "xray-pack " + " + ".join(Path(m).name for m in args.manifest) + "; train split, val for the epoch",
-        "hardware": f"2-core CPU ({describe_hardware(torch.device('cpu'))}); cached inputs by ONNX Runtime",
+                   "augmentation": "every picture at 0 / 90 / 180 / 270° (cached passes)"},
+        **run_provenance(args, used),
     })
     log.info("wrote %s: best epoch %d, val %s", args.out, state["best_epoch"], json.dumps(best))
     return 0

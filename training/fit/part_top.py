@@ -82,43 +82,91 @@ def validate(top: Top, val: Passes, labels: list[str]) -> dict:
 def train_top(network, train: Passes, val: Passes, labels: list[str], out: Path, *, epochs: int,
               epoch_size: int, batch: int, lr: float, weight_decay: float, dropout: float, seed: int) -> dict:
     top = Top(network, dropout)
-    optimizer = torch.optim.AdamW(top.parameters(), lr=lr, weight_decay=weight_decay)
-    counts = Counter(train.group)
-    weights = torch.as_tensor([1.0 / counts[g] for g in train.group])
     out.mkdir(parents=True, exist_ok=True)
-    figures = validate(top, val, labels)
-    state = {"history": [{"epoch": 0, **_short(figures)}], "best": figures["loss"], "best_epoch": 0, "seconds": 0.0}
-    save_top(top, out / "best-top.safetensors")
-    log.info("epoch 0 (as shipped): %s", _short(figures))
+
+    def step(rows: np.ndarray) -> torch.Tensor:
+        return torch.nn.functional.cross_entropy(top(torch.from_numpy(train.middle[rows]).float()),
+                                                 torch.from_numpy(train.target[rows]))
+
+    return fit_on_cache(top, train.group, step, lambda: validate(top, val, labels),
+                        lambda: save_top(top, out / "best-top.safetensors"), epochs=epochs, epoch_size=epoch_size,
+                        batch=batch, lr=lr, weight_decay=weight_decay, seed=seed)
+
+
+def fit_on_cache(module: torch.nn.Module, groups: list[str], step, check, save, *, epochs: int, epoch_size: int,
+                 batch: int, lr: float, weight_decay: float, seed: int) -> dict:
+    """AdamW on ``module`` over cached rows (shared with ``training.fit.gate_top``): each epoch draws
+    ``epoch_size`` rows evenly over their balance ``groups`` and steps on ``step(rows)``, the batch's
+    loss; ``check()`` gives the val figures ("loss" among them) and ``save()`` keeps the module whenever
+    that loss is the lowest so far (epoch 0: as it started)."""
+    optimizer = torch.optim.AdamW(module.parameters(), lr=lr, weight_decay=weight_decay)
+    counts = Counter(groups)
+    weights = torch.as_tensor([1.0 / counts[g] for g in groups])
+    figures = check()
+    state = {"history": [{"epoch": 0, **rounded_figures(figures)}], "best": figures["loss"], "best_epoch": 0,
+             "seconds": 0.0}
+    save()
+    log.info("epoch 0 (as shipped): %s", json.dumps(rounded_figures(figures)))
     generator = torch.Generator()
     for epoch in range(1, epochs + 1):
         clock = time.time()
         generator.manual_seed(seed + epoch)
         drawn = torch.multinomial(weights, epoch_size, replacement=True, generator=generator).numpy()
-        top.train()
+        module.train()
         losses = []
         for begin in range(0, epoch_size, batch):
-            rows = np.sort(drawn[begin:begin + batch])
-            loss = torch.nn.functional.cross_entropy(top(torch.from_numpy(train.middle[rows]).float()),
-                                                     torch.from_numpy(train.target[rows]))
+            loss = step(np.sort(drawn[begin:begin + batch]))
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
             losses.append(loss.item())
-        figures = validate(top, val, labels)
-        row = {"epoch": epoch, "train_loss": round(float(np.mean(losses)), 4), **_short(figures),
-               "seconds": round(time.time() - clock, 1)}
-        state["history"].append(row)
-        state["seconds"] += time.time() - clock
-        if figures["loss"] < state["best"]:
-            state.update(best=figures["loss"], best_epoch=epoch)
-            save_top(top, out / "best-top.safetensors")
-        log.info("%s", json.dumps(row))
+        close_epoch(state, epoch, losses, check(), clock, save)
     return state
 
 
-def _short(figures: dict) -> dict:
+def close_epoch(state: dict, epoch: int, losses: list[float], figures: dict, started: float, save) -> None:
+    """One epoch's row in ``state["history"]``; ``save()`` keeps the module when its val loss is the
+    lowest so far."""
+    row = {"epoch": epoch, "train_loss": round(float(np.mean(losses)), 4), **rounded_figures(figures),
+           "seconds": round(time.time() - started, 1)}
+    state["history"].append(row)
+    state["seconds"] += time.time() - started
+    if figures["loss"] < state["best"]:
+        state.update(best=figures["loss"], best_epoch=epoch)
+        save()
+    log.info("%s", json.dumps(row))
+
+
+def rounded_figures(figures: dict) -> dict:
     return {k: round(v, 4) if isinstance(v, float) else v for k, v in figures.items()}
+
+
+def top_config(card, args: argparse.Namespace) -> dict:
+    """The run's settings that every top trained on cached inputs records (``add_top_arguments``)."""
+    return {"size": card.input.size, "mean": card.input.mean, "std": card.input.std, "optimizer": "adamw",
+            "lr": args.lr, "schedule": "constant", "weight_decay": args.weight_decay, "dropout": args.dropout,
+            "batch_size": args.batch, "epoch_size": args.epoch_size, "epochs": args.epochs, "seed": args.seed,
+            "fine_tuned": "denseblock4 onwards + classifier (frozen below, inputs cached)",
+            "recipe_of_the_backbone": card.training.get("recipe")}
+
+
+def run_provenance(args: argparse.Namespace, used: Counter) -> dict:
+    """Where the run's data came from and what it ran on, for its state.json (and so the card)."""
+    return {"train_records": sum(used.values()), "train_sources": dict(used),
+            "data": "xray-pack " + " + ".join(Path(m).name for m in args.manifest) + "; train split, val for the epoch",
+            "hardware": f"2-core CPU ({describe_hardware(torch.device('cpu'))}); cached inputs by ONNX Runtime"}
+
+
+def add_top_arguments(parser: argparse.ArgumentParser, epochs: int) -> None:
+    """The run folder and optimiser settings of a top trained on cached inputs (part-top, gate-top)."""
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--epochs", type=int, default=epochs)
+    parser.add_argument("--epoch-size", type=int, default=4096)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--weight-decay", type=float, default=1e-2)
+    parser.add_argument("--dropout", type=float, default=0.2)
+    parser.add_argument("--seed", type=int, default=0)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -126,15 +174,8 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_cache_arguments(parser)
     parser.set_defaults(model=Path("models/body_part"), cache=Path(tempfile.gettempdir()) / "body-part-features")
-    parser.add_argument("--out", type=Path, required=True)
+    add_top_arguments(parser, epochs=8)
     parser.add_argument("--chest-train", type=int, default=1500, help="train chest films (by a hash of the name)")
-    parser.add_argument("--epochs", type=int, default=8)
-    parser.add_argument("--epoch-size", type=int, default=4096)
-    parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=1e-4)
-    parser.add_argument("--weight-decay", type=float, default=1e-2)
-    parser.add_argument("--dropout", type=float, default=0.2)
-    parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     if args.threads:
@@ -158,18 +199,11 @@ def main(argv: list[str] | None = None) -> int:
         "initialisation": f"{args.model.name} of {card.version}; layers before denseblock4 frozen, "
                           "denseblock4 onwards + classifier fine-tuned on their cached inputs",
         "task": {"name": "body_part", "labels": list(card.labels), "activation": "softmax", "extra_outputs": []},
-        "config": {"size": card.input.size, "mean": card.input.mean, "std": card.input.std, "optimizer": "adamw",
-                   "lr": args.lr, "schedule": "constant", "weight_decay": args.weight_decay,
-                   "dropout": args.dropout, "batch_size": args.batch, "epoch_size": args.epoch_size,
-                   "epochs": args.epochs, "seed": args.seed, "chest_train": args.chest_train,
+        "config": {**top_config(card, args), "chest_train": args.chest_train,
                    "balance": "even over the body-part task's balance groups",
                    "selection": "lowest val cross-entropy, each part weighing the same",
-                   "augmentation": "mirror images of the non-chest train films (cached passes)",
-                   "fine_tuned": "denseblock4 onwards + classifier (frozen below, inputs cached)",
-                   "recipe_of_the_backbone": card.training.get("recipe")},
-        "train_records": sum(used.values()), "train_sources": dict(used),
-        "data": "xray-pack " + " + ".join(Path(m).name for m in args.manifest) + "; train split, val for the epoch",
-        "hardware": f"2-core CPU ({describe_hardware(torch.device('cpu'))}); cached inputs by ONNX Runtime",
+                   "augmentation": "mirror images of the non-chest train films (cached passes)"},
+        **run_provenance(args, used),
     })
     log.info("wrote %s: best epoch %d, val %s", args.out, state["best_epoch"], json.dumps(best))
     return 0
