@@ -120,10 +120,7 @@ def _as_sent(rgb: np.ndarray, corners: np.ndarray, rng: np.random.Generator) -> 
         size = (max(round(picture.shape[1] * scale), 1), max(round(picture.shape[0] * scale), 1))
         picture = cv2.resize(picture, size, interpolation=cv2.INTER_AREA)
         corners = (corners * scale).astype(np.float32)
-    ok, data = cv2.imencode(".jpg", picture[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, int(rng.integers(50, 81))])
-    if ok:
-        picture = np.ascontiguousarray(cv2.imdecode(data, cv2.IMREAD_COLOR)[..., ::-1])
-    return picture, corners
+    return _jpeg(picture, int(rng.integers(50, 81))), corners
 
 
 def _finger(rgb: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -272,10 +269,14 @@ def _camera(rgb: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         image = cv2.GaussianBlur(image, (0, 0), sigma)
     image = image + rng.normal(0, rng.uniform(1.0, 4.0), image.shape).astype(np.float32)
     image = np.clip(image, 0, 255).astype(np.uint8)
-    quality = int(rng.integers(55, 93))
-    ok, data = cv2.imencode(".jpg", image[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, quality])
+    return _jpeg(image, int(rng.integers(55, 93)))
+
+
+def _jpeg(rgb: np.ndarray, quality: int) -> np.ndarray:
+    """An RGB picture after a JPEG round trip at ``quality`` (a camera's or a messenger's)."""
+    ok, data = cv2.imencode(".jpg", rgb[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, quality])
     if not ok:  # pragma: no cover - OpenCV always encodes a valid uint8 image
-        return image
+        return rgb
     return np.ascontiguousarray(cv2.imdecode(data, cv2.IMREAD_COLOR)[..., ::-1])
 
 

@@ -35,7 +35,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
 
 from diagnosis.network import load_model
 from diagnosis.openset import load_arrays
@@ -45,7 +44,7 @@ from ..data.datasets import Record, load_sources
 from ..data.tasks import make_task
 from .heads import FeatureCache, add_cache_arguments
 from .part_top import add_top_arguments, fit_on_cache, run_provenance, top_config
-from .top import Top, save_top, write_run
+from .top import Top, load_top, save_top, write_run
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +58,8 @@ class Passes:
         self.records = [r for r, _, _ in passes]
         self.turn = np.asarray([turn for _, _, turn in passes])
         self.middle = cache.rows(passes, "middle")
-        xray = np.asarray([r.is_xray for r in self.records])
+        self.xray = xray = np.asarray([r.is_xray for r in self.records])
+        self.real_photo = np.asarray([r.phone_photo and not r.synthetic for r in self.records])
         self.gate = np.where(xray, positive, 1 - positive)
         # The gate's loss counts for upright X-rays and non-X-rays at every turn (``turned_films``: all).
         self.gate_counts = ~xray | (self.turn == 0) | turned_films
@@ -98,9 +98,7 @@ def validate(model: GateTop, val: Passes, positive: int, turn_loss: float) -> di
     gate_loss = -np.log(gate[np.arange(len(gate)), val.gate] + 1e-12)
     turn_ce = -np.log(turn[np.arange(len(turn)), val.turn_class] + 1e-12)
     groups = sorted(set(val.group[val.gate_counts]))
-    xray = val.gate == positive
-    p = gate[:, positive]
-    photos = np.asarray([r.phone_photo and not r.synthetic for r in val.records])
+    xray, photos, p = val.xray, val.real_photo, gate[:, positive]
     figures = {"loss": float(np.mean([gate_loss[(val.group == g) & val.gate_counts].mean() for g in groups])
                              + turn_loss * np.mean([turn_ce[val.turn_class == c].mean()
                                                     for c in sorted(set(val.turn_class))])),
@@ -118,9 +116,7 @@ def compare(shipped: GateTop, best: GateTop, val: Passes, positive: int, thresho
     number of val non-X-rays through (all turns together): the shipped gate at its card threshold,
     the new top at the one that accepts no more. Upright films and real photos accepted then, and
     the non-X-rays accepted per turn; a fair view of the trade-off, unlike any one fixed threshold."""
-    xray = val.gate == positive
-    photos = np.asarray([r.phone_photo and not r.synthetic for r in val.records])
-    upright = val.turn == 0
+    xray, photos, upright = val.xray, val.real_photo, val.turn == 0
     before, after = outputs(shipped, val.middle)[0][:, positive], outputs(best, val.middle)[0][:, positive]
     through = int((before[~xray] >= threshold).sum())
     ranked = np.sort(after[~xray])[::-1]
@@ -187,8 +183,7 @@ def main(argv: list[str] | None = None) -> int:
                            batch=args.batch, lr=args.lr, weight_decay=args.weight_decay, turn_loss=args.turn_loss,
                            seed=args.seed)
     best = state["history"][state["best_epoch"]]
-    saved = load_file(str(args.out / "best-top.safetensors"))
-    model.top.load_state_dict({k[len("top."):]: v for k, v in saved.items()})
+    load_top(model.top, args.out / "best-top.safetensors")
     state["comparison_val"] = compare(shipped, model, val, positive, card.threshold(card.positive_label))
     log.info("val, the same non-X-rays through: %s", json.dumps(state["comparison_val"]))
     used = Counter(r.source for r, t in zip(train.records, train.turn, strict=True) if t == 0)

@@ -168,11 +168,14 @@ def _short(figures: dict) -> dict:
     return {k: round(v, 4) for k, v in figures.items() if k != "auc" and v is not None}
 
 
+def load_top(top: Top, path: Path) -> None:
+    """The weights ``save_top`` wrote, into ``top`` (and so into the network it shares modules with)."""
+    top.load_state_dict({k[len("top."):]: v for k, v in load_file(str(path)).items()})
+
+
 def write_run(out: Path, network, meta: dict, top_from: str = "denseblock4") -> None:
     """A run folder as ``train`` writes it: the whole network with the best top."""
-    best = Top(network, 0.0, top_from)
-    saved = load_file(str(out / "best-top.safetensors"))
-    best.load_state_dict({k[len("top."):]: v for k, v in saved.items()})  # shares modules with ``network``
+    load_top(Top(network, 0.0, top_from), out / "best-top.safetensors")  # shares modules with ``network``
     save_file({k: v.contiguous() for k, v in network.state_dict().items()}, str(out / "best.safetensors"))
     (out / "state.json").write_text(json.dumps(meta, indent=1))
 
